@@ -1,0 +1,177 @@
+"""Every shared-memory layout: offsets, sizes, who writes each word. The bytes are an ABI.
+
+All integers are little-endian (asserted below: the futex word of a 64-bit counter is its low half).
+Every 64-bit word that another process reads is accessed through ``mpkv._native`` (C11 atomics), never by
+plain Python or numpy loads, so the orderings hold on aarch64 as well as x86-64.
+
+NOTE [ segment header ]
+Every mpkv segment starts with this 256-byte header, written once by the creating process before it sets
+``ready`` (release store, last). Attachers check magic, layout version, kind, total size (against the file's
+size too), the owner uid (against the file's uid too) and ``ready``::
+
+    0   magic          8s   b"MPKVSEG\\0"
+    8   layout_version u32  LAYOUT_VERSION
+    12  kind           u32  SegmentKind
+    16  total_bytes    u64  header + payload, equals the file size
+    24  owner_pid      u32  creator
+    28  owner_uid      u32  creator's uid
+    32  owner_start    u64  creator's start time (clock ticks since boot, /proc/PID/stat field 22)
+    40  created_ns     u64  time.time_ns() at creation
+    48  ready          u32  0 while initializing, 1 when the payload is valid  (creator writes, last)
+    52  (reserved)
+    64  name           96s  the OS name, NUL-padded (so a header found on disk names itself)
+    160 (reserved up to 256)
+
+NOTE [ ring layout ]
+A ring has one writer and ``nreaders`` readers (1 for SPSC lanes; N for broadcast). Every line is 64 bytes;
+each endpoint owns two lines, so no two processes ever write the same cache line::
+
+    line 0            params (creator, immutable): capacity u64 @0, nreaders u32 @8, max_payload u32 @12
+    line 1            writer position  u64          (writer only)
+    line 2            writer meta                   (writer only)
+    line 3 + 2i       reader i position u64         (reader i only)
+    line 4 + 2i       reader i meta                 (reader i only)
+    line 3 + 2n ...   data: ``capacity`` bytes (a power of two)
+
+    endpoint meta:  pid u32 @0 | sleeping u32 @4 | start_ticks u64 @8 | wait_since_ns u64 @16 |
+                    heartbeat_ns u64 @24 | state u32 @32 | waiting_on i32 @36 | label 24s @40
+
+Positions are byte counters that only grow; a slot index is ``pos % capacity``. A message is a frame:
+``len u32 | 0 u32 | payload | pad to 8``. When a frame does not fit before the end of the data region, the
+writer writes the wrap mark ``0xFFFFFFFF`` as the length and continues at index 0. Free space is
+``capacity - (writer pos - min over readers of reader pos)``: the writer never overwrites a byte that some
+reader has not consumed. Order of writes: the writer copies the frame, then release-stores its position;
+a reader acquire-loads that position, copies the payload, then release-stores its own position.
+Sleeping: see ``mpkv/shm/_native.c`` (eventcount; the flag is the sleeper's own ``sleeping`` word; a writer
+waiting for space sleeps on the futex of the slowest reader's position, named in ``waiting_on``).
+
+NOTE [ signal slot ]  (mpkv.shm.signals)
+One 64-byte slot per signal, seqlock-protected, one writer per slot::
+
+    0  seq u64 (odd while the writer is mid-write) | 8 value i64 | 16 epoch u64 | 24 writer_pid u64 |
+    32 writer_start u64 | 40 timestamp_ns u64 | 48 aux u64 | 56 (reserved)
+
+Signals are control words, written rarely, so the writer wakes the futex of ``seq`` after every write and
+waiters need no flag of their own: nobody but the slot's writer ever stores into the slot.
+
+NOTE [ barrier layout ]  (mpkv.shm.barrier)
+One 128-byte line pair per rank, written by that rank only::
+
+    0   arrived_gen u64    generation this rank last arrived at (0 = never)
+    8   sleeping u32       this rank sleeps waiting for others
+    12  (reserved)
+    16  pid u64 | 24 start_ticks u64 | 32 wait_since_ns u64
+    64  key[0]: seq u64 @64 | tag 24s @72       (key for generations with gen % 2 == 0)
+    96  key[1]: seq u64 @96 | tag 24s @104      (key for generations with gen % 2 == 1)
+
+Two key slots suffice: a rank can only arrive at generation g+2 after every rank left g+1, which every
+rank does only after it has read all keys of generation g.
+
+NOTE [ registry layout ]  (mpkv.shm.registry)
+Payload: ``run_id 16s @0 | capacity u32 @16`` then ``capacity`` entries of 128 bytes::
+
+    0  claim u64     0 = free; else the claimer's pid, written once by compare-and-swap from 0
+    8  start u64     claimer's start ticks     |  16 state u32 (EntryState)  |  20 kind u32 (SegmentKind)
+    24 name 104s
+
+Only the claimer writes the rest of its entry (a failed compare-and-swap writes nothing).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import sys
+
+if sys.byteorder != "little":  # pragma: no cover - no big-endian platform is supported
+    raise ImportError("mpkv's shared-memory layouts are little-endian only")
+
+LAYOUT_VERSION = 1
+LINE_BYTES = 64
+MAGIC = b"MPKVSEG\0"
+
+
+class SegmentKind(enum.IntEnum):
+    REGISTRY = 1
+    RING = 2
+    SIGNALS = 3
+    BARRIER = 4
+    POOL = 5
+    TEST = 99
+
+
+# --- segment header --------------------------------------------------------------------------------------
+SEGMENT_HEADER = struct.Struct("<8sIIQIIQQI12x96s")
+SEGMENT_HEADER_BYTES = 256
+HDR_READY_OFFSET = 48
+NAME_BYTES = 96
+assert SEGMENT_HEADER.size == 160 and SEGMENT_HEADER.size <= SEGMENT_HEADER_BYTES
+assert struct.calcsize("<8sIIQIIQQ") == HDR_READY_OFFSET
+
+
+# --- ring --------------------------------------------------------------------------------------------------
+RING_PARAMS = struct.Struct("<QII")
+META_PID, META_SLEEPING, META_START, META_WAIT_SINCE, META_HEARTBEAT = 0, 4, 8, 16, 24
+META_STATE, META_WAITING_ON, META_LABEL = 32, 36, 40
+LABEL_BYTES = 24
+FRAME_HEADER_BYTES = 8
+
+
+class EndpointState(enum.IntEnum):
+    UNATTACHED = 0
+    ATTACHED = 1
+    DETACHED = 2
+
+
+def ring_header_bytes(nreaders: int) -> int:
+    return (3 + 2 * nreaders) * LINE_BYTES
+
+
+def ring_writer_pos(base: int) -> int:
+    return base + 1 * LINE_BYTES
+
+
+def ring_writer_meta(base: int) -> int:
+    return base + 2 * LINE_BYTES
+
+
+def ring_reader_pos(base: int, i: int) -> int:
+    return base + (3 + 2 * i) * LINE_BYTES
+
+
+def ring_reader_meta(base: int, i: int) -> int:
+    return base + (4 + 2 * i) * LINE_BYTES
+
+
+def ring_max_payload(capacity: int) -> int:
+    """Largest payload that always fits eventually: a frame plus a worst-case wrap fit in the capacity."""
+    return capacity // 2 - FRAME_HEADER_BYTES - 8
+
+
+# --- signal slots ---------------------------------------------------------------------------------------
+SIGNAL_SLOT_BYTES = 64
+SIGNAL_WORDS = 6  # value, epoch, writer_pid, writer_start, timestamp_ns, aux (after the seq word)
+
+
+# --- barrier --------------------------------------------------------------------------------------------
+BARRIER_RANK_BYTES = 128
+BAR_ARRIVED, BAR_SLEEPING, BAR_PID, BAR_START, BAR_WAIT_SINCE = 0, 8, 16, 24, 32
+BAR_KEY0, BAR_KEY_BYTES = 64, 32
+BAR_KEY = struct.Struct("<Q24s")
+BAR_TAG_BYTES = 24
+assert BAR_KEY.size == BAR_KEY_BYTES
+
+
+# --- registry -------------------------------------------------------------------------------------------
+REGISTRY_HEAD = struct.Struct("<16sI")
+REGISTRY_HEAD_BYTES = 64
+REGISTRY_ENTRY_BYTES = 128
+REG_CLAIM, REG_START, REG_STATE, REG_KIND, REG_NAME = 0, 8, 16, 20, 24
+REG_NAME_BYTES = 104
+
+
+class EntryState(enum.IntEnum):
+    FREE = 0
+    CLAIMED = 1  # name reserved, segment being created
+    LIVE = 2  # segment exists
+    GONE = 3  # unlinked by its owner

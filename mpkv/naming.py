@@ -1,0 +1,83 @@
+"""Every OS name mpkv uses is built here, and nowhere else.
+
+Names live in the POSIX shared-memory namespace (``/dev/shm`` on Linux)::
+
+    /mpkv.u<uid>.<instance>.registry                 the instance's registry (its anchor: holds the run id)
+    /mpkv.u<uid>.<instance>.<run_id>.<object>        every other segment of one run of that instance
+
+The uid keeps two users apart; the instance name keeps two instances apart; the run id keeps a new run apart
+from the leftovers of a killed one. Everything is created O_EXCL with mode 0600 (mpkv.shm.segment), so a
+squatter makes creation fail loudly instead of being used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+
+from mpkv.errors import MpkvError
+
+PREFIX = "mpkv"
+SHM_DIR = "/dev/shm"
+_INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
+_OBJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
+
+
+class BadName(MpkvError, ValueError):
+    """An instance or object name that mpkv cannot use."""
+
+
+def check_instance(instance: str) -> str:
+    if not _INSTANCE_RE.match(instance):
+        raise BadName(
+            f"instance name {instance!r} is not valid: use 1-40 letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return instance
+
+
+def new_run_id() -> str:
+    return secrets.token_hex(4)
+
+
+def user_prefix(uid: int | None = None) -> str:
+    return f"{PREFIX}.u{os.getuid() if uid is None else uid}."
+
+
+def registry_name(instance: str, uid: int | None = None) -> str:
+    return f"/{user_prefix(uid)}{check_instance(instance)}.registry"
+
+
+def object_name(instance: str, run_id: str, obj: str) -> str:
+    if not _OBJECT_RE.match(obj):
+        raise BadName(f"object name {obj!r} is not valid: use 1-48 letters, digits, '.', '-' or '_'")
+    if not re.fullmatch(r"[0-9a-f]{8}", run_id):
+        raise BadName(f"run id {run_id!r} is not 8 hex digits")
+    return f"/{user_prefix()}{check_instance(instance)}.{run_id}.{obj}"
+
+
+def shm_path(name: str) -> str:
+    return os.path.join(SHM_DIR, name.lstrip("/"))
+
+
+def list_names(uid: int | None = None) -> list[str]:
+    """Every mpkv name of this user now present in the shared-memory namespace, sorted."""
+    prefix = user_prefix(uid)
+    try:
+        entries = os.listdir(SHM_DIR)
+    except FileNotFoundError:  # pragma: no cover - Linux always has /dev/shm
+        return []
+    return sorted("/" + e for e in entries if e.startswith(prefix))
+
+
+def instance_of(name: str) -> str | None:
+    """The instance a name of ours belongs to, or None for a name that is not one of ours."""
+    prefix = "/" + user_prefix()
+    if not name.startswith(prefix):
+        return None
+    return name[len(prefix) :].split(".", 1)[0] or None
+
+
+def is_registry(name: str) -> bool:
+    return name.endswith(".registry") and instance_of(name) is not None

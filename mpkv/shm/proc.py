@@ -1,0 +1,67 @@
+"""Who a process is (pid + start time, so a reused pid is not mistaken for the old one) and whether it lives."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+_STATE_WORDS = {
+    "R": "running",
+    "S": "sleeping",
+    "D": "in uninterruptible wait",
+    "T": "stopped",
+    "t": "stopped by a tracer",
+    "Z": "a zombie (exited, not yet reaped)",
+    "X": "dead",
+    "I": "idle",
+}
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start ticks) from /proc/PID/stat, or None when there is no such process."""
+    if pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode("ascii", "replace")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces or parens
+    return fields[0], int(fields[19])  # field 3 is the state, field 22 the start time in ticks
+
+
+@dataclass(frozen=True)
+class ProcId:
+    pid: int
+    start_ticks: int
+
+    @classmethod
+    def me(cls) -> ProcId:
+        return _ME if _ME.pid == os.getpid() else cls.of(os.getpid())
+
+    @classmethod
+    def of(cls, pid: int) -> ProcId:
+        st = _stat(pid)
+        return cls(pid, st[1] if st else 0)
+
+    def alive(self) -> bool:
+        st = _stat(self.pid)
+        return st is not None and st[1] == self.start_ticks and st[0] not in "ZX"
+
+    def state(self) -> str:
+        """A few words a person can act on: 'alive, sleeping', 'dead', 'a zombie ...'."""
+        if self.pid <= 0:
+            return "never attached"
+        st = _stat(self.pid)
+        if st is None:
+            return "dead"
+        if st[1] != self.start_ticks:
+            return "dead (its pid now belongs to another process)"
+        word = _STATE_WORDS.get(st[0], f"state {st[0]}")
+        return word if st[0] in "ZX" else f"alive, {word}"
+
+    def describe(self) -> str:
+        return f"pid {self.pid} ({self.state()})"
+
+
+_ME = ProcId.of(os.getpid())

@@ -1,0 +1,151 @@
+"""The instance registry: the anchor segment of an instance, its run id, and every OS name created for it.
+
+Byte map: NOTE [ registry layout ] in mpkv.layout. A process creating a segment first claims an entry
+(compare-and-swap of its pid into a free ``claim`` word), writes the name, then creates the segment, then
+marks the entry LIVE. So a ``kill -9`` at any moment leaves every existing name listed, owned by a pid that
+``mpkv cleanup`` can see is dead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from mpkv import _native, layout, naming
+from mpkv.errors import AttachError, MpkvError, NameTaken
+from mpkv.layout import EntryState, SegmentKind
+from mpkv.shm.proc import ProcId
+from mpkv.shm.segment import Segment
+
+DEFAULT_CAPACITY = 256
+
+
+@dataclass(frozen=True)
+class Entry:
+    index: int
+    owner: ProcId
+    state: EntryState
+    kind: SegmentKind
+    name: str
+
+
+class Registry:
+    """One instance's registry. ``create`` makes a new run; ``attach`` joins the running one."""
+
+    def __init__(self, instance: str, seg: Segment) -> None:
+        self.instance = instance
+        self.seg = seg
+        run_id, capacity = layout.REGISTRY_HEAD.unpack_from(seg.payload, 0)
+        self.run_id: str = run_id.rstrip(b"\0").decode()
+        self.capacity: int = capacity
+        self._mine: dict[str, int] = {}  # name -> entry index, for names this process created
+
+    @classmethod
+    def create(cls, instance: str, capacity: int = DEFAULT_CAPACITY) -> Registry:
+        name = naming.registry_name(instance)
+        payload = layout.REGISTRY_HEAD_BYTES + capacity * layout.REGISTRY_ENTRY_BYTES
+        seg = Segment.create(name, SegmentKind.REGISTRY, payload)
+        layout.REGISTRY_HEAD.pack_into(seg.payload, 0, naming.new_run_id().encode(), capacity)
+        seg.mark_ready()
+        return cls(instance, seg)
+
+    @classmethod
+    def attach(cls, instance: str) -> Registry:
+        try:
+            seg = Segment.attach(naming.registry_name(instance), SegmentKind.REGISTRY)
+        except AttachError as e:
+            raise AttachError(f"instance {instance!r} is not running here ({e})") from None
+        return cls(instance, seg)
+
+    @property
+    def owner(self) -> ProcId:
+        return self.seg.owner
+
+    def name_of(self, obj: str) -> str:
+        return naming.object_name(self.instance, self.run_id, obj)
+
+    # -- entries -------------------------------------------------------------------------------------------
+    def _entry_off(self, i: int) -> int:
+        return layout.SEGMENT_HEADER_BYTES + layout.REGISTRY_HEAD_BYTES + i * layout.REGISTRY_ENTRY_BYTES
+
+    def _claim(self, name: str, kind: SegmentKind) -> int:
+        me = ProcId.me()
+        buf = self.seg.buf
+        for i in range(self.capacity):
+            off = self._entry_off(i)
+            if _native.load_u64(buf, off + layout.REG_CLAIM) != 0:
+                continue
+            won, _ = _native.cas_u64(buf, off + layout.REG_CLAIM, 0, me.pid)
+            if not won:
+                continue
+            raw = name.encode()
+            buf[off + layout.REG_NAME : off + layout.REG_NAME + layout.REG_NAME_BYTES] = raw.ljust(
+                layout.REG_NAME_BYTES, b"\0"
+            )
+            _native.store_u32(buf, off + layout.REG_KIND, int(kind))
+            _native.store_u64(buf, off + layout.REG_START, me.start_ticks)
+            _native.store_u32(buf, off + layout.REG_STATE, EntryState.CLAIMED)
+            return i
+        raise MpkvError(f"registry of instance {self.instance!r} is full ({self.capacity} names)")
+
+    def _set_state(self, i: int, state: EntryState) -> None:
+        _native.store_u32(self.seg.buf, self._entry_off(i) + layout.REG_STATE, int(state))
+
+    def entries(self) -> list[Entry]:
+        out = []
+        buf = self.seg.buf
+        for i in range(self.capacity):
+            off = self._entry_off(i)
+            pid = _native.load_u64(buf, off + layout.REG_CLAIM)
+            if pid == 0:
+                continue
+            state = EntryState(_native.load_u32(buf, off + layout.REG_STATE))
+            if state == EntryState.FREE:  # claimed this instant, fields not written yet
+                continue
+            start = _native.load_u64(buf, off + layout.REG_START)
+            name = bytes(buf[off + layout.REG_NAME : off + layout.REG_NAME + layout.REG_NAME_BYTES])
+            kind = SegmentKind(_native.load_u32(buf, off + layout.REG_KIND))
+            out.append(Entry(i, ProcId(int(pid), start), state, kind, name.rstrip(b"\0").decode()))
+        return out
+
+    # -- segments of this instance -------------------------------------------------------------------------
+    def create_segment(self, obj: str, kind: SegmentKind, payload_bytes: int) -> Segment:
+        name = self.name_of(obj)
+        i = self._claim(name, kind)
+        try:
+            seg = Segment.create(name, kind, payload_bytes)
+        except NameTaken:
+            self._set_state(i, EntryState.GONE)
+            raise
+        self._set_state(i, EntryState.LIVE)
+        self._mine[name] = i
+        return seg
+
+    def release(self, seg: Segment) -> None:
+        """Close, unlink (we own it) and mark it gone. Idempotent."""
+        seg.close()
+        if seg.owned:
+            seg.unlink()
+            i = self._mine.pop(seg.name, None)
+            if i is not None:
+                self._set_state(i, EntryState.GONE)
+
+    def close(self) -> None:
+        self.seg.close()
+
+    def destroy(self) -> list[str]:
+        """Owner only: unlink every name still listed, then the registry itself. Returns what it removed."""
+        removed = [e.name for e in self.entries() if e.state in (EntryState.CLAIMED, EntryState.LIVE)]
+        for name in removed:
+            unlink_if_exists(name)
+        self.seg.close()
+        self.seg.unlink()
+        return [*removed, self.seg.name]
+
+
+def unlink_if_exists(name: str) -> bool:
+    try:
+        os.unlink(naming.shm_path(name))
+        return True
+    except FileNotFoundError:
+        return False

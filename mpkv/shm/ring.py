@@ -1,0 +1,235 @@
+"""Lock-free rings in shared memory: one writer, N readers (N=1: an SPSC lane; N>1: a broadcast ring).
+
+Byte map and write order: NOTE [ ring layout ] in mpkv.layout; the hot path is ``mpkv._native.Ring``.
+A full ring blocks the writer until every reader has consumed enough (bounded by ``timeout_s``, or raises);
+nothing is ever dropped or overwritten. An empty ring blocks the reader the same way. Blocking spins
+briefly, then sleeps on a futex (eventcount, no lost wake-ups), and checks the peer's liveness between
+slices: a dead writer is reported once the ring is drained; a dead or detached reader when the writer needs
+the space it holds.
+
+An endpoint is one process: ``RingWriter`` claims the writer slot, ``RingReader`` reader slot i, by a
+compare-and-swap of its pid. A slot whose holder died may be taken over (the position is kept).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from mpkv import _native, layout
+from mpkv.errors import AttachError, MessageTooLarge, ProtocolError
+from mpkv.layout import EndpointState, SegmentKind
+from mpkv.shm.proc import ProcId
+from mpkv.shm.registry import Registry
+from mpkv.shm.segment import Segment
+from mpkv.shm.waiting import DEFAULT_TIMEOUT_S, SPIN_S, Peer, wait_until
+
+_BASE = layout.SEGMENT_HEADER_BYTES  # the ring header starts right after the segment header
+
+
+def ring_payload_bytes(capacity: int, nreaders: int) -> int:
+    return layout.ring_header_bytes(nreaders) + capacity
+
+
+def create_ring(registry: Registry, obj: str, capacity: int, nreaders: int = 1) -> Segment:
+    """Create a ring segment (the caller owns it and later ``registry.release``s it)."""
+    if capacity < 4096 or capacity & (capacity - 1) or capacity > 1 << 31:
+        raise ValueError(f"ring capacity must be a power of two between 4 KiB and 2 GiB, got {capacity}")
+    if not 1 <= nreaders <= 64:
+        raise ValueError(f"a ring has 1 to 64 readers, got {nreaders}")
+    seg = registry.create_segment(obj, SegmentKind.RING, ring_payload_bytes(capacity, nreaders))
+    layout.RING_PARAMS.pack_into(seg.buf, _BASE, capacity, nreaders, layout.ring_max_payload(capacity))
+    seg.mark_ready()
+    return seg
+
+
+class _Endpoint:
+    """What the writer and the readers share: attach, claim a slot, publish waits, describe peers."""
+
+    def __init__(self, name: str, endpoint: int, label: str) -> None:
+        self.name = name
+        self._closed = False
+        self.seg = Segment.attach(name, SegmentKind.RING)
+        try:
+            self.capacity, self.nreaders, self.max_payload = layout.RING_PARAMS.unpack_from(self.seg.buf, _BASE)
+            if endpoint >= self.nreaders:
+                raise AttachError(f"ring {name} has {self.nreaders} reader slots; there is no reader {endpoint}")
+            self._meta = self._meta_off(endpoint)
+            self._claim(label, endpoint)
+            self._port = _native.Ring(
+                self.seg.buf, _BASE, _BASE + layout.ring_header_bytes(self.nreaders), self.capacity,
+                self.nreaders, self.max_payload, endpoint, MessageTooLarge, ProtocolError,
+            )
+        except BaseException:
+            self.seg.close()
+            raise
+
+    def _meta_off(self, endpoint: int) -> int:
+        if endpoint < 0:
+            return layout.ring_writer_meta(_BASE)
+        return layout.ring_reader_meta(_BASE, endpoint)
+
+    def _who(self, endpoint: int) -> str:
+        return "the writer" if endpoint < 0 else f"reader {endpoint}"
+
+    def _claim(self, label: str, endpoint: int) -> None:
+        buf, off, me = self.seg.buf, self._meta, ProcId.me()
+        word = _native.load_u64(buf, off + layout.META_PID)  # pid u32 | sleeping u32
+        holder = self._holder(endpoint)
+        state = _native.load_u32(buf, off + layout.META_STATE)
+        if word & 0xFFFFFFFF and state == EndpointState.ATTACHED and holder.alive():
+            raise AttachError(f"{self._who(endpoint)} of ring {self.name} is already held by {holder.describe()}")
+        won, _ = _native.cas_u64(buf, off + layout.META_PID, word, me.pid)
+        if not won:
+            raise AttachError(f"{self._who(endpoint)} of ring {self.name} was claimed by another process just now")
+        _native.store_u64(buf, off + layout.META_START, me.start_ticks)
+        buf[off + layout.META_LABEL : off + layout.META_LABEL + layout.LABEL_BYTES] = label.encode()[
+            : layout.LABEL_BYTES
+        ].ljust(layout.LABEL_BYTES, b"\0")
+        _native.store_u64(buf, off + layout.META_HEARTBEAT, time.monotonic_ns())
+        _native.store_u32(buf, off + layout.META_STATE, EndpointState.ATTACHED)
+
+    def _holder(self, endpoint: int) -> ProcId:
+        off = self._meta_off(endpoint)
+        pid = _native.load_u64(self.seg.buf, off + layout.META_PID) & 0xFFFFFFFF
+        return ProcId(int(pid), _native.load_u64(self.seg.buf, off + layout.META_START))
+
+    def _peer(self, endpoint: int, detail: str = "") -> Peer:
+        off = self._meta_off(endpoint)
+        buf = self.seg.buf
+        raw = bytes(buf[off + layout.META_LABEL : off + layout.META_LABEL + layout.LABEL_BYTES])
+        label = raw.rstrip(b"\0").decode(errors="replace")
+        holder = self._holder(endpoint)
+
+        def details() -> str:
+            hb = _native.load_u64(buf, off + layout.META_HEARTBEAT)
+            age = f"last active {(time.monotonic_ns() - hb) / 1e9:.2f} s ago" if hb else "never active"
+            return f"{age}{'; ' + detail if detail else ''}"
+
+        def gone() -> str | None:
+            st = _native.load_u32(buf, off + layout.META_STATE)
+            return "detached" if st == EndpointState.DETACHED else None
+
+        role = f"{self._who(endpoint)}{' ' + repr(label) if label else ''} of ring {self.name}"
+        return Peer(role, holder if holder.pid else None, details, gone)
+
+    def _block(self, need: int, what: str, peers: Callable[[], list[Peer]], timeout_s: float) -> None:
+        buf, off = self.seg.buf, self._meta
+        _native.store_u64(buf, off + layout.META_WAIT_SINCE, time.monotonic_ns())
+
+        def step(slice_s: float) -> bool:
+            _native.store_u64(buf, off + layout.META_HEARTBEAT, time.monotonic_ns())
+            return bool(self._port.wait(need, SPIN_S, slice_s))
+
+        try:
+            wait_until(step, what=what, timeout_s=timeout_s, peers=peers)
+        finally:
+            _native.store_u64(buf, off + layout.META_WAIT_SINCE, 0)
+
+    def close(self) -> None:
+        """Detach (peers waiting on us are told so) and unmap. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        _native.store_u32(self.seg.buf, self._meta + layout.META_STATE, EndpointState.DETACHED)
+        self._port.release()
+        self.seg.close()
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RingWriter(_Endpoint):
+    """The one writer of a ring. Not thread-safe: one thread per endpoint."""
+
+    def __init__(self, name: str, *, label: str = "") -> None:
+        super().__init__(name, -1, label)
+
+    def put(self, data: bytes | memoryview, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Write one message; block while the ring is full, up to ``timeout_s``."""
+        if self._port.try_put(data):
+            return
+        self._block(len(data), "writing to a full ring", self._laggards, timeout_s)
+        if not self._port.try_put(data):  # pragma: no cover - wait returned True, so it fits
+            raise AssertionError("ring reported space that was not there")
+
+    def put_many(self, items: Sequence[bytes], timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Write all items in order, publishing as many per store as fit; block while full."""
+        done = self._port.try_put_many(items, 0)
+        deadline = time.monotonic() + timeout_s
+        while done < len(items):
+            left_s = max(deadline - time.monotonic(), 1e-3)
+            self._block(len(items[done]), f"writing item {done} of {len(items)} to a full ring", self._laggards, left_s)
+            done += self._port.try_put_many(items, done)
+
+    def put_records(self, records: np.ndarray, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Write each row of a C-contiguous array as one fixed-size message."""
+        arr = np.ascontiguousarray(records)
+        rec = arr.itemsize * (int(np.prod(arr.shape[1:])) if arr.ndim > 1 else 1)
+        n = arr.shape[0] if arr.ndim else 1
+        raw = arr.reshape(-1).view(np.uint8)
+        done = self._port.try_put_records(raw, rec, 0)
+        deadline = time.monotonic() + timeout_s
+        while done < n:
+            left_s = max(deadline - time.monotonic(), 1e-3)
+            self._block(rec, f"writing record {done} of {n} to a full ring", self._laggards, left_s)
+            done += self._port.try_put_records(raw, rec, done)
+
+    def _laggards(self) -> list[Peer]:
+        """The readers holding space the writer needs: the slowest first."""
+        buf = self.seg.buf
+        positions = [_native.load_u64(buf, layout.ring_reader_pos(_BASE, i)) for i in range(self.nreaders)]
+        lowest = min(positions)
+        mine = self._port.pos
+        return [
+            self._peer(i, f"holds {mine - p} unread bytes of {self.capacity}")
+            for i, p in enumerate(positions)
+            if p == lowest
+        ]
+
+
+class RingReader(_Endpoint):
+    """Reader ``index`` of a ring. Not thread-safe: one thread per endpoint."""
+
+    def __init__(self, name: str, index: int = 0, *, label: str = "") -> None:
+        if index < 0:
+            raise ValueError(f"reader index must be >= 0, got {index}")
+        super().__init__(name, index, label)
+        self.index = index
+
+    def try_get(self) -> bytes | None:
+        return self._port.try_get()  # type: ignore[no-any-return]
+
+    def get(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> bytes:
+        """The next message; block while the ring is empty, up to ``timeout_s``."""
+        msg = self._port.try_get()
+        if msg is not None:
+            return msg  # type: ignore[no-any-return]
+        self._wait_readable(timeout_s)
+        return self._port.try_get()  # type: ignore[no-any-return]
+
+    def get_many(self, max_n: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[bytes]:
+        """Between 1 and ``max_n`` messages; block until at least one is there."""
+        got = self._port.try_get_many(max_n)
+        if got or max_n <= 0:
+            return got  # type: ignore[no-any-return]
+        self._wait_readable(timeout_s)
+        return self._port.try_get_many(max_n)  # type: ignore[no-any-return]
+
+    def get_records_into(self, out: np.ndarray, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+        """Copy between 1 and len(out) fixed-size records into ``out``; returns how many."""
+        rec = out.itemsize * (int(np.prod(out.shape[1:])) if out.ndim > 1 else 1)
+        raw = out.reshape(-1).view(np.uint8)
+        n = self._port.try_get_records(raw, rec)
+        if n:
+            return int(n)
+        self._wait_readable(timeout_s)
+        return int(self._port.try_get_records(raw, rec))
+
+    def _wait_readable(self, timeout_s: float) -> None:
+        self._block(0, f"reading from an empty ring (reader {self.index})", lambda: [self._peer(-1)], timeout_s)
