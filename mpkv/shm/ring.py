@@ -50,6 +50,7 @@ class _Endpoint:
 
     def __init__(self, name: str, endpoint: int, label: str) -> None:
         self.name = name
+        self.blocked = 0  # how many calls had to wait (spin or sleep): tests check the blocking path ran
         self._closed = False
         self.seg = Segment.attach(name, SegmentKind.RING)
         try:
@@ -117,6 +118,7 @@ class _Endpoint:
 
     def _block(self, need: int, what: str, peers: Callable[[], list[Peer]], timeout_s: float) -> None:
         buf, off = self.seg.buf, self._meta
+        self.blocked += 1
         _native.store_u64(buf, off + layout.META_WAIT_SINCE, time.monotonic_ns())
 
         def step(slice_s: float) -> bool:

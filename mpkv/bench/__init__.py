@@ -1,0 +1,1 @@
+"""Benchmarks behind `mpkv bench`: each compares side by side in one run and reports ratios."""

@@ -1,0 +1,102 @@
+"""Shared fixtures: spawn-only children, a unique instance name per test, and a leak check.
+
+The leak check fails a test that leaves a child process alive or a /dev/shm entry behind, after removing
+them so that one leak does not cascade into every later test.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import signal
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from mpkv import naming
+
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                raw = f.read().decode()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid and fields[0] not in "ZX":
+            out.add(int(entry))
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    todo, seen = [pid], set()
+    while todo:
+        for c in _children(todo.pop()):
+            if c not in seen:
+                seen.add(c)
+                todo.append(c)
+    return seen
+
+
+def _shm_entries() -> set[str]:
+    return set(os.listdir(naming.SHM_DIR))
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    shm_before = _shm_entries()
+    procs_before = _descendants(os.getpid())
+    yield
+    for p in mp.active_children():  # reaps exited ones; a live one is a leak
+        p.join(timeout=5)
+    leaked_procs = _descendants(os.getpid()) - procs_before
+    leaked_shm = _shm_entries() - shm_before
+    for pid in leaked_procs:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for p in mp.active_children():
+        p.join(timeout=5)
+    for name in leaked_shm:
+        try:
+            os.unlink(os.path.join(naming.SHM_DIR, name))
+        except FileNotFoundError:
+            pass
+    problems = []
+    if leaked_procs:
+        problems.append(f"left processes behind: {sorted(leaked_procs)}")
+    if leaked_shm:
+        problems.append(f"left /dev/shm entries behind: {sorted(leaked_shm)}")
+    if problems:
+        pytest.fail("; ".join(problems))
+
+
+@pytest.fixture
+def instance() -> str:
+    """A fresh instance name, unique to this test run."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    """A seeded RNG whose seed is printed (and shown on failure), so a failure can be replayed."""
+    seed = int(os.environ.get("MPKV_TEST_SEED", random.randrange(2**32)))
+    print(f"[seed] {request.node.nodeid}: MPKV_TEST_SEED={seed}")
+    request.node.user_properties.append(("seed", seed))
+    return random.Random(seed)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _resource_tracker() -> None:
+    """Spawning starts multiprocessing's resource tracker once per session: start it before any leak check."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
