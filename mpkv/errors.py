@@ -12,7 +12,7 @@ class AttachError(MpkvError):
 
 
 class NameTaken(MpkvError):
-    """Creating an object failed because its OS name already exists (a live instance, a leftover, a squatter)."""
+    """Creating an object failed: its OS name exists (a live instance, a leftover, a squatter)."""
 
 
 class WaitTimeout(MpkvError, TimeoutError):

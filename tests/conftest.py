@@ -18,7 +18,6 @@ import pytest
 from mpkv import naming
 
 
-
 def _children(pid: int) -> set[int]:
     out: set[int] = set()
     for entry in os.listdir("/proc"):

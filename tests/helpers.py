@@ -1,4 +1,4 @@
-"""Starting children and collecting their reports, with deadlines (a broken child fails the test, never hangs it)."""
+"""Start children and collect their reports, with deadlines: a broken child fails the test, never hangs it."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ class Child:
 
     def recv(self, timeout_s: float) -> Any:
         if not self.conn.poll(timeout_s):
-            raise AssertionError(f"child pid {self.pid} sent nothing within {timeout_s} s (alive: {self.proc.is_alive()})")
+            raise AssertionError(
+                f"child pid {self.pid} sent nothing within {timeout_s} s (alive: {self.proc.is_alive()})"
+            )
         return self.conn.recv()
 
     def result(self, timeout_s: float = 120) -> Any:
@@ -52,5 +54,3 @@ class Child:
             self.proc.join(5)
             raise AssertionError(f"child pid {self.pid} did not exit within {timeout_s} s")
         self.conn.close()
-
-

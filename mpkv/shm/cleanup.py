@@ -97,14 +97,12 @@ def cleanup(dry_run: bool = False, instance: str | None = None) -> CleanupReport
     for name in names:
         if name in covered:
             continue
-        owner = read_owner(name)
-        if owner is None:
+        seg_owner = read_owner(name)
+        if seg_owner is None:
             report.foreign.append(name)
-        elif not owner.alive():
+        elif not seg_owner.alive():
             report.removed.append(name)
     if not dry_run:
         for name in report.removed:
             unlink_if_exists(name)
     return report
-
-

@@ -1,4 +1,4 @@
-"""Who a process is (pid + start time, so a reused pid is not mistaken for the old one) and whether it lives."""
+"""Who a process is (pid + start time, so a reused pid is not taken for the old one) and whether it lives."""
 
 from __future__ import annotations
 

@@ -54,14 +54,25 @@ class _Endpoint:
         self._closed = False
         self.seg = Segment.attach(name, SegmentKind.RING)
         try:
-            self.capacity, self.nreaders, self.max_payload = layout.RING_PARAMS.unpack_from(self.seg.buf, _BASE)
+            self.capacity, self.nreaders, self.max_payload = layout.RING_PARAMS.unpack_from(
+                self.seg.buf, _BASE
+            )
             if endpoint >= self.nreaders:
-                raise AttachError(f"ring {name} has {self.nreaders} reader slots; there is no reader {endpoint}")
+                raise AttachError(
+                    f"ring {name} has {self.nreaders} reader slots; there is no reader {endpoint}"
+                )
             self._meta = self._meta_off(endpoint)
             self._claim(label, endpoint)
             self._port = _native.Ring(
-                self.seg.buf, _BASE, _BASE + layout.ring_header_bytes(self.nreaders), self.capacity,
-                self.nreaders, self.max_payload, endpoint, MessageTooLarge, ProtocolError,
+                self.seg.buf,
+                _BASE,
+                _BASE + layout.ring_header_bytes(self.nreaders),
+                self.capacity,
+                self.nreaders,
+                self.max_payload,
+                endpoint,
+                MessageTooLarge,
+                ProtocolError,
             )
         except BaseException:
             self.seg.close()
@@ -81,10 +92,14 @@ class _Endpoint:
         holder = self._holder(endpoint)
         state = _native.load_u32(buf, off + layout.META_STATE)
         if word & 0xFFFFFFFF and state == EndpointState.ATTACHED and holder.alive():
-            raise AttachError(f"{self._who(endpoint)} of ring {self.name} is already held by {holder.describe()}")
+            raise AttachError(
+                f"{self._who(endpoint)} of ring {self.name} is already held by {holder.describe()}"
+            )
         won, _ = _native.cas_u64(buf, off + layout.META_PID, word, me.pid)
         if not won:
-            raise AttachError(f"{self._who(endpoint)} of ring {self.name} was claimed by another process just now")
+            raise AttachError(
+                f"{self._who(endpoint)} of ring {self.name} was claimed by another process just now"
+            )
         _native.store_u64(buf, off + layout.META_START, me.start_ticks)
         buf[off + layout.META_LABEL : off + layout.META_LABEL + layout.LABEL_BYTES] = label.encode()[
             : layout.LABEL_BYTES
@@ -166,7 +181,12 @@ class RingWriter(_Endpoint):
         deadline = time.monotonic() + timeout_s
         while done < len(items):
             left_s = max(deadline - time.monotonic(), 1e-3)
-            self._block(len(items[done]), f"writing item {done} of {len(items)} to a full ring", self._laggards, left_s)
+            self._block(
+                len(items[done]),
+                f"writing item {done} of {len(items)} to a full ring",
+                self._laggards,
+                left_s,
+            )
             done += self._port.try_put_many(items, done)
 
     def put_records(self, records: np.ndarray, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
@@ -205,23 +225,26 @@ class RingReader(_Endpoint):
         self.index = index
 
     def try_get(self) -> bytes | None:
-        return self._port.try_get()  # type: ignore[no-any-return]
+        return self._port.try_get()
 
     def get(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> bytes:
         """The next message; block while the ring is empty, up to ``timeout_s``."""
         msg = self._port.try_get()
         if msg is not None:
-            return msg  # type: ignore[no-any-return]
+            return msg
         self._wait_readable(timeout_s)
-        return self._port.try_get()  # type: ignore[no-any-return]
+        msg = self._port.try_get()
+        if msg is None:  # pragma: no cover - wait returned True, so a message is there
+            raise AssertionError("ring reported a message that was not there")
+        return msg
 
     def get_many(self, max_n: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> list[bytes]:
         """Between 1 and ``max_n`` messages; block until at least one is there."""
         got = self._port.try_get_many(max_n)
         if got or max_n <= 0:
-            return got  # type: ignore[no-any-return]
+            return got
         self._wait_readable(timeout_s)
-        return self._port.try_get_many(max_n)  # type: ignore[no-any-return]
+        return self._port.try_get_many(max_n)
 
     def get_records_into(self, out: np.ndarray, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
         """Copy between 1 and len(out) fixed-size records into ``out``; returns how many."""
@@ -234,4 +257,6 @@ class RingReader(_Endpoint):
         return int(self._port.try_get_records(raw, rec))
 
     def _wait_readable(self, timeout_s: float) -> None:
-        self._block(0, f"reading from an empty ring (reader {self.index})", lambda: [self._peer(-1)], timeout_s)
+        self._block(
+            0, f"reading from an empty ring (reader {self.index})", lambda: [self._peer(-1)], timeout_s
+        )

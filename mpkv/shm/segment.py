@@ -65,8 +65,16 @@ class Segment:
             shm.close_fd()
         me = ProcId.me()
         header = (
-            layout.MAGIC, layout.LAYOUT_VERSION, int(kind), total, me.pid, os.getuid(), me.start_ticks,
-            time.time_ns(), 0, name.encode()[: layout.NAME_BYTES],
+            layout.MAGIC,
+            layout.LAYOUT_VERSION,
+            int(kind),
+            total,
+            me.pid,
+            os.getuid(),
+            me.start_ticks,
+            time.time_ns(),
+            0,
+            name.encode()[: layout.NAME_BYTES],
         )
         layout.SEGMENT_HEADER.pack_into(mm, 0, *header)
         return cls(name, mm, header, owned=True)
@@ -81,9 +89,13 @@ class Segment:
         try:
             shm = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError:
-            raise AttachError(f"no segment {name}: the instance is not running, or it was cleaned up") from None
+            raise AttachError(
+                f"no segment {name}: the instance is not running, or it was cleaned up"
+            ) from None
         except posix_ipc.PermissionsError:
-            raise AttachError(f"segment {name} is not readable by uid {os.getuid()}: another user's") from None
+            raise AttachError(
+                f"segment {name} is not readable by uid {os.getuid()}: another user's"
+            ) from None
         try:
             st = os.fstat(shm.fd)
             if st.st_uid != os.getuid():
@@ -133,7 +145,9 @@ class Segment:
 def _check_header(name: str, h: tuple, kind: SegmentKind, file_bytes: int, payload_bytes: int | None) -> None:
     magic, version, seg_kind, total, _pid, uid = h[:6]
     if magic != layout.MAGIC:
-        raise AttachError(f"{name} exists but is not an mpkv segment (bad magic {magic[:8]!r}): a foreign file")
+        raise AttachError(
+            f"{name} exists but is not an mpkv segment (bad magic {magic[:8]!r}): a foreign file"
+        )
     if version != layout.LAYOUT_VERSION:
         raise AttachError(
             f"segment {name} has layout version {version}, this mpkv speaks {layout.LAYOUT_VERSION}: "
@@ -145,9 +159,8 @@ def _check_header(name: str, h: tuple, kind: SegmentKind, file_bytes: int, paylo
     if total != file_bytes:
         raise AttachError(f"segment {name}: header says {total} bytes but the file has {file_bytes}")
     if payload_bytes is not None and total != layout.SEGMENT_HEADER_BYTES + payload_bytes:
-        raise AttachError(
-            f"segment {name} holds {total - layout.SEGMENT_HEADER_BYTES} payload bytes, expected {payload_bytes}"
-        )
+        held = total - layout.SEGMENT_HEADER_BYTES
+        raise AttachError(f"segment {name} holds {held} payload bytes, expected {payload_bytes}")
     if uid != os.getuid():
         raise AttachError(f"segment {name} was created by uid {uid}, not by us (uid {os.getuid()})")
 

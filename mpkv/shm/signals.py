@@ -70,7 +70,9 @@ class SignalArray(Generic[E]):
         return _SLOTS + slot * layout.SIGNAL_SLOT_BYTES
 
     def read(self, slot: int) -> Signal[E]:
-        seq, value, epoch, pid, start, ts, aux = _native.seq_read(self.seg.buf, self._off(slot), layout.SIGNAL_WORDS)
+        seq, value, epoch, pid, start, ts, aux = _native.seq_read(
+            self.seg.buf, self._off(slot), layout.SIGNAL_WORDS
+        )
         signed = value - (1 << 64) if value >= 1 << 63 else value
         try:
             typed = self.values(signed)
@@ -137,6 +139,13 @@ class SignalWriter(Generic[E]):
     def write(self, value: E, epoch: int, aux: int = 0) -> None:
         if not isinstance(value, self.array.values):
             raise ProtocolError(f"{value!r} is not a {self.array.values.__name__}")
-        words = (int(value) & (2**64 - 1), epoch, self._me.pid, self._me.start_ticks, time.monotonic_ns(), aux)
+        words = (
+            int(value) & (2**64 - 1),
+            epoch,
+            self._me.pid,
+            self._me.start_ticks,
+            time.monotonic_ns(),
+            aux,
+        )
         _native.seq_write(self.array.seg.buf, self._off, words)
         _native.futex_wake(self.array.seg.buf, self._off)

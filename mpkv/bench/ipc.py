@@ -1,0 +1,809 @@
+"""`mpkv bench ipc`: the mpkv SPSC ring side by side with the usual Python IPC, in one run, as a ratio table.
+
+Measured, each with its own child process (start method ``spawn``):
+
+- round trip p50/p99, 64 B and 4 KiB: the parent sends, an echo child sends it back, one sample per trip;
+- one-way throughput: a child puts 64-B messages one by one, the parent gets them one by one and checks the
+  sequence number in each; msgs/s from the first message to the last, at the consumer;
+- the ring's batched paths: ``put_records``/``get_records_into`` of (4096, 64) uint8 arrays, and
+  ``put_many``/``get_many`` of 256 x 64 B;
+- the CPU time of a reader blocked on an empty ring.
+
+Baselines: ``multiprocessing.Queue`` (two queues), ``multiprocessing.Pipe`` (duplex), ``faster_fifo.Queue``
+(two queues) and ZeroMQ PAIR sockets over ``ipc://``; the last two are bench extras, a row says "not
+installed" when they are missing. Every wait is bounded by ``TIMEOUT_S``; every child is joined or
+terminated and every shared-memory name and socket file removed, also on error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import select
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
+from typing import Any
+
+import numpy as np
+
+from mpkv.shm.registry import Registry
+from mpkv.shm.ring import RingReader, RingWriter, create_ring
+
+CTX = mp.get_context("spawn")
+TIMEOUT_S = 20.0  # bound on any single wait (a child's start included): a broken transport fails, not hangs
+SIZES = (64, 4096)  # round-trip payloads
+MSG_BYTES = 64  # one-way and batched payloads
+RECORD_BATCH = 4096
+MANY_BATCH = 256
+RING_BYTES = 1 << 20  # the rings of the round-trip and one-way runs
+RECORD_RING_BYTES = 1 << 22
+QUEUE_BYTES = 1 << 23  # faster-fifo's circular buffer
+STOP = b""  # ends an echo loop or a stream; no measured message is empty
+
+
+class BenchError(RuntimeError):
+    """A transport misbehaved: a wrong count, a corrupted or reordered message, a child that failed."""
+
+
+@dataclass(frozen=True)
+class Params:
+    rtt_n: int  # timed round trips per payload size
+    rtt_warmup: int
+    stream_n: int  # one-way messages per transport
+    record_batches: int  # of RECORD_BATCH records
+    many_n: int  # put_many messages (a multiple of MANY_BATCH)
+    idle_s: float
+
+
+FULL = Params(rtt_n=20_000, rtt_warmup=2_000, stream_n=1_000_000, record_batches=8_192, many_n=4_194_304, idle_s=3.0)
+QUICK = Params(rtt_n=2_000, rtt_warmup=200, stream_n=50_000, record_batches=256, many_n=262_144, idle_s=1.0)
+
+
+# -- transports ---------------------------------------------------------------------------------------------
+def _noop() -> None:
+    pass
+
+
+@dataclass
+class Port:
+    """One process's end of a link: send to the peer, receive from it (bounded by TIMEOUT_S), close."""
+
+    send: Callable[[bytes], object]
+    recv: Callable[[], bytes]
+    close: Callable[[], None] = _noop
+
+
+class Link:
+    """Both directions between the parent and one child.
+
+    The parent builds it; ``child_args()`` (picklable under spawn) cross to the child, which opens its end with
+    ``type(link).child_port(args)``. ``started()`` runs once the child holds its copies; ``close()`` frees
+    what the parent created.
+    """
+
+    def child_args(self) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def parent_port(self) -> Port:
+        raise NotImplementedError
+
+    @classmethod
+    def child_port(cls, args: tuple[Any, ...]) -> Port:
+        raise NotImplementedError
+
+    def started(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Link:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_serial = iter(range(1 << 30))
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{os.getpid()}-{next(_serial)}"
+
+
+@contextlib.contextmanager
+def _registry() -> Iterator[Registry]:
+    """A fresh instance for one measurement; everything it lists is unlinked on the way out."""
+    reg = Registry.create(_unique("bench"))
+    try:
+        yield reg
+    finally:
+        reg.destroy()
+
+
+def _ring_port(tx: str, rx: str) -> Port:
+    writer = RingWriter(tx, label="bench")
+    try:
+        reader = RingReader(rx, label="bench")
+    except BaseException:
+        writer.close()
+        raise
+
+    def close() -> None:
+        reader.close()
+        writer.close()
+
+    return Port(partial(writer.put, timeout_s=TIMEOUT_S), partial(reader.get, TIMEOUT_S), close)
+
+
+class RingLink(Link):
+    """Two mpkv SPSC rings, one each way."""
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        try:
+            reg = self._stack.enter_context(_registry())
+            for obj in ("down", "up"):
+                self._stack.callback(reg.release, create_ring(reg, obj, RING_BYTES))
+            self._down, self._up = reg.name_of("down"), reg.name_of("up")
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def child_args(self) -> tuple[Any, ...]:
+        return self._down, self._up
+
+    def parent_port(self) -> Port:
+        return _ring_port(self._down, self._up)
+
+    @classmethod
+    def child_port(cls, args: tuple[Any, ...]) -> Port:
+        down, up = args
+        return _ring_port(up, down)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+class QueueLink(Link):
+    """Two ``multiprocessing.Queue``s."""
+
+    def __init__(self) -> None:
+        self._down: mp.Queue[bytes] = CTX.Queue()
+        self._up: mp.Queue[bytes] = CTX.Queue()
+
+    def child_args(self) -> tuple[Any, ...]:
+        return self._down, self._up
+
+    def parent_port(self) -> Port:
+        return Port(self._down.put, partial(self._up.get, True, TIMEOUT_S))
+
+    @classmethod
+    def child_port(cls, args: tuple[Any, ...]) -> Port:
+        down, up = args
+
+        def close() -> None:  # the feeder thread still flushes what was put, at exit
+            down.close()
+            up.close()
+
+        return Port(up.put, partial(down.get, True, TIMEOUT_S), close)
+
+    def close(self) -> None:
+        for q in (self._down, self._up):
+            q.close()
+            q.cancel_join_thread()  # the child may be gone with data unread: never block on it
+
+
+def _pipe_port(conn: Any) -> Port:
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    timeout_ms = int(TIMEOUT_S * 1000)
+
+    def recv() -> bytes:
+        if not poller.poll(timeout_ms):
+            raise TimeoutError(f"mp.Pipe: nothing received in {TIMEOUT_S:g} s")
+        return conn.recv_bytes()  # type: ignore[no-any-return]
+
+    return Port(conn.send_bytes, recv, conn.close)
+
+
+class PipeLink(Link):
+    """One duplex ``multiprocessing.Pipe``."""
+
+    def __init__(self) -> None:
+        self._mine, self._theirs = CTX.Pipe(duplex=True)
+
+    def child_args(self) -> tuple[Any, ...]:
+        return (self._theirs,)
+
+    def parent_port(self) -> Port:
+        return _pipe_port(self._mine)
+
+    @classmethod
+    def child_port(cls, args: tuple[Any, ...]) -> Port:
+        return _pipe_port(args[0])
+
+    def started(self) -> None:
+        self._theirs.close()  # so the child's exit reads as EOF here, not as silence
+
+    def close(self) -> None:
+        self._mine.close()
+        self._theirs.close()
+
+
+class FifoLink(Link):
+    """Two ``faster_fifo.Queue``s (bench extra), with their default pickling, as their users call them."""
+
+    def __init__(self) -> None:
+        import faster_fifo
+
+        self._down = faster_fifo.Queue(max_size_bytes=QUEUE_BYTES)
+        self._up = faster_fifo.Queue(max_size_bytes=QUEUE_BYTES)
+
+    def child_args(self) -> tuple[Any, ...]:
+        return self._down, self._up
+
+    def parent_port(self) -> Port:
+        return Port(
+            partial(self._down.put, block=True, timeout=TIMEOUT_S), partial(self._up.get, block=True, timeout=TIMEOUT_S)
+        )
+
+    @classmethod
+    def child_port(cls, args: tuple[Any, ...]) -> Port:
+        down, up = args
+        return Port(partial(up.put, block=True, timeout=TIMEOUT_S), partial(down.get, block=True, timeout=TIMEOUT_S))
+
+
+def _zmq_port(addr: str, bind: bool) -> Port:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PAIR)
+    sock.setsockopt(zmq.SNDTIMEO, int(TIMEOUT_S * 1000))
+    sock.setsockopt(zmq.RCVTIMEO, int(TIMEOUT_S * 1000))
+    (sock.bind if bind else sock.connect)(addr)
+
+    def close() -> None:
+        # The binder (parent) drops what is unsent; the child lingers so that its last messages arrive.
+        sock.close(linger=0 if bind else int(TIMEOUT_S * 1000))
+        ctx.term()
+
+    return Port(sock.send, sock.recv, close)
+
+
+class ZmqLink(Link):
+    """A ZeroMQ PAIR socket pair over ``ipc://`` (bench extra)."""
+
+    def __init__(self) -> None:
+        self._path = f"/tmp/{_unique('mpkv-bench')}.ipc"
+        self._port = _zmq_port(f"ipc://{self._path}", bind=True)
+
+    def child_args(self) -> tuple[Any, ...]:
+        return (f"ipc://{self._path}",)
+
+    def parent_port(self) -> Port:
+        return Port(self._port.send, self._port.recv)  # closed with the link, which owns the socket
+
+    @classmethod
+    def child_port(cls, args: tuple[Any, ...]) -> Port:
+        return _zmq_port(args[0], bind=False)
+
+    def close(self) -> None:
+        try:
+            self._port.close()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
+
+
+@dataclass(frozen=True)
+class Transport:
+    name: str
+    link: type[Link]
+    needs: str | None = None  # an optional module (a bench extra): without it the row reads "not installed"
+
+    def missing(self) -> str | None:
+        if self.needs and importlib.util.find_spec(self.needs) is None:
+            return f"not installed ({self.needs}; pip install 'mpkv[bench]')"
+        return None
+
+
+RING = "mpkv ring"
+BASELINE = "mp.Queue"
+TRANSPORTS = (
+    Transport(RING, RingLink),
+    Transport(BASELINE, QueueLink),
+    Transport("mp.Pipe", PipeLink),
+    Transport("faster-fifo", FifoLink, "faster_fifo"),
+    Transport("zmq ipc://", ZmqLink, "zmq"),
+)
+
+
+# -- child processes (module level: spawn pickles them by name) ---------------------------------------------
+def _child_setup() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us
+
+
+def _echo_child(link: type[Link], args: tuple[Any, ...]) -> None:
+    _child_setup()
+    port = link.child_port(args)
+    try:
+        recv, send = port.recv, port.send
+        while msg := recv():
+            send(msg)
+    finally:
+        port.close()
+
+
+def _stream_child(link: type[Link], args: tuple[Any, ...], count: int) -> None:
+    """Put ``count`` 64-B messages, one call each, numbered 0.. in their first 8 bytes; then STOP."""
+    _child_setup()
+    port = link.child_port(args)
+    try:
+        send, pad = port.send, bytes(MSG_BYTES - 8)
+        for i in range(count):
+            send(i.to_bytes(8, "little") + pad)
+        send(STOP)
+    finally:
+        port.close()
+
+
+def _numbered(batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (batch, 64) uint8 array and a view of the u64 sequence number at the start of each row."""
+    arr = np.zeros((batch, MSG_BYTES), np.uint8)
+    return arr, arr.view("<u8")[:, 0]
+
+
+def _records_child(name: str, batches: int) -> None:
+    _child_setup()
+    with RingWriter(name, label="bench-records") as w:
+        arr, seq = _numbered(RECORD_BATCH)
+        base = np.arange(RECORD_BATCH, dtype=np.uint64)
+        for k in range(batches):
+            np.add(base, np.uint64(k * RECORD_BATCH), out=seq)
+            w.put_records(arr, TIMEOUT_S)
+
+
+def _many_child(name: str, count: int) -> None:
+    _child_setup()
+    with RingWriter(name, label="bench-many") as w:
+        arr, seq = _numbered(MANY_BATCH)
+        base = np.arange(MANY_BATCH, dtype=np.uint64)
+        rows = [memoryview(row) for row in arr]  # 256 buffers of 64 B, renumbered in place per batch
+        for k in range(count // MANY_BATCH):
+            np.add(base, np.uint64(k * MANY_BATCH), out=seq)
+            w.put_many(rows, TIMEOUT_S)
+
+
+def _idle_child(name: str, ready: Event, out: Any) -> None:
+    """Block in ``get`` on an empty ring; record the CPU seconds and wall seconds that took."""
+    _child_setup()
+    with RingReader(name, label="bench-idle") as r:
+        ready.set()
+        ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        r.get(timeout_s=TIMEOUT_S + 60)
+        ru1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    out[0] = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    out[1] = t1 - t0
+
+
+@contextlib.contextmanager
+def _child(target: Callable[..., None], *args: Any, link: Link | None = None) -> Iterator[BaseProcess]:
+    """Start a spawned child; on the way out stop it whatever happened (terminate, then kill)."""
+    proc = CTX.Process(target=target, args=args, daemon=True, name=f"mpkv-bench:{target.__name__}")
+    proc.start()
+    try:
+        if link is not None:
+            link.started()
+        yield proc
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(2.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(2.0)
+        if not proc.is_alive():
+            proc.close()
+
+
+def _finish(proc: BaseProcess) -> None:
+    """The child was told to stop: it must exit cleanly, soon."""
+    proc.join(TIMEOUT_S)
+    if proc.exitcode != 0:
+        state = "is still running" if proc.exitcode is None else f"exited with code {proc.exitcode}"
+        raise BenchError(f"child {proc.name} {state}")
+
+
+# -- measurements -------------------------------------------------------------------------------------------
+@dataclass
+class Rtt:
+    p50_us: float
+    p99_us: float
+
+
+def _ping_pong(port: Port, size: int, n: int, warmup: int) -> Rtt:
+    send, recv, clock = port.send, port.recv, time.perf_counter_ns
+    payload = os.urandom(size)
+    for _ in range(warmup):
+        send(payload)
+        if recv() != payload:
+            raise BenchError(f"echo of {size} B came back altered")
+    samples = np.empty(n, np.int64)
+    bad = 0
+    for i in range(n):
+        t0 = clock()
+        send(payload)
+        reply = recv()
+        samples[i] = clock() - t0
+        bad += reply != payload
+    if bad:
+        raise BenchError(f"{bad} of {n} echoes of {size} B came back altered")
+    p50, p99 = np.percentile(samples, [50, 99]) / 1e3
+    return Rtt(float(p50), float(p99))
+
+
+def measure_rtt(t: Transport, p: Params) -> dict[int, Rtt]:
+    with t.link() as link, _child(_echo_child, t.link, link.child_args(), link=link) as proc:
+        port = link.parent_port()
+        try:
+            out = {size: _ping_pong(port, size, p.rtt_n, p.rtt_warmup) for size in SIZES}
+            port.send(STOP)
+        finally:
+            port.close()
+        _finish(proc)
+    return out
+
+
+def _consume_stream(port: Port, count: int) -> float:
+    """Receive exactly ``count`` numbered messages then STOP; msgs/s between the first and the last."""
+    recv, clock = port.recv, time.perf_counter_ns
+    first = recv()
+    t0 = clock()
+    if first[:8] != bytes(8):
+        raise BenchError(f"first message is numbered {int.from_bytes(first[:8], 'little')}, not 0")
+    for i in range(1, count):
+        msg = recv()
+        if int.from_bytes(msg[:8], "little") != i or len(msg) != MSG_BYTES:
+            got = int.from_bytes(msg[:8], "little")
+            raise BenchError(f"message {i} is numbered {got} and {len(msg)} B: lost, reordered or corrupted")
+    t1 = clock()
+    last = recv()
+    if last != STOP:
+        raise BenchError(f"a message after the {count} sent (numbered {int.from_bytes(last[:8], 'little')})")
+    return (count - 1) / (t1 - t0) * 1e9
+
+
+def measure_stream(t: Transport, p: Params) -> float:
+    with t.link() as link, _child(_stream_child, t.link, link.child_args(), p.stream_n, link=link) as proc:
+        port = link.parent_port()
+        try:
+            rate = _consume_stream(port, p.stream_n)
+        finally:
+            port.close()
+        _finish(proc)
+    return rate
+
+
+def _check_numbers(seq: np.ndarray, start: int, what: str) -> None:
+    n = len(seq)
+    if n and (int(seq[0]) != start or not np.array_equal(seq, np.arange(start, start + n, dtype=np.uint64))):
+        raise BenchError(f"{what} {start}..{start + n - 1}: lost, reordered or corrupted (got {seq[0]} first)")
+
+
+def _drained(reader: RingReader, proc: BaseProcess, what: str) -> None:
+    """After the writer exited: nothing beyond what it was told to write."""
+    _finish(proc)
+    extra = reader.try_get()
+    if extra is not None:
+        raise BenchError(f"{what}: the ring holds a message beyond the count sent ({len(extra)} B)")
+
+
+def measure_records(p: Params) -> float:
+    """Records/s through put_records / get_records_into, at the consumer, first batch to last."""
+    total = p.record_batches * RECORD_BATCH
+    with _registry() as reg:
+        seg = create_ring(reg, "records", RECORD_RING_BYTES)
+        try:
+            with RingReader(seg.name, label="bench") as r, _child(_records_child, seg.name, p.record_batches) as proc:
+                out, seq = _numbered(RECORD_BATCH)
+                got = r.get_records_into(out, TIMEOUT_S)
+                t0 = time.perf_counter_ns()
+                _check_numbers(seq[:got], 0, "records")
+                first, t1 = got, t0
+                while got < total:
+                    n = r.get_records_into(out[: total - got], TIMEOUT_S)
+                    t1 = time.perf_counter_ns()
+                    _check_numbers(seq[:n], got, "records")
+                    got += n
+                _drained(r, proc, "records")
+        finally:
+            reg.release(seg)
+    return (total - first) / max(t1 - t0, 1) * 1e9
+
+
+def measure_many(p: Params) -> float:
+    """Messages/s through put_many / get_many (batches of MANY_BATCH 64-B messages), at the consumer."""
+    total = p.many_n // MANY_BATCH * MANY_BATCH
+    with _registry() as reg:
+        seg = create_ring(reg, "many", RING_BYTES)
+        try:
+            with RingReader(seg.name, label="bench") as r, _child(_many_child, seg.name, total) as proc:
+                got, first, t0, t1 = 0, 0, 0, 0
+                while got < total:
+                    batch = r.get_many(min(MANY_BATCH, total - got), TIMEOUT_S)
+                    t1 = time.perf_counter_ns()
+                    if not got:
+                        first, t0 = len(batch), t1
+                    raw = b"".join(batch)
+                    if len(raw) != MSG_BYTES * len(batch):
+                        raise BenchError(f"get_many: a message of a batch starting at {got} is not {MSG_BYTES} B")
+                    _check_numbers(np.frombuffer(raw, "<u8")[:: MSG_BYTES // 8], got, "put_many messages")
+                    got += len(batch)
+                _drained(r, proc, "put_many")
+        finally:
+            reg.release(seg)
+    return (total - first) / max(t1 - t0, 1) * 1e9
+
+
+@dataclass
+class Idle:
+    cpu_s: float
+    wall_s: float
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.cpu_s / self.wall_s
+
+
+def measure_idle(p: Params) -> Idle:
+    """A child blocks in RingReader.get on an empty ring for ``idle_s``; one message then releases it."""
+    with _registry() as reg:
+        seg = create_ring(reg, "idle", RING_BYTES)
+        try:
+            ready, out = CTX.Event(), CTX.RawArray("d", 2)
+            with RingWriter(seg.name, label="bench") as w, _child(_idle_child, seg.name, ready, out) as proc:
+                if not ready.wait(TIMEOUT_S):
+                    raise BenchError(f"the idle reader did not attach within {TIMEOUT_S:g} s")
+                time.sleep(p.idle_s)
+                w.put(b"wake up", TIMEOUT_S)
+                _finish(proc)
+        finally:
+            reg.release(seg)
+    return Idle(out[0], out[1])
+
+
+# -- the run ------------------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    transport: str
+    status: str = "ok"  # "ok", "not installed (...)", or "failed: ..."
+    rtt: dict[int, Rtt] = field(default_factory=dict)
+    msgs_per_s: float | None = None
+
+
+@dataclass
+class Extras:
+    records_per_s: float | None = None
+    many_per_s: float | None = None
+    idle: Idle | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def _progress(msg: str) -> None:
+    print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+def _attempt(what: str, fn: Callable[[], Any], errors: list[str]) -> Any:
+    """Run one measurement; a failure (not Ctrl-C) is recorded and the run goes on with the others."""
+    _progress(what)
+    try:
+        return fn()
+    except Exception as e:
+        errors.append(f"{what}: {type(e).__name__}: {e}")
+        return None
+
+
+def run_transport(t: Transport, p: Params) -> Row:
+    row = Row(t.name)
+    if (why := t.missing()) is not None:
+        row.status = why
+        return row
+    errors: list[str] = []
+    row.rtt = _attempt(f"{t.name}: round trips", partial(measure_rtt, t, p), errors) or {}
+    row.msgs_per_s = _attempt(f"{t.name}: one-way stream", partial(measure_stream, t, p), errors)
+    if errors:
+        row.status = "failed: " + "; ".join(errors)
+    return row
+
+
+def run_extras(p: Params) -> Extras:
+    ex = Extras()
+    ex.records_per_s = _attempt("ring: put_records / get_records_into", partial(measure_records, p), ex.errors)
+    ex.many_per_s = _attempt("ring: put_many / get_many", partial(measure_many, p), ex.errors)
+    ex.idle = _attempt(f"ring: idle blocked reader, {p.idle_s:g} s", partial(measure_idle, p), ex.errors)
+    return ex
+
+
+# -- report -------------------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "numpy": np.__version__,
+        "spin_us": os.environ.get("MPKV_SPIN_US", "50 (default)"),
+    }
+
+
+def _rate(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v / 1e6:.2f} M/s" if v >= 1e6 else f"{v / 1e3:.0f} k/s"
+
+
+def _ratio(num: float | None, den: float | None) -> str:
+    return "-" if not num or not den else f"{num / den:.1f}x"
+
+
+def _rtt_cell(row: Row, size: int) -> str:
+    r = row.rtt.get(size)
+    return "-" if r is None else f"{r.p50_us:.1f} / {r.p99_us:.1f}"
+
+
+def _p50(row: Row | None, size: int) -> float | None:
+    r = row.rtt.get(size) if row else None
+    return r.p50_us if r else None
+
+
+HEAD = (
+    "transport",
+    "RTT 64 B p50/p99 us",
+    "RTT 4 KiB p50/p99 us",
+    "one-way 64 B",
+    "RTT 64 B vs Queue",
+    "RTT 4 KiB vs Queue",
+    "one-way vs Queue",
+)
+
+
+def _cells(row: Row, base: Row | None) -> list[str]:
+    if row.status.startswith("not installed"):
+        return [row.transport, row.status]
+    return [
+        row.transport,
+        _rtt_cell(row, 64),
+        _rtt_cell(row, 4096),
+        _rate(row.msgs_per_s),
+        _ratio(_p50(base, 64), _p50(row, 64)),
+        _ratio(_p50(base, 4096), _p50(row, 4096)),
+        _ratio(row.msgs_per_s, base.msgs_per_s if base else None),
+    ]
+
+
+def table(rows: list[Row]) -> list[str]:
+    """The side-by-side table; a ratio says how many times better than mp.Queue (higher is better)."""
+    base = next((r for r in rows if r.transport == BASELINE), None)
+    grid = [list(HEAD), *(_cells(r, base) for r in rows)]
+    widths = [max(len(c[i]) for c in grid if len(c) == len(HEAD)) for i in range(len(HEAD))]
+    lines = []
+    for c in grid:
+        cols = [x.rjust(w) for x, w in zip(c[1:], widths[1:], strict=False)] if len(c) == len(HEAD) else c[1:]
+        lines.append("  ".join([c[0].ljust(widths[0]), *cols]))
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append("ratios: RTT = mp.Queue p50 / this p50; one-way = this rate / mp.Queue rate")
+    lines += [f"  {r.transport}: {r.status}" for r in rows if r.status.startswith("failed")]
+    return lines
+
+
+@dataclass
+class Target:
+    what: str
+    measured: str
+    ok: bool | None  # None: could not be measured
+
+
+def targets(rows: list[Row], ex: Extras) -> list[Target]:
+    by = {r.transport: r for r in rows}
+    ring, queue = by[RING].rtt.get(64), by[BASELINE].rtt.get(64)
+    rtt_x = queue.p50_us / ring.p50_us if ring and queue else None
+    stream = by[RING].msgs_per_s
+    idle = ex.idle.percent if ex.idle else None
+    return [
+        Target("ring RTT p50 (64 B) >= 20x lower than mp.Queue",
+               f"{rtt_x:.1f}x ({ring.p50_us:.1f} vs {queue.p50_us:.1f} us)" if ring and queue and rtt_x else "-",
+               None if rtt_x is None else rtt_x >= 20),
+        Target(">= 1 M unbatched 64-B messages/s (ring, one-way)", _rate(stream),
+               None if stream is None else stream >= 1e6),
+        Target(">= 30 M 64-B records/s batched (put_records)", _rate(ex.records_per_s),
+               None if ex.records_per_s is None else ex.records_per_s >= 30e6),
+        Target("idle blocked reader < 2 % of a core", "-" if idle is None else f"{idle:.2f} %",
+               None if idle is None else idle < 2.0),
+    ]
+
+
+def report(cmd: str, mach: dict[str, Any], p: Params, quick: bool, rows: list[Row], ex: Extras,
+           wall_s: float) -> list[str]:
+    lines = [
+        f"command: {cmd}",
+        f"machine: {mach['nproc']} cores usable ({mach['cpu_count']} online), {mach['cpu_model']}; "
+        f"Python {mach['python']}, numpy {mach['numpy']}; {mach['platform']}; MPKV_SPIN_US={mach['spin_us']}",
+        f"run: {'QUICK (a smoke run, not for the record)' if quick else 'full'}; {p.rtt_n} timed round trips per "
+        f"size after {p.rtt_warmup} warm-up; {p.stream_n} one-way messages per transport; start method spawn",
+        "",
+        *table(rows),
+        "",
+        f"ring put_records / get_records_into, ({RECORD_BATCH}, {MSG_BYTES}) uint8 batches, "
+        f"{p.record_batches * RECORD_BATCH} records: {_rate(ex.records_per_s)} records",
+        f"ring put_many / get_many, {MANY_BATCH} x {MSG_BYTES} B per call, {p.many_n} messages: "
+        f"{_rate(ex.many_per_s)} messages",
+        "ring idle blocked reader: " + (
+            f"{ex.idle.percent:.2f} % of a core ({ex.idle.cpu_s * 1e3:.1f} ms CPU in {ex.idle.wall_s:.2f} s)"
+            if ex.idle else "-"
+        ),
+        *(f"  failed: {e}" for e in ex.errors),
+        "",
+        "targets (stated for a 2-core machine" + ("" if mach["nproc"] == 2 else f"; this one has {mach['nproc']}")
+        + ("; quick run: indicative only" if quick else "") + "):",
+    ]
+    for t in targets(rows, ex):
+        verdict = "n/a " if t.ok is None else "PASS" if t.ok else "MISS"
+        lines.append(f"  {verdict}  {t.what}: {t.measured}")
+    lines.append(f"wall time: {wall_s:.1f} s")
+    return lines
+
+
+def _as_json(cmd: str, mach: dict[str, Any], p: Params, quick: bool, rows: list[Row], ex: Extras,
+             wall_s: float) -> dict[str, Any]:
+    return {
+        "command": cmd,
+        "machine": mach,
+        "quick": quick,
+        "params": asdict(p),
+        "transports": [asdict(r) for r in rows],
+        "ring_records_per_s": ex.records_per_s,
+        "ring_put_many_msgs_per_s": ex.many_per_s,
+        "ring_idle_reader": None if ex.idle is None else {**asdict(ex.idle), "percent_of_core": ex.idle.percent},
+        "errors": ex.errors,
+        "targets": [asdict(t) for t in targets(rows, ex)],
+        "wall_s": wall_s,
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    quick = bool(getattr(args, "quick", False))
+    p = QUICK if quick else FULL
+    cmd = shlex.join(getattr(sys, "orig_argv", sys.argv))
+    mach = machine()
+    t0 = time.perf_counter()
+    rows = [run_transport(t, p) for t in TRANSPORTS]
+    ex = run_extras(p)
+    wall_s = time.perf_counter() - t0
+    print("\n".join(report(cmd, mach, p, quick, rows, ex, wall_s)), flush=True)
+    if getattr(args, "json", None):
+        with open(args.json, "w") as f:
+            json.dump(_as_json(cmd, mach, p, quick, rows, ex, wall_s), f, indent=2)
+            f.write("\n")
+    failed = ex.errors or any(r.status.startswith("failed") for r in rows)
+    return 1 if failed else 0
