@@ -68,7 +68,9 @@ class Params:
     idle_s: float
 
 
-FULL = Params(rtt_n=20_000, rtt_warmup=2_000, stream_n=1_000_000, record_batches=8_192, many_n=4_194_304, idle_s=3.0)
+FULL = Params(
+    rtt_n=20_000, rtt_warmup=2_000, stream_n=1_000_000, record_batches=8_192, many_n=4_194_304, idle_s=3.0
+)
 QUICK = Params(rtt_n=2_000, rtt_warmup=200, stream_n=50_000, record_batches=256, many_n=262_144, idle_s=1.0)
 
 
@@ -89,9 +91,9 @@ class Port:
 class Link:
     """Both directions between the parent and one child.
 
-    The parent builds it; ``child_args()`` (picklable under spawn) cross to the child, which opens its end with
-    ``type(link).child_port(args)``. ``started()`` runs once the child holds its copies; ``close()`` frees
-    what the parent created.
+    The parent builds it; ``child_args()`` (picklable under spawn) cross to the child, which opens its end
+    with ``type(link).child_port(args)``. ``started()`` runs once the child holds its copies; ``close()``
+    frees what the parent created.
     """
 
     def child_args(self) -> tuple[Any, ...]:
@@ -215,7 +217,8 @@ def _pipe_port(conn: Any) -> Port:
     def recv() -> bytes:
         if not poller.poll(timeout_ms):
             raise TimeoutError(f"mp.Pipe: nothing received in {TIMEOUT_S:g} s")
-        return conn.recv_bytes()  # type: ignore[no-any-return]
+        data: bytes = conn.recv_bytes()
+        return data
 
     return Port(conn.send_bytes, recv, conn.close)
 
@@ -244,6 +247,12 @@ class PipeLink(Link):
         self._theirs.close()
 
 
+def _fifo_port(tx: Any, rx: Any) -> Port:
+    return Port(
+        partial(tx.put, block=True, timeout=TIMEOUT_S), partial(rx.get, block=True, timeout=TIMEOUT_S)
+    )
+
+
 class FifoLink(Link):
     """Two ``faster_fifo.Queue``s (bench extra), with their default pickling, as their users call them."""
 
@@ -257,14 +266,12 @@ class FifoLink(Link):
         return self._down, self._up
 
     def parent_port(self) -> Port:
-        return Port(
-            partial(self._down.put, block=True, timeout=TIMEOUT_S), partial(self._up.get, block=True, timeout=TIMEOUT_S)
-        )
+        return _fifo_port(self._down, self._up)
 
     @classmethod
     def child_port(cls, args: tuple[Any, ...]) -> Port:
         down, up = args
-        return Port(partial(up.put, block=True, timeout=TIMEOUT_S), partial(down.get, block=True, timeout=TIMEOUT_S))
+        return _fifo_port(up, down)
 
 
 def _zmq_port(addr: str, bind: bool) -> Port:
@@ -501,7 +508,7 @@ def measure_stream(t: Transport, p: Params) -> float:
 def _check_numbers(seq: np.ndarray, start: int, what: str) -> None:
     n = len(seq)
     if n and (int(seq[0]) != start or not np.array_equal(seq, np.arange(start, start + n, dtype=np.uint64))):
-        raise BenchError(f"{what} {start}..{start + n - 1}: lost, reordered or corrupted (got {seq[0]} first)")
+        raise BenchError(f"{what} {start}..{start + n - 1}: lost, reordered or corrupted (first is {seq[0]})")
 
 
 def _drained(reader: RingReader, proc: BaseProcess, what: str) -> None:
@@ -518,7 +525,10 @@ def measure_records(p: Params) -> float:
     with _registry() as reg:
         seg = create_ring(reg, "records", RECORD_RING_BYTES)
         try:
-            with RingReader(seg.name, label="bench") as r, _child(_records_child, seg.name, p.record_batches) as proc:
+            with (
+                RingReader(seg.name, label="bench") as r,
+                _child(_records_child, seg.name, p.record_batches) as proc,
+            ):
                 out, seq = _numbered(RECORD_BATCH)
                 got = r.get_records_into(out, TIMEOUT_S)
                 t0 = time.perf_counter_ns()
@@ -550,7 +560,7 @@ def measure_many(p: Params) -> float:
                         first, t0 = len(batch), t1
                     raw = b"".join(batch)
                     if len(raw) != MSG_BYTES * len(batch):
-                        raise BenchError(f"get_many: a message of a batch starting at {got} is not {MSG_BYTES} B")
+                        raise BenchError(f"get_many: a message of the batch at {got} is not {MSG_BYTES} B")
                     _check_numbers(np.frombuffer(raw, "<u8")[:: MSG_BYTES // 8], got, "put_many messages")
                     got += len(batch)
                 _drained(r, proc, "put_many")
@@ -632,7 +642,7 @@ def run_transport(t: Transport, p: Params) -> Row:
 
 def run_extras(p: Params) -> Extras:
     ex = Extras()
-    ex.records_per_s = _attempt("ring: put_records / get_records_into", partial(measure_records, p), ex.errors)
+    ex.records_per_s = _attempt("ring: put_records", partial(measure_records, p), ex.errors)
     ex.many_per_s = _attempt("ring: put_many / get_many", partial(measure_many, p), ex.errors)
     ex.idle = _attempt(f"ring: idle blocked reader, {p.idle_s:g} s", partial(measure_idle, p), ex.errors)
     return ex
@@ -721,89 +731,111 @@ def table(rows: list[Row]) -> list[str]:
 class Target:
     what: str
     measured: str
-    ok: bool | None  # None: could not be measured
+    ok: bool | None  # None: not measured
 
 
-def targets(rows: list[Row], ex: Extras) -> list[Target]:
-    by = {r.transport: r for r in rows}
-    ring, queue = by[RING].rtt.get(64), by[BASELINE].rtt.get(64)
-    rtt_x = queue.p50_us / ring.p50_us if ring and queue else None
-    stream = by[RING].msgs_per_s
-    idle = ex.idle.percent if ex.idle else None
+def _target(what: str, value: float | None, shown: str, ok: Callable[[float], bool]) -> Target:
+    return Target(what, shown if value is not None else "-", None if value is None else ok(value))
+
+
+@dataclass
+class Run:
+    command: str
+    machine: dict[str, Any]
+    quick: bool
+    params: Params
+    rows: list[Row]
+    extras: Extras
+    wall_s: float
+
+    def targets(self) -> list[Target]:
+        by = {r.transport: r for r in self.rows}
+        ring, queue = _p50(by[RING], 64), _p50(by[BASELINE], 64)
+        rtt_x = queue / ring if ring and queue else None
+        stream, records = by[RING].msgs_per_s, self.extras.records_per_s
+        idle = self.extras.idle.percent if self.extras.idle else None
+        return [
+            _target(
+                "ring RTT p50 (64 B) at least 20x lower than mp.Queue's",
+                rtt_x,
+                f"{rtt_x or 0:.1f}x ({ring or 0:.1f} vs {queue or 0:.1f} us)",
+                lambda x: x >= 20,
+            ),
+            _target(
+                "at least 1 M unbatched 64-B messages/s (ring, one-way)",
+                stream,
+                _rate(stream),
+                lambda x: x >= 1e6,
+            ),
+            _target("at least 30 M 64-B records/s batched", records, _rate(records), lambda x: x >= 30e6),
+            _target("idle blocked reader under 2 % of a core", idle, f"{idle or 0:.2f} %", lambda x: x < 2.0),
+        ]
+
+    def failed(self) -> bool:
+        return bool(self.extras.errors) or any(r.status.startswith("failed") for r in self.rows)
+
+    def as_json(self) -> dict[str, Any]:
+        ex = self.extras
+        return {
+            **asdict(self),
+            "idle_percent_of_core": ex.idle.percent if ex.idle else None,
+            "targets": [asdict(t) for t in self.targets()],
+        }
+
+
+def header(command: str, mach: dict[str, Any], p: Params, quick: bool) -> list[str]:
+    kind = "QUICK (a smoke run, not for the record)" if quick else "full"
     return [
-        Target("ring RTT p50 (64 B) >= 20x lower than mp.Queue",
-               f"{rtt_x:.1f}x ({ring.p50_us:.1f} vs {queue.p50_us:.1f} us)" if ring and queue and rtt_x else "-",
-               None if rtt_x is None else rtt_x >= 20),
-        Target(">= 1 M unbatched 64-B messages/s (ring, one-way)", _rate(stream),
-               None if stream is None else stream >= 1e6),
-        Target(">= 30 M 64-B records/s batched (put_records)", _rate(ex.records_per_s),
-               None if ex.records_per_s is None else ex.records_per_s >= 30e6),
-        Target("idle blocked reader < 2 % of a core", "-" if idle is None else f"{idle:.2f} %",
-               None if idle is None else idle < 2.0),
+        f"command: {command}",
+        f"machine: {mach['nproc']} cores usable ({mach['cpu_count']} online), {mach['cpu_model']}",
+        f"         Python {mach['python']}, numpy {mach['numpy']}, {mach['platform']}",
+        f"run: {kind}; start method spawn; MPKV_SPIN_US={mach['spin_us']}",
+        f"     round trips: {p.rtt_n} timed per size after {p.rtt_warmup} warm-up; one-way: {p.stream_n} "
+        "messages per transport, one put and one get each, every sequence number checked",
     ]
 
 
-def report(cmd: str, mach: dict[str, Any], p: Params, quick: bool, rows: list[Row], ex: Extras,
-           wall_s: float) -> list[str]:
+def report(run: Run) -> list[str]:
+    ex, p, nproc = run.extras, run.params, run.machine["nproc"]
+    idle = ex.idle
+    scope = "" if nproc == 2 else f"; this machine has {nproc}"
     lines = [
-        f"command: {cmd}",
-        f"machine: {mach['nproc']} cores usable ({mach['cpu_count']} online), {mach['cpu_model']}; "
-        f"Python {mach['python']}, numpy {mach['numpy']}; {mach['platform']}; MPKV_SPIN_US={mach['spin_us']}",
-        f"run: {'QUICK (a smoke run, not for the record)' if quick else 'full'}; {p.rtt_n} timed round trips per "
-        f"size after {p.rtt_warmup} warm-up; {p.stream_n} one-way messages per transport; start method spawn",
+        *table(run.rows),
         "",
-        *table(rows),
-        "",
-        f"ring put_records / get_records_into, ({RECORD_BATCH}, {MSG_BYTES}) uint8 batches, "
+        f"ring put_records / get_records_into, ({RECORD_BATCH}, {MSG_BYTES}) uint8 arrays, "
         f"{p.record_batches * RECORD_BATCH} records: {_rate(ex.records_per_s)} records",
         f"ring put_many / get_many, {MANY_BATCH} x {MSG_BYTES} B per call, {p.many_n} messages: "
         f"{_rate(ex.many_per_s)} messages",
-        "ring idle blocked reader: " + (
-            f"{ex.idle.percent:.2f} % of a core ({ex.idle.cpu_s * 1e3:.1f} ms CPU in {ex.idle.wall_s:.2f} s)"
-            if ex.idle else "-"
+        "ring idle blocked reader: "
+        + (
+            f"{idle.percent:.2f} % of a core ({idle.cpu_s * 1e3:.1f} ms CPU in {idle.wall_s:.2f} s)"
+            if idle
+            else "-"
         ),
         *(f"  failed: {e}" for e in ex.errors),
         "",
-        "targets (stated for a 2-core machine" + ("" if mach["nproc"] == 2 else f"; this one has {mach['nproc']}")
-        + ("; quick run: indicative only" if quick else "") + "):",
+        f"targets (stated for a 2-core machine{scope}{'; quick run: indicative only' if run.quick else ''}):",
     ]
-    for t in targets(rows, ex):
+    for t in run.targets():
         verdict = "n/a " if t.ok is None else "PASS" if t.ok else "MISS"
         lines.append(f"  {verdict}  {t.what}: {t.measured}")
-    lines.append(f"wall time: {wall_s:.1f} s")
+    lines.append(f"wall time: {run.wall_s:.1f} s")
     return lines
-
-
-def _as_json(cmd: str, mach: dict[str, Any], p: Params, quick: bool, rows: list[Row], ex: Extras,
-             wall_s: float) -> dict[str, Any]:
-    return {
-        "command": cmd,
-        "machine": mach,
-        "quick": quick,
-        "params": asdict(p),
-        "transports": [asdict(r) for r in rows],
-        "ring_records_per_s": ex.records_per_s,
-        "ring_put_many_msgs_per_s": ex.many_per_s,
-        "ring_idle_reader": None if ex.idle is None else {**asdict(ex.idle), "percent_of_core": ex.idle.percent},
-        "errors": ex.errors,
-        "targets": [asdict(t) for t in targets(rows, ex)],
-        "wall_s": wall_s,
-    }
 
 
 def main(args: argparse.Namespace) -> int:
     quick = bool(getattr(args, "quick", False))
     p = QUICK if quick else FULL
-    cmd = shlex.join(getattr(sys, "orig_argv", sys.argv))
+    command = shlex.join(getattr(sys, "orig_argv", sys.argv))
     mach = machine()
+    print("\n".join([*header(command, mach, p, quick), ""]), flush=True)
     t0 = time.perf_counter()
     rows = [run_transport(t, p) for t in TRANSPORTS]
-    ex = run_extras(p)
-    wall_s = time.perf_counter() - t0
-    print("\n".join(report(cmd, mach, p, quick, rows, ex, wall_s)), flush=True)
+    extras = run_extras(p)
+    run = Run(command, mach, quick, p, rows, extras, time.perf_counter() - t0)
+    print("\n".join(report(run)), flush=True)
     if getattr(args, "json", None):
         with open(args.json, "w") as f:
-            json.dump(_as_json(cmd, mach, p, quick, rows, ex, wall_s), f, indent=2)
+            json.dump(run.as_json(), f, indent=2)
             f.write("\n")
-    failed = ex.errors or any(r.status.startswith("failed") for r in rows)
-    return 1 if failed else 0
+    return 1 if run.failed() else 0
