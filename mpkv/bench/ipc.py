@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.util
 import json
 import multiprocessing as mp
@@ -52,6 +53,7 @@ RING_BYTES = 1 << 20  # the rings of the round-trip and one-way runs
 RECORD_RING_BYTES = 1 << 22
 QUEUE_BYTES = 1 << 23  # faster-fifo's circular buffer
 STOP = b""  # ends an echo loop or a stream; no measured message is empty
+ACK = b"ack"  # the consumer got everything: the producer may close (a ZeroMQ PAIR drops what is unread)
 
 
 class BenchError(RuntimeError):
@@ -69,9 +71,9 @@ class Params:
 
 
 FULL = Params(
-    rtt_n=20_000, rtt_warmup=2_000, stream_n=1_000_000, record_batches=8_192, many_n=4_194_304, idle_s=3.0
+    rtt_n=10_000, rtt_warmup=1_000, stream_n=500_000, record_batches=8_192, many_n=4_194_304, idle_s=3.0
 )
-QUICK = Params(rtt_n=2_000, rtt_warmup=200, stream_n=50_000, record_batches=256, many_n=262_144, idle_s=1.0)
+QUICK = Params(rtt_n=1_000, rtt_warmup=100, stream_n=20_000, record_batches=256, many_n=262_144, idle_s=1.0)
 
 
 # -- transports ---------------------------------------------------------------------------------------------
@@ -148,7 +150,9 @@ def _ring_port(tx: str, rx: str) -> Port:
         reader.close()
         writer.close()
 
-    return Port(partial(writer.put, timeout_s=TIMEOUT_S), partial(reader.get, TIMEOUT_S), close)
+    # Bound methods, not partials: a keyword partial costs as much as the put itself. Their waits are bounded
+    # by the ring's own default timeout (mpkv.shm.waiting.DEFAULT_TIMEOUT_S).
+    return Port(writer.put, reader.get, close)
 
 
 class RingLink(Link):
@@ -364,6 +368,8 @@ def _stream_child(link: type[Link], args: tuple[Any, ...], count: int) -> None:
         for i in range(count):
             send(i.to_bytes(8, "little") + pad)
         send(STOP)
+        if port.recv() != ACK:
+            raise BenchError("the consumer did not acknowledge the stream")
     finally:
         port.close()
 
@@ -436,6 +442,18 @@ def _finish(proc: BaseProcess) -> None:
 
 
 # -- measurements -------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """No collector pauses inside a timed loop (the same for every transport)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 @dataclass
 class Rtt:
     p50_us: float
@@ -451,12 +469,13 @@ def _ping_pong(port: Port, size: int, n: int, warmup: int) -> Rtt:
             raise BenchError(f"echo of {size} B came back altered")
     samples = np.empty(n, np.int64)
     bad = 0
-    for i in range(n):
-        t0 = clock()
-        send(payload)
-        reply = recv()
-        samples[i] = clock() - t0
-        bad += reply != payload
+    with _no_gc():
+        for i in range(n):
+            t0 = clock()
+            send(payload)
+            reply = recv()
+            samples[i] = clock() - t0
+            bad += reply != payload
     if bad:
         raise BenchError(f"{bad} of {n} echoes of {size} B came back altered")
     p50, p99 = np.percentile(samples, [50, 99]) / 1e3
@@ -482,12 +501,15 @@ def _consume_stream(port: Port, count: int) -> float:
     t0 = clock()
     if first[:8] != bytes(8):
         raise BenchError(f"first message is numbered {int.from_bytes(first[:8], 'little')}, not 0")
-    for i in range(1, count):
-        msg = recv()
-        if int.from_bytes(msg[:8], "little") != i or len(msg) != MSG_BYTES:
-            got = int.from_bytes(msg[:8], "little")
-            raise BenchError(f"message {i} is numbered {got} and {len(msg)} B: lost, reordered or corrupted")
-    t1 = clock()
+    with _no_gc():
+        for i in range(1, count):
+            msg = recv()
+            if int.from_bytes(msg[:8], "little") != i or len(msg) != MSG_BYTES:
+                got = int.from_bytes(msg[:8], "little")
+                raise BenchError(
+                    f"message {i} is numbered {got} and {len(msg)} B: lost, reordered or corrupted"
+                )
+        t1 = clock()
     last = recv()
     if last != STOP:
         raise BenchError(f"a message after the {count} sent (numbered {int.from_bytes(last[:8], 'little')})")
@@ -499,6 +521,7 @@ def measure_stream(t: Transport, p: Params) -> float:
         port = link.parent_port()
         try:
             rate = _consume_stream(port, p.stream_n)
+            port.send(ACK)
         finally:
             port.close()
         _finish(proc)

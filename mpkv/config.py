@@ -1,0 +1,100 @@
+"""Cache geometry and instance configuration: one frozen dataclass, validated once, shared by every actor."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from mpkv.protocol import PoolOwner
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """KV geometry per instance. Per rank, the pool holds ``kv_heads // tp`` heads of every layer.
+
+    Device pool layout per rank (one allocation; per-layer K/V are views):
+    ``[layers, 2 (K, V), device_blocks, block_size, kv_heads // tp, head_dim]``; the host pool is the same with
+    ``host_blocks``. A "block" is ``block_size`` tokens of every layer's K and V.
+    """
+
+    layers: int = 4
+    kv_heads: int = 4
+    head_dim: int = 32
+    block_size: int = 16
+    dtype: str = "float16"
+    device_blocks: int = 256
+    host_blocks: int = 256
+    tp: int = 1
+    backend: str = "cpu"
+    pool_owner: PoolOwner = PoolOwner.WORKER
+    hidden: int = 64  # the synthetic model's width
+    vocab: int = 1024
+
+    def __post_init__(self) -> None:
+        for f in (
+            "layers",
+            "kv_heads",
+            "head_dim",
+            "block_size",
+            "device_blocks",
+            "host_blocks",
+            "tp",
+            "hidden",
+        ):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"config: {f} must be a positive integer, got {v!r}")
+        if self.kv_heads % self.tp:
+            raise ValueError(f"config: kv_heads ({self.kv_heads}) must be divisible by tp ({self.tp})")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"config: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.backend not in ("cpu", "cuda"):
+            raise ValueError(f"config: backend must be 'cpu' or 'cuda', got {self.backend!r}")
+        if not isinstance(self.pool_owner, PoolOwner):
+            object.__setattr__(self, "pool_owner", PoolOwner[str(self.pool_owner).upper()])
+
+    @property
+    def heads_per_rank(self) -> int:
+        return self.kv_heads // self.tp
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.torch_dtype).element_size()
+
+    @property
+    def block_elems(self) -> int:
+        """Elements of one block of one layer's K (or V) on one rank."""
+        return self.block_size * self.heads_per_rank * self.head_dim
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block across all layers, K and V, on one rank: what a swap of one block moves."""
+        return self.layers * 2 * self.block_elems * self.itemsize
+
+    def pool_shape(self, blocks: int) -> tuple[int, ...]:
+        return (self.layers, 2, blocks, self.block_size, self.heads_per_rank, self.head_dim)
+
+    def pool_bytes(self, blocks: int) -> int:
+        return blocks * self.block_bytes
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["pool_owner"] = self.pool_owner.name.lower()
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> CacheConfig:
+        d = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)

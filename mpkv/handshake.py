@@ -1,0 +1,205 @@
+"""The clear/restore handshake as a pure state machine: (what an actor sees) -> (what it does next).
+
+NOTE [ clear handshake ]
+The controller writes one command word (``Cmd``, epoch, aux). Every actor of every rank acknowledges in its own
+status slot with the same epoch; nobody else writes there (DESIGN I1). Per rank one role owns the device pool
+(``PoolOwner``); the other two attach to it. The rules, per command at epoch e:
+
+    start-up   owner: allocate, publish handle -> PUBLISHED@0 -> READY@0
+               attacher: wait owner >= PUBLISHED@0, attach -> READY@0
+    PAUSE      everyone: finish or fail every task already read -> PAUSED@e
+    CLEAR      attacher: drop every view of the device pool -> DETACHED@e; release its host pool if it owns one
+                         -> CLEARED@e.  Waits for nobody.
+               owner:    wait every live attacher >= DETACHED@e (a dead one holds no mapping; a FAILED one
+                         dropped its views before it published FAILED), free the pool -> CLEARED@e
+    RESTORE    owner:    allocate a fresh pool (a new name: no stale view can alias it), publish -> PUBLISHED@e
+                         -> RESTORED@e.  Waits for nobody.
+               attacher: wait owner >= PUBLISHED@e, attach -> RESTORED@e
+    RESUME     everyone -> READY@e
+    SHUTDOWN   as CLEAR, ending in STOPPED@e
+
+So in every phase the wait-for relation is a DAG (clear: owner -> attachers; restore: attachers -> owner;
+the controller waits for everyone and nobody waits for the controller except for its next command), and no
+two processes ever wait for each other: the reference's hang (seed 001: worker and transfer manager both
+waiting for ``cache_ready_signal == 0``) has no counterpart here. Freeing happens in exactly one place (the
+owner's FREE) and detaching in exactly one place (the attacher's DETACH), on every path, including shutdown
+and failure (the runtime detaches in ``finally`` before it publishes FAILED).
+
+The runtime (``mpkv.actors.runtime``) reads the command and statuses from shared memory, calls ``decide``,
+performs the action, then publishes ``Decision.publish``. ``tests/test_handshake_model.py`` explores every
+interleaving of a controller, an owner and up to three attachers through these same functions, with a crash
+injected at every point.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mpkv.protocol import ACK_OF, ActorState, ClearFlags, Cmd
+
+S = ActorState
+
+
+@dataclass(frozen=True)
+class Command:
+    kind: Cmd
+    epoch: int
+    aux: int = 0
+
+    @property
+    def flags(self) -> ClearFlags:
+        return ClearFlags(self.aux & 3) if self.kind == Cmd.CLEAR else ClearFlags(3)
+
+
+@dataclass(frozen=True)
+class Status:
+    state: ActorState
+    epoch: int
+
+    def at_least(self, state: ActorState, epoch: int) -> bool:
+        return self.epoch > epoch or (self.epoch == epoch and self.state >= state)
+
+
+class Act(enum.IntEnum):
+    WAIT = 0  # nothing to do until something changes; ``Decision.waiting_for`` says on whom
+    ACK = 1  # publish, no side effect
+    DRAIN = 2  # finish or fail the tasks already read, then publish
+    DETACH = 3  # drop every view of the device pool, then publish
+    FREE = 4  # owner: free the device pool, then publish
+    ALLOCATE = 5  # owner: allocate a fresh device pool and publish its handle, then publish
+    ATTACH = 6  # attacher: map the owner's published pool, then publish
+    RELEASE_HOST = 7  # free this actor's host pool (if it owns one), then publish
+    RESTORE_HOST = 8  # re-allocate this actor's host pool (if it owns one) for the new weight version
+    FAIL = 9  # publish FAILED with ``reason``
+
+
+@dataclass(frozen=True)
+class View:
+    """Everything one actor needs to decide. ``peers`` are the statuses of the other actors of its rank that
+    matter to it: for the owner, its attachers; for an attacher, the owner. None marks a dead process."""
+
+    me: Status
+    cmd: Command
+    is_owner: bool
+    mapped: bool  # this actor holds views of the device pool now
+    owns_host: bool  # this actor owns a host pool
+    host_live: bool  # ... and it is allocated now
+    peers: Sequence[Status | None]
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Act
+    publish: Status | None = None
+    waiting_for: tuple[int, ...] = ()  # indexes into View.peers
+    reason: str = ""
+
+
+IDLE = Decision(Act.WAIT)
+
+
+def _freed_view(p: Status | None, epoch: int) -> bool:
+    """An attacher no longer maps the pool at ``epoch``: it said so, it failed (detached first), or it died."""
+    return p is None or p.state == S.FAILED or p.at_least(S.DETACHED, epoch)
+
+
+def decide(v: View) -> Decision:
+    me, cmd = v.me, v.cmd
+    if me.state in (S.FAILED, S.STOPPED):
+        return IDLE
+    target = ACK_OF[cmd.kind]
+    if me.epoch == cmd.epoch and me.state >= target:
+        return IDLE
+    if me.epoch > cmd.epoch:  # pragma: no cover - epochs come from the one controller and only grow
+        return Decision(Act.FAIL, reason=f"actor is at epoch {me.epoch}, ahead of the command's {cmd.epoch}")
+    e = cmd.epoch
+    if cmd.kind in (Cmd.NONE, Cmd.RESTORE):
+        return _bring_up(v, e, target)
+    if cmd.kind in (Cmd.PAUSE, Cmd.RESUME):
+        return Decision(Act.DRAIN if cmd.kind == Cmd.PAUSE else Act.ACK, Status(target, e))
+    return _tear_down(v, e, target, cmd.flags)
+
+
+def _bring_up(v: View, e: int, target: ActorState) -> Decision:
+    if v.is_owner:
+        if not v.mapped:
+            return Decision(Act.ALLOCATE, Status(S.PUBLISHED, e))
+    else:
+        if not v.mapped:
+            owner = v.peers[0]
+            if owner is None:
+                return Decision(Act.FAIL, reason="the pool owner died before it published the pool")
+            if owner.state == S.FAILED:
+                return Decision(Act.FAIL, reason="the pool owner failed before it published the pool")
+            if not owner.at_least(S.PUBLISHED, e):
+                return Decision(Act.WAIT, waiting_for=(0,))
+            return Decision(Act.ATTACH, Status(S.PUBLISHED, e))
+    if v.owns_host and not v.host_live:
+        return Decision(Act.RESTORE_HOST, Status(S.PUBLISHED, e))
+    return Decision(Act.ACK, Status(target, e))
+
+
+def _tear_down(v: View, e: int, target: ActorState, flags: ClearFlags) -> Decision:
+    if ClearFlags.DEVICE in flags and v.mapped:
+        if not v.is_owner:
+            return Decision(Act.DETACH, Status(S.DETACHED, e))
+        waiting = tuple(i for i, p in enumerate(v.peers) if not _freed_view(p, e))
+        if waiting:
+            return Decision(Act.WAIT, waiting_for=waiting)
+        return Decision(Act.FREE, Status(S.DETACHED, e))
+    if ClearFlags.HOST in flags and v.owns_host and v.host_live:
+        return Decision(Act.RELEASE_HOST, Status(S.DETACHED, e))
+    return Decision(Act.ACK, Status(target, e))
+
+
+# --- the controller's side ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why the controller will not issue a command now, or that it needs not (``already``)."""
+
+    message: str
+    already: bool = False
+
+
+def check_command(
+    kind: Cmd, aux: int, last: Command, cleared: ClearFlags, weight_version: int
+) -> Refusal | None:
+    """Pure admission rules for a new command, given the last command issued, what is cleared now (since the
+    last restore) and the weight version the KV in the pools belongs to."""
+    paused = last.kind in (Cmd.PAUSE, Cmd.CLEAR, Cmd.RESTORE)
+    if last.kind == Cmd.SHUTDOWN:
+        return Refusal("the instance is shutting down")
+    if kind == Cmd.PAUSE and paused:
+        return Refusal("already paused", already=True)
+    if kind == Cmd.RESUME:
+        if cleared:
+            return Refusal(f"cannot resume: the KV cache is cleared ({cleared!r}); restore it first")
+        if not paused:
+            return Refusal("already running", already=True)
+    if kind == Cmd.CLEAR:
+        if not paused:
+            return Refusal(
+                "cannot clear a running instance: pause it first (in-flight tasks are drained then)"
+            )
+        if cleared & aux == aux:
+            return Refusal("already cleared", already=True)
+    if kind == Cmd.RESTORE:
+        if not paused:
+            return Refusal("cannot restore a running instance: pause and clear it first")
+        if not cleared:
+            if aux == weight_version:
+                return Refusal(f"already restored (weight version {weight_version})", already=True)
+            return Refusal(
+                f"cannot restore weight version {aux}: the KV cache of weight version {weight_version} is still "
+                "live; clear it first, so that no KV of an older version survives"
+            )
+        if aux != weight_version and ClearFlags.DEVICE not in cleared:
+            return Refusal(
+                f"cannot restore weight version {aux}: the device KV of weight version {weight_version} is still "
+                "live; clear the device tier first"
+            )
+    return None

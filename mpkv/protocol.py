@@ -1,0 +1,119 @@
+"""The protocol's vocabulary: IntEnums with explicit numbers (they live in shared memory) and task messages.
+
+Nothing here does I/O. The handshake's transition logic is in ``mpkv.handshake``; byte maps in ``mpkv.layout``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+import numpy as np
+
+
+class Role(enum.IntEnum):
+    WORKER = 1
+    TRANSFER = 2
+    MESSAGER = 3
+
+
+ROLES = (Role.WORKER, Role.TRANSFER, Role.MESSAGER)
+
+
+class PoolOwner(enum.IntEnum):
+    """Which role allocates (and alone frees) the device KV pool of a rank. The others attach to it."""
+
+    WORKER = Role.WORKER
+    TRANSFER = Role.TRANSFER
+
+
+class Cmd(enum.IntEnum):
+    """What the controller asks for. Written only by the controller, with a fresh epoch each time."""
+
+    NONE = 0  # nothing asked yet: run
+    PAUSE = 1
+    RESUME = 2
+    CLEAR = 3  # aux: ClearFlags
+    RESTORE = 4  # aux: the new weight version
+    SHUTDOWN = 5
+
+
+class ClearFlags(enum.IntFlag):
+    DEVICE = 1
+    HOST = 2
+
+
+class ActorState(enum.IntEnum):
+    """An actor's acknowledged state. Within one epoch the numbers only grow, so waits are monotone:
+    "state >= CLEARED at epoch 7" (``Signal.at_least``)."""
+
+    BOOTING = 0
+    PAUSED = 21  # ack of PAUSE: every task read before it is finished or failed
+    DETACHED = 30  # attacher: holds no view of the device pool any more (the owner waits for this)
+    CLEARED = 31  # ack of CLEAR: this actor's share of memory is released
+    PUBLISHED = 40  # owner: a new device pool is allocated and its handle published (attachers wait for this)
+    RESTORED = 41  # ack of RESTORE: attached to the new pool, weight version adopted
+    READY = 45  # serving tasks: ack of RESUME, and of start-up (epoch 0, after PUBLISHED)
+    STOPPED = 50  # ack of SHUTDOWN
+    FAILED = 99  # terminal; the reason is in the actor's error record
+
+
+ACK_OF = {
+    Cmd.NONE: ActorState.READY,
+    Cmd.PAUSE: ActorState.PAUSED,
+    Cmd.RESUME: ActorState.READY,
+    Cmd.CLEAR: ActorState.CLEARED,
+    Cmd.RESTORE: ActorState.RESTORED,
+    Cmd.SHUTDOWN: ActorState.STOPPED,
+}
+
+
+def actor_slot(role: Role, rank: int) -> int:
+    """Index of (role, rank) in the instance's status array and error records."""
+    return rank * len(ROLES) + (int(role) - 1)
+
+
+def actor_name(role: Role, rank: int) -> str:
+    return f"{role.name.lower()} r{rank}"
+
+
+# --- task lanes (msgspec structs, encoded by mpkv.codec) -----------------------------------------------------
+
+
+class Prefill(msgspec.Struct, tag=True):
+    """Worker: run the model on ``tokens`` and write their K/V into ``blocks`` (block table, in order)."""
+
+    seq: int
+    request: str
+    tokens: np.ndarray  # int32 token ids
+    blocks: np.ndarray  # int32 device block ids, ceil(len(tokens) / block_size) of them
+
+
+class SwapOut(msgspec.Struct, tag=True):
+    """Transfer: copy device ``blocks`` to newly allocated host slots (returned in the completion)."""
+
+    seq: int
+    blocks: np.ndarray
+
+
+class SwapIn(msgspec.Struct, tag=True):
+    """Transfer: copy host ``slots`` (of the current weight version) into device ``blocks``."""
+
+    seq: int
+    slots: np.ndarray
+    blocks: np.ndarray
+    free_slots: bool = True
+
+
+class Done(msgspec.Struct, tag=True):
+    """A completion, from one actor of one rank. ``error`` is empty on success."""
+
+    seq: int
+    rank: int
+    error: str = ""
+    slots: np.ndarray | None = None
+    weight_version: int = 0
+    layers_done: int = 0
+
+
+TASK_TYPES = (Prefill, SwapOut, SwapIn)
