@@ -29,17 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpkv", description="Multiprocess KV-cache runtime.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    c = sub.add_parser(
-        "cleanup", help="remove the shared-memory names of instances whose processes are all dead"
-    )
+    c = sub.add_parser("cleanup", help="remove the shared-memory names of instances whose processes are all dead")
     c.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     c.add_argument("--name", help="only this instance")
     c.set_defaults(func=_cleanup)
 
     b = sub.add_parser("bench", help="benchmarks, side by side with baselines, as ratio tables")
-    b.add_argument(
-        "what", choices=["ipc"], help="ipc: ring latency/throughput vs mp.Queue, Pipe, faster-fifo, ZeroMQ"
-    )
+    b.add_argument("what", choices=["ipc"], help="ipc: ring latency/throughput vs mp.Queue, Pipe, faster-fifo, ZeroMQ")
     b.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run, not for the record)")
     b.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     b.set_defaults(func=_bench)

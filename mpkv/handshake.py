@@ -165,9 +165,7 @@ class Refusal:
     already: bool = False
 
 
-def check_command(
-    kind: Cmd, aux: int, last: Command, cleared: ClearFlags, weight_version: int
-) -> Refusal | None:
+def check_command(kind: Cmd, aux: int, last: Command, cleared: ClearFlags, weight_version: int) -> Refusal | None:
     """Pure admission rules for a new command, given the last command issued, what is cleared now (since the
     last restore) and the weight version the KV in the pools belongs to."""
     paused = last.kind in (Cmd.PAUSE, Cmd.CLEAR, Cmd.RESTORE)
@@ -182,9 +180,7 @@ def check_command(
             return Refusal("already running", already=True)
     if kind == Cmd.CLEAR:
         if not paused:
-            return Refusal(
-                "cannot clear a running instance: pause it first (in-flight tasks are drained then)"
-            )
+            return Refusal("cannot clear a running instance: pause it first (in-flight tasks are drained then)")
         if cleared & aux == aux:
             return Refusal("already cleared", already=True)
     if kind == Cmd.RESTORE:

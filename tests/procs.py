@@ -41,10 +41,7 @@ def message(seed: int, i: int, size: int) -> bytes:
 def sizes(seed: int, n: int, max_size: int = 8192) -> list[int]:
     """The random message sizes both sides agree on (at least 12 bytes, so the header fits)."""
     r = random.Random(seed)
-    return [
-        r.choice((12, 16, 64, 100, 256, 1000)) if r.random() < 0.9 else r.randint(12, max_size)
-        for _ in range(n)
-    ]
+    return [r.choice((12, 16, 64, 100, 256, 1000)) if r.random() < 0.9 else r.randint(12, max_size) for _ in range(n)]
 
 
 def report(conn: Connection, body: Callable[[], Any]) -> None:
@@ -99,9 +96,7 @@ def stream_reader(ring: str, index: int, seed: int, n: int, stall_every: int, co
                     want = message(seed, i, szs[i])
                     if msg != want:
                         seq = _HEAD.unpack_from(msg)[0] if len(msg) >= _HEAD.size else None
-                        raise AssertionError(
-                            f"message {i}: got {len(msg)} bytes (seq {seq}), want {len(want)}"
-                        )
+                        raise AssertionError(f"message {i}: got {len(msg)} bytes (seq {seq}), want {len(want)}")
                     i += 1
                 _pause(stalls, stall_every)
             extra = r.try_get()
@@ -147,9 +142,7 @@ def endless_reader(ring: str, conn: Connection) -> None:
         r.get(timeout_s=3600)
 
 
-def barrier_member(
-    name: str, rank: int, keys: list[tuple[int, str]], timeout_s: float, conn: Connection
-) -> None:
+def barrier_member(name: str, rank: int, keys: list[tuple[int, str]], timeout_s: float, conn: Connection) -> None:
     def body() -> list[int]:
         from mpkv.shm.barrier import Barrier, BarrierKey
 

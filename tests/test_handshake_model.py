@@ -130,17 +130,13 @@ def controller(w: World) -> tuple[World | None, tuple[int, ...]]:
         cleared |= aux
     if kind == Cmd.RESTORE:
         cleared, wv = 0, aux
-    return replace(
-        w, step=w.step + 1, cmd=Command(kind, w.cmd.epoch + 1, aux), cleared=cleared, weight_version=wv
-    ), ()
+    return replace(w, step=w.step + 1, cmd=Command(kind, w.cmd.epoch + 1, aux), cleared=cleared, weight_version=wv), ()
 
 
 def check_state(w: World) -> None:
     for i, a in enumerate(w.actors):
         if a.alive and a.mapped and not (w.pool_live and a.gen == w.pool_gen):
-            raise Violation(
-                f"actor {i} maps pool generation {a.gen}, live={w.pool_live} gen={w.pool_gen}: stale view"
-            )
+            raise Violation(f"actor {i} maps pool generation {a.gen}, live={w.pool_live} gen={w.pool_gen}: stale view")
 
 
 def successors(w: World, max_crashes: int) -> tuple[list[World], dict[int, tuple[int, ...]]]:

@@ -51,9 +51,7 @@ def test_kill_writer_mid_stream(instance: str, rng: random.Random) -> None:
             expected += 1
         writer.kill()
         t0 = time.monotonic()
-        with pytest.raises(
-            PeerDied, match=rf"the writer 'doomed-writer' of ring .* is dead.*pid {writer.pid}"
-        ):
+        with pytest.raises(PeerDied, match=rf"the writer 'doomed-writer' of ring .* is dead.*pid {writer.pid}"):
             while True:  # whatever it published before dying is still delivered, intact and in order
                 msg = r.get(timeout_s=DEADLINE_S)
                 assert struct.unpack_from("<Q", msg)[0] == expected

@@ -31,12 +31,8 @@ def test_spsc_200k_random_sizes_and_stalls(registry: Registry, rng: random.Rando
     reader_blocked = reader.result(timeout_s=300)
     writer_blocked = writer.result(timeout_s=60)
     # Both sides stalled at random; the other side must have gone through its blocking path many times.
-    assert writer_blocked >= 20, (
-        f"writer blocked only {writer_blocked} times: the full-ring path was not exercised"
-    )
-    assert reader_blocked >= 20, (
-        f"reader blocked only {reader_blocked} times: the empty-ring path was not exercised"
-    )
+    assert writer_blocked >= 20, f"writer blocked only {writer_blocked} times: the full-ring path was not exercised"
+    assert reader_blocked >= 20, f"reader blocked only {reader_blocked} times: the empty-ring path was not exercised"
     registry.release(seg)
 
 
@@ -74,9 +70,7 @@ def test_oversized_message_is_refused_and_changes_nothing(registry: Registry) ->
     seg = create_ring(registry, "ring.big", 1 << 12)
     with RingWriter(seg.name) as w, RingReader(seg.name) as r:
         w.put(b"before")
-        with pytest.raises(
-            MessageTooLarge, match=r"message of 4096 bytes exceeds this ring's limit of \d+ bytes"
-        ):
+        with pytest.raises(MessageTooLarge, match=r"message of 4096 bytes exceeds this ring's limit of \d+ bytes"):
             w.put(b"x" * 4096)
         with pytest.raises(MessageTooLarge):
             w.put_many([b"ok", b"y" * 5000, b"never"])
@@ -116,9 +110,7 @@ def test_empty_ring_times_out_naming_the_writer(registry: Registry) -> None:
     with (
         RingWriter(seg.name, label="producer"),
         RingReader(seg.name) as r,
-        pytest.raises(
-            WaitTimeout, match=r"timed out after 0.2 s reading from an empty ring.*the writer 'producer'"
-        ),
+        pytest.raises(WaitTimeout, match=r"timed out after 0.2 s reading from an empty ring.*the writer 'producer'"),
     ):
         r.get(timeout_s=0.2)
     registry.release(seg)

@@ -52,9 +52,7 @@ def test_attach_missing_name(instance: str) -> None:
         Registry.attach(instance)
 
 
-def _expect_refusal(
-    seg: Segment, match: str, kind: SegmentKind = SegmentKind.TEST, size: int | None = 4096
-) -> None:
+def _expect_refusal(seg: Segment, match: str, kind: SegmentKind = SegmentKind.TEST, size: int | None = 4096) -> None:
     before = _digest(seg.name)
     with pytest.raises(AttachError, match=match):
         Segment.attach(seg.name, kind, size)
@@ -65,9 +63,7 @@ def test_attach_wrong_size_kind_version(seg: Segment) -> None:
     _expect_refusal(seg, "holds 4096 payload bytes, expected 8192", size=8192)
     _expect_refusal(seg, "is a TEST segment, expected RING", kind=SegmentKind.RING)
     seg.buf[8:12] = (layout.LAYOUT_VERSION + 1).to_bytes(4, "little")
-    _expect_refusal(
-        seg, f"layout version {layout.LAYOUT_VERSION + 1}, this mpkv speaks {layout.LAYOUT_VERSION}"
-    )
+    _expect_refusal(seg, f"layout version {layout.LAYOUT_VERSION + 1}, this mpkv speaks {layout.LAYOUT_VERSION}")
     seg.buf[8:12] = layout.LAYOUT_VERSION.to_bytes(4, "little")
 
 

@@ -50,9 +50,7 @@ def test_signal_wait_is_monotone_and_names_the_writer(registry: Registry) -> Non
     arr = SignalArray(seg.name, Phase, labels=lambda i: f"status of worker r{i}")
     w = arr.writer(2)
     w.write(Phase.CLEARED, epoch=7)
-    got = arr.wait(
-        2, lambda s: s.at_least(Phase.CLEARING, 7), what="worker r2 CLEARING at epoch 7", timeout_s=1
-    )
+    got = arr.wait(2, lambda s: s.at_least(Phase.CLEARING, 7), what="worker r2 CLEARING at epoch 7", timeout_s=1)
     assert got.value == Phase.CLEARED and got.epoch == 7
     with pytest.raises(
         WaitTimeout,
@@ -109,10 +107,7 @@ def test_barrier_key_mismatch_names_ranks_and_keys(registry: Registry) -> None:
     for kind, text in errors:
         assert kind == "ProtocolError"
         assert "generation 2" in text and "seq=2, tag='batch-x'" in text and "seq=2, tag='batch-b'" in text
-    assert (
-        "rank 2" in errors[0][1]
-        and "rank 2 arrived with key (seq=2, tag='batch-x') but rank 0" in errors[2][1]
-    )
+    assert "rank 2" in errors[0][1] and "rank 2 arrived with key (seq=2, tag='batch-x') but rank 0" in errors[2][1]
     registry.release(seg)
 
 

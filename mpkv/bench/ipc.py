@@ -70,9 +70,7 @@ class Params:
     idle_s: float
 
 
-FULL = Params(
-    rtt_n=10_000, rtt_warmup=1_000, stream_n=500_000, record_batches=8_192, many_n=4_194_304, idle_s=3.0
-)
+FULL = Params(rtt_n=10_000, rtt_warmup=1_000, stream_n=500_000, record_batches=8_192, many_n=4_194_304, idle_s=3.0)
 QUICK = Params(rtt_n=1_000, rtt_warmup=100, stream_n=20_000, record_batches=256, many_n=262_144, idle_s=1.0)
 
 
@@ -252,9 +250,7 @@ class PipeLink(Link):
 
 
 def _fifo_port(tx: Any, rx: Any) -> Port:
-    return Port(
-        partial(tx.put, block=True, timeout=TIMEOUT_S), partial(rx.get, block=True, timeout=TIMEOUT_S)
-    )
+    return Port(partial(tx.put, block=True, timeout=TIMEOUT_S), partial(rx.get, block=True, timeout=TIMEOUT_S))
 
 
 class FifoLink(Link):
@@ -506,9 +502,7 @@ def _consume_stream(port: Port, count: int) -> float:
             msg = recv()
             if int.from_bytes(msg[:8], "little") != i or len(msg) != MSG_BYTES:
                 got = int.from_bytes(msg[:8], "little")
-                raise BenchError(
-                    f"message {i} is numbered {got} and {len(msg)} B: lost, reordered or corrupted"
-                )
+                raise BenchError(f"message {i} is numbered {got} and {len(msg)} B: lost, reordered or corrupted")
         t1 = clock()
     last = recv()
     if last != STOP:
@@ -830,11 +824,7 @@ def report(run: Run) -> list[str]:
         f"ring put_many / get_many, {MANY_BATCH} x {MSG_BYTES} B per call, {p.many_n} messages: "
         f"{_rate(ex.many_per_s)} messages",
         "ring idle blocked reader: "
-        + (
-            f"{idle.percent:.2f} % of a core ({idle.cpu_s * 1e3:.1f} ms CPU in {idle.wall_s:.2f} s)"
-            if idle
-            else "-"
-        ),
+        + (f"{idle.percent:.2f} % of a core ({idle.cpu_s * 1e3:.1f} ms CPU in {idle.wall_s:.2f} s)" if idle else "-"),
         *(f"  failed: {e}" for e in ex.errors),
         "",
         f"targets (stated for a 2-core machine{scope}{'; quick run: indicative only' if run.quick else ''}):",

@@ -46,9 +46,7 @@ class BarrierKey:
 def create_barrier(registry: Registry, obj: str, nranks: int) -> Segment:
     if not 1 <= nranks <= 256:
         raise ValueError(f"a barrier has 1 to 256 ranks, got {nranks}")
-    seg = registry.create_segment(
-        obj, SegmentKind.BARRIER, layout.LINE_BYTES + nranks * layout.BARRIER_RANK_BYTES
-    )
+    seg = registry.create_segment(obj, SegmentKind.BARRIER, layout.LINE_BYTES + nranks * layout.BARRIER_RANK_BYTES)
     _native.store_u64(seg.buf, _BASE, nranks)
     seg.mark_ready()
     return seg
@@ -80,22 +78,16 @@ class Barrier:
     def _proc(self, rank: int) -> ProcId:
         off = self._rank_off(rank)
         buf = self.seg.buf
-        return ProcId(
-            int(_native.load_u64(buf, off + layout.BAR_PID)), _native.load_u64(buf, off + layout.BAR_START)
-        )
+        return ProcId(int(_native.load_u64(buf, off + layout.BAR_PID)), _native.load_u64(buf, off + layout.BAR_START))
 
     def _claim(self) -> None:
         buf, off, me = self.seg.buf, self._off, ProcId.me()
         holder = self._proc(self.rank)
         if holder.pid and holder.alive() and holder != me:
-            raise AttachError(
-                f"rank {self.rank} of barrier {self.name} is already held by {holder.describe()}"
-            )
+            raise AttachError(f"rank {self.rank} of barrier {self.name} is already held by {holder.describe()}")
         won, _ = _native.cas_u64(buf, off + layout.BAR_PID, holder.pid, me.pid)
         if not won:
-            raise AttachError(
-                f"rank {self.rank} of barrier {self.name} was claimed by another process just now"
-            )
+            raise AttachError(f"rank {self.rank} of barrier {self.name} was claimed by another process just now")
         _native.store_u64(buf, off + layout.BAR_START, me.start_ticks)
 
     def _peer(self, rank: int, gen: int) -> Peer:
@@ -116,9 +108,7 @@ class Barrier:
         key_off = off + layout.BAR_KEY0 + (gen % 2) * layout.BAR_KEY_BYTES
         layout.BAR_KEY.pack_into(buf, key_off, key.seq, key.tag.encode())
         flags = _RANKS + layout.BAR_SLEEPING
-        _native.store_notify(
-            buf, off + layout.BAR_ARRIVED, gen, flags, layout.BARRIER_RANK_BYTES, self.nranks
-        )
+        _native.store_notify(buf, off + layout.BAR_ARRIVED, gen, flags, layout.BARRIER_RANK_BYTES, self.nranks)
         self.generation = gen
         pending = [r for r in range(self.nranks) if r != self.rank]
         _native.store_u64(buf, off + layout.BAR_WAIT_SINCE, time.monotonic_ns())
@@ -130,9 +120,7 @@ class Barrier:
                 arrived = _native.load_u64(buf, arrived_off)
                 if arrived < gen:
                     if slice_s > 0:
-                        _native.wait_word_change(
-                            buf, arrived_off, arrived, off + layout.BAR_SLEEPING, SPIN_S, slice_s
-                        )
+                        _native.wait_word_change(buf, arrived_off, arrived, off + layout.BAR_SLEEPING, SPIN_S, slice_s)
                     return False
                 theirs = self._key(r, gen)
                 if theirs != key:

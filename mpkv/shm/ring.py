@@ -54,13 +54,9 @@ class _Endpoint:
         self._closed = False
         self.seg = Segment.attach(name, SegmentKind.RING)
         try:
-            self.capacity, self.nreaders, self.max_payload = layout.RING_PARAMS.unpack_from(
-                self.seg.buf, _BASE
-            )
+            self.capacity, self.nreaders, self.max_payload = layout.RING_PARAMS.unpack_from(self.seg.buf, _BASE)
             if endpoint >= self.nreaders:
-                raise AttachError(
-                    f"ring {name} has {self.nreaders} reader slots; there is no reader {endpoint}"
-                )
+                raise AttachError(f"ring {name} has {self.nreaders} reader slots; there is no reader {endpoint}")
             self._meta = self._meta_off(endpoint)
             self._claim(label, endpoint)
             self._port = _native.Ring(
@@ -92,14 +88,10 @@ class _Endpoint:
         holder = self._holder(endpoint)
         state = _native.load_u32(buf, off + layout.META_STATE)
         if word & 0xFFFFFFFF and state == EndpointState.ATTACHED and holder.alive():
-            raise AttachError(
-                f"{self._who(endpoint)} of ring {self.name} is already held by {holder.describe()}"
-            )
+            raise AttachError(f"{self._who(endpoint)} of ring {self.name} is already held by {holder.describe()}")
         won, _ = _native.cas_u64(buf, off + layout.META_PID, word, me.pid)
         if not won:
-            raise AttachError(
-                f"{self._who(endpoint)} of ring {self.name} was claimed by another process just now"
-            )
+            raise AttachError(f"{self._who(endpoint)} of ring {self.name} was claimed by another process just now")
         _native.store_u64(buf, off + layout.META_START, me.start_ticks)
         buf[off + layout.META_LABEL : off + layout.META_LABEL + layout.LABEL_BYTES] = label.encode()[
             : layout.LABEL_BYTES
@@ -257,6 +249,4 @@ class RingReader(_Endpoint):
         return int(self._port.try_get_records(raw, rec))
 
     def _wait_readable(self, timeout_s: float) -> None:
-        self._block(
-            0, f"reading from an empty ring (reader {self.index})", lambda: [self._peer(-1)], timeout_s
-        )
+        self._block(0, f"reading from an empty ring (reader {self.index})", lambda: [self._peer(-1)], timeout_s)

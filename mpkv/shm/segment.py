@@ -89,13 +89,9 @@ class Segment:
         try:
             shm = posix_ipc.SharedMemory(name)
         except posix_ipc.ExistentialError:
-            raise AttachError(
-                f"no segment {name}: the instance is not running, or it was cleaned up"
-            ) from None
+            raise AttachError(f"no segment {name}: the instance is not running, or it was cleaned up") from None
         except posix_ipc.PermissionsError:
-            raise AttachError(
-                f"segment {name} is not readable by uid {os.getuid()}: another user's"
-            ) from None
+            raise AttachError(f"segment {name} is not readable by uid {os.getuid()}: another user's") from None
         try:
             st = os.fstat(shm.fd)
             if st.st_uid != os.getuid():
@@ -145,9 +141,7 @@ class Segment:
 def _check_header(name: str, h: tuple, kind: SegmentKind, file_bytes: int, payload_bytes: int | None) -> None:
     magic, version, seg_kind, total, _pid, uid = h[:6]
     if magic != layout.MAGIC:
-        raise AttachError(
-            f"{name} exists but is not an mpkv segment (bad magic {magic[:8]!r}): a foreign file"
-        )
+        raise AttachError(f"{name} exists but is not an mpkv segment (bad magic {magic[:8]!r}): a foreign file")
     if version != layout.LAYOUT_VERSION:
         raise AttachError(
             f"segment {name} has layout version {version}, this mpkv speaks {layout.LAYOUT_VERSION}: "

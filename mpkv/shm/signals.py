@@ -70,9 +70,7 @@ class SignalArray(Generic[E]):
         return _SLOTS + slot * layout.SIGNAL_SLOT_BYTES
 
     def read(self, slot: int) -> Signal[E]:
-        seq, value, epoch, pid, start, ts, aux = _native.seq_read(
-            self.seg.buf, self._off(slot), layout.SIGNAL_WORDS
-        )
+        seq, value, epoch, pid, start, ts, aux = _native.seq_read(self.seg.buf, self._off(slot), layout.SIGNAL_WORDS)
         signed = value - (1 << 64) if value >= 1 << 63 else value
         try:
             typed = self.values(signed)
