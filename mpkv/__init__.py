@@ -4,7 +4,12 @@ Public names only. The shared-memory core lives in ``mpkv.shm``; layouts in ``mp
 ``mpkv.naming``.
 """
 
-from mpkv.errors import (
+import warnings
+
+# pynvml 13 is a shim over nvidia-ml-py that warns each time torch.cuda imports it; the warning is not ours to act on.
+warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
+
+from mpkv.errors import (  # noqa: E402
     AttachError,
     MessageTooLarge,
     MpkvError,

@@ -25,6 +25,66 @@ def _bench(args: argparse.Namespace) -> int:
     return runners[args.what](args)
 
 
+def _launch(args: argparse.Namespace) -> int:
+    from mpkv.config import CacheConfig
+    from mpkv.launcher import Launcher
+
+    base = CacheConfig.from_json(open(args.config).read()) if args.config else CacheConfig()
+    overrides = {k: v for k, v in vars(args).items() if k in base.__dataclass_fields__ and v is not None}
+    cfg = CacheConfig(**(base.__dict__ | overrides))
+    return Launcher(args.name, cfg, say=lambda line: print(line, flush=True)).run()
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    import json
+
+    from mpkv.controller import Controller
+
+    with Controller(args.name, timeout_s=args.timeout) as ctl:
+        if args.action == "status":
+            st = ctl.status()
+            if args.json:
+                print(json.dumps(st, indent=2))
+            else:
+                print(
+                    f"instance {st['instance']} run {st['run_id']}: command {st['command']['kind']}@"
+                    f"{st['command']['epoch']}, weight version {st['weight_version']}, cleared {st['cleared']}"
+                )
+                for a in [st["launcher"], *st["actors"]]:
+                    hb = "-" if a["heartbeat_age_s"] is None else f"{a['heartbeat_age_s']:.1f}s"
+                    print(
+                        f"  {a['role']:9} r{a['rank']:<2} pid {a['pid']:<8} {a['state']:10} epoch {a['epoch']:<5} "
+                        f"heartbeat {hb:>6} {'alive' if a['alive'] else 'DEAD'} {a['error']}"
+                    )
+            return 0
+        if args.action == "clear":
+            res = ctl.clear(device=not args.host_only, host=not args.device_only)
+        elif args.action == "restore":
+            res = ctl.restore(args.weight_version)
+        else:
+            res = getattr(ctl, args.action)()
+        if args.json:
+            print(json.dumps(res.__dict__))
+        elif res.already:
+            print(f"{args.name}: {res.message}")
+        else:
+            extra = ""
+            if res.released_bytes:
+                extra = (
+                    f"; released {sum(res.released_bytes.values())} B (actors), /dev/shm -{res.shm_released_bytes} B"
+                )
+            print(
+                f"{args.name}: {res.command.lower()} done at epoch {res.epoch} in {res.latency_s * 1e3:.1f} ms{extra}"
+            )
+        return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mpkv import demo
+
+    return demo.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpkv", description="Multiprocess KV-cache runtime.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -33,6 +93,41 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     c.add_argument("--name", help="only this instance")
     c.set_defaults(func=_cleanup)
+
+    lp = sub.add_parser("launch", help="start an instance; prints one line when ready; runs until stopped")
+    lp.add_argument("--name", required=True)
+    lp.add_argument("--tp", type=int)
+    lp.add_argument("--backend", choices=["cpu", "cuda"])
+    lp.add_argument("--config", help="a JSON file of CacheConfig fields; flags override it")
+    for flag, typ in (
+        ("layers", int),
+        ("kv-heads", int),
+        ("head-dim", int),
+        ("block-size", int),
+        ("dtype", str),
+        ("device-blocks", int),
+        ("host-blocks", int),
+        ("weight-version", int),
+    ):
+        lp.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"))
+    lp.add_argument("--pool-owner", choices=["worker", "transfer"], dest="pool_owner")
+    lp.set_defaults(func=_launch)
+
+    cp = sub.add_parser("ctl", help="control a running instance (the RL transaction)")
+    cp.add_argument("name")
+    cp.add_argument("action", choices=["status", "pause", "resume", "clear", "restore", "shutdown"])
+    cp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every actor (default 60)")
+    cp.add_argument("--json", action="store_true")
+    cp.add_argument("--weight-version", type=int, help="restore: the new weight version (default: unchanged)")
+    cp.add_argument("--device-only", action="store_true", help="clear: only the device tier")
+    cp.add_argument("--host-only", action="store_true", help="clear: only the host tier")
+    cp.set_defaults(func=_ctl)
+
+    dp = sub.add_parser("demo", help="the main job: a TP=2 instance, prefills, swaps, RL cycles, every byte verified")
+    dp.add_argument("--cycles", type=int, default=20)
+    dp.add_argument("--tp", type=int, default=2)
+    dp.add_argument("--quick", action="store_true", help="a short run")
+    dp.set_defaults(func=_demo)
 
     b = sub.add_parser("bench", help="benchmarks, side by side with baselines, as ratio tables")
     b.add_argument("what", choices=["ipc"], help="ipc: ring latency/throughput vs mp.Queue, Pipe, faster-fifo, ZeroMQ")

@@ -33,6 +33,7 @@ class CacheConfig:
     pool_owner: PoolOwner = PoolOwner.WORKER
     hidden: int = 64  # the synthetic model's width
     vocab: int = 1024
+    weight_version: int = 1  # the weights the instance starts with
 
     def __post_init__(self) -> None:
         for f in (

@@ -97,6 +97,7 @@ class SegmentKind(enum.IntEnum):
     SIGNALS = 3
     BARRIER = 4
     POOL = 5
+    BLOB = 6  # opaque records: the instance config, error texts, pool handles (mpkv.instance)
     TEST = 99
 
 

@@ -114,6 +114,15 @@ class Done(msgspec.Struct, tag=True):
     slots: np.ndarray | None = None
     weight_version: int = 0
     layers_done: int = 0
+    data: bytes = b""
 
 
-TASK_TYPES = (Prefill, SwapOut, SwapIn)
+class ReadBlocks(msgspec.Struct, tag=True):
+    """Transfer: return the raw bytes of device ``blocks`` (or host ``slots``), for verification by the client."""
+
+    seq: int
+    blocks: np.ndarray
+    host: bool = False
+
+
+TASK_TYPES = (Prefill, SwapOut, SwapIn, ReadBlocks)

@@ -454,6 +454,7 @@ def _no_gc() -> Iterator[None]:
 class Rtt:
     p50_us: float
     p99_us: float
+    sleeps_per_trip: float  # the parent's voluntary context switches per timed round trip (~0: spinning won)
 
 
 def _ping_pong(port: Port, size: int, n: int, warmup: int) -> Rtt:
@@ -465,6 +466,7 @@ def _ping_pong(port: Port, size: int, n: int, warmup: int) -> Rtt:
             raise BenchError(f"echo of {size} B came back altered")
     samples = np.empty(n, np.int64)
     bad = 0
+    csw0 = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
     with _no_gc():
         for i in range(n):
             t0 = clock()
@@ -472,10 +474,11 @@ def _ping_pong(port: Port, size: int, n: int, warmup: int) -> Rtt:
             reply = recv()
             samples[i] = clock() - t0
             bad += reply != payload
+    sleeps = (resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - csw0) / n
     if bad:
         raise BenchError(f"{bad} of {n} echoes of {size} B came back altered")
     p50, p99 = np.percentile(samples, [50, 99]) / 1e3
-    return Rtt(float(p50), float(p99))
+    return Rtt(float(p50), float(p99), sleeps)
 
 
 def measure_rtt(t: Transport, p: Params) -> dict[int, Rtt]:
@@ -741,6 +744,20 @@ def table(rows: list[Row]) -> list[str]:
     lines.insert(1, "-" * len(lines[0]))
     lines.append("ratios: RTT = mp.Queue p50 / this p50; one-way = this rate / mp.Queue rate")
     lines += [f"  {r.transport}: {r.status}" for r in rows if r.status.startswith("failed")]
+    return [*lines, *_sleep_note(next((r for r in rows if r.transport == RING), None))]
+
+
+def _sleep_note(ring: Row | None) -> list[str]:
+    """How often the ring's round trips went to sleep: ~0 when its spin catches the echo, ~1 when it does not."""
+    if ring is None or not ring.rtt:
+        return []
+    per = ", ".join(f"{r.sleeps_per_trip:.2f} ({size} B)" for size, r in ring.rtt.items())
+    lines = [f"ring round trips that slept in the parent, per trip: {per}"]
+    if max(r.sleeps_per_trip for r in ring.rtt.values()) > 0.5:
+        lines.append(
+            "  most waits outlasted the spin (MPKV_SPIN_US) and slept: typically parent and echo child sharing "
+            "one core, which the scheduler sometimes keeps them on"
+        )
     return lines
 
 

@@ -268,6 +268,55 @@ static PyObject *py_futex_wake(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* wait_any([(buf, off, expected_u32), ...], timeout_s) -> index of the word that woke us, -1 on timeout,
+ * -2 when a word no longer held its expected value on entry. One sleep on up to 32 futex words at once
+ * (futex_waitv, Linux >= 5.16): an actor sleeps on its command word, its task ring and its peers' status words
+ * together. On older kernels it sleeps at most 1 ms and returns -3, so callers re-check (documented fallback). */
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449
+#endif
+struct mpkv_futex_waitv { uint64_t val; uint64_t uaddr; uint32_t flags; uint32_t reserved; };
+
+static PyObject *py_wait_any(PyObject *self, PyObject *args) {
+    PyObject *list; double timeout_s;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "O!d", &PyList_Type, &list, &timeout_s)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    if (n < 1 || n > 32) { PyErr_SetString(PyExc_ValueError, "wait_any takes 1 to 32 words"); return NULL; }
+    struct mpkv_futex_waitv w[32];
+    Py_buffer views[32];
+    Py_ssize_t got = 0;
+    for (; got < n; got++) {
+        PyObject *obj; Py_ssize_t off; unsigned int expected; void *p;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(list, got), "OnI", &obj, &off, &expected)) goto fail;
+        if (get_word(obj, off, 4, &views[got], &p) < 0) goto fail;
+        w[got].val = expected; w[got].uaddr = (uint64_t)(uintptr_t)p; w[got].flags = 2 /* FUTEX2_SIZE_U32 */;
+        w[got].reserved = 0;
+    }
+    long rc; int err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t t = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec + (uint64_t)(timeout_s * 1e9);
+    ts.tv_sec = (time_t)(t / 1000000000ull); ts.tv_nsec = (long)(t % 1000000000ull);
+    rc = syscall(SYS_futex_waitv, w, (unsigned)n, 0, &ts, CLOCK_MONOTONIC);
+    if (rc < 0) err = errno;
+    if (rc < 0 && err == ENOSYS) {
+        struct timespec nap = {0, timeout_s < 1e-3 ? (long)(timeout_s * 1e9) : 1000000L};
+        nanosleep(&nap, NULL);
+    }
+    Py_END_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) PyBuffer_Release(&views[i]);
+    if (rc >= 0) return PyLong_FromLong(rc);
+    if (err == ETIMEDOUT) return PyLong_FromLong(-1);
+    if (err == EAGAIN) return PyLong_FromLong(-2);
+    if (err == ENOSYS) return PyLong_FromLong(-3);
+    return PyLong_FromLong(0); /* EINTR and the like: a wake-up; the caller re-checks */
+fail:
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&views[i]);
+    return NULL;
+}
+
 /* ------------------------------------------------------------------------------------------------ */
 /* Ring: the hot path of mpkv.shm.ring. Byte map: NOTE [ ring layout ] in mpkv/layout.py.            */
 
@@ -647,6 +696,7 @@ static PyMethodDef module_methods[] = {
     {"seq_write", py_seq_write, METH_VARARGS, "seq_write(buf, off, words): single-writer seqlock write."},
     {"seq_read", py_seq_read, METH_VARARGS, "seq_read(buf, off, n) -> (seq, *words): consistent read."},
     {"wait_word_change", py_wait_word_change, METH_VARARGS, "Eventcount wait until a word changes."},
+    {"wait_any", py_wait_any, METH_VARARGS, "Sleep until one of several 32-bit words changes (futex_waitv)."},
     {"futex_wake", py_futex_wake, METH_VARARGS, "futex_wake(buf, off): wake every sleeper on a 64-bit word."},
     {"store_notify", py_store_notify, METH_VARARGS, "Store a word and wake its flagged waiters."},
     {NULL, NULL, 0, NULL},

@@ -1,0 +1,335 @@
+"""The loop every actor runs, whatever its role: read the command, ``decide``, act, publish; serve tasks.
+
+See NOTE [ clear handshake ] in mpkv.handshake for the rules; this module only does the I/O around them:
+  - the status slot of (role, rank) is written here and nowhere else, with the command's epoch;
+  - pool views are held in ``self.pool`` only, dropped by ``_detach`` — which also runs in ``finally`` on every
+    exit path, before FAILED is published (the model check relies on that);
+  - one sleep covers every source that can change the decision (command word, task ring, the peers waited
+    for) through futex_waitv, so a command is seen within microseconds and an idle actor costs nothing;
+  - a wait on a peer has a deadline and ends in FAILED naming that peer, its pid and state;
+  - errors cross processes as data: the text goes to the actor's error record, then FAILED is published.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from loguru import logger
+
+from mpkv import _native, layout
+from mpkv.codec import Codec
+from mpkv.errors import MpkvError, ProtocolError
+from mpkv.handshake import Act, Command, Decision, Status, View, decide
+from mpkv.instance import CONTROL_COMMAND, Instance
+from mpkv.pool import AttachedPool, OwnedPool, allocate_device_pool, attach_device_pool
+from mpkv.protocol import ROLES, TASK_TYPES, ActorState, Cmd, Done, Role, actor_name, actor_slot
+from mpkv.shm.ring import RingReader, RingWriter
+from mpkv.shm.signals import Signal, SignalWriter
+
+HEARTBEAT_S = 0.5
+PEER_TIMEOUT_S = float(os.environ.get("MPKV_PEER_TIMEOUT_S", "60"))
+TASK_CODEC = Codec(*TASK_TYPES)
+DONE_CODEC = Codec(Done)
+S = ActorState
+
+
+class TaskError(MpkvError):
+    """A task was refused or failed; the message goes back to the client in its completion."""
+
+
+def set_process_title(title: str) -> None:
+    """Name the process (``mpkv::worker:r0`` shows in ps, top and /proc/PID/comm, up to 15 characters)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, title.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except OSError:  # pragma: no cover - not Linux
+        pass
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when the launcher dies, even by kill -9 (PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the launcher died before we got here
+        os._exit(1)
+
+
+class Actor:
+    """One process of one role of one rank. Subclasses add task handlers and their own resources."""
+
+    role: Role
+    handlers: dict[type, Callable[[Any], Done]] = {}
+
+    def __init__(self, inst: Instance, rank: int) -> None:
+        self.inst, self.rank, self.cfg = inst, rank, inst.cfg
+        self.name = actor_name(self.role, rank)
+        self.slot = actor_slot(self.role, rank)
+        self.is_owner = int(self.cfg.pool_owner) == int(self.role)
+        self.owner_role = Role(int(self.cfg.pool_owner))
+        self.attacher_roles = [r for r in ROLES if r != self.owner_role]
+        self.pool: OwnedPool | AttachedPool | None = None
+        self.weight_version = self.cfg.weight_version
+        self.device = torch.device("cpu")
+        if self.cfg.backend == "cuda":
+            self.device = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+        self.released_bytes = 0
+        self.status: Status = Status(S.BOOTING, 0)
+        self._status_w: SignalWriter[ActorState] = inst.status.writer(self.slot)
+        self._last_publish = 0.0
+        self.tasks: RingReader | None = None
+        self.done: RingWriter | None = None
+        if self.role in (Role.WORKER, Role.TRANSFER):
+            self.tasks = RingReader(inst.task_ring(self.role), rank, label=f"{self.role.name.lower()}:r{rank}")
+            self.done = RingWriter(inst.done_ring(self.role, rank), label=f"{self.role.name.lower()}:r{rank}")
+        self._publish(self.status)
+
+    # -- hooks for roles --------------------------------------------------------------------------------------------
+    def owns_host(self) -> bool:
+        return False
+
+    def host_live(self) -> bool:
+        return False
+
+    def release_host(self) -> int:  # pragma: no cover - only roles that own a host pool are asked
+        raise ProtocolError(f"{self.name} owns no host pool")
+
+    def restore_host(self, epoch: int) -> None:  # pragma: no cover
+        raise ProtocolError(f"{self.name} owns no host pool")
+
+    def on_new_weights(self, weight_version: int) -> None:
+        """Called when a restore adopts a weight version (the worker loads weights; the transfer manager
+        drops host entries of older versions)."""
+
+    # -- status --------------------------------------------------------------------------------------------------------
+    def _publish(self, st: Status) -> None:
+        aux = self.released_bytes if st.state == S.CLEARED else self.weight_version
+        self._status_w.write(st.state, st.epoch, aux)
+        self.status = st
+        self._last_publish = time.monotonic()
+
+    def _peer_slots(self) -> list[int]:
+        if self.is_owner:
+            return [actor_slot(r, self.rank) for r in self.attacher_roles]
+        return [actor_slot(self.owner_role, self.rank)]
+
+    def _peer_status(self, slot: int) -> tuple[Status | None, Signal[ActorState]]:
+        sig = self.inst.status.read(slot)
+        if sig.seq == 0:
+            return Status(S.BOOTING, 0), sig  # not started yet: alive as far as we know
+        return (Status(sig.value, sig.epoch) if sig.writer.alive() else None), sig
+
+    def _command(self) -> Command:
+        sig = self.inst.control.read(CONTROL_COMMAND)
+        return Command(sig.value, sig.epoch, sig.aux)
+
+    def _view(self, cmd: Command) -> View:
+        peers = tuple(self._peer_status(s)[0] for s in self._peer_slots())
+        return View(self.status, cmd, self.is_owner, self.pool is not None, self.owns_host(), self.host_live(), peers)
+
+    # -- the loop ------------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        waiting_since: float | None = None
+        while True:
+            snap = self._snapshot()  # before reading anything the decision depends on: no change can be missed
+            cmd = self._command()
+            d = decide(self._view(cmd))
+            if d.action != Act.WAIT:
+                waiting_since = None
+                self._act(d, cmd)
+                continue
+            if self.status.state == S.STOPPED:
+                return
+            if self._serve_one():
+                continue
+            if d.waiting_for:
+                waiting_since = waiting_since or time.monotonic()
+                if time.monotonic() - waiting_since > PEER_TIMEOUT_S:
+                    raise MpkvError(
+                        f"{self.name} waited {PEER_TIMEOUT_S:g} s in {cmd.kind.name}@{cmd.epoch} "
+                        f"for {self._describe_waits(d)}"
+                    )
+            else:
+                waiting_since = None
+            if time.monotonic() - self._last_publish > HEARTBEAT_S:
+                self._publish(self.status)  # heartbeat: same state, fresh timestamp
+            self._sleep(snap, d, 0.05 if d.waiting_for else HEARTBEAT_S)
+
+    def _describe_waits(self, d: Decision) -> str:
+        out = []
+        for i in d.waiting_for:
+            slot = self._peer_slots()[i]
+            st, sig = self._peer_status(slot)
+            out.append(f"{self.inst.status._labels(slot)} [{sig.writer.describe()}; {sig.value.name}@{sig.epoch}]")
+        return "; ".join(out)
+
+    def _snapshot(self) -> list[tuple[Any, int, int]]:
+        """The futex words that can change our decision, with their values now: [command, peers..., tasks]."""
+        words: list[tuple[Any, int, int]] = []
+        ctl = self.inst.control.seg.buf
+        off = self.inst.control._off(CONTROL_COMMAND)
+        words.append((ctl, off, _native.load_u64(ctl, off) & 0xFFFFFFFF))
+        sbuf = self.inst.status.seg.buf
+        for slot in self._peer_slots():
+            off = self.inst.status._off(slot)
+            words.append((sbuf, off, _native.load_u64(sbuf, off) & 0xFFFFFFFF))
+        if self.tasks is not None:
+            tbuf, wpos = self.tasks.seg.buf, layout.ring_writer_pos(layout.SEGMENT_HEADER_BYTES)
+            words.append((tbuf, wpos, _native.load_u64(tbuf, wpos) & 0xFFFFFFFF))
+        return words
+
+    def _sleep(self, snap: list[tuple[Any, int, int]], d: Decision, timeout_s: float) -> None:
+        """Sleep until the command, a waited-for peer or the task ring changes from ``snap`` (or timeout_s).
+        Signal writers always wake their word; the ring's writer wakes only readers whose sleeping flag is set,
+        so set ours, fence, and re-check the ring before sleeping (eventcount)."""
+        words = [snap[0]] + [snap[1 + i] for i in d.waiting_for]
+        flag = -1
+        if self.tasks is not None:
+            words.append(snap[-1])
+            tbuf = self.tasks.seg.buf
+            flag = layout.ring_reader_meta(layout.SEGMENT_HEADER_BYTES, self.rank) + layout.META_SLEEPING
+            _native.store_u32(tbuf, flag, 1)
+            _native.fence()
+            if _native.load_u64(tbuf, layout.ring_writer_pos(layout.SEGMENT_HEADER_BYTES)) != self.tasks._port.pos:
+                _native.store_u32(tbuf, flag, 0)
+                return
+        _native.wait_any(words, timeout_s)
+        if flag >= 0:
+            _native.store_u32(self.tasks.seg.buf, flag, 0)  # type: ignore[union-attr]
+
+    def _act(self, d: Decision, cmd: Command) -> None:
+        logger.debug("{} {}@{}: {}", self.name, cmd.kind.name, cmd.epoch, d.action.name)
+        if d.action == Act.FAIL:
+            raise MpkvError(f"{self.name} in {cmd.kind.name}@{cmd.epoch}: {d.reason}")
+        if cmd.kind == Cmd.CLEAR and self.status.epoch != cmd.epoch:
+            self.released_bytes = 0  # a new clear: count what this one releases
+        if d.action == Act.ALLOCATE:
+            wv = cmd.aux if cmd.kind == Cmd.RESTORE else self.weight_version
+            pool = allocate_device_pool(self.inst.registry, self.cfg, self.rank, cmd.epoch, wv)
+            self.inst.write_handle(self.rank, pool.handle())
+            self.pool = pool
+            self._adopt(wv)
+        elif d.action == Act.ATTACH:
+            handle = self.inst.read_handle(self.rank)
+            if handle.epoch != cmd.epoch:
+                raise ProtocolError(
+                    f"{self.name}: owner published the pool of epoch {handle.epoch}, expected {cmd.epoch}"
+                )
+            self.pool = attach_device_pool(self.cfg, handle)
+            self._adopt(handle.weight_version)
+        elif d.action == Act.DETACH:
+            self._detach()
+        elif d.action == Act.FREE:
+            self.released_bytes += self._free()
+        elif d.action == Act.RELEASE_HOST:
+            self.released_bytes += self.release_host()
+        elif d.action == Act.RESTORE_HOST:
+            self.restore_host(cmd.epoch)
+        elif d.action == Act.DRAIN:
+            while self._serve_one():
+                pass
+        assert d.publish is not None
+        self._publish(d.publish)
+
+    def _adopt(self, weight_version: int) -> None:
+        if weight_version != self.weight_version or self.status.state == S.BOOTING:
+            self.weight_version = weight_version
+            self.on_new_weights(weight_version)
+
+    def _detach(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None and not self.is_owner:
+            pool.close()  # type: ignore[union-attr]
+
+    def _free(self) -> int:
+        pool, self.pool = self.pool, None
+        return pool.free() if pool is not None else 0  # type: ignore[union-attr]
+
+    # -- tasks ------------------------------------------------------------------------------------------------------------
+    def _serve_one(self) -> bool:
+        if self.tasks is None:
+            return False
+        raw = self.tasks.try_get()
+        if raw is None:
+            return False
+        task = TASK_CODEC.decode(raw)
+        handler = self.handlers.get(type(task))
+        try:
+            if handler is None:
+                raise TaskError(f"{self.name} does not take {type(task).__name__} tasks")
+            if self.pool is None:
+                raise TaskError(
+                    f"{self.name} has no KV pool now ({self.status.state.name}@{self.status.epoch}): the cache is cleared"
+                )
+            done = handler(self, task)
+        except TaskError as e:
+            done = Done(task.seq, self.rank, error=str(e), weight_version=self.weight_version)
+        assert self.done is not None
+        self.done.put(DONE_CODEC.encode(done), timeout_s=PEER_TIMEOUT_S)
+        return True
+
+    # -- teardown ---------------------------------------------------------------------------------------------------------
+    def teardown(self) -> None:
+        """Runs on every exit path. Attachers drop their views first; the owner frees last."""
+        self._detach()
+        if self.is_owner:
+            self._free()
+
+    def close(self) -> None:
+        for port in (self.tasks, self.done):
+            if port is not None:
+                port.close()
+        self.inst.close()
+
+
+def actor_main(role_cls: type[Actor], instance: str, rank: int) -> None:
+    """Entry point of an actor process (spawned by the launcher)."""
+    die_with_parent()
+    role = role_cls.role
+    set_process_title(f"mpkv::{role.name.lower()}:r{rank}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    torch.set_num_threads(1)
+    logger.remove()
+    logger.add(
+        sys.stderr,
+        level=os.environ.get("MPKV_LOG_LEVEL", "WARNING"),
+        format="{time:HH:mm:ss.SSS} " + f"{role.name.lower()}:r{rank} " + "{level} {message}",
+    )
+    inst = Instance.attach(instance)
+    actor: Actor | None = None
+    code = 0
+    try:
+        actor = role_cls(inst, rank)
+        actor.run()
+    except BaseException as e:  # noqa: BLE001 - every failure is reported as data, then the process exits non-zero
+        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+        where = f"{actor_name(role, rank)} (pid {os.getpid()})"
+        text = f"{where} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+        if actor is not None:
+            try:
+                actor.teardown()
+            except BaseException as t:  # noqa: BLE001
+                text += f"\nand its teardown failed too: {t!r}"
+            inst.write_error(role, rank, text)
+            actor._status_w.write(S.FAILED, actor.status.epoch, 0)
+        else:
+            inst.write_error(role, rank, text)
+            inst.status.writer(actor_slot(role, rank)).write(S.FAILED, 0, 0)
+        if not isinstance(e, SystemExit):
+            logger.error(text)
+    else:
+        assert actor is not None
+        actor.teardown()
+    finally:
+        if actor is not None:
+            actor.close()
+        else:
+            inst.close()
+    sys.exit(code)

@@ -1,0 +1,201 @@
+"""`mpkv.Controller`: the RL trainer's handle on an instance. It only writes the command block.
+
+Each step writes (Cmd, epoch + 1, aux) into the command word, then waits for every actor of every rank to
+acknowledge at that epoch (``ACK_OF``), failing fast, by name, on an actor that FAILED (its error record is
+quoted) or died. Admission rules (already paused, clear before restore, ...) are ``handshake.check_command``.
+The byte-level protocol, for trainers in other languages: docs/control-block.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mpkv.errors import MpkvError, PeerDied, WaitTimeout
+from mpkv.handshake import Command, check_command
+from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, launcher_slot
+from mpkv.protocol import ACK_OF, ROLES, ActorState, ClearFlags, Cmd, actor_name, actor_slot
+from mpkv.shm.signals import Signal
+
+S = ActorState
+
+
+class CommandRefused(MpkvError):
+    """The command makes no sense in the instance's state (e.g. restore before clear); nothing was changed."""
+
+
+class StepFailed(MpkvError):
+    """An actor failed or died during a step; the message names it, its rank and the step."""
+
+
+@dataclass
+class StepResult:
+    command: str
+    epoch: int
+    already: bool = False
+    message: str = ""
+    latency_s: float = 0.0
+    released_bytes: dict[str, int] = field(default_factory=dict)  # per actor, as each measured it
+    shm_released_bytes: int = 0  # /dev/shm usage before minus after (cpu backend), as the controller measured it
+
+
+def shm_used_bytes() -> int:
+    st = os.statvfs("/dev/shm")
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+class Controller:
+    def __init__(self, name: str, timeout_s: float = 60.0) -> None:
+        self.inst = Instance.attach(name)
+        self.name, self.timeout_s, self.cfg = name, timeout_s, self.inst.cfg
+        try:
+            self._cmd = self.inst.control.writer(CONTROL_COMMAND)
+            self._ledger = self.inst.control.writer(CONTROL_LEDGER)
+        except BaseException:
+            self.inst.close()
+            raise
+
+    # -- the RL transaction ---------------------------------------------------------------------------------
+    def pause(self, timeout_s: float | None = None) -> StepResult:
+        return self._step(Cmd.PAUSE, 0, timeout_s)
+
+    def clear(self, device: bool = True, host: bool = True, timeout_s: float | None = None) -> StepResult:
+        flags = (ClearFlags.DEVICE if device else 0) | (ClearFlags.HOST if host else 0)
+        if not flags:
+            raise CommandRefused("clear needs device=True, host=True or both")
+        before = shm_used_bytes()
+        res = self._step(Cmd.CLEAR, int(flags), timeout_s)
+        if not res.already:
+            res.shm_released_bytes = before - shm_used_bytes()
+            self._check_unmapped()
+        return res
+
+    def restore(self, weight_version: int | None = None, timeout_s: float | None = None) -> StepResult:
+        wv = self.weight_version if weight_version is None else int(weight_version)
+        if wv < 0:
+            raise CommandRefused(f"weight version must be >= 0, got {wv}")
+        return self._step(Cmd.RESTORE, wv, timeout_s)
+
+    def resume(self, timeout_s: float | None = None) -> StepResult:
+        return self._step(Cmd.RESUME, 0, timeout_s)
+
+    def shutdown(self, timeout_s: float | None = None) -> StepResult:
+        return self._step(Cmd.SHUTDOWN, 0, timeout_s)
+
+    # -- state ----------------------------------------------------------------------------------------------
+    @property
+    def weight_version(self) -> int:
+        ledger = self.inst.control.read(CONTROL_LEDGER)
+        return ledger.aux >> 2 if ledger.seq else self.cfg.weight_version
+
+    def _cleared(self) -> ClearFlags:
+        ledger = self.inst.control.read(CONTROL_LEDGER)
+        return ClearFlags(ledger.aux & 3) if ledger.seq else ClearFlags(0)
+
+    def status(self) -> dict[str, Any]:
+        cmd = self.inst.control.read(CONTROL_COMMAND)
+        now = time.monotonic_ns()
+        actors = []
+        for rank in range(self.cfg.tp):
+            for role in ROLES:
+                slot = actor_slot(role, rank)
+                sig = self.inst.status.read(slot)
+                actors.append(_actor_entry(role.name.lower(), rank, sig, now, self.inst.read_error(slot)))
+        launcher = self.inst.status.read(launcher_slot(self.cfg.tp))
+        return {
+            "instance": self.name,
+            "run_id": self.inst.registry.run_id,
+            "config": self.cfg.__dict__ | {"pool_owner": self.cfg.pool_owner.name.lower()},
+            "command": {"kind": cmd.value.name, "epoch": cmd.epoch, "aux": cmd.aux},
+            "weight_version": self.weight_version,
+            "cleared": [f.name for f in ClearFlags if f in self._cleared()],
+            "launcher": _actor_entry("launcher", -1, launcher, now, ""),
+            "actors": actors,
+        }
+
+    def close(self) -> None:
+        self.inst.close()
+
+    def __enter__(self) -> Controller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def _step(self, kind: Cmd, aux: int, timeout_s: float | None) -> StepResult:
+        last_sig = self.inst.control.read(CONTROL_COMMAND)
+        last = Command(last_sig.value, last_sig.epoch, last_sig.aux)
+        refusal = check_command(kind, aux, last, self._cleared(), self.weight_version)
+        if refusal is not None:
+            if refusal.already:
+                return StepResult(kind.name, last.epoch, already=True, message=refusal.message)
+            raise CommandRefused(f"{kind.name.lower()} refused for instance {self.name}: {refusal.message}")
+        epoch = last.epoch + 1
+        t0 = time.perf_counter()
+        self._cmd.write(kind, epoch, aux)
+        acks = self._wait_acks(kind, epoch, timeout_s or self.timeout_s)
+        res = StepResult(kind.name, epoch, latency_s=time.perf_counter() - t0)
+        if kind == Cmd.CLEAR:
+            res.released_bytes = {name: sig.aux for name, sig in acks.items()}
+            self._ledger.write(kind, epoch, self.weight_version << 2 | int(self._cleared() | ClearFlags(aux)))
+        elif kind == Cmd.RESTORE:
+            self._ledger.write(kind, epoch, aux << 2)
+        return res
+
+    def _wait_acks(self, kind: Cmd, epoch: int, timeout_s: float) -> dict[str, Signal[ActorState]]:
+        target = ACK_OF[kind]
+        deadline = time.monotonic() + timeout_s
+        step = f"{kind.name}@{epoch}"
+        acks: dict[str, Signal[ActorState]] = {}
+        for rank in range(self.cfg.tp):
+            for role in ROLES:
+                slot, who = actor_slot(role, rank), actor_name(role, rank)
+                try:
+                    sig = self.inst.status.wait(
+                        slot,
+                        lambda s: s.value == S.FAILED or s.at_least(target, epoch),
+                        what=f"{who} to acknowledge {step} ({target.name})",
+                        timeout_s=max(1e-3, deadline - time.monotonic()),
+                    )
+                except PeerDied as e:
+                    raise StepFailed(f"{step} failed: {who} died: {e}") from None
+                except WaitTimeout as e:
+                    raise StepFailed(f"{step} failed: {who} did not acknowledge within {timeout_s:g} s: {e}") from None
+                if sig.value == S.FAILED:
+                    err = self.inst.read_error(slot).strip() or "no error recorded"
+                    raise StepFailed(f"{step} failed: {who} (pid {sig.writer.pid}) FAILED: {err}")
+                acks[who] = sig
+        return acks
+
+    def _check_unmapped(self) -> None:
+        """After a clear, no actor may still map a device pool of this instance (the memory would not be free)."""
+        if self.cfg.backend != "cpu":
+            return
+        prefix = self.inst.name_of("pool.dev").lstrip("/")
+        for rank in range(self.cfg.tp):
+            for role in ROLES:
+                pid = self.inst.status.read(actor_slot(role, rank)).writer.pid
+                try:
+                    with open(f"/proc/{pid}/maps") as f:
+                        stale = [line.split()[-2] for line in f if prefix in line]
+                except OSError:
+                    continue
+                if stale:
+                    raise StepFailed(f"clear failed: {actor_name(role, rank)} (pid {pid}) still maps {stale[0]}")
+
+
+def _actor_entry(role: str, rank: int, sig: Signal[ActorState], now_ns: int, error: str) -> dict[str, Any]:
+    return {
+        "role": role,
+        "rank": rank,
+        "pid": sig.writer.pid,
+        "alive": sig.writer.alive() if sig.writer.pid else False,
+        "state": sig.value.name,
+        "epoch": sig.epoch,
+        "aux": sig.aux,
+        "heartbeat_age_s": round((now_ns - sig.timestamp_ns) / 1e9, 3) if sig.seq else None,
+        "error": error.splitlines()[0] if error else "",
+    }

@@ -1,0 +1,173 @@
+"""One instance's shared objects, by name: who creates them (the launcher), who writes what.
+
+    object              kind      written by                         read by
+    config              blob      launcher (once, before ready)      everyone
+    control             signals   the controller: slot 0 = command (Cmd, epoch, aux),
+                                  slot 1 = ledger (last completed CLEAR/RESTORE; aux = weight version << 2
+                                  | ClearFlags cleared since the last restore)
+    status              signals   slot actor_slot(role, rank): that actor only;    controller, peers, mpkv-top
+                                  last slot: the launcher
+    errors              blob      record actor_slot(...): that actor only (before it publishes FAILED)
+    handles             blob      record r: rank r's pool owner (before it publishes PUBLISHED)
+    tasks.<role>        ring      the client (one writer); reader r = that role's rank r
+    done.<role>.r<r>    ring      that actor; the client reads
+    pool.dev.r<r>.e<E>  pool      rank r's pool owner, per restore epoch E
+    pool.host.r<r>.e<E> pool      rank r's transfer manager
+
+The command block (control) is documented for other languages in docs/control-block.md.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+
+from mpkv.config import CacheConfig
+from mpkv.errors import MpkvError
+from mpkv.layout import SegmentKind
+from mpkv.pool import PoolHandle
+from mpkv.protocol import ROLES, ActorState, Cmd, Role, actor_slot
+from mpkv.shm.registry import Registry
+from mpkv.shm.ring import create_ring
+from mpkv.shm.segment import Segment
+from mpkv.shm.signals import SignalArray, create_signals
+
+ERROR_RECORD_BYTES = 4096
+HANDLE_RECORD_BYTES = 1024
+CONFIG_BYTES = 4096
+TASK_RING_BYTES = 1 << 20
+DONE_RING_BYTES = 1 << 23  # a ReadBlocks completion carries a request's KV
+TASK_ROLES = (Role.WORKER, Role.TRANSFER)
+_LEN = struct.Struct("<I")
+CONTROL_COMMAND, CONTROL_LEDGER = 0, 1
+
+
+def status_slot_count(tp: int) -> int:
+    return len(ROLES) * tp + 1
+
+
+def launcher_slot(tp: int) -> int:
+    return len(ROLES) * tp
+
+
+class Instance:
+    """A view of a running instance's objects. ``create`` (the launcher) makes them; ``attach`` maps them."""
+
+    def __init__(self, registry: Registry, owned: list[Segment] | None = None) -> None:
+        self.registry = registry
+        self.name = registry.instance
+        self._owned = owned or []
+        self._blobs: dict[str, Segment] = {}
+        self.cfg = CacheConfig.from_json(self._read_record("config", 0, CONFIG_BYTES).decode())
+        self.control: SignalArray[Cmd] = SignalArray(self.name_of("control"), Cmd, labels=_control_label)
+        self.status: SignalArray[ActorState] = SignalArray(
+            self.name_of("status"), ActorState, labels=lambda i: _actor_label(i, self.cfg.tp)
+        )
+
+    @classmethod
+    def create(cls, name: str, cfg: CacheConfig) -> Instance:
+        reg = Registry.create(name)
+        owned: list[Segment] = []
+        try:
+            tp = cfg.tp
+            blob = reg.create_segment("config", SegmentKind.BLOB, CONFIG_BYTES)
+            _write_record(blob, 0, CONFIG_BYTES, cfg.to_json().encode())
+            blob.mark_ready()
+            owned.append(blob)
+            owned.append(create_signals(reg, "control", 2))
+            owned.append(create_signals(reg, "status", status_slot_count(tp)))
+            for obj, size in (
+                ("errors", ERROR_RECORD_BYTES * status_slot_count(tp)),
+                ("handles", HANDLE_RECORD_BYTES * tp),
+            ):
+                seg = reg.create_segment(obj, SegmentKind.BLOB, size)
+                seg.mark_ready()
+                owned.append(seg)
+            for role in TASK_ROLES:
+                owned.append(create_ring(reg, f"tasks.{role.name.lower()}", TASK_RING_BYTES, nreaders=tp))
+                for r in range(tp):
+                    owned.append(create_ring(reg, f"done.{role.name.lower()}.r{r}", DONE_RING_BYTES))
+            return cls(reg, owned)
+        except BaseException:
+            for seg in owned:
+                reg.release(seg)
+            reg.destroy()
+            raise
+
+    @classmethod
+    def attach(cls, name: str) -> Instance:
+        return cls(Registry.attach(name))
+
+    # -- names ---------------------------------------------------------------------------------------------------
+    def name_of(self, obj: str) -> str:
+        return self.registry.name_of(obj)
+
+    def task_ring(self, role: Role) -> str:
+        return self.name_of(f"tasks.{role.name.lower()}")
+
+    def done_ring(self, role: Role, rank: int) -> str:
+        return self.name_of(f"done.{role.name.lower()}.r{rank}")
+
+    # -- records -------------------------------------------------------------------------------------------------
+    def _blob(self, obj: str) -> Segment:
+        if obj not in self._blobs:
+            self._blobs[obj] = Segment.attach(self.name_of(obj), SegmentKind.BLOB)
+        return self._blobs[obj]
+
+    def _read_record(self, obj: str, index: int, size: int) -> bytes:
+        seg = self._blob(obj)
+        off = index * size
+        (n,) = _LEN.unpack_from(seg.payload, off)
+        if n > size - _LEN.size:
+            raise MpkvError(f"record {index} of {seg.name} claims {n} bytes; it holds at most {size - _LEN.size}")
+        return bytes(seg.payload[off + _LEN.size : off + _LEN.size + n])
+
+    def write_error(self, role: Role, rank: int, text: str) -> None:
+        raw = text.encode(errors="replace")[: ERROR_RECORD_BYTES - _LEN.size]
+        _write_record(self._blob("errors"), actor_slot(role, rank), ERROR_RECORD_BYTES, raw)
+
+    def read_error(self, slot: int) -> str:
+        return self._read_record("errors", slot, ERROR_RECORD_BYTES).decode(errors="replace")
+
+    def write_handle(self, rank: int, handle: PoolHandle) -> None:
+        _write_record(self._blob("handles"), rank, HANDLE_RECORD_BYTES, msgspec.msgpack.encode(handle))
+
+    def read_handle(self, rank: int) -> PoolHandle:
+        return msgspec.msgpack.decode(self._read_record("handles", rank, HANDLE_RECORD_BYTES), type=PoolHandle)
+
+    # -- teardown ------------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        for seg in self._blobs.values():
+            seg.close()
+        self._blobs.clear()
+        self.control.close()
+        self.status.close()
+        if not self._owned:
+            self.registry.close()
+
+    def destroy(self) -> list[str]:
+        """Creator only: close and unlink every name of the instance (also those its actors created)."""
+        self.close()
+        for seg in self._owned:
+            self.registry.release(seg)
+        return self.registry.destroy()
+
+
+def _write_record(seg: Segment, index: int, size: int, raw: bytes) -> None:
+    if len(raw) > size - _LEN.size:
+        raise MpkvError(f"record of {len(raw)} bytes does not fit {seg.name}'s {size - _LEN.size}-byte records")
+    off = index * size
+    seg.payload[off + _LEN.size : off + _LEN.size + len(raw)] = raw
+    _LEN.pack_into(seg.payload, off, len(raw))
+
+
+def _control_label(i: int) -> str:
+    return {CONTROL_COMMAND: "the command word", CONTROL_LEDGER: "the controller's ledger"}.get(i, f"slot {i}")
+
+
+def _actor_label(i: int, tp: int) -> str:
+    if i == launcher_slot(tp):
+        return "the launcher's status"
+    rank, role = divmod(i, len(ROLES))
+    return f"status of {ROLES[role].name.lower()} r{rank}"

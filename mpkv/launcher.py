@@ -1,0 +1,163 @@
+"""`mpkv launch`: create the namespace, spawn the actors, wait until ready, supervise, tear down.
+
+Shutdown escalates and says so: SHUTDOWN command (actors detach, owners free, each exits 0) -> SIGTERM
+(actors run their teardown in ``finally``) -> SIGKILL. Whatever happens, the ``finally`` unlinks every name the
+instance's registry lists, including pools the actors created. If the launcher itself is killed with -9, its
+actors get SIGKILL from the kernel (PR_SET_PDEATHSIG) and the next launch of the name, or `mpkv cleanup`,
+reclaims the names.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Callable
+from multiprocessing.connection import wait as wait_sentinels
+from multiprocessing.process import BaseProcess
+
+from loguru import logger
+
+from mpkv.actors import ROLE_CLASSES
+from mpkv.actors.runtime import actor_main, set_process_title
+from mpkv.config import CacheConfig
+from mpkv.errors import MpkvError
+from mpkv.instance import CONTROL_COMMAND, Instance, launcher_slot
+from mpkv.protocol import ROLES, ActorState, Cmd, Role, actor_name, actor_slot
+from mpkv.shm.cleanup import cleanup
+
+S = ActorState
+GRACE_S = 5.0
+
+
+class LaunchError(MpkvError):
+    """The instance could not start, or an actor died: the message names it."""
+
+
+def _exit_words(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+class Launcher:
+    def __init__(self, name: str, cfg: CacheConfig, say: Callable[[str], None] = print) -> None:
+        self.name, self.cfg, self.say = name, cfg, say
+        self.procs: dict[tuple[Role, int], BaseProcess] = {}
+        self._stop_signal: int | None = None
+
+    def run(self, ready_timeout_s: float = 120.0) -> int:
+        set_process_title(f"mpkv::launch:{self.name}"[:15])
+        stale = cleanup(instance=self.name)
+        if stale.removed:
+            logger.warning("reclaimed {} names of a dead earlier run of {}", len(stale.removed), self.name)
+        inst = Instance.create(self.name, self.cfg)
+        me = inst.status.writer(launcher_slot(self.cfg.tp))
+        me.write(S.BOOTING, 0)
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        code = 1
+        try:
+            ctx = mp.get_context("spawn")
+            for rank in range(self.cfg.tp):
+                for role in ROLES:
+                    p = ctx.Process(
+                        target=actor_main,
+                        args=(ROLE_CLASSES[role], self.name, rank),
+                        name=f"mpkv::{role.name.lower()}:r{rank}",
+                    )
+                    p.start()
+                    self.procs[(role, rank)] = p
+            self._wait_ready(inst, ready_timeout_s)
+            me.write(S.READY, 0)
+            pids = " ".join(f"{role.name.lower()}:r{rank}={p.pid}" for (role, rank), p in self.procs.items())
+            self.say(
+                f"mpkv: instance {self.name} ready (tp={self.cfg.tp}, backend={self.cfg.backend}, "
+                f"pool owner={self.cfg.pool_owner.name.lower()}, run {inst.registry.run_id}, pid {os.getpid()}; {pids})"
+            )
+            code = self._supervise(inst, me)
+        except LaunchError as e:
+            self.say(f"mpkv: instance {self.name}: {e}")
+            code = 1
+        finally:
+            me.write(S.STOPPED if code == 0 else S.FAILED, 0)
+            self._stop_all()
+            for s, h in old.items():
+                signal.signal(s, h)
+            inst.destroy()
+        return code
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._stop_signal = signum
+
+    def _wait_ready(self, inst: Instance, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        pending = dict(self.procs)
+        while pending:
+            for (role, rank), p in list(pending.items()):
+                sig = inst.status.read(actor_slot(role, rank))
+                if sig.value == S.FAILED:
+                    raise LaunchError(
+                        f"{actor_name(role, rank)} failed during start: {inst.read_error(actor_slot(role, rank))}"
+                    )
+                if sig.value == S.READY:
+                    del pending[(role, rank)]
+                elif p.exitcode is not None:
+                    raise LaunchError(
+                        f"{actor_name(role, rank)} (pid {p.pid}) died during start: {_exit_words(p.exitcode)}"
+                    )
+            if self._stop_signal is not None:
+                raise LaunchError(f"interrupted by {signal.Signals(self._stop_signal).name} during start")
+            if time.monotonic() > deadline:
+                late = ", ".join(
+                    f"{actor_name(r, k)} (pid {p.pid}, {inst.status.read(actor_slot(r, k)).value.name})"
+                    for (r, k), p in pending.items()
+                )
+                raise LaunchError(f"not ready after {timeout_s:g} s: still waiting for {late}")
+            wait_sentinels([p.sentinel for p in pending.values()], timeout=0.02)
+
+    def _supervise(self, inst: Instance, me) -> int:  # type: ignore[no-untyped-def]
+        while True:
+            alive = [p for p in self.procs.values() if p.exitcode is None]
+            if self._stop_signal is not None:
+                self.say(
+                    f"mpkv: instance {self.name}: {signal.Signals(self._stop_signal).name} received, shutting down"
+                )
+                return 0
+            cmd = inst.control.read(CONTROL_COMMAND)
+            dead = [(k, p) for k, p in self.procs.items() if p.exitcode is not None]
+            if dead and cmd.value == Cmd.SHUTDOWN and all(p.exitcode == 0 for _, p in dead):
+                if not alive:
+                    self.say(f"mpkv: instance {self.name} shut down by its controller")
+                    return 0
+            elif dead:
+                (role, rank), p = dead[0]
+                err = inst.read_error(actor_slot(role, rank)).strip()
+                why = err.splitlines()[0] if err else "no error recorded (killed?)"
+                self.say(
+                    f"mpkv: instance {self.name}: {actor_name(role, rank)} (pid {p.pid}) died with "
+                    f"{_exit_words(p.exitcode)}: {why}; tearing the instance down"
+                )
+                return 1
+            me.write(S.READY, 0)  # heartbeat
+            wait_sentinels([p.sentinel for p in alive], timeout=0.5)
+
+    def _stop_all(self) -> None:
+        """SIGTERM, then SIGKILL whoever is still there after the grace period; say so at each step."""
+        alive = [p for p in self.procs.values() if p.exitcode is None]
+        if alive:
+            logger.info("terminating {} actors", len(alive))
+            for p in alive:
+                p.terminate()
+            deadline = time.monotonic() + GRACE_S
+            for p in alive:
+                p.join(max(0.0, deadline - time.monotonic()))
+        for (role, rank), p in self.procs.items():
+            if p.exitcode is None:
+                logger.warning(
+                    "{} (pid {}) ignored SIGTERM for {} s: killing it", actor_name(role, rank), p.pid, GRACE_S
+                )
+                p.kill()
+                p.join(GRACE_S)

@@ -1,0 +1,77 @@
+"""KV pools: one device pool per rank (owned by one role, attached by the others) and one host pool per rank.
+
+The owner allocates a fresh pool for every restore, under a new name (``pool.dev.r<rank>.e<epoch>``), and
+publishes a ``PoolHandle`` in the instance's handle table; attachers map it from the handle. Freeing refuses
+while this process still holds a view (a stale tensor is an error here, not a use-after-free later).
+Backends: ``cpu`` (POSIX shared memory; all CI) and ``cuda`` (one device allocation shared by CUDA IPC).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import msgspec
+import torch
+
+from mpkv.config import CacheConfig
+from mpkv.shm.registry import Registry
+
+
+class PoolHandle(msgspec.Struct, frozen=True):
+    """What an attacher needs to map a rank's device pool. Written by the owner, read after PUBLISHED."""
+
+    backend: str
+    rank: int
+    epoch: int
+    weight_version: int
+    nbytes: int
+    name: str = ""  # cpu: the shm segment
+    cuda: tuple = ()  # cuda: the arguments of torch's rebuild_cuda_tensor (IPC handles as bytes)
+
+
+class OwnedPool(Protocol):
+    """The owner's side of a pool."""
+
+    tensor: torch.Tensor  # [layers, 2, blocks, block_size, heads_per_rank, head_dim]
+
+    def handle(self) -> PoolHandle: ...
+
+    def free(self) -> int:
+        """Release the memory; returns the bytes released, as measured. The caller must hold no other view."""
+        ...
+
+
+class AttachedPool(Protocol):
+    tensor: torch.Tensor
+
+    def close(self) -> None: ...
+
+
+def allocate_device_pool(registry: Registry, cfg: CacheConfig, rank: int, epoch: int, weight_version: int) -> OwnedPool:
+    if cfg.backend == "cuda":
+        from mpkv.pool import cuda
+
+        return cuda.CudaPool(cfg, rank, epoch, weight_version)
+    from mpkv.pool import cpu
+
+    return cpu.ShmPool(registry, cfg, f"pool.dev.r{rank}.e{epoch}", cfg.device_blocks, rank, epoch, weight_version)
+
+
+def allocate_host_pool(registry: Registry, cfg: CacheConfig, rank: int, epoch: int, weight_version: int) -> OwnedPool:
+    if cfg.backend == "cuda":
+        from mpkv.pool import cuda
+
+        return cuda.PinnedHostPool(cfg, rank, epoch, weight_version)
+    from mpkv.pool import cpu
+
+    return cpu.ShmPool(registry, cfg, f"pool.host.r{rank}.e{epoch}", cfg.host_blocks, rank, epoch, weight_version)
+
+
+def attach_device_pool(cfg: CacheConfig, handle: PoolHandle) -> AttachedPool:
+    if handle.backend == "cuda":
+        from mpkv.pool import cuda
+
+        return cuda.AttachedCudaPool(cfg, handle)
+    from mpkv.pool import cpu
+
+    return cpu.AttachedShmPool(cfg, handle)
