@@ -1,0 +1,194 @@
+"""`mpkv demo`: the main job on the embedded default (cpu backend).
+
+Launches a TP=2 instance (`mpkv launch` in a child process), then runs cycles of: prefills of random lengths,
+a read-back of every request's KV from every rank compared byte for byte with the synthetic model's
+recomputation in this process, swaps out and back in to other device blocks (verified again), and an RL
+transaction with a new weight version: pause, clear device and host, restore, resume. After each restore the
+host entries of the old version must be refused (stale KV is never served) and new prefills must match the
+new weights. Ends with a summary; exits non-zero on any error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mpkv.client import Client, TaskFailed
+from mpkv.config import CacheConfig
+from mpkv.controller import Controller
+from mpkv.model import SyntheticModel
+from mpkv.shm.cleanup import cleanup
+
+
+@dataclass
+class Tally:
+    prefills: int = 0
+    kv_bytes_written: int = 0
+    swapped_bytes: int = 0
+    verified_bytes: int = 0
+    stale_refusals: int = 0
+    clear_ms: list[float] = field(default_factory=list)
+    restore_ms: list[float] = field(default_factory=list)
+    cycle_ms: list[float] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class Verifier:
+    """Recomputes the exact KV bytes each rank must hold, with the same plug-in code, in this process."""
+
+    def __init__(self, cfg: CacheConfig) -> None:
+        self.cfg = cfg
+        self._models: dict[tuple[int, int], SyntheticModel] = {}
+
+    def expected(self, rank: int, wv: int, tokens: np.ndarray) -> torch.Tensor:
+        m = self._models.get((rank, wv))
+        if m is None:
+            m = self._models[(rank, wv)] = SyntheticModel(self.cfg, rank)
+            m.load(wv)
+        return torch.stack([torch.stack(kv) for kv in m.layers_kv(tokens)])  # [L, 2, T, h, d]
+
+    def check(self, client: Client, tokens: np.ndarray, blocks: np.ndarray, wv: int, what: str, host: bool = False) -> int:
+        cfg = self.cfg
+        dones = client.wait(client.read_blocks(blocks, host=host))
+        n = 0
+        for d in dones:
+            got = torch.frombuffer(bytearray(d.data), dtype=cfg.torch_dtype)
+            got = got.view(cfg.layers, 2, len(blocks) * cfg.block_size, cfg.heads_per_rank, cfg.head_dim)
+            want = self.expected(d.rank, wv, tokens)
+            got = got[:, :, : len(tokens)]
+            if d.weight_version != wv or not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
+                raise AssertionError(f"{what}: rank {d.rank} holds KV that differs from weight version {wv}'s recomputation")
+            n += got.numel() * got.element_size()
+        return n
+
+
+def _launch(name: str, tp: int, log: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "mpkv.cli", "launch", "--name", name, "--tp", str(tp)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "ready" not in line:
+        proc.wait(30)
+        raise RuntimeError(f"the instance did not start: {line.strip() or open(log).read()[-2000:]}")
+    print(line.strip())
+    return proc
+
+
+def run(cycles: int, tp: int, requests_per_cycle: int, seed: int) -> Tally:
+    name = f"demo-{os.getpid()}"
+    log = f"/tmp/mpkv-{name}.log"
+    launcher = _launch(name, tp, log)
+    t = Tally()
+    rng = random.Random(seed)
+    try:
+        client, ctl = Client(name), Controller(name)
+        cfg = client.cfg
+        verify = Verifier(cfg)
+        free = list(range(cfg.device_blocks))
+        wv = ctl.weight_version
+        for cycle in range(1, cycles + 1):
+            t0 = time.perf_counter()
+            rng.shuffle(free)
+            live: list[tuple[np.ndarray, np.ndarray]] = []
+            for i in range(requests_per_cycle):
+                n_tokens = rng.randint(1, 12 * cfg.block_size)
+                need = -(-n_tokens // cfg.block_size)
+                if len(free) < need:
+                    break
+                blocks = np.array([free.pop() for _ in range(need)], dtype=np.int32)
+                tokens = np.array([rng.randrange(cfg.vocab) for _ in range(n_tokens)], dtype=np.int32)
+                client.wait(client.prefill(f"c{cycle}-r{i}", tokens, blocks))
+                t.prefills += 1
+                t.kv_bytes_written += need * cfg.block_bytes * tp
+                t.verified_bytes += verify.check(client, tokens, blocks, wv, f"prefill c{cycle}-r{i}")
+                live.append((tokens, blocks))
+            # Swap half of the requests out, reuse their device blocks elsewhere, swap them back in.
+            parked = []
+            for tokens, blocks in live[: len(live) // 2]:
+                dones = client.wait(client.swap_out(blocks))
+                slots = dones[0].slots
+                assert all(np.array_equal(d.slots, slots) for d in dones), "ranks chose different host slots"
+                t.verified_bytes += verify.check(client, tokens, slots, wv, "host copy", host=True)
+                parked.append((tokens, slots))
+                free.extend(blocks.tolist())
+                t.swapped_bytes += len(blocks) * cfg.block_bytes * tp
+            rng.shuffle(free)
+            stale = []
+            for tokens, slots in parked:
+                blocks = np.array([free.pop() for _ in range(len(slots))], dtype=np.int32)
+                client.wait(client.swap_in(slots, blocks, free_slots=False))
+                t.verified_bytes += verify.check(client, tokens, blocks, wv, "swapped-in copy")
+                t.swapped_bytes += len(blocks) * cfg.block_bytes * tp
+                free.extend(blocks.tolist())
+                stale.append(slots)
+            for _, blocks in live[len(live) // 2 :]:
+                free.extend(blocks.tolist())
+            # The RL transaction: new weights; nothing of the old version may be served afterwards.
+            ctl.pause()
+            res = ctl.clear()
+            t.clear_ms.append(res.latency_s * 1e3)
+            t.released.append(sum(res.released_bytes.values()))
+            wv += 1
+            res = ctl.restore(wv)
+            t.restore_ms.append(res.latency_s * 1e3)
+            ctl.resume()
+            for slots in stale:
+                try:
+                    client.wait(client.swap_in(slots, np.arange(len(slots), dtype=np.int32)))
+                    t.errors.append(f"cycle {cycle}: host KV of weight version {wv - 1} was served after restore")
+                except TaskFailed as e:
+                    assert "hold nothing" in str(e) or "weight version" in str(e), e
+                    t.stale_refusals += 1
+            t.cycle_ms.append((time.perf_counter() - t0) * 1e3)
+            print(f"cycle {cycle:3}/{cycles}: {len(live)} prefills, {len(parked)} swapped out and in, clear "
+                  f"{t.clear_ms[-1]:.1f} ms (released {t.released[-1] / 2**20:.1f} MiB), restore {t.restore_ms[-1]:.1f} ms, "
+                  f"now weight version {wv}, {t.verified_bytes / 2**20:.1f} MiB verified so far", flush=True)
+        client.close()
+        ctl.shutdown()
+        ctl.close()
+        if launcher.wait(60) != 0:
+            t.errors.append(f"the launcher exited with {launcher.returncode}; see {log}")
+    except BaseException as e:
+        t.errors.append(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if launcher.poll() is None:
+            launcher.terminate()
+            launcher.wait(30)
+        cleanup(instance=name)
+    return t
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)
+    cycles = 3 if args.quick else args.cycles
+    seed = int(os.environ.get("MPKV_DEMO_SEED", random.randrange(2**31)))
+    print(f"mpkv demo: tp={args.tp}, {cycles} RL cycles, seed {seed} (replay with MPKV_DEMO_SEED={seed})")
+    t = run(cycles, args.tp, requests_per_cycle=4 if args.quick else 8, seed=seed)
+    mib = 2**20
+    print("\nsummary")
+    print(f"  prefills                {t.prefills} ({t.kv_bytes_written / mib:.1f} MiB of KV written)")
+    print(f"  swapped                 {t.swapped_bytes / mib:.1f} MiB out and in")
+    print(f"  verified                {t.verified_bytes / mib:.1f} MiB, byte for byte against the recomputation")
+    print(f"  RL cycles               {len(t.clear_ms)}")
+    print(f"  clear latency           p50 {_pct(t.clear_ms, 50):.1f} ms, p99 {_pct(t.clear_ms, 99):.1f} ms")
+    print(f"  restore latency         p50 {_pct(t.restore_ms, 50):.1f} ms, p99 {_pct(t.restore_ms, 99):.1f} ms")
+    print(f"  released per clear      {_pct([float(x) for x in t.released], 50) / mib:.1f} MiB (median, measured)")
+    print(f"  stale KV refused        {t.stale_refusals} swap-ins of an old weight version")
+    print(f"  errors                  {len(t.errors)}")
+    for e in t.errors:
+        print(f"    {e}")
+    return 0 if not t.errors else 1
