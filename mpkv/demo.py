@@ -56,7 +56,9 @@ class Verifier:
             m.load(wv)
         return torch.stack([torch.stack(kv) for kv in m.layers_kv(tokens)])  # [L, 2, T, h, d]
 
-    def check(self, client: Client, tokens: np.ndarray, blocks: np.ndarray, wv: int, what: str, host: bool = False) -> int:
+    def check(
+        self, client: Client, tokens: np.ndarray, blocks: np.ndarray, wv: int, what: str, host: bool = False
+    ) -> int:
         cfg = self.cfg
         dones = client.wait(client.read_blocks(blocks, host=host))
         n = 0
@@ -66,7 +68,9 @@ class Verifier:
             want = self.expected(d.rank, wv, tokens)
             got = got[:, :, : len(tokens)]
             if d.weight_version != wv or not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
-                raise AssertionError(f"{what}: rank {d.rank} holds KV that differs from weight version {wv}'s recomputation")
+                raise AssertionError(
+                    f"{what}: rank {d.rank} holds KV that differs from weight version {wv}'s recomputation"
+                )
             n += got.numel() * got.element_size()
         return n
 
@@ -112,17 +116,18 @@ def run(cycles: int, tp: int, requests_per_cycle: int, seed: int) -> Tally:
                 t.verified_bytes += verify.check(client, tokens, blocks, wv, f"prefill c{cycle}-r{i}")
                 live.append((tokens, blocks))
             # Swap half of the requests out, reuse their device blocks elsewhere, swap them back in.
-            parked = []
+            parked: list[tuple[np.ndarray, np.ndarray]] = []
             for tokens, blocks in live[: len(live) // 2]:
                 dones = client.wait(client.swap_out(blocks))
                 slots = dones[0].slots
-                assert all(np.array_equal(d.slots, slots) for d in dones), "ranks chose different host slots"
+                assert slots is not None, "a swap-out completion without its host slots"
+                assert all(np.array_equal(np.asarray(d.slots), slots) for d in dones), "ranks chose different slots"
                 t.verified_bytes += verify.check(client, tokens, slots, wv, "host copy", host=True)
                 parked.append((tokens, slots))
                 free.extend(blocks.tolist())
                 t.swapped_bytes += len(blocks) * cfg.block_bytes * tp
             rng.shuffle(free)
-            stale = []
+            stale: list[np.ndarray] = []
             for tokens, slots in parked:
                 blocks = np.array([free.pop() for _ in range(len(slots))], dtype=np.int32)
                 client.wait(client.swap_in(slots, blocks, free_slots=False))
@@ -149,9 +154,13 @@ def run(cycles: int, tp: int, requests_per_cycle: int, seed: int) -> Tally:
                     assert "hold nothing" in str(e) or "weight version" in str(e), e
                     t.stale_refusals += 1
             t.cycle_ms.append((time.perf_counter() - t0) * 1e3)
-            print(f"cycle {cycle:3}/{cycles}: {len(live)} prefills, {len(parked)} swapped out and in, clear "
-                  f"{t.clear_ms[-1]:.1f} ms (released {t.released[-1] / 2**20:.1f} MiB), restore {t.restore_ms[-1]:.1f} ms, "
-                  f"now weight version {wv}, {t.verified_bytes / 2**20:.1f} MiB verified so far", flush=True)
+            print(
+                f"cycle {cycle:3}/{cycles}: {len(live)} prefills, {len(parked)} swapped out and in, clear "
+                f"{t.clear_ms[-1]:.1f} ms (released {t.released[-1] / 2**20:.1f} MiB), "
+                f"restore {t.restore_ms[-1]:.1f} ms, "
+                f"now weight version {wv}, {t.verified_bytes / 2**20:.1f} MiB verified so far",
+                flush=True,
+            )
         client.close()
         ctl.shutdown()
         ctl.close()

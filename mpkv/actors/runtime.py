@@ -19,7 +19,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from loguru import logger
@@ -39,6 +39,28 @@ PEER_TIMEOUT_S = float(os.environ.get("MPKV_PEER_TIMEOUT_S", "60"))
 TASK_CODEC = Codec(*TASK_TYPES)
 DONE_CODEC = Codec(Done)
 S = ActorState
+
+
+def _parse_fault() -> tuple[str, int, str, str] | None:
+    """Fault injection for tests: MPKV_FAULT=role:rank:point:what, what = hang | crash.
+    Points: start, PAUSE, CLEAR, RESTORE, RESUME, SHUTDOWN (before acting on that command), task (before a task)."""
+    spec = os.environ.get("MPKV_FAULT")
+    if not spec:
+        return None
+    role, rank, point, what = spec.split(":")
+    return role, int(rank), point, what
+
+
+FAULT = _parse_fault()
+
+
+def fault_point(role: Role, rank: int, point: str) -> None:
+    if FAULT is None or FAULT[:3] != (role.name.lower(), rank, point):
+        return
+    logger.warning("fault injection: {} r{} {} at {}", role.name.lower(), rank, FAULT[3], point)
+    if FAULT[3] == "crash":
+        os._exit(3)
+    signal.pause()  # hang: a stuck process, until a test kills it
 
 
 class TaskError(MpkvError):
@@ -66,7 +88,7 @@ class Actor:
     """One process of one role of one rank. Subclasses add task handlers and their own resources."""
 
     role: Role
-    handlers: dict[type, Callable[[Any], Done]] = {}
+    handlers: ClassVar[dict[type, Callable[..., Done]]] = {}
 
     def __init__(self, inst: Instance, rank: int) -> None:
         self.inst, self.rank, self.cfg = inst, rank, inst.cfg
@@ -108,7 +130,7 @@ class Actor:
         """Called when a restore adopts a weight version (the worker loads weights; the transfer manager
         drops host entries of older versions)."""
 
-    # -- status --------------------------------------------------------------------------------------------------------
+    # -- status ----------------------------------------------------------------------------------------------
     def _publish(self, st: Status) -> None:
         aux = self.released_bytes if st.state == S.CLEARED else self.weight_version
         self._status_w.write(st.state, st.epoch, aux)
@@ -166,7 +188,7 @@ class Actor:
         out = []
         for i in d.waiting_for:
             slot = self._peer_slots()[i]
-            st, sig = self._peer_status(slot)
+            _, sig = self._peer_status(slot)
             out.append(f"{self.inst.status._labels(slot)} [{sig.writer.describe()}; {sig.value.name}@{sig.epoch}]")
         return "; ".join(out)
 
@@ -206,6 +228,7 @@ class Actor:
 
     def _act(self, d: Decision, cmd: Command) -> None:
         logger.debug("{} {}@{}: {}", self.name, cmd.kind.name, cmd.epoch, d.action.name)
+        fault_point(self.role, self.rank, cmd.kind.name)
         if d.action == Act.FAIL:
             raise MpkvError(f"{self.name} in {cmd.kind.name}@{cmd.epoch}: {d.reason}")
         if cmd.kind == Cmd.CLEAR and self.status.epoch != cmd.epoch:
@@ -252,7 +275,7 @@ class Actor:
         pool, self.pool = self.pool, None
         return pool.free() if pool is not None else 0  # type: ignore[union-attr]
 
-    # -- tasks ------------------------------------------------------------------------------------------------------------
+    # -- tasks -----------------------------------------------------------------------------------------------
     def _serve_one(self) -> bool:
         if self.tasks is None:
             return False
@@ -260,14 +283,14 @@ class Actor:
         if raw is None:
             return False
         task = TASK_CODEC.decode(raw)
+        fault_point(self.role, self.rank, "task")
         handler = self.handlers.get(type(task))
         try:
             if handler is None:
                 raise TaskError(f"{self.name} does not take {type(task).__name__} tasks")
             if self.pool is None:
-                raise TaskError(
-                    f"{self.name} has no KV pool now ({self.status.state.name}@{self.status.epoch}): the cache is cleared"
-                )
+                state = f"{self.status.state.name}@{self.status.epoch}"
+                raise TaskError(f"{self.name} has no KV pool now ({state}): the cache is cleared")
             done = handler(self, task)
         except TaskError as e:
             done = Done(task.seq, self.rank, error=str(e), weight_version=self.weight_version)
@@ -275,7 +298,7 @@ class Actor:
         self.done.put(DONE_CODEC.encode(done), timeout_s=PEER_TIMEOUT_S)
         return True
 
-    # -- teardown ---------------------------------------------------------------------------------------------------------
+    # -- teardown --------------------------------------------------------------------------------------------
     def teardown(self) -> None:
         """Runs on every exit path. Attachers drop their views first; the owner frees last."""
         self._detach()
@@ -304,30 +327,30 @@ def actor_main(role_cls: type[Actor], instance: str, rank: int) -> None:
     )
     inst = Instance.attach(instance)
     actor: Actor | None = None
-    code = 0
+    code, state, text = 0, S.STOPPED, ""
     try:
+        fault_point(role, rank, "start")
         actor = role_cls(inst, rank)
         actor.run()
-    except BaseException as e:  # noqa: BLE001 - every failure is reported as data, then the process exits non-zero
-        code = e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
-        where = f"{actor_name(role, rank)} (pid {os.getpid()})"
-        text = f"{where} failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"
-        if actor is not None:
-            try:
-                actor.teardown()
-            except BaseException as t:  # noqa: BLE001
-                text += f"\nand its teardown failed too: {t!r}"
-            inst.write_error(role, rank, text)
-            actor._status_w.write(S.FAILED, actor.status.epoch, 0)
-        else:
-            inst.write_error(role, rank, text)
-            inst.status.writer(actor_slot(role, rank)).write(S.FAILED, 0, 0)
-        if not isinstance(e, SystemExit):
-            logger.error(text)
-    else:
-        assert actor is not None
-        actor.teardown()
+    except SystemExit as e:  # SIGTERM from the launcher: a requested stop, not a failure
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException as e:  # every failure is reported as data, then the process exits non-zero
+        code, state = 1, S.FAILED
+        text = f"{actor_name(role, rank)} (pid {os.getpid()}) failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+        logger.error(text)
     finally:
+        # Teardown on every path, before the final status: attachers have dropped their views when FAILED shows.
+        epoch = actor.status.epoch if actor is not None else 0
+        try:
+            if actor is not None:
+                actor.teardown()
+        except BaseException as t:
+            code, state = 1, S.FAILED
+            text += f"\n{actor_name(role, rank)} teardown failed too: {type(t).__name__}: {t}"
+        if text:
+            inst.write_error(role, rank, text)
+        writer = actor._status_w if actor is not None else inst.status.writer(actor_slot(role, rank))
+        writer.write(state, epoch, 0)
         if actor is not None:
             actor.close()
         else:

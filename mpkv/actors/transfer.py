@@ -7,7 +7,7 @@ weight version drops every older entry.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -115,4 +115,4 @@ class TransferManager(Actor):
         raw = data.contiguous().cpu().view(torch.uint8).numpy().tobytes()
         return Done(task.seq, self.rank, weight_version=self.weight_version, data=raw)
 
-    handlers: dict[type, Any] = {SwapOut: swap_out, SwapIn: swap_in, ReadBlocks: read_blocks}
+    handlers: ClassVar[dict[type, Any]] = {SwapOut: swap_out, SwapIn: swap_in, ReadBlocks: read_blocks}

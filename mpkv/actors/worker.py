@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -58,4 +58,4 @@ class Worker(Actor):
             torch.cuda.current_stream(self.device).synchronize()
         return Done(task.seq, self.rank, weight_version=self.weight_version, layers_done=cfg.layers)
 
-    handlers: dict[type, Any] = {Prefill: prefill}
+    handlers: ClassVar[dict[type, Any]] = {Prefill: prefill}
