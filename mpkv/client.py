@@ -14,11 +14,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpkv.actors.runtime import DONE_CODEC, TASK_CODEC
 from mpkv.blocks import check_ids
 from mpkv.errors import MpkvError
 from mpkv.instance import CONTROL_COMMAND, TASK_ROLES, Instance
-from mpkv.protocol import ROLES, ActorState, Cmd, Done, Prefill, ReadBlocks, Role, SwapIn, SwapOut, actor_slot
+from mpkv.protocol import (
+    DONE_CODEC,
+    ROLES,
+    TASK_CODEC,
+    ActorState,
+    Cmd,
+    Done,
+    Prefill,
+    ReadBlocks,
+    Role,
+    SwapIn,
+    SwapOut,
+    actor_slot,
+)
 from mpkv.shm.ring import RingReader, RingWriter
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
-
-import torch
+from typing import TYPE_CHECKING
 
 from mpkv.protocol import PoolOwner
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}  # torch is imported only where tensors are made
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,8 @@ class CacheConfig:
                 raise ValueError(f"config: {f} must be a positive integer, got {v!r}")
         if self.kv_heads % self.tp:
             raise ValueError(f"config: kv_heads ({self.kv_heads}) must be divisible by tp ({self.tp})")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"config: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"config: dtype {self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
         if self.backend not in ("cpu", "cuda"):
             raise ValueError(f"config: backend must be 'cpu' or 'cuda', got {self.backend!r}")
         if not isinstance(self.pool_owner, PoolOwner):
@@ -64,11 +66,14 @@ class CacheConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        import torch
+
+        dtype: torch.dtype = getattr(torch, self.dtype)
+        return dtype
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.torch_dtype).element_size()
+        return DTYPE_BYTES[self.dtype]
 
     @property
     def block_elems(self) -> int:

@@ -19,8 +19,7 @@ from multiprocessing.process import BaseProcess
 
 from loguru import logger
 
-from mpkv.actors import ROLE_CLASSES
-from mpkv.actors.runtime import actor_main, set_process_title
+from mpkv.actors.entry import actor_main, set_process_title
 from mpkv.config import CacheConfig
 from mpkv.errors import MpkvError
 from mpkv.instance import CONTROL_COMMAND, Instance, launcher_slot
@@ -60,12 +59,15 @@ class Launcher:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         code = 1
         try:
-            ctx = mp.get_context("spawn")
+            # forkserver: one clean, single-threaded server imports torch and mpkv once and forks each actor
+            # (no parent threads or state leak into children, unlike plain fork; seconds faster than spawn).
+            ctx = mp.get_context("forkserver")
+            ctx.set_forkserver_preload(["mpkv.actors"])
             for rank in range(self.cfg.tp):
                 for role in ROLES:
                     p = ctx.Process(
                         target=actor_main,
-                        args=(ROLE_CLASSES[role], self.name, rank),
+                        args=(role, self.name, rank),
                         name=f"mpkv::{role.name.lower()}:r{rank}",
                     )
                     p.start()

@@ -10,6 +10,8 @@ import enum
 import msgspec
 import numpy as np
 
+from mpkv.codec import Codec
+
 
 class Role(enum.IntEnum):
     WORKER = 1
@@ -126,3 +128,5 @@ class ReadBlocks(msgspec.Struct, tag=True):
 
 
 TASK_TYPES = (Prefill, SwapOut, SwapIn, ReadBlocks)
+TASK_CODEC = Codec(*TASK_TYPES)
+DONE_CODEC = Codec(Done)

@@ -45,7 +45,9 @@ def _descendants(pid: int) -> set[int]:
 
 
 def _shm_entries() -> set[str]:
-    return set(os.listdir(naming.SHM_DIR))
+    # mpkv creates nothing in /dev/shm but its own prefix (it uses no multiprocessing semaphores), and other
+    # programs on the machine may create and remove entries of their own while the tests run.
+    return {e for e in os.listdir(naming.SHM_DIR) if e.startswith(naming.PREFIX + ".")}
 
 
 @pytest.fixture(autouse=True)

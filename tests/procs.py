@@ -203,3 +203,64 @@ def signal_writer(name: str, slot: int, steps: int, conn: Connection) -> None:
         return steps
 
     report(conn, body)
+
+
+def swap_traffic(instance: str, seed: int, conn: Connection) -> None:
+    """A client that prefills, swaps out and in, and verifies every byte it can, until told to stop.
+
+    Tasks refused or failed because of a pause or a clear are expected (and counted); any byte that differs
+    from the recomputation for the weight version the actor reports is an error."""
+
+    def body() -> dict[str, int]:
+        import torch
+
+        from mpkv.client import Client, InstanceNotServing, TaskFailed
+        from mpkv.instance import CONTROL_COMMAND
+        from mpkv.model import expected_kv
+        from mpkv.protocol import Cmd
+
+        torch.set_num_threads(1)
+        rng = np.random.default_rng(seed)
+        counts = {"ok": 0, "explicit_failures": 0, "verified_ranks": 0, "invalidated": 0, "refused": 0}
+        with Client(instance) as client:
+            cfg = client.cfg
+
+            def check(tokens: np.ndarray, ids: np.ndarray, wv: int, host: bool) -> None:
+                for d in client.wait(client.read_blocks(ids, host=host)):
+                    if d.weight_version != wv:
+                        counts["invalidated"] += 1  # a restore replaced that KV: nothing to compare
+                        continue
+                    got = torch.frombuffer(bytearray(d.data), dtype=cfg.torch_dtype)
+                    got = got.view(cfg.layers, 2, len(ids) * cfg.block_size, cfg.heads_per_rank, cfg.head_dim)
+                    want = expected_kv(cfg, d.rank, wv, tokens).view(torch.uint8)
+                    if not torch.equal(got[:, :, : len(tokens)].contiguous().view(torch.uint8), want):
+                        raise AssertionError(f"rank {d.rank}: corrupted KV for weight version {wv}")
+                    counts["verified_ranks"] += 1
+
+            while not conn.poll():
+                try:
+                    blocks = rng.permutation(cfg.device_blocks)[:4].astype(np.int32)
+                    tokens = rng.integers(0, cfg.vocab, 3 * cfg.block_size + 1, dtype=np.int32)
+                    wv = client.wait(client.prefill("t", tokens, blocks))[0].weight_version
+                    check(tokens, blocks, wv, host=False)
+                    slots = client.wait(client.swap_out(blocks))[0].slots
+                    check(tokens, slots, wv, host=True)
+                    other = rng.permutation(cfg.device_blocks)[:4].astype(np.int32)
+                    client.wait(client.swap_in(slots, other))
+                    check(tokens, other, wv, host=False)
+                    counts["ok"] += 1
+                except InstanceNotServing:
+                    counts["refused"] += 1
+                    client.inst.control.wait(
+                        CONTROL_COMMAND,
+                        lambda s: s.value in (Cmd.RESUME, Cmd.SHUTDOWN),
+                        what="the instance to resume",
+                        timeout_s=60,
+                    )
+                except TaskFailed as e:
+                    if not any(w in str(e) for w in ("cleared", "hold nothing", "weight version")):
+                        raise
+                    counts["explicit_failures"] += 1
+        return counts
+
+    report(conn, body)

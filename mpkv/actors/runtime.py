@@ -12,12 +12,8 @@ See NOTE [ clear handshake ] in mpkv.handshake for the rules; this module only d
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import sys
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -25,63 +21,22 @@ import torch
 from loguru import logger
 
 from mpkv import _native, layout
-from mpkv.codec import Codec
+from mpkv.actors.entry import fault_point
 from mpkv.errors import MpkvError, ProtocolError
 from mpkv.handshake import Act, Command, Decision, Status, View, decide
 from mpkv.instance import CONTROL_COMMAND, Instance
 from mpkv.pool import AttachedPool, OwnedPool, allocate_device_pool, attach_device_pool
-from mpkv.protocol import ROLES, TASK_TYPES, ActorState, Cmd, Done, Role, actor_name, actor_slot
+from mpkv.protocol import DONE_CODEC, ROLES, TASK_CODEC, ActorState, Cmd, Done, Role, actor_name, actor_slot
 from mpkv.shm.ring import RingReader, RingWriter
 from mpkv.shm.signals import Signal, SignalWriter
 
 HEARTBEAT_S = 0.5
 PEER_TIMEOUT_S = float(os.environ.get("MPKV_PEER_TIMEOUT_S", "60"))
-TASK_CODEC = Codec(*TASK_TYPES)
-DONE_CODEC = Codec(Done)
 S = ActorState
-
-
-def _parse_fault() -> tuple[str, int, str, str] | None:
-    """Fault injection for tests: MPKV_FAULT=role:rank:point:what, what = hang | crash.
-    Points: start, PAUSE, CLEAR, RESTORE, RESUME, SHUTDOWN (before acting on that command), task (before a task)."""
-    spec = os.environ.get("MPKV_FAULT")
-    if not spec:
-        return None
-    role, rank, point, what = spec.split(":")
-    return role, int(rank), point, what
-
-
-FAULT = _parse_fault()
-
-
-def fault_point(role: Role, rank: int, point: str) -> None:
-    if FAULT is None or FAULT[:3] != (role.name.lower(), rank, point):
-        return
-    logger.warning("fault injection: {} r{} {} at {}", role.name.lower(), rank, FAULT[3], point)
-    if FAULT[3] == "crash":
-        os._exit(3)
-    signal.pause()  # hang: a stuck process, until a test kills it
 
 
 class TaskError(MpkvError):
     """A task was refused or failed; the message goes back to the client in its completion."""
-
-
-def set_process_title(title: str) -> None:
-    """Name the process (``mpkv::worker:r0`` shows in ps, top and /proc/PID/comm, up to 15 characters)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(15, title.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except OSError:  # pragma: no cover - not Linux
-        pass
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL us when the launcher dies, even by kill -9 (PR_SET_PDEATHSIG)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:  # the launcher died before we got here
-        os._exit(1)
 
 
 class Actor:
@@ -310,49 +265,3 @@ class Actor:
             if port is not None:
                 port.close()
         self.inst.close()
-
-
-def actor_main(role_cls: type[Actor], instance: str, rank: int) -> None:
-    """Entry point of an actor process (spawned by the launcher)."""
-    die_with_parent()
-    role = role_cls.role
-    set_process_title(f"mpkv::{role.name.lower()}:r{rank}")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    torch.set_num_threads(1)
-    logger.remove()
-    logger.add(
-        sys.stderr,
-        level=os.environ.get("MPKV_LOG_LEVEL", "WARNING"),
-        format="{time:HH:mm:ss.SSS} " + f"{role.name.lower()}:r{rank} " + "{level} {message}",
-    )
-    inst = Instance.attach(instance)
-    actor: Actor | None = None
-    code, state, text = 0, S.STOPPED, ""
-    try:
-        fault_point(role, rank, "start")
-        actor = role_cls(inst, rank)
-        actor.run()
-    except SystemExit as e:  # SIGTERM from the launcher: a requested stop, not a failure
-        code = e.code if isinstance(e.code, int) else 1
-    except BaseException as e:  # every failure is reported as data, then the process exits non-zero
-        code, state = 1, S.FAILED
-        text = f"{actor_name(role, rank)} (pid {os.getpid()}) failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"
-        logger.error(text)
-    finally:
-        # Teardown on every path, before the final status: attachers have dropped their views when FAILED shows.
-        epoch = actor.status.epoch if actor is not None else 0
-        try:
-            if actor is not None:
-                actor.teardown()
-        except BaseException as t:
-            code, state = 1, S.FAILED
-            text += f"\n{actor_name(role, rank)} teardown failed too: {type(t).__name__}: {t}"
-        if text:
-            inst.write_error(role, rank, text)
-        writer = actor._status_w if actor is not None else inst.status.writer(actor_slot(role, rank))
-        writer.write(state, epoch, 0)
-        if actor is not None:
-            actor.close()
-        else:
-            inst.close()
-    sys.exit(code)

@@ -8,13 +8,15 @@ Backends: ``cpu`` (POSIX shared memory; all CI) and ``cuda`` (one device allocat
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
-import torch
 
 from mpkv.config import CacheConfig
 from mpkv.shm.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 
 class PoolHandle(msgspec.Struct, frozen=True):

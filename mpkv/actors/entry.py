@@ -1,0 +1,112 @@
+"""The entry point of an actor process, and what every actor process does first.
+
+Kept free of torch at import time: the launcher imports this module, and starts in a second instead of three.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import traceback
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from mpkv.protocol import ActorState, Role, actor_name, actor_slot
+
+if TYPE_CHECKING:
+    from mpkv.actors.runtime import Actor
+
+S = ActorState
+
+
+def _parse_fault() -> tuple[str, int, str, str] | None:
+    """Fault injection for tests: MPKV_FAULT=role:rank:point:what, what = hang | crash.
+    Points: start, PAUSE, CLEAR, RESTORE, RESUME, SHUTDOWN (before acting on that command), task (before a task)."""
+    spec = os.environ.get("MPKV_FAULT")
+    if not spec:
+        return None
+    role, rank, point, what = spec.split(":")
+    return role, int(rank), point, what
+
+
+FAULT = _parse_fault()
+
+
+def fault_point(role: Role, rank: int, point: str) -> None:
+    if FAULT is None or FAULT[:3] != (role.name.lower(), rank, point):
+        return
+    logger.warning("fault injection: {} r{} {} at {}", role.name.lower(), rank, FAULT[3], point)
+    if FAULT[3] == "crash":
+        os._exit(3)
+    signal.pause()  # hang: a stuck process, until a test kills it
+
+
+def set_process_title(title: str) -> None:
+    """Name the process (``mpkv::worker:r0`` shows in ps, top and /proc/PID/comm, up to 15 characters)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(15, title.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except OSError:  # pragma: no cover - not Linux
+        pass
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGKILL us when the launcher dies, even by kill -9 (PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the launcher died before we got here
+        os._exit(1)
+
+
+def actor_main(role: Role, instance: str, rank: int) -> None:
+    """Entry point of an actor process (spawned by the launcher)."""
+    die_with_parent()
+    import torch
+
+    from mpkv.actors import ROLE_CLASSES
+    from mpkv.instance import Instance
+
+    role_cls = ROLE_CLASSES[role]
+    set_process_title(f"mpkv::{role.name.lower()}:r{rank}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    torch.set_num_threads(1)
+    logger.remove()
+    logger.add(
+        sys.stderr,
+        level=os.environ.get("MPKV_LOG_LEVEL", "WARNING"),
+        format="{time:HH:mm:ss.SSS} " + f"{role.name.lower()}:r{rank} " + "{level} {message}",
+    )
+    inst = Instance.attach(instance)
+    actor: Actor | None = None
+    code, state, text = 0, S.STOPPED, ""
+    try:
+        fault_point(role, rank, "start")
+        actor = role_cls(inst, rank)
+        actor.run()
+    except SystemExit as e:  # SIGTERM from the launcher: a requested stop, not a failure
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException as e:  # every failure is reported as data, then the process exits non-zero
+        code, state = 1, S.FAILED
+        text = f"{actor_name(role, rank)} (pid {os.getpid()}) failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+        logger.error(text)
+    finally:
+        # Teardown on every path, before the final status: attachers have dropped their views when FAILED shows.
+        epoch = actor.status.epoch if actor is not None else 0
+        try:
+            if actor is not None:
+                actor.teardown()
+        except BaseException as t:
+            code, state = 1, S.FAILED
+            text += f"\n{actor_name(role, rank)} teardown failed too: {type(t).__name__}: {t}"
+        if text:
+            inst.write_error(role, rank, text)
+        writer = actor._status_w if actor is not None else inst.status.writer(actor_slot(role, rank))
+        writer.write(state, epoch, 0)
+        if actor is not None:
+            actor.close()
+        else:
+            inst.close()
+    sys.exit(code)

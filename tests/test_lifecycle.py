@@ -1,0 +1,116 @@
+"""The KV pool life cycle and the RL transaction against real launched instances (seed 001's scenarios)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from instances import Launched, prefill_and_verify, verify
+
+from mpkv.blocks import BadBlocks
+from mpkv.client import Client, InstanceNotServing, TaskFailed
+from mpkv.controller import CommandRefused, Controller
+from mpkv.errors import AttachError
+from mpkv.naming import list_names
+
+OWNERS = ["worker", "transfer"]
+
+
+@pytest.mark.parametrize("owner", OWNERS)
+def test_clear_with_attached_peers_releases_the_memory(instance: str, owner: str) -> None:
+    with Launched(instance, tp=2, owner=owner), Controller(instance) as ctl:
+        pools_before = [n for n in list_names() if ".pool." in n and instance in n]
+        assert len(pools_before) == 4  # device + host, 2 ranks
+        ctl.pause()
+        res = ctl.clear()
+        assert not res.already
+        cfg = ctl.cfg
+        pool_bytes = cfg.pool_bytes(cfg.device_blocks)
+        owner_name = f"{owner} r0"
+        assert res.released_bytes[owner_name] >= pool_bytes, res.released_bytes
+        assert res.shm_released_bytes >= 2 * (pool_bytes + cfg.pool_bytes(cfg.host_blocks))
+        assert not [n for n in list_names() if ".pool." in n and instance in n], "pool segments survived the clear"
+        st = ctl.status()
+        assert {a["state"] for a in st["actors"]} == {"CLEARED"}
+        ctl.shutdown()
+
+
+@pytest.mark.parametrize("owner", OWNERS)
+def test_cycles_then_swaps_verify_every_byte(instance: str, owner: str, rng) -> None:
+    gen = np.random.default_rng(rng.randrange(2**32))
+    with Launched(instance, tp=2, owner=owner), Controller(instance) as ctl, Client(instance) as client:
+        wv = ctl.weight_version
+        for cycle in range(3):
+            blocks = gen.permutation(client.cfg.device_blocks)[:3].astype(np.int32)
+            tokens = prefill_and_verify(client, gen, blocks, wv)
+            slots = client.wait(client.swap_out(blocks))[0].slots
+            verify(client, tokens, slots, wv, host=True)
+            other = gen.permutation(np.setdiff1d(np.arange(client.cfg.device_blocks), blocks))[:3].astype(np.int32)
+            client.wait(client.swap_in(slots, other))
+            verify(client, tokens, other, wv)
+            ctl.pause()
+            ctl.clear()
+            wv += 1
+            ctl.restore(wv)
+            ctl.resume()
+            # No stale view survived: the new pool is zero where the old KV was, and new KV verifies.
+            with pytest.raises(AssertionError, match="KV differs"):
+                verify(client, tokens, other, wv)
+        ctl.shutdown()
+
+
+def test_retries_are_idempotent_and_say_so(instance: str) -> None:
+    with Launched(instance, tp=1), Controller(instance) as ctl:
+        assert ctl.resume().message == "already running"
+        assert not ctl.pause().already
+        assert ctl.pause().message == "already paused"
+        assert not ctl.clear().already
+        assert ctl.clear().message == "already cleared"
+        assert ctl.clear(host=False).already
+        assert not ctl.restore(7).already
+        assert ctl.restore(7).message == "already restored (weight version 7)"
+        assert ctl.restore().already
+        assert not ctl.resume().already
+        ctl.shutdown()
+
+
+def test_bad_commands_are_refused_and_change_nothing(instance: str) -> None:
+    with pytest.raises(AttachError, match=f"instance '{instance}' is not running here"):
+        Controller(instance)
+    with Launched(instance, tp=1), Controller(instance) as ctl, Client(instance) as client:
+        with pytest.raises(CommandRefused, match="cannot clear a running instance: pause it first"):
+            ctl.clear()
+        ctl.pause()
+        with pytest.raises(CommandRefused, match="cannot restore weight version 9: the KV cache of weight version 1 is still live"):
+            ctl.restore(9)
+        with pytest.raises(InstanceNotServing, match="last command is PAUSE"):
+            client.swap_out(np.array([1, 2]))
+        ctl.clear()
+        with pytest.raises(CommandRefused, match="cannot resume: the KV cache is cleared"):
+            ctl.resume()
+        with pytest.raises(InstanceNotServing, match="last command is CLEAR"):
+            client.prefill("r", np.arange(3), np.array([0]))
+        st = ctl.status()
+        assert st["command"]["kind"] == "CLEAR" and st["weight_version"] == 1
+        assert {a["state"] for a in st["actors"]} == {"CLEARED"}
+        ctl.restore(2)
+        ctl.resume()
+        ctl.shutdown()
+
+
+def test_bad_blocks_are_refused_before_anything_is_copied(instance: str) -> None:
+    with Launched(instance, tp=2), Client(instance) as client, Controller(instance) as ctl:
+        n = client.cfg.device_blocks
+        with pytest.raises(BadBlocks, match=rf"device blocks \[{n}\] out of range: valid ids are 0..{n - 1}"):
+            client.swap_out(np.array([0, n]))
+        with pytest.raises(BadBlocks, match=r"device blocks \[3\] appear more than once"):
+            client.swap_out(np.array([3, 3]))
+        # The actors validate too (a client that skips the checks gets the same diagnosis, per rank).
+        from mpkv.protocol import SwapIn, SwapOut
+
+        with pytest.raises(TaskFailed, match=r"failed on 2 of 2 ranks: rank 0: task \d+: device blocks \[-1\] out of range"):
+            client.wait(client._submit(client._tasks and __import__("mpkv").protocol.Role.TRANSFER, SwapOut(100, np.array([-1], dtype=np.int32)), "raw"))
+        with pytest.raises(TaskFailed, match=r"host slots \[5\] hold nothing"):
+            client.wait(client._submit(__import__("mpkv").protocol.Role.TRANSFER, SwapIn(101, np.array([5], dtype=np.int32), np.array([1], dtype=np.int32)), "raw"))
+        with pytest.raises(TaskFailed, match="10 tokens need 2 blocks of 8, got 1"):
+            client.wait(client.prefill("short", np.arange(10), np.array([4])))
+        ctl.shutdown()

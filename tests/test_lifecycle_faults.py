@@ -1,0 +1,96 @@
+"""kill -9 of each actor kind during clear, restore and a swap; launcher death; a child dying at start.
+Each time: the waiting call fails before its deadline naming the actor, the launcher exits non-zero, and no
+process or /dev/shm entry remains (the leak fixture checks the last part)."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from instances import Launched
+
+from mpkv.client import Client
+from mpkv.controller import Controller, StepFailed
+from mpkv.errors import PeerDied
+from mpkv.protocol import Role, actor_slot
+from mpkv.shm.cleanup import cleanup
+
+DEADLINE_S = 60.0
+
+
+def _pid_of(ctl: Controller, role: Role, rank: int) -> int:
+    return ctl.inst.status.read(actor_slot(role, rank)).writer.pid
+
+
+def _kill_when_hung(ctl: Controller, victim: int, epoch: int) -> None:
+    """Wait until the command of ``epoch`` is out (the victim hangs on it by fault injection), then kill -9."""
+    ctl.inst.control.wait(0, lambda s: s.epoch >= epoch, what="the command to go out", timeout_s=DEADLINE_S)
+    os.kill(victim, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("step", ["CLEAR", "RESTORE"])
+@pytest.mark.parametrize("role", [Role.WORKER, Role.TRANSFER, Role.MESSAGER])
+def test_kill_an_actor_during_a_step(instance: str, role: Role, step: str) -> None:
+    rank = 1
+    with Launched(instance, tp=2, fault=f"{role.name.lower()}:{rank}:{step}:hang") as inst, Controller(instance) as ctl:
+        victim = _pid_of(ctl, role, rank)
+        ctl.pause()
+        if step == "RESTORE":
+            ctl.clear()
+        epoch = ctl.inst.control.read(0).epoch + 1
+        killer = threading.Thread(target=_kill_when_hung, args=(ctl, victim, epoch))
+        killer.start()
+        t0 = time.monotonic()
+        with pytest.raises(StepFailed, match=rf"{step}@{epoch} failed: {role.name.lower()} r{rank} died.*pid {victim}"):
+            ctl.clear() if step == "CLEAR" else ctl.restore(5)
+        assert time.monotonic() - t0 < DEADLINE_S
+        killer.join()
+        assert inst.exit_code() == 1
+        assert any(f"{role.name.lower()} r{rank} (pid {victim}) died with killed by SIGKILL" in line for line in inst.lines)
+
+
+def test_kill_transfer_during_a_swap(instance: str) -> None:
+    with Launched(instance, tp=2, fault="transfer:0:task:hang") as inst, Client(instance) as client:
+        ticket = client.swap_out(np.array([1, 2], dtype=np.int32))
+        ctl = Controller(instance)
+        victim = _pid_of(ctl, Role.TRANSFER, 0)
+        ctl.close()
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(PeerDied, match=rf"the writer 'transfer:r0' of ring .*done.transfer.r0 is dead.*pid {victim}"):
+            client.wait(ticket, timeout_s=DEADLINE_S)
+        assert inst.exit_code() == 1
+
+
+def test_a_child_dying_at_start_is_named(instance: str) -> None:
+    inst = Launched(instance, tp=2, fault="worker:1:start:crash")
+    line = inst.wait_line("died during start")
+    assert "worker r1 (pid" in line and "exit code 3" in line
+    assert inst.exit_code() == 1
+    inst.__exit__()
+
+
+def test_kill_the_launcher(instance: str) -> None:
+    inst = Launched(instance, tp=2)
+    inst.wait_line("ready")
+    with Controller(instance) as ctl:
+        pids = [ctl.inst.status.read(i).writer for i in range(6)]
+    inst.proc.kill()
+    inst.exit_code()
+    inst.__exit__()
+    # The actors die with it (PR_SET_PDEATHSIG); then cleanup reclaims every name.
+    deadline = time.monotonic() + DEADLINE_S
+    for p in pids:
+        if p.alive():
+            fd = os.pidfd_open(p.pid)  # readable once the process has exited
+            try:
+                select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            finally:
+                os.close(fd)
+    assert not any(p.alive() for p in pids), "actors survived their launcher"
+    report = cleanup(instance=instance)
+    assert report.removed and not report.live_instances
