@@ -62,7 +62,7 @@ class Launcher:
             # forkserver: one clean, single-threaded server imports torch and mpkv once and forks each actor
             # (no parent threads or state leak into children, unlike plain fork; seconds faster than spawn).
             ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["mpkv.actors"])
+            ctx.set_forkserver_preload(["mpkv.actors.forkserver_preload"])
             for rank in range(self.cfg.tp):
                 for role in ROLES:
                     p = ctx.Process(

@@ -74,7 +74,8 @@ Payload: ``run_id 16s @0 | capacity u32 @16`` then ``capacity`` entries of 128 b
     8  start u64     claimer's start ticks     |  16 state u32 (EntryState)  |  20 kind u32 (SegmentKind)
     24 name 104s
 
-Only the claimer writes the rest of its entry (a failed compare-and-swap writes nothing).
+Only the claimer writes the rest of its entry (a failed compare-and-swap writes nothing). When it unlinks
+the name it sets ``state`` GONE and then stores 0 into ``claim``: the entry is free for the next claim.
 """
 
 from __future__ import annotations

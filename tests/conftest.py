@@ -44,10 +44,14 @@ def _descendants(pid: int) -> set[int]:
     return seen
 
 
+SESSION = uuid.uuid4().hex[:6]  # every instance a test creates is named t<SESSION>...
+
+
 def _shm_entries() -> set[str]:
-    # mpkv creates nothing in /dev/shm but its own prefix (it uses no multiprocessing semaphores), and other
-    # programs on the machine may create and remove entries of their own while the tests run.
-    return {e for e in os.listdir(naming.SHM_DIR) if e.startswith(naming.PREFIX + ".")}
+    # The names of this test session's instances (mpkv creates nothing else in /dev/shm: no multiprocessing
+    # semaphores). Other programs, other test sessions, a benchmark, may come and go meanwhile.
+    mine = "/" + naming.user_prefix() + "t" + SESSION
+    return {e for e in os.listdir(naming.SHM_DIR) if ("/" + e).startswith(mine)}
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +87,7 @@ def no_leaks() -> Iterator[None]:
 @pytest.fixture
 def instance() -> str:
     """A fresh instance name, unique to this test run."""
-    return f"t{uuid.uuid4().hex[:12]}"
+    return f"t{SESSION}{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture

@@ -20,7 +20,9 @@ SMALL = dict(layers=2, kv_heads=4, head_dim=16, block_size=8, device_blocks=64, 
 
 
 class Launched:
-    def __init__(self, name: str, tp: int = 2, owner: str = "worker", fault: str | None = None, **geometry: int) -> None:
+    def __init__(
+        self, name: str, tp: int = 2, owner: str = "worker", fault: str | None = None, **geometry: int
+    ) -> None:
         args = [sys.executable, "-m", "mpkv.cli", "launch", "--name", name, "--tp", str(tp), "--pool-owner", owner]
         for k, v in (SMALL | geometry).items():
             args += [f"--{k.replace('_', '-')}", str(v)]
@@ -76,9 +78,13 @@ def verify(client: Client, tokens: np.ndarray, blocks: np.ndarray, wv: int, host
     for d in dones:
         assert d.weight_version == wv, f"rank {d.rank} serves weight version {d.weight_version}, expected {wv}"
         got = torch.frombuffer(bytearray(d.data), dtype=cfg.torch_dtype)
-        got = got.view(cfg.layers, 2, len(blocks) * cfg.block_size, cfg.heads_per_rank, cfg.head_dim)[:, :, : len(tokens)]
+        got = got.view(cfg.layers, 2, len(blocks) * cfg.block_size, cfg.heads_per_rank, cfg.head_dim)[
+            :, :, : len(tokens)
+        ]
         want = expected_kv(cfg, d.rank, wv, tokens)
-        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), f"rank {d.rank}: KV differs from weight version {wv}"
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (
+            f"rank {d.rank}: KV differs from weight version {wv}"
+        )
     return len(dones)
 
 

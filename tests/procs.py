@@ -221,7 +221,12 @@ def swap_traffic(instance: str, seed: int, conn: Connection) -> None:
 
         torch.set_num_threads(1)
         rng = np.random.default_rng(seed)
-        counts = {"ok": 0, "explicit_failures": 0, "verified_ranks": 0, "invalidated": 0, "refused": 0}
+        counts = {"tasks_ok": 0, "explicit_failures": 0, "verified_ranks": 0, "invalidated": 0, "refused": 0}
+
+        def ok() -> None:
+            counts["tasks_ok"] += 1
+            conn.send("tick")  # the controller cycles only after it saw traffic since its last resume
+
         with Client(instance) as client:
             cfg = client.cfg
 
@@ -242,13 +247,15 @@ def swap_traffic(instance: str, seed: int, conn: Connection) -> None:
                     blocks = rng.permutation(cfg.device_blocks)[:4].astype(np.int32)
                     tokens = rng.integers(0, cfg.vocab, 3 * cfg.block_size + 1, dtype=np.int32)
                     wv = client.wait(client.prefill("t", tokens, blocks))[0].weight_version
+                    ok()
                     check(tokens, blocks, wv, host=False)
                     slots = client.wait(client.swap_out(blocks))[0].slots
+                    ok()
                     check(tokens, slots, wv, host=True)
                     other = rng.permutation(cfg.device_blocks)[:4].astype(np.int32)
                     client.wait(client.swap_in(slots, other))
+                    ok()
                     check(tokens, other, wv, host=False)
-                    counts["ok"] += 1
                 except InstanceNotServing:
                     counts["refused"] += 1
                     client.inst.control.wait(

@@ -12,7 +12,7 @@ from instances import Launched
 from mpkv.controller import Controller
 
 DRIVER = textwrap.dedent(
-    r'''
+    r"""
     import ctypes, json, mmap, os, platform, struct, sys, time
 
     name = sys.argv[1]
@@ -87,7 +87,7 @@ DRIVER = textwrap.dedent(
     write(1, 4, e, 7 << 2)                             # ledger: nothing cleared, weight version 7
     step(2, 0, 45)                                     # RESUME -> READY
     print(json.dumps({"released": released, "epoch": read(control, 0)[1]}))
-    '''
+    """
 )
 
 

@@ -80,7 +80,9 @@ def test_bad_commands_are_refused_and_change_nothing(instance: str) -> None:
         with pytest.raises(CommandRefused, match="cannot clear a running instance: pause it first"):
             ctl.clear()
         ctl.pause()
-        with pytest.raises(CommandRefused, match="cannot restore weight version 9: the KV cache of weight version 1 is still live"):
+        with pytest.raises(
+            CommandRefused, match="cannot restore weight version 9: the KV cache of weight version 1 is still live"
+        ):
             ctl.restore(9)
         with pytest.raises(InstanceNotServing, match="last command is PAUSE"):
             client.swap_out(np.array([1, 2]))
@@ -107,10 +109,24 @@ def test_bad_blocks_are_refused_before_anything_is_copied(instance: str) -> None
         # The actors validate too (a client that skips the checks gets the same diagnosis, per rank).
         from mpkv.protocol import SwapIn, SwapOut
 
-        with pytest.raises(TaskFailed, match=r"failed on 2 of 2 ranks: rank 0: task \d+: device blocks \[-1\] out of range"):
-            client.wait(client._submit(client._tasks and __import__("mpkv").protocol.Role.TRANSFER, SwapOut(100, np.array([-1], dtype=np.int32)), "raw"))
+        with pytest.raises(
+            TaskFailed, match=r"failed on 2 of 2 ranks: rank 0: task \d+: device blocks \[-1\] out of range"
+        ):
+            client.wait(
+                client._submit(
+                    client._tasks and __import__("mpkv").protocol.Role.TRANSFER,
+                    SwapOut(100, np.array([-1], dtype=np.int32)),
+                    "raw",
+                )
+            )
         with pytest.raises(TaskFailed, match=r"host slots \[5\] hold nothing"):
-            client.wait(client._submit(__import__("mpkv").protocol.Role.TRANSFER, SwapIn(101, np.array([5], dtype=np.int32), np.array([1], dtype=np.int32)), "raw"))
+            client.wait(
+                client._submit(
+                    __import__("mpkv").protocol.Role.TRANSFER,
+                    SwapIn(101, np.array([5], dtype=np.int32), np.array([1], dtype=np.int32)),
+                    "raw",
+                )
+            )
         with pytest.raises(TaskFailed, match="10 tokens need 2 blocks of 8, got 1"):
             client.wait(client.prefill("short", np.arange(10), np.array([4])))
         ctl.shutdown()

@@ -51,7 +51,9 @@ def test_kill_an_actor_during_a_step(instance: str, role: Role, step: str) -> No
         assert time.monotonic() - t0 < DEADLINE_S
         killer.join()
         assert inst.exit_code() == 1
-        assert any(f"{role.name.lower()} r{rank} (pid {victim}) died with killed by SIGKILL" in line for line in inst.lines)
+        assert any(
+            f"{role.name.lower()} r{rank} (pid {victim}) died with killed by SIGKILL" in line for line in inst.lines
+        )
 
 
 def test_kill_transfer_during_a_swap(instance: str) -> None:
@@ -61,7 +63,9 @@ def test_kill_transfer_during_a_swap(instance: str) -> None:
         victim = _pid_of(ctl, Role.TRANSFER, 0)
         ctl.close()
         os.kill(victim, signal.SIGKILL)
-        with pytest.raises(PeerDied, match=rf"the writer 'transfer:r0' of ring .*done.transfer.r0 is dead.*pid {victim}"):
+        with pytest.raises(
+            PeerDied, match=rf"the writer 'transfer:r0' of ring .*done.transfer.r0 is dead.*pid {victim}"
+        ):
             client.wait(ticket, timeout_s=DEADLINE_S)
         assert inst.exit_code() == 1
 

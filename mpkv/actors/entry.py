@@ -54,7 +54,8 @@ def set_process_title(title: str) -> None:
 
 
 def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL us when the launcher dies, even by kill -9 (PR_SET_PDEATHSIG)."""
+    """Ask the kernel to SIGKILL us when our parent dies, even by kill -9 (PR_SET_PDEATHSIG). See
+    mpkv.actors.forkserver_preload for the chain launcher -> forkserver -> actor."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)
     if os.getppid() == 1:  # the launcher died before we got here

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.util
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -30,10 +30,12 @@ import select
 import shlex
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from multiprocessing import resource_tracker
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 from typing import Any
@@ -42,9 +44,12 @@ import numpy as np
 
 from mpkv.shm.registry import Registry
 from mpkv.shm.ring import RingReader, RingWriter, create_ring
+from mpkv.shm.waiting import DEFAULT_TIMEOUT_S
 
 CTX = mp.get_context("spawn")
-TIMEOUT_S = 20.0  # bound on any single wait (a child's start included): a broken transport fails, not hangs
+# Bound on any single wait (a child's start included), so a broken transport fails instead of hanging: the
+# ring's own default, which its hot-path calls below rely on, and the explicit timeout of every other wait.
+TIMEOUT_S = DEFAULT_TIMEOUT_S
 SIZES = (64, 4096)  # round-trip payloads
 MSG_BYTES = 64  # one-way and batched payloads
 RECORD_BATCH = 4096
@@ -148,8 +153,8 @@ def _ring_port(tx: str, rx: str) -> Port:
         reader.close()
         writer.close()
 
-    # Bound methods, not partials: a keyword partial costs as much as the put itself. Their waits are bounded
-    # by the ring's own default timeout (mpkv.shm.waiting.DEFAULT_TIMEOUT_S).
+    # Bound methods, not partials (a keyword partial costs as much as the put itself); their default timeout
+    # is TIMEOUT_S.
     return Port(writer.put, reader.get, close)
 
 
@@ -323,8 +328,12 @@ class Transport:
     needs: str | None = None  # an optional module (a bench extra): without it the row reads "not installed"
 
     def missing(self) -> str | None:
-        if self.needs and importlib.util.find_spec(self.needs) is None:
-            return f"not installed ({self.needs}; pip install 'mpkv[bench]')"
+        if self.needs is None:
+            return None
+        try:
+            importlib.import_module(self.needs)
+        except ImportError as e:
+            return f"not installed ({e}; pip install 'mpkv[bench]')"
         return None
 
 
@@ -340,12 +349,7 @@ TRANSPORTS = (
 
 
 # -- child processes (module level: spawn pickles them by name) ---------------------------------------------
-def _child_setup() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops us
-
-
 def _echo_child(link: type[Link], args: tuple[Any, ...]) -> None:
-    _child_setup()
     port = link.child_port(args)
     try:
         recv, send = port.recv, port.send
@@ -357,7 +361,6 @@ def _echo_child(link: type[Link], args: tuple[Any, ...]) -> None:
 
 def _stream_child(link: type[Link], args: tuple[Any, ...], count: int) -> None:
     """Put ``count`` 64-B messages, one call each, numbered 0.. in their first 8 bytes; then STOP."""
-    _child_setup()
     port = link.child_port(args)
     try:
         send, pad = port.send, bytes(MSG_BYTES - 8)
@@ -377,7 +380,6 @@ def _numbered(batch: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _records_child(name: str, batches: int) -> None:
-    _child_setup()
     with RingWriter(name, label="bench-records") as w:
         arr, seq = _numbered(RECORD_BATCH)
         base = np.arange(RECORD_BATCH, dtype=np.uint64)
@@ -387,7 +389,6 @@ def _records_child(name: str, batches: int) -> None:
 
 
 def _many_child(name: str, count: int) -> None:
-    _child_setup()
     with RingWriter(name, label="bench-many") as w:
         arr, seq = _numbered(MANY_BATCH)
         base = np.arange(MANY_BATCH, dtype=np.uint64)
@@ -399,7 +400,6 @@ def _many_child(name: str, count: int) -> None:
 
 def _idle_child(name: str, ready: Event, out: Any) -> None:
     """Block in ``get`` on an empty ring; record the CPU seconds and wall seconds that took."""
-    _child_setup()
     with RingReader(name, label="bench-idle") as r:
         ready.set()
         ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -410,10 +410,29 @@ def _idle_child(name: str, ready: Event, out: Any) -> None:
 
 
 @contextlib.contextmanager
+def _sigint_ignored_by_child() -> Iterator[None]:
+    """A child started in here ignores Ctrl-C from its first instruction (SIG_IGN survives exec): Ctrl-C is
+    the parent's to handle, and the parent stops its children. A Ctrl-C meanwhile stays pending (blocked, and
+    a blocked signal is never discarded) and interrupts the parent right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    resource_tracker.ensure_running()  # else its first start unblocks SIGINT in the middle of ours
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+@contextlib.contextmanager
 def _child(target: Callable[..., None], *args: Any, link: Link | None = None) -> Iterator[BaseProcess]:
     """Start a spawned child; on the way out stop it whatever happened (terminate, then kill)."""
     proc = CTX.Process(target=target, args=args, daemon=True, name=f"mpkv-bench:{target.__name__}")
-    proc.start()
+    with _sigint_ignored_by_child():
+        proc.start()
     try:
         if link is not None:
             link.started()
@@ -525,10 +544,23 @@ def measure_stream(t: Transport, p: Params) -> float:
     return rate
 
 
-def _check_numbers(seq: np.ndarray, start: int, what: str) -> None:
-    n = len(seq)
-    if n and (int(seq[0]) != start or not np.array_equal(seq, np.arange(start, start + n, dtype=np.uint64))):
-        raise BenchError(f"{what} {start}..{start + n - 1}: lost, reordered or corrupted (first is {seq[0]})")
+class _Sequence:
+    """Checks that each block of sequence numbers continues the last one: nothing lost, repeated, reordered."""
+
+    def __init__(self, what: str, batch: int) -> None:
+        self.what = what
+        self.next = 0
+        self._offsets = np.arange(batch, dtype=np.uint64)
+        self._diff = np.empty(batch, np.uint64)
+
+    def check(self, seq: np.ndarray) -> int:
+        n = len(seq)
+        diff = self._diff[:n]
+        np.subtract(seq, self._offsets[:n], out=diff)  # all equal to self.next iff seq is next, next+1, ...
+        if not (diff == self.next).all():
+            raise BenchError(f"{self.what} {self.next}..{self.next + n - 1}: lost, repeated or corrupted")
+        self.next += n
+        return n
 
 
 def _drained(reader: RingReader, proc: BaseProcess, what: str) -> None:
@@ -550,15 +582,13 @@ def measure_records(p: Params) -> float:
                 _child(_records_child, seg.name, p.record_batches) as proc,
             ):
                 out, seq = _numbered(RECORD_BATCH)
-                got = r.get_records_into(out, TIMEOUT_S)
-                t0 = time.perf_counter_ns()
-                _check_numbers(seq[:got], 0, "records")
-                first, t1 = got, t0
-                while got < total:
-                    n = r.get_records_into(out[: total - got], TIMEOUT_S)
+                numbers = _Sequence("records", RECORD_BATCH)
+                first = numbers.check(seq[: r.get_records_into(out, TIMEOUT_S)])
+                t0 = t1 = time.perf_counter_ns()
+                while numbers.next < total:
+                    n = r.get_records_into(out[: total - numbers.next], TIMEOUT_S)
                     t1 = time.perf_counter_ns()
-                    _check_numbers(seq[:n], got, "records")
-                    got += n
+                    numbers.check(seq[:n])
                 _drained(r, proc, "records")
         finally:
             reg.release(seg)
@@ -572,17 +602,17 @@ def measure_many(p: Params) -> float:
         seg = create_ring(reg, "many", RING_BYTES)
         try:
             with RingReader(seg.name, label="bench") as r, _child(_many_child, seg.name, total) as proc:
-                got, first, t0, t1 = 0, 0, 0, 0
-                while got < total:
-                    batch = r.get_many(min(MANY_BATCH, total - got), TIMEOUT_S)
+                numbers = _Sequence("put_many messages", MANY_BATCH)
+                first, t0, t1 = 0, 0, 0
+                while numbers.next < total:
+                    batch = r.get_many(min(MANY_BATCH, total - numbers.next), TIMEOUT_S)
                     t1 = time.perf_counter_ns()
-                    if not got:
+                    if not first:
                         first, t0 = len(batch), t1
                     raw = b"".join(batch)
                     if len(raw) != MSG_BYTES * len(batch):
-                        raise BenchError(f"get_many: a message of the batch at {got} is not {MSG_BYTES} B")
-                    _check_numbers(np.frombuffer(raw, "<u8")[:: MSG_BYTES // 8], got, "put_many messages")
-                    got += len(batch)
+                        raise BenchError(f"get_many: a message after {numbers.next} is not {MSG_BYTES} B")
+                    numbers.check(np.frombuffer(raw, "<u8")[:: MSG_BYTES // 8])
                 _drained(r, proc, "put_many")
         finally:
             reg.release(seg)
@@ -643,7 +673,9 @@ def _attempt(what: str, fn: Callable[[], Any], errors: list[str]) -> Any:
     try:
         return fn()
     except Exception as e:
-        errors.append(f"{what}: {type(e).__name__}: {e}")
+        timed_out = type(e).__name__ in ("Empty", "Again")  # queue.Empty (both queues), zmq.Again
+        why = f"nothing received within {TIMEOUT_S:g} s" if timed_out else str(e)
+        errors.append(f"{what}: {type(e).__name__}: {why}")
         return None
 
 
@@ -656,7 +688,7 @@ def run_transport(t: Transport, p: Params) -> Row:
     row.rtt = _attempt(f"{t.name}: round trips", partial(measure_rtt, t, p), errors) or {}
     row.msgs_per_s = _attempt(f"{t.name}: one-way stream", partial(measure_stream, t, p), errors)
     if errors:
-        row.status = "failed: " + "; ".join(errors)
+        row.status = "failed: " + "; ".join(e.removeprefix(f"{t.name}: ") for e in errors)
     return row
 
 
@@ -695,6 +727,10 @@ def _rate(v: float | None) -> str:
 
 def _ratio(num: float | None, den: float | None) -> str:
     return "-" if not num or not den else f"{num / den:.1f}x"
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024} KiB" if n >= 1024 and n % 1024 == 0 else f"{n} B"
 
 
 def _rtt_cell(row: Row, size: int) -> str:
@@ -736,7 +772,7 @@ def table(rows: list[Row]) -> list[str]:
     """The side-by-side table; a ratio says how many times better than mp.Queue (higher is better)."""
     base = next((r for r in rows if r.transport == BASELINE), None)
     grid = [list(HEAD), *(_cells(r, base) for r in rows)]
-    widths = [max(len(c[i]) for c in grid if len(c) == len(HEAD)) for i in range(len(HEAD))]
+    widths = [max(len(c[i]) for c in grid if len(c) == len(HEAD) or i == 0) for i in range(len(HEAD))]
     lines = []
     for c in grid:
         cols = [x.rjust(w) for x, w in zip(c[1:], widths[1:], strict=False)] if len(c) == len(HEAD) else c[1:]
@@ -751,7 +787,7 @@ def _sleep_note(ring: Row | None) -> list[str]:
     """How often the ring's round trips went to sleep: ~0 when its spin catches the echo, ~1 when it does not."""
     if ring is None or not ring.rtt:
         return []
-    per = ", ".join(f"{r.sleeps_per_trip:.2f} ({size} B)" for size, r in ring.rtt.items())
+    per = ", ".join(f"{r.sleeps_per_trip:.2f} ({_size(size)})" for size, r in ring.rtt.items())
     lines = [f"ring round trips that slept in the parent, per trip: {per}"]
     if max(r.sleeps_per_trip for r in ring.rtt.values()) > 0.5:
         lines.append(
@@ -759,6 +795,40 @@ def _sleep_note(ring: Row | None) -> list[str]:
             "one core, which the scheduler sometimes keeps them on"
         )
     return lines
+
+
+def _cpu_now() -> tuple[float, float, float]:
+    """(CPU seconds of the whole machine, of which stolen by the hypervisor, of this process and its reaped
+    children)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    hz = os.sysconf("SC_CLK_TCK")
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    return (user + nice + system + irq + softirq) / hz, steal / hz, own
+
+
+@dataclass
+class Background:
+    """What else ran during the run: the CPU time of other processes, and what the hypervisor stole."""
+
+    other_cpu_s: float
+    steal_s: float
+    wall_s: float
+
+    @classmethod
+    def since(cls, before: tuple[float, float, float], wall_s: float) -> Background:
+        busy, steal, own = (b - a for a, b in zip(before, _cpu_now(), strict=True))
+        return cls(max(busy - own, 0.0), steal, wall_s)
+
+    def describe(self, nproc: int) -> str:
+        other, stolen = (100 * x / (self.wall_s * nproc) for x in (self.other_cpu_s, self.steal_s))
+        text = (
+            f"meanwhile other processes used {other:.0f} % of the {nproc} cores and the hypervisor stole "
+            f"{stolen:.0f} % ({self.other_cpu_s:.1f} and {self.steal_s:.1f} CPU-s)"
+        )
+        return text + (": expect noisier numbers than on a quiet machine" if max(other, stolen) > 5 else "")
 
 
 @dataclass
@@ -781,6 +851,7 @@ class Run:
     rows: list[Row]
     extras: Extras
     wall_s: float
+    background: Background
 
     def targets(self) -> list[Target]:
         by = {r.transport: r for r in self.rows}
@@ -832,7 +903,7 @@ def header(command: str, mach: dict[str, Any], p: Params, quick: bool) -> list[s
 def report(run: Run) -> list[str]:
     ex, p, nproc = run.extras, run.params, run.machine["nproc"]
     idle = ex.idle
-    scope = "" if nproc == 2 else f"; this machine has {nproc}"
+    scope = "" if nproc == 2 else f"; this run had {nproc} usable"
     lines = [
         *table(run.rows),
         "",
@@ -850,6 +921,7 @@ def report(run: Run) -> list[str]:
         verdict = "n/a " if t.ok is None else "PASS" if t.ok else "MISS"
         lines.append(f"  {verdict}  {t.what}: {t.measured}")
     lines.append(f"wall time: {run.wall_s:.1f} s")
+    lines.append(run.background.describe(nproc))
     return lines
 
 
@@ -859,10 +931,11 @@ def main(args: argparse.Namespace) -> int:
     command = shlex.join(getattr(sys, "orig_argv", sys.argv))
     mach = machine()
     print("\n".join([*header(command, mach, p, quick), ""]), flush=True)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_now()
     rows = [run_transport(t, p) for t in TRANSPORTS]
     extras = run_extras(p)
-    run = Run(command, mach, quick, p, rows, extras, time.perf_counter() - t0)
+    wall_s = time.perf_counter() - t0
+    run = Run(command, mach, quick, p, rows, extras, wall_s, Background.since(cpu0, wall_s))
     print("\n".join(report(run)), flush=True)
     if getattr(args, "json", None):
         with open(args.json, "w") as f:

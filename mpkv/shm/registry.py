@@ -91,6 +91,11 @@ class Registry:
     def _set_state(self, i: int, state: EntryState) -> None:
         _native.store_u32(self.seg.buf, self._entry_off(i) + layout.REG_STATE, int(state))
 
+    def _recycle(self, i: int) -> None:
+        """The claimer gives its entry back: GONE first (readers skip it), then the claim word returns to 0."""
+        self._set_state(i, EntryState.GONE)
+        _native.store_u64(self.seg.buf, self._entry_off(i) + layout.REG_CLAIM, 0)
+
     def entries(self) -> list[Entry]:
         out = []
         buf = self.seg.buf
@@ -115,7 +120,7 @@ class Registry:
         try:
             seg = Segment.create(name, kind, payload_bytes)
         except NameTaken:
-            self._set_state(i, EntryState.GONE)
+            self._recycle(i)
             raise
         self._set_state(i, EntryState.LIVE)
         self._mine[name] = i
@@ -128,7 +133,7 @@ class Registry:
             seg.unlink()
             i = self._mine.pop(seg.name, None)
             if i is not None:
-                self._set_state(i, EntryState.GONE)
+                self._recycle(i)
 
     def close(self) -> None:
         self.seg.close()
