@@ -54,7 +54,8 @@ DRIVER = textwrap.dedent(
         off = slot(i)
         seq = struct.unpack_from("<Q", control, off)[0]
         struct.pack_into("<Q", control, off, seq + 1)
-        struct.pack_into("<qQQQQQ", control, off + 8, value, epoch, os.getpid(), start_ticks(), time.monotonic_ns(), aux)
+        me = (os.getpid(), start_ticks(), time.monotonic_ns())
+        struct.pack_into("<qQQQQQ", control, off + 8, value, epoch, *me, aux)
         struct.pack_into("<Q", control, off, seq + 2)
         libc.syscall(SYS_futex, ctypes.c_void_p(base_addr + off), 1, 2**31 - 1, None, None, 0)  # FUTEX_WAKE
 

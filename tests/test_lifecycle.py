@@ -11,6 +11,7 @@ from mpkv.client import Client, InstanceNotServing, TaskFailed
 from mpkv.controller import CommandRefused, Controller
 from mpkv.errors import AttachError
 from mpkv.naming import list_names
+from mpkv.protocol import Role, SwapIn, SwapOut
 
 OWNERS = ["worker", "transfer"]
 
@@ -39,7 +40,7 @@ def test_cycles_then_swaps_verify_every_byte(instance: str, owner: str, rng) -> 
     gen = np.random.default_rng(rng.randrange(2**32))
     with Launched(instance, tp=2, owner=owner), Controller(instance) as ctl, Client(instance) as client:
         wv = ctl.weight_version
-        for cycle in range(3):
+        for _ in range(3):
             blocks = gen.permutation(client.cfg.device_blocks)[:3].astype(np.int32)
             tokens = prefill_and_verify(client, gen, blocks, wv)
             slots = client.wait(client.swap_out(blocks))[0].slots
@@ -106,27 +107,13 @@ def test_bad_blocks_are_refused_before_anything_is_copied(instance: str) -> None
             client.swap_out(np.array([0, n]))
         with pytest.raises(BadBlocks, match=r"device blocks \[3\] appear more than once"):
             client.swap_out(np.array([3, 3]))
-        # The actors validate too (a client that skips the checks gets the same diagnosis, per rank).
-        from mpkv.protocol import SwapIn, SwapOut
-
-        with pytest.raises(
-            TaskFailed, match=r"failed on 2 of 2 ranks: rank 0: task \d+: device blocks \[-1\] out of range"
-        ):
-            client.wait(
-                client._submit(
-                    client._tasks and __import__("mpkv").protocol.Role.TRANSFER,
-                    SwapOut(100, np.array([-1], dtype=np.int32)),
-                    "raw",
-                )
-            )
+        # The actors validate too: a client that skips the checks gets the same diagnosis, from every rank.
+        bad_out = SwapOut(100, np.array([-1], dtype=np.int32))
+        with pytest.raises(TaskFailed, match=r"failed on 2 of 2 ranks: rank 0: task 100: device blocks \[-1\] out of"):
+            client.wait(client._submit(Role.TRANSFER, bad_out, "raw swap-out"))
+        unowned = SwapIn(101, np.array([5], dtype=np.int32), np.array([1], dtype=np.int32))
         with pytest.raises(TaskFailed, match=r"host slots \[5\] hold nothing"):
-            client.wait(
-                client._submit(
-                    __import__("mpkv").protocol.Role.TRANSFER,
-                    SwapIn(101, np.array([5], dtype=np.int32), np.array([1], dtype=np.int32)),
-                    "raw",
-                )
-            )
+            client.wait(client._submit(Role.TRANSFER, unowned, "raw swap-in"))
         with pytest.raises(TaskFailed, match="10 tokens need 2 blocks of 8, got 1"):
             client.wait(client.prefill("short", np.arange(10), np.array([4])))
         ctl.shutdown()
