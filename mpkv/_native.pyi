@@ -21,6 +21,16 @@ def wait_word_change(
     buf: WriteableBuffer, off: int, old: int, flag_off: int, spin_s: float, timeout_s: float
 ) -> int: ...
 def wait_any(words: list[tuple[WriteableBuffer, int, int]], timeout_s: float) -> int: ...
+def copy_blocks(
+    dst_addr: int,
+    dst_blocks: int,
+    src_addr: int,
+    src_blocks: int,
+    planes: int,
+    block_bytes: int,
+    dst_ids: Any,
+    src_ids: Any,
+) -> None: ...
 def futex_wake(buf: WriteableBuffer, off: int) -> None: ...
 def store_notify(buf: WriteableBuffer, off: int, x: int, flag_off: int, stride: int, nflags: int) -> None: ...
 

@@ -19,9 +19,13 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from mpkv.bench import ipc
+    from mpkv.bench import ipc, lifecycle
 
-    runners: dict[str, Callable[[argparse.Namespace], int]] = {"ipc": ipc.main}
+    runners: dict[str, Callable[[argparse.Namespace], int]] = {
+        "ipc": ipc.main,
+        "rl": lifecycle.main,
+        "swap": lifecycle.main,
+    }
     return runners[args.what](args)
 
 
@@ -130,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     dp.set_defaults(func=_demo)
 
     b = sub.add_parser("bench", help="benchmarks, side by side with baselines, as ratio tables")
-    b.add_argument("what", choices=["ipc"], help="ipc: ring latency/throughput vs mp.Queue, Pipe, faster-fifo, ZeroMQ")
+    b.add_argument(
+        "what",
+        choices=["ipc", "rl", "swap"],
+        help="ipc: ring latency/throughput vs mp.Queue, Pipe, faster-fifo, ZeroMQ; rl: clear/restore cycle vs its "
+        "floor at TP=1/2/4; swap: swap bytes/s vs memcpy",
+    )
     b.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run, not for the record)")
     b.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     b.set_defaults(func=_bench)

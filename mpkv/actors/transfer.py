@@ -16,6 +16,7 @@ from mpkv.actors.runtime import Actor, TaskError
 from mpkv.blocks import BadBlocks, check_ids
 from mpkv.instance import Instance
 from mpkv.pool import OwnedPool, allocate_host_pool
+from mpkv.pool.copy import copy_blocks
 from mpkv.protocol import Done, ReadBlocks, Role, SwapIn, SwapOut
 
 FREE = -1
@@ -86,8 +87,7 @@ class TransferManager(Actor):
             raise TaskError(f"task {task.seq}: host pool full: {len(blocks)} slots needed, {len(free)} free")
         slots = free[: len(blocks)]
         assert self.pool is not None
-        src = torch.as_tensor(blocks, device=self.pool.tensor.device)
-        host[:, :, torch.as_tensor(slots)] = self.pool.tensor[:, :, src].to("cpu")
+        copy_blocks(host, slots, self.pool.tensor, blocks)
         self.slot_version[slots] = self.weight_version
         return Done(task.seq, self.rank, slots=slots.astype(np.int32), weight_version=self.weight_version)
 
@@ -98,8 +98,7 @@ class TransferManager(Actor):
             raise TaskError(f"task {task.seq}: {len(slots)} host slots for {len(blocks)} device blocks")
         host = self._host()
         assert self.pool is not None
-        dst = torch.as_tensor(blocks, device=self.pool.tensor.device)
-        self.pool.tensor[:, :, dst] = host[:, :, torch.as_tensor(slots)].to(self.pool.tensor.device)
+        copy_blocks(self.pool.tensor, blocks, host, slots)
         if task.free_slots:
             self.slot_version[slots] = FREE
         return Done(task.seq, self.rank, weight_version=self.weight_version)

@@ -791,8 +791,8 @@ def _sleep_note(ring: Row | None) -> list[str]:
     lines = [f"ring round trips that slept in the parent, per trip: {per}"]
     if max(r.sleeps_per_trip for r in ring.rtt.values()) > 0.5:
         lines.append(
-            "  most waits outlasted the spin (MPKV_SPIN_US) and slept: typically parent and echo child sharing "
-            "one core, which the scheduler sometimes keeps them on"
+            "  most waits outlasted the spin (MPKV_SPIN_US) and slept: typically parent and echo child on one "
+            "core (the other one busy, or the scheduler keeping them together), where a spin only delays the peer"
         )
     return lines
 

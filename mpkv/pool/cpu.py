@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from mpkv import naming
@@ -21,7 +22,10 @@ from mpkv.shm.segment import Segment
 
 
 def _as_tensor(seg: Segment, cfg: CacheConfig, blocks: int) -> torch.Tensor:
-    flat = torch.frombuffer(seg.payload, dtype=torch.uint8)
+    # Through numpy on purpose: a numpy array holds a buffer export of the mapping, and every torch view made
+    # from it keeps that array alive. So unmapping while any view lives raises BufferError (see _close) instead
+    # of leaving a tensor pointing at unmapped memory. (torch.frombuffer keeps only a reference, not an export.)
+    flat = torch.from_numpy(np.frombuffer(seg.payload, dtype=np.uint8))
     return flat.view(cfg.torch_dtype).view(cfg.pool_shape(blocks))
 
 

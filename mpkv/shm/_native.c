@@ -28,6 +28,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <sched.h>
+
 #if defined(__x86_64__) || defined(__i386__)
 #define CPU_RELAX() __builtin_ia32_pause()
 #elif defined(__aarch64__)
@@ -46,6 +48,13 @@ static inline uint64_t now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* One step of a spin: a CPU pause for the first microseconds, then sched_yield, so a peer that shares our core
+ * (7+ processes on 2 cores) gets to run instead of waiting for our spin to end. */
+static inline void spin_step(uint64_t t, uint64_t t0) {
+    if (t - t0 < 2000) CPU_RELAX();
+    else sched_yield();
 }
 
 /* Returns 0 when woken (or spuriously), 1 on timeout, 2 when the word no longer held `expected`. */
@@ -223,7 +232,7 @@ static PyObject *py_wait_word_change(PyObject *self, PyObject *args) {
         if (cur != old) break;
         uint64_t t = now_ns();
         if (t >= deadline) break;
-        if (t < spin_end) { CPU_RELAX(); continue; }
+        if (t < spin_end) { spin_step(t, t0); continue; }
         if (flag) atomic_store_explicit(flag, 1, memory_order_relaxed);
         atomic_thread_fence(memory_order_seq_cst);
         cur = atomic_load_explicit(word, memory_order_acquire);
@@ -315,6 +324,43 @@ static PyObject *py_wait_any(PyObject *self, PyObject *args) {
 fail:
     for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&views[i]);
     return NULL;
+}
+
+/* copy_blocks(dst_addr, dst_blocks, src_addr, src_blocks, planes, block_bytes, dst_ids, src_ids):
+ * the swap copy of the cpu backend. Both pools are [planes][blocks][block_bytes] (planes = layers x K/V);
+ * block src_ids[i] of every plane goes to block dst_ids[i]. One memcpy per (plane, block), GIL released.
+ * Addresses come from torch's data_ptr() of live tensors; ids are int64 buffers, checked against the bounds. */
+static PyObject *py_copy_blocks(PyObject *self, PyObject *args) {
+    unsigned long long dst_addr, src_addr; Py_ssize_t dst_blocks, src_blocks, planes, bb;
+    PyObject *dst_obj, *src_obj; Py_buffer d, s;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnKnnnOO", &dst_addr, &dst_blocks, &src_addr, &src_blocks, &planes, &bb,
+                          &dst_obj, &src_obj))
+        return NULL;
+    if (PyObject_GetBuffer(dst_obj, &d, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    if (PyObject_GetBuffer(src_obj, &s, PyBUF_C_CONTIGUOUS) < 0) { PyBuffer_Release(&d); return NULL; }
+    Py_ssize_t n = d.len / 8;
+    const int64_t *di = d.buf, *si = s.buf;
+    int bad = d.len != s.len || d.len % 8 || planes < 0 || bb < 0;
+    for (Py_ssize_t i = 0; !bad && i < n; i++)
+        bad = di[i] < 0 || di[i] >= dst_blocks || si[i] < 0 || si[i] >= src_blocks;
+    if (bad) {
+        PyBuffer_Release(&d); PyBuffer_Release(&s);
+        PyErr_SetString(PyExc_ValueError, "copy_blocks: id lists differ in length or hold an id out of range");
+        return NULL;
+    }
+    char *dst = (char *)(uintptr_t)dst_addr;
+    const char *src = (const char *)(uintptr_t)src_addr;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t p = 0; p < planes; p++) {
+        char *dp = dst + (size_t)p * (size_t)dst_blocks * (size_t)bb;
+        const char *sp = src + (size_t)p * (size_t)src_blocks * (size_t)bb;
+        for (Py_ssize_t i = 0; i < n; i++)
+            memcpy(dp + (size_t)di[i] * (size_t)bb, sp + (size_t)si[i] * (size_t)bb, (size_t)bb);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&d); PyBuffer_Release(&s);
+    Py_RETURN_NONE;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -589,7 +635,7 @@ static PyObject *Ring_wait(Ring *r, PyObject *args) {
         if (writer ? has_space(r, need) : readable(r)) { ok = 1; break; }
         uint64_t t = now_ns();
         if (t >= deadline) break;
-        if (t < spin_end) { CPU_RELAX(); continue; }
+        if (t < spin_end) { spin_step(t, t0); continue; }
         au64 *word;
         if (writer) {
             uint32_t slowest = 0;
@@ -697,6 +743,7 @@ static PyMethodDef module_methods[] = {
     {"seq_read", py_seq_read, METH_VARARGS, "seq_read(buf, off, n) -> (seq, *words): consistent read."},
     {"wait_word_change", py_wait_word_change, METH_VARARGS, "Eventcount wait until a word changes."},
     {"wait_any", py_wait_any, METH_VARARGS, "Sleep until one of several 32-bit words changes (futex_waitv)."},
+    {"copy_blocks", py_copy_blocks, METH_VARARGS, "Copy blocks between two [planes][blocks][bytes] pools."},
     {"futex_wake", py_futex_wake, METH_VARARGS, "futex_wake(buf, off): wake every sleeper on a 64-bit word."},
     {"store_notify", py_store_notify, METH_VARARGS, "Store a word and wake its flagged waiters."},
     {NULL, NULL, 0, NULL},

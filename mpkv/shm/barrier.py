@@ -22,7 +22,7 @@ from mpkv.layout import SegmentKind
 from mpkv.shm.proc import ProcId
 from mpkv.shm.registry import Registry
 from mpkv.shm.segment import Segment
-from mpkv.shm.waiting import DEFAULT_TIMEOUT_S, SPIN_S, Peer, wait_until
+from mpkv.shm.waiting import DEFAULT_TIMEOUT_S, Peer, wait_until
 
 _BASE = layout.SEGMENT_HEADER_BYTES
 _RANKS = _BASE + layout.LINE_BYTES  # payload line 0: nranks u64
@@ -113,14 +113,14 @@ class Barrier:
         pending = [r for r in range(self.nranks) if r != self.rank]
         _native.store_u64(buf, off + layout.BAR_WAIT_SINCE, time.monotonic_ns())
 
-        def step(slice_s: float) -> bool:
+        def step(slice_s: float, spin_s: float) -> bool:
             while pending:
                 r = pending[0]
                 arrived_off = self._rank_off(r) + layout.BAR_ARRIVED
                 arrived = _native.load_u64(buf, arrived_off)
                 if arrived < gen:
                     if slice_s > 0:
-                        _native.wait_word_change(buf, arrived_off, arrived, off + layout.BAR_SLEEPING, SPIN_S, slice_s)
+                        _native.wait_word_change(buf, arrived_off, arrived, off + layout.BAR_SLEEPING, spin_s, slice_s)
                     return False
                 theirs = self._key(r, gen)
                 if theirs != key:

@@ -15,18 +15,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from mpkv import _native, layout
-from mpkv.errors import AttachError, MessageTooLarge, ProtocolError
+from mpkv.errors import AttachError, MessageTooLarge, ProtocolError, WaitTimeout
 from mpkv.layout import EndpointState, SegmentKind
 from mpkv.shm.proc import ProcId
 from mpkv.shm.registry import Registry
 from mpkv.shm.segment import Segment
-from mpkv.shm.waiting import DEFAULT_TIMEOUT_S, SPIN_S, Peer, wait_until
+from mpkv.shm.waiting import DEFAULT_TIMEOUT_S, Peer, wait_until
 
 _BASE = layout.SEGMENT_HEADER_BYTES  # the ring header starts right after the segment header
+EndpointT = TypeVar("EndpointT", bound="_Endpoint")
+
+
+def _left(deadline: float, timeout_s: float, what: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise WaitTimeout(f"timed out after {timeout_s:g} s {what}")
+    return left
 
 
 def ring_payload_bytes(capacity: int, nreaders: int) -> int:
@@ -128,9 +137,9 @@ class _Endpoint:
         self.blocked += 1
         _native.store_u64(buf, off + layout.META_WAIT_SINCE, time.monotonic_ns())
 
-        def step(slice_s: float) -> bool:
+        def step(slice_s: float, spin_s: float) -> bool:
             _native.store_u64(buf, off + layout.META_HEARTBEAT, time.monotonic_ns())
-            return bool(self._port.wait(need, SPIN_S, slice_s))
+            return bool(self._port.wait(need, spin_s, slice_s))
 
         try:
             wait_until(step, what=what, timeout_s=timeout_s, peers=peers)
@@ -146,7 +155,7 @@ class _Endpoint:
         self._port.release()
         self.seg.close()
 
-    def __enter__(self):  # type: ignore[no-untyped-def]
+    def __enter__(self: EndpointT) -> EndpointT:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -167,18 +176,13 @@ class RingWriter(_Endpoint):
         if not self._port.try_put(data):  # pragma: no cover - wait returned True, so it fits
             raise AssertionError("ring reported space that was not there")
 
-    def put_many(self, items: Sequence[bytes], timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def put_many(self, items: Sequence[bytes | memoryview], timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """Write all items in order, publishing as many per store as fit; block while full."""
         done = self._port.try_put_many(items, 0)
         deadline = time.monotonic() + timeout_s
         while done < len(items):
-            left_s = max(deadline - time.monotonic(), 1e-3)
-            self._block(
-                len(items[done]),
-                f"writing item {done} of {len(items)} to a full ring",
-                self._laggards,
-                left_s,
-            )
+            what = f"writing item {done} of {len(items)} to a full ring"
+            self._block(len(items[done]), what, self._laggards, _left(deadline, timeout_s, what))
             done += self._port.try_put_many(items, done)
 
     def put_records(self, records: np.ndarray, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
@@ -190,8 +194,8 @@ class RingWriter(_Endpoint):
         done = self._port.try_put_records(raw, rec, 0)
         deadline = time.monotonic() + timeout_s
         while done < n:
-            left_s = max(deadline - time.monotonic(), 1e-3)
-            self._block(rec, f"writing record {done} of {n} to a full ring", self._laggards, left_s)
+            what = f"writing record {done} of {n} to a full ring"
+            self._block(rec, what, self._laggards, _left(deadline, timeout_s, what))
             done += self._port.try_put_records(raw, rec, done)
 
     def _laggards(self) -> list[Peer]:
@@ -240,6 +244,8 @@ class RingReader(_Endpoint):
 
     def get_records_into(self, out: np.ndarray, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
         """Copy between 1 and len(out) fixed-size records into ``out``; returns how many."""
+        if not out.flags.c_contiguous or len(out) == 0:
+            raise ValueError("get_records_into needs a non-empty C-contiguous array to fill")
         rec = out.itemsize * (int(np.prod(out.shape[1:])) if out.ndim > 1 else 1)
         raw = out.reshape(-1).view(np.uint8)
         n = self._port.try_get_records(raw, rec)

@@ -102,7 +102,9 @@ class Segment:
                 )
             if st.st_size < layout.SEGMENT_HEADER_BYTES:
                 raise AttachError(f"segment {name} is {st.st_size} bytes, too small to be an mpkv segment")
-            mm = mmap.mmap(shm.fd, st.st_size)
+            # Pools are prefaulted at attach (MAP_POPULATE): the page faults belong to restore, not to a swap.
+            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if kind == SegmentKind.POOL else 0)
+            mm = mmap.mmap(shm.fd, st.st_size, flags=flags)
         finally:
             shm.close_fd()
         try:

@@ -23,7 +23,7 @@ from mpkv.layout import SegmentKind
 from mpkv.shm.proc import ProcId
 from mpkv.shm.registry import Registry
 from mpkv.shm.segment import Segment
-from mpkv.shm.waiting import DEFAULT_TIMEOUT_S, SPIN_S, Peer, wait_until
+from mpkv.shm.waiting import DEFAULT_TIMEOUT_S, Peer, wait_until
 
 E = TypeVar("E", bound=enum.IntEnum)
 _BASE = layout.SEGMENT_HEADER_BYTES
@@ -98,12 +98,12 @@ class SignalArray(Generic[E]):
         off = self._off(slot)
         result: list[Signal[E]] = []
 
-        def step(slice_s: float) -> bool:
+        def step(slice_s: float, spin_s: float) -> bool:
             sig = self.read(slot)
             if predicate(sig):
                 result.append(sig)
                 return True
-            _native.wait_word_change(self.seg.buf, off, sig.seq, -1, SPIN_S, slice_s)
+            _native.wait_word_change(self.seg.buf, off, sig.seq, -1, spin_s, slice_s)
             return False
 
         def peers() -> list[Peer]:

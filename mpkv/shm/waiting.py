@@ -19,7 +19,7 @@ from mpkv.shm.proc import ProcId
 # Spin this long before sleeping: long enough to catch a peer that answers at once (a round trip is a few
 # microseconds), short enough that 7+ processes on 2 cores do not starve each other.
 SPIN_S = float(os.environ.get("MPKV_SPIN_US", "50")) * 1e-6
-LIVENESS_SLICE_S = 0.05
+LIVENESS_SLICE_S = 0.1
 DEFAULT_TIMEOUT_S = 30.0
 
 
@@ -52,30 +52,33 @@ def check_timeout(timeout_s: float) -> float:
 
 
 def wait_until(
-    step: Callable[[float], bool],
+    step: Callable[[float, float], bool],
     *,
     what: str,
     timeout_s: float,
     peers: Callable[[], Sequence[Peer]],
 ) -> None:
-    """Call ``step(slice_s)`` until it returns True. ``step`` blocks at most ``slice_s`` seconds.
+    """Call ``step(slice_s, spin_s)`` until it returns True. ``step`` blocks at most ``slice_s`` seconds, and
+    spins ``spin_s`` first: ``SPIN_S`` on the first call, 0 after (a spin only pays while the peer is running).
 
     ``peers`` is called between slices (and again at the end) so it always reflects current state, e.g. which
     reader is now the slowest.
     """
     deadline = time.monotonic() + check_timeout(timeout_s)
+    spin_s = SPIN_S
     while True:
         remaining = deadline - time.monotonic()
-        if step(max(0.0, min(LIVENESS_SLICE_S, remaining))):
+        if step(max(0.0, min(LIVENESS_SLICE_S, remaining)), spin_s):
             return
+        spin_s = 0.0
         for p in peers():
             why = p.dead_reason()
             if why is not None:
-                if step(0.0):  # it may have delivered just before it went away
+                if step(0.0, 0.0):  # it may have delivered just before it went away
                     return
                 raise PeerDied(f"{what}: {p.role} is {why}; it was {p.describe()}")
         if time.monotonic() >= deadline:
-            if step(0.0):
+            if step(0.0, 0.0):
                 return
             named = "; ".join(p.describe() for p in peers()) or "no peer recorded"
             raise WaitTimeout(f"timed out after {timeout_s:g} s {what}; waiting for {named}")

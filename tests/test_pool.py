@@ -1,0 +1,61 @@
+"""Pools and block copies in one process: the pieces the transfer manager and the handshake stand on."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from mpkv.blocks import BadBlocks, check_ids
+from mpkv.config import CacheConfig
+from mpkv.errors import MpkvError
+from mpkv.pool import allocate_device_pool, attach_device_pool
+from mpkv.pool.copy import copy_blocks
+from mpkv.shm.registry import Registry
+
+CFG = CacheConfig(layers=2, kv_heads=2, head_dim=8, block_size=4, device_blocks=16, host_blocks=8)
+
+
+def test_copy_blocks_matches_indexing(rng: random.Random) -> None:
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    src = torch.randn(CFG.pool_shape(16), generator=gen).to(torch.float16)
+    dst = torch.zeros(CFG.pool_shape(8), dtype=torch.float16)
+    s = np.array(rng.sample(range(16), 5))
+    d = np.array(rng.sample(range(8), 5))
+    copy_blocks(dst, d, src, s)
+    want = torch.zeros_like(dst)
+    want[:, :, torch.as_tensor(d)] = src[:, :, torch.as_tensor(s)]
+    assert torch.equal(dst, want)
+    with pytest.raises(ValueError, match="out of range"):
+        copy_blocks(dst, np.array([8]), src, np.array([0]))
+    with pytest.raises(ValueError, match="2 source blocks for 1 destination blocks"):
+        copy_blocks(dst, np.array([1]), src, np.array([0, 1]))
+
+
+def test_a_pool_is_not_freed_under_a_live_view(instance: str) -> None:
+    reg = Registry.create(instance)
+    try:
+        pool = allocate_device_pool(reg, CFG, rank=0, epoch=1, weight_version=1)
+        attached = attach_device_pool(CFG, pool.handle())
+        attached.tensor[0, 0, 3] = 7
+        assert torch.equal(pool.tensor[0, 0, 3], attached.tensor[0, 0, 3])  # one memory, two processes' views
+        stale = attached.tensor[1]  # a view kept past detach: exactly the reference's second bug
+        with pytest.raises(MpkvError, match="still holds a tensor view of it"):
+            attached.close()
+        del stale
+        attached.close()
+        assert pool.free() >= CFG.pool_bytes(CFG.device_blocks)
+    finally:
+        reg.destroy()
+
+
+def test_block_id_checks() -> None:
+    assert check_ids([3, 1], 4, "blocks").tolist() == [3, 1]
+    with pytest.raises(BadBlocks, match=r"blocks \[-2, 9\] out of range: valid ids are 0..3"):
+        check_ids([-2, 9, 1], 4, "blocks")
+    with pytest.raises(BadBlocks, match=r"appear more than once"):
+        check_ids([1, 1], 4, "blocks")
+    with pytest.raises(BadBlocks, match="1-D array of integers"):
+        check_ids([[1]], 4, "blocks")
