@@ -326,6 +326,31 @@ fail:
     return NULL;
 }
 
+#if defined(__x86_64__)
+#include <emmintrin.h>
+/* Copy with non-temporal stores: the destination of a swap is not read again soon, so writing around the
+ * cache saves the read-for-ownership of every destination line (what glibc's memcpy does for large copies). */
+static void copy_stream(char *dst, const char *src, size_t n) {
+    if (((uintptr_t)dst | (uintptr_t)src) & 15 || n < 512) { memcpy(dst, src, n); return; }
+    size_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        __m128i a = _mm_load_si128((const __m128i *)(src + i));
+        __m128i b = _mm_load_si128((const __m128i *)(src + i + 16));
+        __m128i c = _mm_load_si128((const __m128i *)(src + i + 32));
+        __m128i d = _mm_load_si128((const __m128i *)(src + i + 48));
+        _mm_stream_si128((__m128i *)(dst + i), a);
+        _mm_stream_si128((__m128i *)(dst + i + 16), b);
+        _mm_stream_si128((__m128i *)(dst + i + 32), c);
+        _mm_stream_si128((__m128i *)(dst + i + 48), d);
+    }
+    if (i < n) memcpy(dst + i, src + i, n - i);
+}
+#define COPY_FENCE() _mm_sfence()
+#else
+#define copy_stream memcpy
+#define COPY_FENCE() atomic_thread_fence(memory_order_release)
+#endif
+
 /* copy_blocks(dst_addr, dst_blocks, src_addr, src_blocks, planes, block_bytes, dst_ids, src_ids):
  * the swap copy of the cpu backend. Both pools are [planes][blocks][block_bytes] (planes = layers x K/V);
  * block src_ids[i] of every plane goes to block dst_ids[i]. One memcpy per (plane, block), GIL released.
@@ -356,8 +381,9 @@ static PyObject *py_copy_blocks(PyObject *self, PyObject *args) {
         char *dp = dst + (size_t)p * (size_t)dst_blocks * (size_t)bb;
         const char *sp = src + (size_t)p * (size_t)src_blocks * (size_t)bb;
         for (Py_ssize_t i = 0; i < n; i++)
-            memcpy(dp + (size_t)di[i] * (size_t)bb, sp + (size_t)si[i] * (size_t)bb, (size_t)bb);
+            copy_stream(dp + (size_t)di[i] * (size_t)bb, sp + (size_t)si[i] * (size_t)bb, (size_t)bb);
     }
+    COPY_FENCE(); /* streamed stores are ordered before the completion that follows */
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&d); PyBuffer_Release(&s);
     Py_RETURN_NONE;

@@ -58,6 +58,8 @@ class SignalArray(Generic[E]):
     """A view of a signal array; ``values`` is the IntEnum its slots hold."""
 
     def __init__(self, name: str, values: type[E], *, labels: Callable[[int], str] | None = None) -> None:
+        if 0 not in values._value2member_map_:
+            raise ValueError(f"{values.__name__} needs a member with value 0: a slot never written holds 0")
         self.name = name
         self.values = values
         self.seg = Segment.attach(name, SegmentKind.SIGNALS)
