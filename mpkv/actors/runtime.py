@@ -99,19 +99,29 @@ class Actor:
             return [actor_slot(r, self.rank) for r in self.attacher_roles]
         return [actor_slot(self.owner_role, self.rank)]
 
-    def _peer_status(self, slot: int) -> tuple[Status | None, Signal[ActorState]]:
+    def _peer_status(self, slot: int, check_alive: bool) -> tuple[Status | None, Signal[ActorState]]:
         sig = self.inst.status.read(slot)
         if sig.seq == 0:
             return Status(S.BOOTING, 0), sig  # not started yet: alive as far as we know
-        return (Status(sig.value, sig.epoch) if sig.writer.alive() else None), sig
+        if check_alive and not sig.writer.alive():
+            return None, sig
+        return Status(sig.value, sig.epoch), sig
 
     def _command(self) -> Command:
         sig = self.inst.control.read(CONTROL_COMMAND)
         return Command(sig.value, sig.epoch, sig.aux)
 
-    def _view(self, cmd: Command) -> View:
-        peers = tuple(self._peer_status(s)[0] for s in self._peer_slots())
+    def _view(self, cmd: Command, check_alive: bool = False) -> View:
+        peers = tuple(self._peer_status(s, check_alive)[0] for s in self._peer_slots())
         return View(self.status, cmd, self.is_owner, self.pool is not None, self.owns_host(), self.host_live(), peers)
+
+    def _decide(self, cmd: Command) -> Decision:
+        """``decide`` on what the slots say; only when that means waiting for a peer, check (reading /proc)
+        that the peers are alive, and decide again if one is not: liveness costs nothing on the fast path."""
+        d = decide(self._view(cmd))
+        if d.action == Act.WAIT and d.waiting_for:
+            d = decide(self._view(cmd, check_alive=True))
+        return d
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -123,7 +133,7 @@ class Actor:
                 d = IDLE  # nothing changed that an idle decision depends on: serve tasks without re-deciding
             else:
                 cmd = self._command()
-                d = decide(self._view(cmd))
+                d = self._decide(cmd)
                 if d.action != Act.WAIT:
                     waiting_since, idle_on = None, None
                     self._act(d, cmd)
@@ -150,7 +160,7 @@ class Actor:
         out = []
         for i in d.waiting_for:
             slot = self._peer_slots()[i]
-            _, sig = self._peer_status(slot)
+            _, sig = self._peer_status(slot, check_alive=False)
             out.append(f"{self.inst.status._labels(slot)} [{sig.writer.describe()}; {sig.value.name}@{sig.epoch}]")
         return "; ".join(out)
 
