@@ -231,7 +231,8 @@ class Actor:
             while self._serve_one():
                 pass
         assert d.publish is not None
-        self._publish(d.publish)
+        if d.publish != self.status:  # an unchanged status would only wake its waiters for nothing
+            self._publish(d.publish)
 
     def _adopt(self, weight_version: int) -> None:
         if weight_version != self.weight_version or self.status.state == S.BOOTING:
