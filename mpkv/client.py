@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpkv.blocks import check_ids
-from mpkv.errors import MpkvError
+from mpkv.errors import MpkvError, PeerDied
 from mpkv.instance import CONTROL_COMMAND, TASK_ROLES, Instance
 from mpkv.protocol import (
     DONE_CODEC,
@@ -131,7 +131,11 @@ class Client:
         key = (ticket.role, rank)
         early = self._early[key]
         while ticket.seq not in early:
-            done = DONE_CODEC.decode(self._done[key].get(timeout_s=timeout_s))
+            try:
+                raw = self._done[key].get(timeout_s=timeout_s)
+            except PeerDied as e:
+                raise PeerDied(f"{ticket.what} (task {ticket.seq}) lost: {self.inst.culprits()}. ({e})") from None
+            done = DONE_CODEC.decode(raw)
             early[done.seq] = done
         return early.pop(ticket.seq)
 

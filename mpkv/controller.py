@@ -164,35 +164,13 @@ class Controller:
                         timeout_s=max(1e-3, deadline - time.monotonic()),
                     )
                 except PeerDied:
-                    raise StepFailed(f"{step} failed: {self._culprits()}") from None
+                    raise StepFailed(f"{step} failed: {self.inst.culprits()}") from None
                 except WaitTimeout as e:
                     raise StepFailed(f"{step} failed: {who} did not acknowledge within {timeout_s:g} s: {e}") from None
                 if sig.value == S.FAILED:
-                    raise StepFailed(f"{step} failed: {self._culprits()}")
+                    raise StepFailed(f"{step} failed: {self.inst.culprits()}")
                 acks[who] = sig
         return acks
-
-    def _culprits(self) -> str:
-        """Who broke the step: actors that FAILED or died without stopping. The launcher stops the others
-        (they show STOPPED) once one is gone, so those are named last, if at all."""
-        culprits, stopped = [], []
-        for rank in range(self.cfg.tp):
-            for role in ROLES:
-                slot, who = actor_slot(role, rank), actor_name(role, rank)
-                sig = self.inst.status.read(slot)
-                if sig.value == S.FAILED:
-                    err = self.inst.read_error(slot).strip().splitlines()
-                    culprits.append(f"{who} (pid {sig.writer.pid}) FAILED: {err[0] if err else 'no error recorded'}")
-                elif not sig.writer.alive() and sig.value != S.STOPPED:
-                    culprits.append(
-                        f"{who} died: pid {sig.writer.pid} is {sig.writer.state()} "
-                        f"(last state {sig.value.name}@{sig.epoch})"
-                    )
-                elif sig.value == S.STOPPED:
-                    stopped.append(who)
-        if not culprits:
-            return f"the instance was stopped ({', '.join(stopped)} stopped)"
-        return "; ".join(culprits) + (f" (then the launcher stopped {', '.join(stopped)})" if stopped else "")
 
     def _check_unmapped(self) -> None:
         """After a clear, no actor may still map a device pool of this instance (the memory would not be free)."""

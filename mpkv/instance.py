@@ -27,7 +27,7 @@ from mpkv.config import CacheConfig
 from mpkv.errors import MpkvError
 from mpkv.layout import SegmentKind
 from mpkv.pool import PoolHandle
-from mpkv.protocol import ROLES, ActorState, Cmd, Role, actor_slot
+from mpkv.protocol import ROLES, ActorState, Cmd, Role, actor_name, actor_slot
 from mpkv.shm.registry import Registry
 from mpkv.shm.ring import create_ring
 from mpkv.shm.segment import Segment
@@ -135,6 +135,28 @@ class Instance:
 
     def read_handle(self, rank: int) -> PoolHandle:
         return msgspec.msgpack.decode(self._read_record("handles", rank, HANDLE_RECORD_BYTES), type=PoolHandle)
+
+    def culprits(self) -> str:
+        """Who broke the instance: actors that FAILED (with their error's first line) or died without stopping.
+        Once one is gone the launcher stops the others (they show STOPPED): those are named last, if at all."""
+        culprits, stopped = [], []
+        for rank in range(self.cfg.tp):
+            for role in ROLES:
+                slot, who = actor_slot(role, rank), actor_name(role, rank)
+                sig = self.status.read(slot)
+                if sig.value == ActorState.FAILED:
+                    err = self.read_error(slot).strip().splitlines()
+                    culprits.append(f"{who} (pid {sig.writer.pid}) FAILED: {err[0] if err else 'no error recorded'}")
+                elif sig.value == ActorState.STOPPED:
+                    stopped.append(who)
+                elif sig.seq and not sig.writer.alive():
+                    culprits.append(
+                        f"{who} died: pid {sig.writer.pid} is {sig.writer.state()} "
+                        f"(last state {sig.value.name}@{sig.epoch})"
+                    )
+        if not culprits:
+            return f"the instance was stopped ({', '.join(stopped) or 'no actor stopped yet'})"
+        return "; ".join(culprits) + (f" (then the launcher stopped {', '.join(stopped)})" if stopped else "")
 
     # -- teardown ------------------------------------------------------------------------------------------------
     def close(self) -> None:

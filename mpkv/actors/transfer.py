@@ -85,7 +85,9 @@ class TransferManager(Actor):
         free = np.flatnonzero(self.slot_version == FREE)
         if len(free) < len(blocks):
             raise TaskError(f"task {task.seq}: host pool full: {len(blocks)} slots needed, {len(free)} free")
-        slots = free[: len(blocks)]
+        # Give ascending slots to ascending blocks: both sides of the copy are then walked in address order.
+        slots = np.empty(len(blocks), dtype=np.int64)
+        slots[np.argsort(blocks, kind="stable")] = free[: len(blocks)]
         assert self.pool is not None
         copy_blocks(host, slots, self.pool.tensor, blocks)
         self.slot_version[slots] = self.weight_version
