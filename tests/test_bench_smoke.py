@@ -1,0 +1,27 @@
+"""The benchmarks run end to end and print their tables (quick mode). Their numbers decide nothing here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _bench(*args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "mpkv.cli", "bench", *args, "--quick"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_bench_ipc_quick() -> None:
+    text = _bench("ipc")
+    assert "mpkv ring" in text and "mp.Queue" in text and "idle blocked reader" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["rl", "swap"])
+def test_bench_lifecycle_quick(what: str) -> None:
+    assert "target:" in _bench(what)
