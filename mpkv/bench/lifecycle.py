@@ -110,12 +110,24 @@ def one_way_signal_us(n: int) -> float:
 # -- rl -----------------------------------------------------------------------------------------------------------
 
 
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        raw = f.read()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def cycle_ms(name: str, cycles: int) -> dict[str, list[float]]:
+    """Per-step latencies of ``cycles`` cycles (after 3 warm-up cycles), plus the CPU time per cycle that the
+    actors (summed) and the controller spent: on 2 cores, their sum over 2 bounds the cycle from below."""
     from mpkv.controller import Controller
 
     out: dict[str, list[float]] = {"cycle": [], "pause": [], "clear": [], "restore": [], "resume": []}
     with Controller(name) as ctl:
+        pids = [ctl.inst.status.read(i).writer.pid for i in range(3 * ctl.cfg.tp)]
         for i in range(cycles + 3):
+            if i == 3:
+                actors0, ctl0 = sum(_cpu_s(p) for p in pids), time.process_time()
             steps: list[tuple[str, Callable[[], StepResult]]] = [
                 ("pause", ctl.pause),
                 ("clear", ctl.clear),
@@ -129,6 +141,8 @@ def cycle_ms(name: str, cycles: int) -> dict[str, list[float]]:
                 for k, v in lat.items():
                     out[k].append(v)
                 out["cycle"].append(total)
+        out["actor_cpu"] = [(sum(_cpu_s(p) for p in pids) - actors0) / cycles * 1e3]
+        out["controller_cpu"] = [(time.process_time() - ctl0) / cycles * 1e3]
         ctl.shutdown()
     return out
 
@@ -160,15 +174,15 @@ def report_rl(r: dict[str, Any]) -> list[str]:
         f"floor of a cycle = {HOPS_PER_CYCLE} messages = {floor_ms:.3f} ms",
         "",
         "| TP | cycle, 1-block pool (= handshake) p50 / p99 | cycle, real pool p50 | alloc+zero+free | pool bytes "
-        "| handshake / floor |",
-        "|---|---|---|---|---|---|",
+        "| handshake / floor | CPU per handshake cycle: actors + controller |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         t, g = row["tiny"], row["real"]
         out.append(
             f"| {row['tp']} | {t['cycle']:.2f} / {t['cycle_p99']:.2f} ms | {g['cycle']:.2f} ms | "
             f"{g['cycle'] - t['cycle']:.2f} ms | {row['real_pool_bytes'] / 2**20:.0f} MiB | "
-            f"{t['cycle'] / floor_ms:.1f}x |"
+            f"{t['cycle'] / floor_ms:.1f}x | {t['actor_cpu']:.1f} + {t['controller_cpu']:.1f} ms |"
         )
     out.append("")
     out.append("| TP | pause | clear | restore | resume (p50 ms, 1-block pool; real pool in brackets) |")
