@@ -24,7 +24,8 @@ class Launched:
         self, name: str, tp: int = 2, owner: str = "worker", fault: str | None = None, **geometry: int
     ) -> None:
         args = [sys.executable, "-m", "mpkv.cli", "launch", "--name", name, "--tp", str(tp), "--pool-owner", owner]
-        for k, v in (SMALL | geometry).items():
+        settings: dict[str, int | str] = {**SMALL, **geometry}
+        for k, v in settings.items():
             args += [f"--{k.replace('_', '-')}", str(v)]
         env = dict(os.environ)
         if fault:
