@@ -15,8 +15,8 @@ from typing import Any
 
 from mpkv.errors import MpkvError, PeerDied, WaitTimeout
 from mpkv.handshake import Command, check_command
-from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, launcher_slot
-from mpkv.protocol import ACK_OF, ROLES, ActorState, ClearFlags, Cmd, actor_name, actor_slot
+from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot, launcher_slot
+from mpkv.protocol import ACK_OF, ROLES, ActorState, ClearFlags, Cmd, WaitKind, actor_name, actor_slot, pack_slots
 from mpkv.shm.signals import Signal
 
 S = ActorState
@@ -53,6 +53,7 @@ class Controller:
         try:
             self._cmd = self.inst.control.writer(CONTROL_COMMAND)
             self._ledger = self.inst.control.writer(CONTROL_LEDGER)
+            self._wait_w = self.inst.waits.writer(controller_wait_slot(self.cfg.tp))
         except BaseException:
             self.inst.close()
             raise
@@ -105,7 +106,8 @@ class Controller:
             for role in ROLES:
                 slot = actor_slot(role, rank)
                 sig = self.inst.status.read(slot)
-                actors.append(_actor_entry(role.name.lower(), rank, sig, now, self.inst.read_error(slot)))
+                entry = _actor_entry(role.name.lower(), rank, sig, now, self.inst.read_error(slot))
+                actors.append(entry | {"waiting_for": self.inst.waiting_for(slot)})
         launcher = self.inst.status.read(launcher_slot(self.cfg.tp))
         return {
             "instance": self.name,
@@ -115,6 +117,7 @@ class Controller:
             "weight_version": self.weight_version,
             "cleared": [f.name for f in ClearFlags if f in self._cleared()],
             "launcher": _actor_entry("launcher", -1, launcher, now, ""),
+            "controller_waiting_for": self.inst.waiting_for(controller_wait_slot(self.cfg.tp)),
             "actors": actors,
         }
 
@@ -156,6 +159,7 @@ class Controller:
         for rank in range(self.cfg.tp):
             for role in ROLES:
                 slot, who = actor_slot(role, rank), actor_name(role, rank)
+                self._wait_w.write(WaitKind.ACKS, time.monotonic_ns(), pack_slots([slot]))
                 try:
                     sig = self.inst.status.wait(
                         slot,
@@ -165,11 +169,14 @@ class Controller:
                     )
                 except PeerDied:
                     raise StepFailed(f"{step} failed: {self.inst.culprits()}") from None
-                except WaitTimeout as e:
-                    raise StepFailed(f"{step} failed: {who} did not acknowledge within {timeout_s:g} s: {e}") from None
+                except WaitTimeout:
+                    raise StepFailed(
+                        f"{step} failed: {who} did not acknowledge within {timeout_s:g} s: {self.inst.wait_chain(slot)}"
+                    ) from None
                 if sig.value == S.FAILED:
                     raise StepFailed(f"{step} failed: {self.inst.culprits()}")
                 acks[who] = sig
+        self._wait_w.write(WaitKind.NONE, time.monotonic_ns(), 0)
         return acks
 
     def _check_unmapped(self) -> None:

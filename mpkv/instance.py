@@ -7,6 +7,8 @@
                                   | ClearFlags cleared since the last restore)
     status              signals   slot actor_slot(role, rank): that actor only;    controller, peers, mpkv-top
                                   last slot: the launcher
+    waits               signals   slot actor_slot(...): what that actor waits for (WaitKind; epoch = since,
+                                  monotonic ns; aux = protocol.pack_slots of whom); last slot: the controller
     errors              blob      record actor_slot(...): that actor only (before it publishes FAILED)
     handles             blob      record r: rank r's pool owner (before it publishes PUBLISHED)
     tasks.<role>        ring      the client (one writer); reader r = that role's rank r
@@ -20,6 +22,7 @@ The command block (control) is documented for other languages in docs/control-bl
 from __future__ import annotations
 
 import struct
+import time
 
 import msgspec
 
@@ -27,7 +30,7 @@ from mpkv.config import CacheConfig
 from mpkv.errors import MpkvError
 from mpkv.layout import SegmentKind
 from mpkv.pool import PoolHandle
-from mpkv.protocol import ROLES, ActorState, Cmd, Role, actor_name, actor_slot
+from mpkv.protocol import ROLES, ActorState, Cmd, Role, WaitKind, actor_name, actor_slot, unpack_slots
 from mpkv.shm.registry import Registry
 from mpkv.shm.ring import create_ring
 from mpkv.shm.segment import Segment
@@ -51,6 +54,11 @@ def launcher_slot(tp: int) -> int:
     return len(ROLES) * tp
 
 
+def controller_wait_slot(tp: int) -> int:
+    """The controller's record in ``waits`` (it has no status slot: its state is the command word)."""
+    return len(ROLES) * tp + 1
+
+
 class Instance:
     """A view of a running instance's objects. ``create`` (the launcher) makes them; ``attach`` maps them."""
 
@@ -64,6 +72,7 @@ class Instance:
         self.status: SignalArray[ActorState] = SignalArray(
             self.name_of("status"), ActorState, labels=lambda i: _actor_label(i, self.cfg.tp)
         )
+        self.waits: SignalArray[WaitKind] = SignalArray(self.name_of("waits"), WaitKind)
 
     @classmethod
     def create(cls, name: str, cfg: CacheConfig) -> Instance:
@@ -77,6 +86,7 @@ class Instance:
             owned.append(blob)
             owned.append(create_signals(reg, "control", 2))
             owned.append(create_signals(reg, "status", status_slot_count(tp)))
+            owned.append(create_signals(reg, "waits", status_slot_count(tp) + 1))
             for obj, size in (
                 ("errors", ERROR_RECORD_BYTES * status_slot_count(tp)),
                 ("handles", HANDLE_RECORD_BYTES * tp),
@@ -158,6 +168,34 @@ class Instance:
             return f"the instance was stopped ({', '.join(stopped) or 'no actor stopped yet'})"
         return "; ".join(culprits) + (f" (then the launcher stopped {', '.join(stopped)})" if stopped else "")
 
+    def waiting_for(self, slot: int) -> dict[str, object]:
+        """What the process of a status slot (or the controller's wait slot) is waiting for, and since when."""
+        sig = self.waits.read(slot)
+        if sig.seq == 0 or sig.value == WaitKind.NONE:
+            return {"kind": "NONE"}
+        on = [_actor_label(i, self.cfg.tp).removeprefix("status of ") for i in unpack_slots(sig.aux)]
+        return {"kind": sig.value.name, "on": on, "since_s": round((time.monotonic_ns() - sig.epoch) / 1e9, 3)}
+
+    def wait_chain(self, slot: int) -> str:
+        """Follow the published waits from one actor: "worker r0 (PAUSED@1) waits for messager r0 since 2.9 s;
+        messager r0 (pid 7, alive, sleeping; PAUSED@1) waits for nothing it published"."""
+        hops, seen = [], set()
+        while slot not in seen:
+            seen.add(slot)
+            sig = self.status.read(slot)
+            who = _actor_label(slot, self.cfg.tp).removeprefix("status of ")
+            state = f"{who} ({sig.writer.describe()}; {sig.value.name}@{sig.epoch})"
+            wait = self.waiting_for(slot)
+            if wait["kind"] != "PEERS":
+                hops.append(f"{state} is not waiting for a peer (it published {wait['kind']})")
+                break
+            on = unpack_slots(self.waits.read(slot).aux)
+            hops.append(f"{state} waits for {', '.join(wait['on'])} since {wait['since_s']} s")  # type: ignore[arg-type]
+            slot = on[0]
+        else:
+            hops.append("which closes a cycle")
+        return "; ".join(hops)
+
     # -- teardown ------------------------------------------------------------------------------------------------
     def close(self) -> None:
         for seg in self._blobs.values():
@@ -165,6 +203,7 @@ class Instance:
         self._blobs.clear()
         self.control.close()
         self.status.close()
+        self.waits.close()
         if not self._owned:
             self.registry.close()
 

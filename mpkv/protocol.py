@@ -60,6 +60,28 @@ class ActorState(enum.IntEnum):
     FAILED = 99  # terminal; the reason is in the actor's error record
 
 
+class WaitKind(enum.IntEnum):
+    """What a process is waiting for, published in its wait record (mpkv.instance, object ``waits``) so that
+    an inspector can draw the wait-for graph (DESIGN I2). ``aux`` says on whom: up to four status slots,
+    packed by ``pack_slots``."""
+
+    NONE = 0  # running, not waiting
+    COMMAND = 1  # idle: waiting for the controller's next command (and for tasks)
+    PEERS = 2  # waiting for the actors in aux to reach a state (the handshake)
+    ACKS = 3  # the controller, waiting for the actors in aux to acknowledge
+
+
+def pack_slots(slots: list[int]) -> int:
+    """Up to four status slots in one u64: (slot + 1) per 16 bits, 0 = none."""
+    if len(slots) > 4 or any(not 0 <= s < 0xFFFF for s in slots):
+        raise ValueError(f"cannot pack slots {slots}")
+    return sum((s + 1) << (16 * i) for i, s in enumerate(slots))
+
+
+def unpack_slots(word: int) -> list[int]:
+    return [(word >> (16 * i) & 0xFFFF) - 1 for i in range(4) if word >> (16 * i) & 0xFFFF]
+
+
 ACK_OF = {
     Cmd.NONE: ActorState.READY,
     Cmd.PAUSE: ActorState.PAUSED,

@@ -18,7 +18,7 @@ from mpkv.client import Client
 from mpkv.controller import Controller, StepFailed
 from mpkv.errors import PeerDied
 from mpkv.naming import list_names
-from mpkv.protocol import Role, actor_slot
+from mpkv.protocol import Role, actor_slot, unpack_slots
 from mpkv.shm.cleanup import cleanup
 
 DEADLINE_S = 60.0
@@ -110,3 +110,47 @@ def test_kill_the_launcher(instance: str) -> None:
     assert not any(p.alive() for p in pids), "actors survived their launcher"
     report = cleanup(instance=instance)
     assert report.removed and not report.live_instances
+
+
+def test_waits_are_published_for_the_wait_for_graph(instance: str) -> None:
+    """A stuck attacher during CLEAR: its owner publishes that it waits for it, the controller that it waits for
+    the owner's acknowledgement; the step fails at its deadline naming the one that did not acknowledge."""
+    with Launched(instance, tp=1, fault="messager:0:CLEAR:hang") as inst, Controller(instance) as ctl:
+        assert {a["waiting_for"]["kind"] for a in ctl.status()["actors"]} == {"COMMAND"}
+        ctl.pause()
+        seen: dict[str, object] = {}
+        epoch = ctl.inst.control.read(0).epoch + 1  # the CLEAR's
+
+        def observe() -> None:
+            from mpkv.instance import Instance, controller_wait_slot
+
+            view = Instance.attach(instance)
+            try:
+                worker = actor_slot(Role.WORKER, 0)
+                view.control.wait(0, lambda s: s.epoch >= epoch, what="the CLEAR command", timeout_s=DEADLINE_S)
+                view.waits.wait(
+                    # the transfer manager detaches at once; the hung messager never does
+                    worker,
+                    lambda s: unpack_slots(s.aux) == [actor_slot(Role.MESSAGER, 0)],
+                    what="the owner's wait",
+                    timeout_s=DEADLINE_S,
+                )
+                seen["owner"] = view.waiting_for(worker)
+                seen["controller"] = view.waiting_for(controller_wait_slot(1))
+            finally:
+                view.close()
+
+        watcher = threading.Thread(target=observe)
+        watcher.start()
+        with pytest.raises(
+            StepFailed,
+            match=r"CLEAR@2 failed: worker r0 did not acknowledge within 3 s: worker r0 \(pid \d+ \(alive.*PAUSED@1\) "
+            r"waits for messager r0 since [\d.]+ s; messager r0 \(pid \d+ \(alive.*PAUSED@1\) "
+            r"is not waiting for a peer",
+        ):
+            ctl.clear(timeout_s=3)
+        watcher.join()
+        assert seen["owner"]["kind"] == "PEERS" and seen["owner"]["on"] == ["messager r0"], seen
+        assert seen["controller"]["kind"] == "ACKS" and seen["controller"]["on"] == ["worker r0"], seen
+        os.kill(ctl.inst.status.read(actor_slot(Role.MESSAGER, 0)).writer.pid, signal.SIGKILL)
+        assert inst.exit_code() == 1

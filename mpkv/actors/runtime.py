@@ -26,7 +26,19 @@ from mpkv.errors import MpkvError, ProtocolError
 from mpkv.handshake import IDLE, Act, Command, Decision, Status, View, decide
 from mpkv.instance import CONTROL_COMMAND, Instance
 from mpkv.pool import AttachedPool, OwnedPool, allocate_device_pool, attach_device_pool
-from mpkv.protocol import DONE_CODEC, ROLES, TASK_CODEC, ActorState, Cmd, Done, Role, actor_name, actor_slot
+from mpkv.protocol import (
+    DONE_CODEC,
+    ROLES,
+    TASK_CODEC,
+    ActorState,
+    Cmd,
+    Done,
+    Role,
+    WaitKind,
+    actor_name,
+    actor_slot,
+    pack_slots,
+)
 from mpkv.shm.ring import RingReader, RingWriter
 from mpkv.shm.signals import Signal, SignalWriter
 from mpkv.shm.waiting import SPIN_S
@@ -61,6 +73,8 @@ class Actor:
         self.released_bytes = 0
         self.status: Status = Status(S.BOOTING, 0)
         self._status_w: SignalWriter[ActorState] = inst.status.writer(self.slot)
+        self._wait_w: SignalWriter[WaitKind] = inst.waits.writer(self.slot)
+        self._waiting: tuple[WaitKind, int] = (WaitKind.NONE, 0)
         self._last_publish = 0.0
         self._last_task = 0.0
         self.tasks: RingReader | None = None
@@ -154,7 +168,17 @@ class Actor:
                 waiting_since = None
             if time.monotonic() - self._last_publish > HEARTBEAT_S:
                 self._publish(self.status)  # heartbeat: same state, fresh timestamp
+            if d.waiting_for:
+                self._note_wait(WaitKind.PEERS, pack_slots([self._peer_slots()[i] for i in d.waiting_for]))
+            else:
+                self._note_wait(WaitKind.COMMAND, 0)
             self._sleep(snap, d, 0.05 if d.waiting_for else HEARTBEAT_S)
+
+    def _note_wait(self, kind: WaitKind, on: int) -> None:
+        """Publish what we wait for (DESIGN I2), only when it changes: the record's epoch is the wait's start."""
+        if (kind, on) != self._waiting:
+            self._waiting = (kind, on)
+            self._wait_w.write(kind, time.monotonic_ns(), on)
 
     def _describe_waits(self, d: Decision) -> str:
         out = []
@@ -199,6 +223,7 @@ class Actor:
             _native.store_u32(self.tasks.seg.buf, flag, 0)  # type: ignore[union-attr]
 
     def _act(self, d: Decision, cmd: Command) -> None:
+        self._note_wait(WaitKind.NONE, 0)
         logger.debug("{} {}@{}: {}", self.name, cmd.kind.name, cmd.epoch, d.action.name)
         fault_point(self.role, self.rank, cmd.kind.name)
         if d.action == Act.FAIL:
