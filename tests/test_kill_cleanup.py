@@ -122,11 +122,12 @@ def test_cleanup_command_dry_run_then_real(instance: str) -> None:
     owner = Child(procs.instance_owner, instance)
     names = owner.recv(30)
     owner.kill()
-    stray = naming.shm_path(f"/mpkv.u{os.getuid()}.{instance}x.not-ours")
+    stray = naming.shm_path(f"/mpkv.u{os.getuid()}.{instance}.not-ours")
     with open(stray, "wb") as f:
         f.write(b"some other program's file")
     try:
-        cmd = [sys.executable, "-m", "mpkv.cli", "cleanup", "--dry-run"]
+        # Scoped to this test's instance: other programs' names on the machine are none of this test's business.
+        cmd = [sys.executable, "-m", "mpkv.cli", "cleanup", "--name", instance, "--dry-run"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
         for name in names.values():
             assert f"would remove {name}" in out
