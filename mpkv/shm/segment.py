@@ -108,9 +108,11 @@ class Segment:
         finally:
             shm.close_fd()
         try:
+            # ready first, with acquire order: then the header and payload written before it are visible too
+            ready = _native.load_u32(mm, layout.HDR_READY_OFFSET) == 1 if st.st_size >= 64 else False
             header = layout.SEGMENT_HEADER.unpack_from(mm, 0)
             _check_header(name, header, kind, st.st_size, payload_bytes)
-            if _native.load_u32(mm, layout.HDR_READY_OFFSET) != 1:
+            if not ready:
                 raise AttachError(
                     f"segment {name} is not ready: its creator {ProcId(header[4], header[6]).describe()} "
                     "has not finished initializing it"
