@@ -109,7 +109,7 @@ class Segment:
             shm.close_fd()
         try:
             # ready first, with acquire order: then the header and payload written before it are visible too
-            ready = _native.load_u32(mm, layout.HDR_READY_OFFSET) == 1 if st.st_size >= 64 else False
+            ready = _native.load_u32(mm, layout.HDR_READY_OFFSET) == 1
             header = layout.SEGMENT_HEADER.unpack_from(mm, 0)
             _check_header(name, header, kind, st.st_size, payload_bytes)
             if not ready:
