@@ -10,6 +10,7 @@ failed explicitly by the actors.
 from __future__ import annotations
 
 import itertools
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,7 +73,10 @@ class Client:
         except BaseException:
             self.close()
             raise
-        self._seq = itertools.count(1)
+        # Sequence numbers carry a per-client session in their top 32 bits: a completion of an earlier client's
+        # task (still in flight when it closed) can never be taken for one of ours.
+        self._session = secrets.randbits(31) + 1
+        self._seq = itertools.count((self._session << 32) + 1)
 
     # -- tasks --------------------------------------------------------------------------------------------------
     def prefill(self, request: str, tokens: np.ndarray, blocks: np.ndarray) -> Ticket:
@@ -136,7 +140,8 @@ class Client:
             except PeerDied as e:
                 raise PeerDied(f"{ticket.what} (task {ticket.seq}) lost: {self.inst.culprits()}. ({e})") from None
             done = DONE_CODEC.decode(raw)
-            early[done.seq] = done
+            if done.seq >> 32 == self._session:  # else: an earlier client's, dropped
+                early[done.seq] = done
         return early.pop(ticket.seq)
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ from mpkv.errors import MpkvError, PeerDied, WaitTimeout
 from mpkv.handshake import Command, check_command
 from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot, launcher_slot
 from mpkv.protocol import ACK_OF, ROLES, ActorState, ClearFlags, Cmd, WaitKind, actor_name, actor_slot, pack_slots
-from mpkv.shm.signals import Signal
+from mpkv.shm.signals import Signal, SignalWriter
 
 S = ActorState
 
@@ -50,13 +50,17 @@ class Controller:
     def __init__(self, name: str, timeout_s: float = 60.0) -> None:
         self.inst = Instance.attach(name)
         self.name, self.timeout_s, self.cfg = name, timeout_s, self.inst.cfg
-        try:
-            self._cmd = self.inst.control.writer(CONTROL_COMMAND)
-            self._ledger = self.inst.control.writer(CONTROL_LEDGER)
-            self._wait_w = self.inst.waits.writer(controller_wait_slot(self.cfg.tp))
-        except BaseException:
-            self.inst.close()
-            raise
+        self._writers: tuple[SignalWriter[Cmd], SignalWriter[Cmd], SignalWriter[WaitKind]] | None = None
+
+    def _claim(self) -> tuple[SignalWriter[Cmd], SignalWriter[Cmd], SignalWriter[WaitKind]]:
+        """Become the one writer of the command block, at the first command (``status`` needs no claim)."""
+        if self._writers is None:
+            self._writers = (
+                self.inst.control.writer(CONTROL_COMMAND),
+                self.inst.control.writer(CONTROL_LEDGER),
+                self.inst.waits.writer(controller_wait_slot(self.cfg.tp)),
+            )
+        return self._writers
 
     # -- the RL transaction ---------------------------------------------------------------------------------
     def pause(self, timeout_s: float | None = None) -> StepResult:
@@ -139,31 +143,37 @@ class Controller:
             if refusal.already:
                 return StepResult(kind.name, last.epoch, already=True, message=refusal.message)
             raise CommandRefused(f"{kind.name.lower()} refused for instance {self.name}: {refusal.message}")
+        cmd_w, ledger_w, _ = self._claim()
         epoch = last.epoch + 1
+        if kind == Cmd.CLEAR:
+            # Counted as cleared from the moment it is asked for: if the step fails or times out and the actors
+            # finish it later, the instance must still refuse to resume until a restore (never a cleared pool
+            # that looks ready).
+            ledger_w.write(kind, epoch, self.weight_version << 2 | int(self._cleared() | ClearFlags(aux)))
         t0 = time.perf_counter()
-        self._cmd.write(kind, epoch, aux)
+        cmd_w.write(kind, epoch, aux)
         acks = self._wait_acks(kind, epoch, timeout_s or self.timeout_s)
         res = StepResult(kind.name, epoch, latency_s=time.perf_counter() - t0)
         if kind == Cmd.CLEAR:
             res.released_bytes = {name: sig.aux for name, sig in acks.items()}
-            self._ledger.write(kind, epoch, self.weight_version << 2 | int(self._cleared() | ClearFlags(aux)))
         elif kind == Cmd.RESTORE:
-            self._ledger.write(kind, epoch, aux << 2)
+            ledger_w.write(kind, epoch, aux << 2)
         return res
 
     def _wait_acks(self, kind: Cmd, epoch: int, timeout_s: float) -> dict[str, Signal[ActorState]]:
         target = ACK_OF[kind]
+        wait_w = self._claim()[2]
         deadline = time.monotonic() + timeout_s
         step = f"{kind.name}@{epoch}"
         acks: dict[str, Signal[ActorState]] = {}
         for rank in range(self.cfg.tp):
             for role in ROLES:
                 slot, who = actor_slot(role, rank), actor_name(role, rank)
-                self._wait_w.write(WaitKind.ACKS, time.monotonic_ns(), pack_slots([slot]))
+                wait_w.write(WaitKind.ACKS, time.monotonic_ns(), pack_slots([slot]))
                 try:
                     sig = self.inst.status.wait(
                         slot,
-                        lambda s: s.value == S.FAILED or s.at_least(target, epoch),
+                        lambda s: s.value in (S.FAILED, S.STOPPED) or s.at_least(target, epoch),
                         what=f"{who} to acknowledge {step} ({target.name})",
                         timeout_s=max(1e-3, deadline - time.monotonic()),
                     )
@@ -173,10 +183,10 @@ class Controller:
                     raise StepFailed(
                         f"{step} failed: {who} did not acknowledge within {timeout_s:g} s: {self.inst.wait_chain(slot)}"
                     ) from None
-                if sig.value == S.FAILED:
+                if sig.value == S.FAILED or (sig.value == S.STOPPED and kind != Cmd.SHUTDOWN):
                     raise StepFailed(f"{step} failed: {self.inst.culprits()}")
                 acks[who] = sig
-        self._wait_w.write(WaitKind.NONE, time.monotonic_ns(), 0)
+        wait_w.write(WaitKind.NONE, time.monotonic_ns(), 0)
         return acks
 
     def _check_unmapped(self) -> None:

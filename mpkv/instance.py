@@ -73,6 +73,7 @@ class Instance:
             self.name_of("status"), ActorState, labels=lambda i: _actor_label(i, self.cfg.tp)
         )
         self.waits: SignalArray[WaitKind] = SignalArray(self.name_of("waits"), WaitKind)
+        self._blob("errors")  # mapped now: failure reports must work after the launcher unlinked the names
 
     @classmethod
     def create(cls, name: str, cfg: CacheConfig) -> Instance:

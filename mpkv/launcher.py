@@ -28,6 +28,7 @@ from mpkv.shm.cleanup import cleanup
 
 S = ActorState
 GRACE_S = 5.0
+SHUTDOWN_GRACE_S = 60.0
 
 
 class LaunchError(MpkvError):
@@ -53,12 +54,19 @@ class Launcher:
         stale = cleanup(instance=self.name)
         if stale.removed:
             logger.warning("reclaimed {} names of a dead earlier run of {}", len(stale.removed), self.name)
-        inst = Instance.create(self.name, self.cfg)
-        me = inst.status.writer(launcher_slot(self.cfg.tp))
-        me.write(S.BOOTING, 0)
+        # Signals only set a flag from here on: the teardown below always runs to its end (a second Ctrl-C
+        # cannot abort the unlinking half-way); the previous handlers come back after it.
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            inst = Instance.create(self.name, self.cfg)
+        except BaseException:
+            for s, h in old.items():
+                signal.signal(s, h)
+            raise
+        me = inst.status.writer(launcher_slot(self.cfg.tp))
         code = 1
         try:
+            me.write(S.BOOTING, 0)
             # forkserver: one clean, single-threaded server imports torch and mpkv once and forks each actor
             # (no parent threads or state leak into children, unlike plain fork; seconds faster than spawn).
             ctx = mp.get_context("forkserver")
@@ -86,9 +94,9 @@ class Launcher:
         finally:
             me.write(S.STOPPED if code == 0 else S.FAILED, 0)
             self._stop_all()
+            inst.destroy()
             for s, h in old.items():
                 signal.signal(s, h)
-            inst.destroy()
         return code
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -121,6 +129,7 @@ class Launcher:
             wait_sentinels([p.sentinel for p in pending.values()], timeout=0.02)
 
     def _supervise(self, inst: Instance, me) -> int:  # type: ignore[no-untyped-def]
+        shutdown_deadline: float | None = None
         while True:
             alive = [p for p in self.procs.values() if p.exitcode is None]
             if self._stop_signal is not None:
@@ -130,6 +139,15 @@ class Launcher:
                 return 0
             cmd = inst.control.read(CONTROL_COMMAND)
             dead = [(k, p) for k, p in self.procs.items() if p.exitcode is not None]
+            if cmd.value == Cmd.SHUTDOWN:
+                shutdown_deadline = shutdown_deadline or time.monotonic() + SHUTDOWN_GRACE_S
+                if time.monotonic() > shutdown_deadline:
+                    late = ", ".join(actor_name(r, k) for (r, k), p in self.procs.items() if p.exitcode is None)
+                    self.say(
+                        f"mpkv: instance {self.name}: {late} still running {SHUTDOWN_GRACE_S:g} s after "
+                        "SHUTDOWN; stopping them"
+                    )
+                    return 1
             if dead and cmd.value == Cmd.SHUTDOWN and all(p.exitcode == 0 for _, p in dead):
                 if not alive:
                     self.say(f"mpkv: instance {self.name} shut down by its controller")

@@ -49,7 +49,10 @@ NOTE [ signal slot ]  (mpkv.shm.signals)
 One 64-byte slot per signal, seqlock-protected, one writer per slot::
 
     0  seq u64 (odd while the writer is mid-write) | 8 value i64 | 16 epoch u64 | 24 writer_pid u64 |
-    32 writer_start u64 | 40 timestamp_ns u64 | 48 aux u64 | 56 (reserved)
+    32 writer_start u64 | 40 timestamp_ns u64 | 48 aux u64 | 56 claim u64
+
+``claim`` is the pid of the slot's one writer, set by compare-and-swap when a ``SignalWriter`` is made (of two
+processes claiming at once one wins; a dead claimer's slot may be taken over) and outside the seqlock.
 
 Signals are control words, written rarely, so the writer wakes the futex of ``seq`` after every write and
 waiters need no flag of their own: nobody but the slot's writer ever stores into the slot.
@@ -153,6 +156,7 @@ def ring_max_payload(capacity: int) -> int:
 # --- signal slots ---------------------------------------------------------------------------------------
 SIGNAL_SLOT_BYTES = 64
 SIGNAL_WORDS = 6  # value, epoch, writer_pid, writer_start, timestamp_ns, aux (after the seq word)
+SIGNAL_CLAIM = 56
 
 
 # --- barrier --------------------------------------------------------------------------------------------

@@ -301,7 +301,18 @@ class Actor:
         except TaskError as e:
             done = Done(task.seq, self.rank, error=str(e), weight_version=self.weight_version)
         assert self.done is not None
-        self.done.put(DONE_CODEC.encode(done), timeout_s=PEER_TIMEOUT_S)
+        reply = DONE_CODEC.encode(done)
+        if len(reply) > self.done.max_payload:
+            reply = DONE_CODEC.encode(
+                Done(
+                    task.seq,
+                    self.rank,
+                    error=f"{self.name}: the reply is {len(reply)} bytes, more than the completion ring carries "
+                    f"({self.done.max_payload}); ask for fewer blocks per task",
+                    weight_version=self.weight_version,
+                )
+            )
+        self.done.put(reply, timeout_s=PEER_TIMEOUT_S)
         self._last_task = time.monotonic()
         return True
 

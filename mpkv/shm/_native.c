@@ -187,15 +187,31 @@ static PyObject *py_seq_read(PyObject *self, PyObject *args) {
     }
     au64 *w = (au64 *)p;
     uint64_t tmp[16], s1, s2;
+    int stuck = 0;
+    /* A writer writes a record in well under a microsecond; one that stays mid-write for a second was killed or
+     * stopped there. Give up then (with the GIL released while yielding), instead of spinning forever. */
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t t0 = now_ns(), spins = 0;
     for (;;) {
         s1 = atomic_load_explicit(&w[0], memory_order_acquire);
-        if (s1 & 1) { CPU_RELAX(); continue; }
-        for (Py_ssize_t i = 0; i < n; i++) tmp[i] = atomic_load_explicit(&w[i + 1], memory_order_relaxed);
-        atomic_thread_fence(memory_order_acquire);
-        s2 = atomic_load_explicit(&w[0], memory_order_relaxed);
-        if (s1 == s2) break;
+        if (!(s1 & 1)) {
+            for (Py_ssize_t i = 0; i < n; i++) tmp[i] = atomic_load_explicit(&w[i + 1], memory_order_relaxed);
+            atomic_thread_fence(memory_order_acquire);
+            s2 = atomic_load_explicit(&w[0], memory_order_relaxed);
+            if (s1 == s2) break;
+        }
+        if (++spins < 64) { CPU_RELAX(); continue; }
+        if (now_ns() - t0 > 1000000000ull) { stuck = 1; break; }
+        sched_yield();
     }
+    Py_END_ALLOW_THREADS
     PyBuffer_Release(&v);
+    if (stuck) {
+        PyErr_Format(PyExc_TimeoutError, "seqlock record stuck mid-write for 1 s (sequence %llu): its writer (pid "
+                     "%llu as last recorded) died or was stopped while writing it", (unsigned long long)s1,
+                     (unsigned long long)atomic_load_explicit(&w[n >= 3 ? 3 : 0], memory_order_relaxed));
+        return NULL;
+    }
     PyObject *out = PyTuple_New(n + 1);
     if (!out) return NULL;
     PyTuple_SET_ITEM(out, 0, PyLong_FromUnsignedLongLong(s1));
@@ -536,6 +552,7 @@ static PyObject *Ring_try_put_many(Ring *r, PyObject *args) {
     PyObject *seq; Py_ssize_t start;
     if (!PyArg_ParseTuple(args, "On", &seq, &start)) return NULL;
     if (ring_check_role(r, 1) < 0) return NULL;
+    if (start < 0) { PyErr_SetString(PyExc_ValueError, "start must be >= 0"); return NULL; }
     PyObject *fast = PySequence_Fast(seq, "put_many needs a sequence of bytes-like objects");
     if (!fast) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast), done = 0;
@@ -563,6 +580,7 @@ static PyObject *Ring_try_put_records(Ring *r, PyObject *args) {
     PyObject *obj; Py_ssize_t rec, start; Py_buffer b;
     if (!PyArg_ParseTuple(args, "Onn", &obj, &rec, &start)) return NULL;
     if (ring_check_role(r, 1) < 0) return NULL;
+    if (start < 0) { PyErr_SetString(PyExc_ValueError, "start must be >= 0"); return NULL; }
     if (PyObject_GetBuffer(obj, &b, PyBUF_C_CONTIGUOUS) < 0) return NULL;
     if (rec <= 0 || b.len % rec) {
         PyBuffer_Release(&b);
@@ -602,9 +620,17 @@ static PyObject *Ring_try_get_many(Ring *r, PyObject *arg) {
     Py_ssize_t got = 0;
     while (got < max_n && readable(r)) {
         uint32_t len;
+        uint64_t keep_pos = r->pos;
         char *src = peek_frame(r, &len);
         PyObject *item = PyBytes_FromStringAndSize(src, len);
-        if (!item || PyList_Append(out, item) < 0) { Py_XDECREF(item); Py_DECREF(out); out = NULL; break; }
+        if (!item || PyList_Append(out, item) < 0) {
+            /* keep this message (and the rest) in the ring: only what the list holds was consumed */
+            Py_XDECREF(item);
+            r->pos = keep_pos;
+            if (got) { publish_reader(r); PyErr_Clear(); return out; }
+            Py_DECREF(out);
+            return NULL;
+        }
         Py_DECREF(item);
         r->pos += frame_bytes(len);
         got++;
@@ -674,8 +700,16 @@ static PyObject *Ring_wait(Ring *r, PyObject *args) {
         uint64_t old = atomic_load_explicit(word, memory_order_acquire);
         atomic_store_explicit(flag, 1, memory_order_relaxed);
         atomic_thread_fence(memory_order_seq_cst);
-        if (!(writer ? has_space(r, need) : readable(r)) && atomic_load_explicit(word, memory_order_acquire) == old)
-            futex_wait_ns(low_half(word), (uint32_t)old, deadline - t);
+        int sleep = !(writer ? has_space(r, need) : readable(r)) && atomic_load_explicit(word, memory_order_acquire) == old;
+        if (sleep && writer) {
+            /* The slowest reader may have changed since we named it in waiting_on: then its progress would not
+             * wake us. Sleep only if the one we named is still the one holding the space. */
+            uint32_t now_slowest = 0;
+            min_reader_pos(r, &now_slowest);
+            sleep = (int32_t)now_slowest ==
+                    (int32_t)atomic_load_explicit(meta_u32(meta, META_WAITING_ON), memory_order_relaxed);
+        }
+        if (sleep) futex_wait_ns(low_half(word), (uint32_t)old, deadline - t);
         atomic_store_explicit(flag, 0, memory_order_relaxed);
     }
     Py_END_ALLOW_THREADS

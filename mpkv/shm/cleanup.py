@@ -79,6 +79,7 @@ def cleanup(dry_run: bool = False, instance: str | None = None) -> CleanupReport
     if instance is not None:
         names = [n for n in names if naming.instance_of(n) == naming.check_instance(instance)]
     covered: set[str] = set()
+    judged: dict[str, ProcId] = {}  # registry -> the owner it had when we judged it stale
     for reg in (n for n in names if naming.is_registry(n)):
         view = _registry_view(reg)
         if view is None:
@@ -94,6 +95,7 @@ def cleanup(dry_run: bool = False, instance: str | None = None) -> CleanupReport
             if name and name in names:
                 report.removed.append(name)
         report.removed.append(reg)
+        judged[reg] = owner
     for name in names:
         if name in covered:
             continue
@@ -104,5 +106,7 @@ def cleanup(dry_run: bool = False, instance: str | None = None) -> CleanupReport
             report.removed.append(name)
     if not dry_run:
         for name in report.removed:
+            if name in judged and read_owner(name) != judged[name]:
+                continue  # a new run of the instance took the name since we looked: it is live, keep it
             unlink_if_exists(name)
     return report

@@ -172,7 +172,7 @@ class RingWriter(_Endpoint):
         """Write one message; block while the ring is full, up to ``timeout_s``."""
         if self._port.try_put(data):
             return
-        self._block(len(data), "writing to a full ring", self._laggards, timeout_s)
+        self._block(memoryview(data).nbytes, "writing to a full ring", self._laggards, timeout_s)
         if not self._port.try_put(data):  # pragma: no cover - wait returned True, so it fits
             raise AssertionError("ring reported space that was not there")
 
@@ -182,7 +182,7 @@ class RingWriter(_Endpoint):
         deadline = time.monotonic() + timeout_s
         while done < len(items):
             what = f"writing item {done} of {len(items)} to a full ring"
-            self._block(len(items[done]), what, self._laggards, _left(deadline, timeout_s, what))
+            self._block(memoryview(items[done]).nbytes, what, self._laggards, _left(deadline, timeout_s, what))
             done += self._port.try_put_many(items, done)
 
     def put_records(self, records: np.ndarray, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from mpkv import _native, layout
-from mpkv.errors import AttachError, ProtocolError
+from mpkv.errors import AttachError, PeerDied, ProtocolError
 from mpkv.layout import SegmentKind
 from mpkv.shm.proc import ProcId
 from mpkv.shm.registry import Registry
@@ -72,7 +72,12 @@ class SignalArray(Generic[E]):
         return _SLOTS + slot * layout.SIGNAL_SLOT_BYTES
 
     def read(self, slot: int) -> Signal[E]:
-        seq, value, epoch, pid, start, ts, aux = _native.seq_read(self.seg.buf, self._off(slot), layout.SIGNAL_WORDS)
+        try:
+            seq, value, epoch, pid, start, ts, aux = _native.seq_read(
+                self.seg.buf, self._off(slot), layout.SIGNAL_WORDS
+            )
+        except TimeoutError as e:
+            raise PeerDied(f"{self._labels(slot)} of {self.name}: {e}") from None
         signed = value - (1 << 64) if value >= 1 << 63 else value
         try:
             typed = self.values(signed)
@@ -129,12 +134,21 @@ class SignalWriter(Generic[E]):
         self.slot = slot
         self._off = array._off(slot)
         self._me = ProcId.me()
-        prev = array.read(slot).writer
-        if prev.pid and prev != self._me and prev.alive():
-            raise AttachError(
-                f"{array._labels(slot)} of {array.name} is written by {prev.describe()}; "
-                f"pid {self._me.pid} may not write it too"
-            )
+        # Claim the slot by compare-and-swap of our pid into its claim word: of two processes claiming at once,
+        # one wins. A claim held by a live process is refused; one left by a dead process is taken over.
+        claim = self._off + layout.SIGNAL_CLAIM
+        while True:
+            held = _native.load_u64(array.seg.buf, claim)
+            if held == self._me.pid:
+                break
+            holder = array.read(slot).writer if held else ProcId(0, 0)
+            if held and (holder.pid != held or holder.alive()) and ProcId.of(int(held)).alive():
+                raise AttachError(
+                    f"{array._labels(slot)} of {array.name} is written by {ProcId.of(int(held)).describe()}; "
+                    f"pid {self._me.pid} may not write it too"
+                )
+            if _native.cas_u64(array.seg.buf, claim, held, self._me.pid)[0]:
+                break
 
     def write(self, value: E, epoch: int, aux: int = 0) -> None:
         if not isinstance(value, self.array.values):
