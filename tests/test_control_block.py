@@ -80,6 +80,9 @@ DRIVER = textwrap.dedent(
                 time.sleep(0.001)  # pacing of this simple external driver's poll; the deadline bounds it
         return epoch
 
+    for i in (0, 1):                                   # claim both control slots (no live holder here)
+        assert struct.unpack_from("<Q", control, slot(i) + 56)[0] == 0
+        struct.pack_into("<Q", control, slot(i) + 56, os.getpid())
     step(1, 0, 21)                                     # PAUSE -> PAUSED
     e = step(3, 3, 31)                                 # CLEAR device+host -> CLEARED
     released = sum(read(status, i)[5] for i in range(3 * tp))

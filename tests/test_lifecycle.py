@@ -11,7 +11,7 @@ from mpkv.client import Client, InstanceNotServing, TaskFailed
 from mpkv.controller import CommandRefused, Controller
 from mpkv.errors import AttachError
 from mpkv.naming import list_names
-from mpkv.protocol import Role, SwapIn, SwapOut
+from mpkv.protocol import ActorState, Role, SwapIn, SwapOut
 
 OWNERS = ["worker", "transfer"]
 
@@ -108,12 +108,83 @@ def test_bad_blocks_are_refused_before_anything_is_copied(instance: str) -> None
         with pytest.raises(BadBlocks, match=r"device blocks \[3\] appear more than once"):
             client.swap_out(np.array([3, 3]))
         # The actors validate too: a client that skips the checks gets the same diagnosis, from every rank.
-        bad_out = SwapOut(100, np.array([-1], dtype=np.int32))
-        with pytest.raises(TaskFailed, match=r"failed on 2 of 2 ranks: rank 0: task 100: device blocks \[-1\] out of"):
+        bad_out = SwapOut(next(client._seq), np.array([-1], dtype=np.int32))
+        with pytest.raises(TaskFailed, match=r"failed on 2 of 2 ranks: rank 0: task \d+: device blocks \[-1\] out of"):
             client.wait(client._submit(Role.TRANSFER, bad_out, "raw swap-out"))
-        unowned = SwapIn(101, np.array([5], dtype=np.int32), np.array([1], dtype=np.int32))
+        unowned = SwapIn(next(client._seq), np.array([5], dtype=np.int32), np.array([1], dtype=np.int32))
         with pytest.raises(TaskFailed, match=r"host slots \[5\] hold nothing"):
             client.wait(client._submit(Role.TRANSFER, unowned, "raw swap-in"))
         with pytest.raises(TaskFailed, match="10 tokens need 2 blocks of 8, got 1"):
             client.wait(client.prefill("short", np.arange(10), np.array([4])))
         ctl.shutdown()
+
+
+def test_a_clear_that_times_out_still_counts_as_a_clear(instance: str) -> None:
+    """The clear fails at its deadline (one actor is stopped), then completes when it runs again: the instance
+    must not look ready, and resume is refused until a restore."""
+    import os
+    import signal
+
+    from mpkv.controller import StepFailed
+    from mpkv.protocol import actor_slot
+
+    with Launched(instance, tp=1), Controller(instance) as ctl:
+        ctl.pause()
+        pid = ctl.inst.status.read(actor_slot(Role.TRANSFER, 0)).writer.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StepFailed, match="CLEAR@2 failed: .*did not acknowledge within 1 s"):
+                ctl.clear(timeout_s=1)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        for i in range(3):
+            ctl.inst.status.wait(i, lambda s: s.at_least(ActorState.CLEARED, 2), what="the late clear", timeout_s=60)
+        with pytest.raises(CommandRefused, match="cannot resume: the KV cache is cleared"):
+            ctl.resume()
+        ctl.restore()
+        ctl.resume()
+        ctl.shutdown()
+
+
+def test_status_while_a_trainer_holds_the_controller(instance: str) -> None:
+    import subprocess
+    import sys
+
+    with Launched(instance, tp=1), Controller(instance) as trainer:
+        trainer.pause()  # the trainer's controller now holds the command block
+        out = subprocess.run(
+            [sys.executable, "-m", "mpkv.cli", "ctl", instance, "status", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        out = subprocess.run(
+            [sys.executable, "-m", "mpkv.cli", "ctl", instance, "resume"], capture_output=True, text=True, timeout=60
+        )  # a second controller, in another process
+        assert out.returncode == 1 and "the command word" in out.stderr and "is written by pid" in out.stderr
+        trainer.resume()
+        trainer.shutdown()
+
+
+def test_reads_larger_than_a_completion_fail_the_task_not_the_instance(instance: str) -> None:
+    with Launched(instance, tp=1, device_blocks=2048) as inst, Client(instance) as client:
+        with pytest.raises(TaskFailed, match="more than the completion ring carries"):
+            client.wait(client.read_blocks(np.arange(2048, dtype=np.int32)))
+        client.wait(client.read_blocks(np.arange(4, dtype=np.int32)))  # still serving
+        with Controller(instance) as ctl:
+            ctl.shutdown()
+        assert inst.exit_code() == 0
+
+
+def test_a_new_client_never_gets_an_old_clients_results(instance: str) -> None:
+    with Launched(instance, tp=1):
+        first = Client(instance)
+        for _ in range(300):
+            first.read_blocks(np.arange(2, dtype=np.int32))  # never waited for
+        first.close()
+        with Client(instance) as second, Controller(instance) as ctl:
+            for _ in range(50):
+                (done,) = second.wait(second.read_blocks(np.arange(1, dtype=np.int32)))
+                assert len(done.data) == second.cfg.block_bytes, "got the completion of another client's task"
+            ctl.shutdown()
