@@ -232,7 +232,8 @@ class Actor:
             self.released_bytes = 0  # a new clear: count what this one releases
         if d.action == Act.ALLOCATE:
             wv = cmd.aux if cmd.kind == Cmd.RESTORE else self.weight_version
-            pool = allocate_device_pool(self.inst.registry, self.cfg, self.rank, cmd.epoch, wv)
+            attachers = tuple(int(r) for r in self.attacher_roles)
+            pool = allocate_device_pool(self.inst.registry, self.cfg, self.rank, cmd.epoch, wv, attachers)
             self.inst.write_handle(self.rank, pool.handle())
             self.pool = pool
             self._adopt(wv)
@@ -242,7 +243,7 @@ class Actor:
                 raise ProtocolError(
                     f"{self.name}: owner published the pool of epoch {handle.epoch}, expected {cmd.epoch}"
                 )
-            self.pool = attach_device_pool(self.cfg, handle)
+            self.pool = attach_device_pool(self.cfg, handle, int(self.role))
             self._adopt(handle.weight_version)
         elif d.action == Act.DETACH:
             self._detach()

@@ -28,7 +28,7 @@ class PoolHandle(msgspec.Struct, frozen=True):
     weight_version: int
     nbytes: int
     name: str = ""  # cpu: the shm segment
-    cuda: tuple = ()  # cuda: the arguments of torch's rebuild_cuda_tensor (IPC handles as bytes)
+    cuda: dict[int, tuple] = {}  # cuda: per attacher (by Role value), torch's rebuild_cuda_tensor arguments
 
 
 class OwnedPool(Protocol):
@@ -49,11 +49,14 @@ class AttachedPool(Protocol):
     def close(self) -> None: ...
 
 
-def allocate_device_pool(registry: Registry, cfg: CacheConfig, rank: int, epoch: int, weight_version: int) -> OwnedPool:
+def allocate_device_pool(
+    registry: Registry, cfg: CacheConfig, rank: int, epoch: int, weight_version: int, attachers: tuple[int, ...] = ()
+) -> OwnedPool:
+    """``attachers``: the roles (values) that will map the pool; the cuda backend makes one share for each."""
     if cfg.backend == "cuda":
         from mpkv.pool import cuda
 
-        return cuda.CudaPool(cfg, rank, epoch, weight_version)
+        return cuda.CudaPool(cfg, rank, epoch, weight_version, attachers)
     from mpkv.pool import cpu
 
     return cpu.ShmPool(registry, cfg, f"pool.dev.r{rank}.e{epoch}", cfg.device_blocks, rank, epoch, weight_version)
@@ -69,11 +72,12 @@ def allocate_host_pool(registry: Registry, cfg: CacheConfig, rank: int, epoch: i
     return cpu.ShmPool(registry, cfg, f"pool.host.r{rank}.e{epoch}", cfg.host_blocks, rank, epoch, weight_version)
 
 
-def attach_device_pool(cfg: CacheConfig, handle: PoolHandle) -> AttachedPool:
+def attach_device_pool(cfg: CacheConfig, handle: PoolHandle, role: int = 0) -> AttachedPool:
+    """Map the pool of ``handle`` as attacher ``role`` (the cuda backend has a share per attacher)."""
     if handle.backend == "cuda":
         from mpkv.pool import cuda
 
-        return cuda.AttachedCudaPool(cfg, handle)
+        return cuda.AttachedCudaPool(cfg, handle, role)
     from mpkv.pool import cpu
 
     return cpu.AttachedShmPool(cfg, handle)

@@ -2,10 +2,11 @@
 
 Note [CUDA IPC handle lifetime]
 The owner allocates one ``uint8`` tensor of the pool's size and exports it with torch's own reduction
-(``torch.multiprocessing.reductions.reduce_tensor``): a cudaIpcMemHandle for the allocation's base, the byte
-offset of our tensor inside it (the caching allocator may sub-allocate), and torch's cross-process reference
-counter. An attacher rebuilds a tensor from those arguments (``rebuild_cuda_tensor``), which opens the handle
-once per process. The handshake guarantees the owner frees only after every attacher dropped its tensor and
+(``torch.multiprocessing.reductions.reduce_tensor``), once per attacher: a cudaIpcMemHandle for the
+allocation's base, the byte offset of our tensor inside it (the caching allocator may sub-allocate), and a
+cross-process reference counter that the one receiver of that share decrements when it drops the storage.
+An attacher rebuilds a tensor from its own share (``rebuild_cuda_tensor``), which opens the handle once per
+process. The handshake guarantees the owner frees only after every attacher dropped its tensor and
 released the mapping (DETACHED); the owner then drops its tensor and calls ``torch.cuda.empty_cache()`` so the
 caching allocator really returns the memory, and measures the release with ``torch.cuda.mem_get_info``.
 Restores allocate a new tensor, hence a new handle: an attacher never reuses a handle across epochs.
@@ -36,13 +37,16 @@ def _free_bytes(dev: torch.device) -> int:
 
 
 class CudaPool:
-    def __init__(self, cfg: CacheConfig, rank: int, epoch: int, wv: int) -> None:
+    def __init__(self, cfg: CacheConfig, rank: int, epoch: int, wv: int, attachers: tuple[int, ...]) -> None:
         self._dev = _device(rank)
         nbytes = cfg.pool_bytes(cfg.device_blocks)
         self._raw = torch.zeros(nbytes, dtype=torch.uint8, device=self._dev)
         self.tensor = self._raw.view(cfg.torch_dtype).view(cfg.pool_shape(cfg.device_blocks))
-        _rebuild, args = reduce_tensor(self._raw)
-        self._handle = PoolHandle("cuda", rank, epoch, wv, nbytes, cuda=_encode(args))
+        # One share per attacher: torch counts the receivers of a share with one counter that its receiver
+        # decrements once; two attachers rebuilding from one share would drive it below zero, and the owner's
+        # memory would never be returned (it would wait in torch's limbo forever).
+        shares = {role: _encode(reduce_tensor(self._raw)[1]) for role in (attachers or (0,))}
+        self._handle = PoolHandle("cuda", rank, epoch, wv, nbytes, cuda=shares)
 
     def handle(self) -> PoolHandle:
         return self._handle
@@ -56,8 +60,10 @@ class CudaPool:
 
 
 class AttachedCudaPool:
-    def __init__(self, cfg: CacheConfig, handle: PoolHandle) -> None:
-        raw = rebuild_cuda_tensor(*_decode(handle.cuda))
+    def __init__(self, cfg: CacheConfig, handle: PoolHandle, role: int) -> None:
+        if role not in handle.cuda:
+            raise ValueError(f"the pool of rank {handle.rank} has no CUDA IPC share for role {role}")
+        raw = rebuild_cuda_tensor(*_decode(handle.cuda[role]))
         self.tensor = raw.view(cfg.torch_dtype).view(cfg.pool_shape(handle.nbytes // cfg.block_bytes))
 
     def close(self) -> None:
