@@ -83,7 +83,8 @@ class Barrier:
     def _claim(self) -> None:
         buf, off, me = self.seg.buf, self._off, ProcId.me()
         holder = self._proc(self.rank)
-        if holder.pid and holder.alive() and holder != me:
+        # Judged by pid alone: a claimer that won the compare-and-swap has not written its start time yet.
+        if holder.pid and holder.pid != me.pid and ProcId.of(holder.pid).alive():
             raise AttachError(f"rank {self.rank} of barrier {self.name} is already held by {holder.describe()}")
         won, _ = _native.cas_u64(buf, off + layout.BAR_PID, holder.pid, me.pid)
         if not won:

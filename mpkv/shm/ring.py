@@ -93,10 +93,14 @@ class _Endpoint:
 
     def _claim(self, label: str, endpoint: int) -> None:
         buf, off, me = self.seg.buf, self._meta, ProcId.me()
+        # The slot is free when its pid is 0 (never claimed, or released by close) or names a dead process.
+        # A claimer that has won the compare-and-swap but not yet written its start time is alive by pid: so
+        # judge by pid alone until the slot says ATTACHED, and by pid + start time after.
         word = _native.load_u64(buf, off + layout.META_PID)  # pid u32 | sleeping u32
-        holder = self._holder(endpoint)
-        state = _native.load_u32(buf, off + layout.META_STATE)
-        if word & 0xFFFFFFFF and state == EndpointState.ATTACHED and holder.alive():
+        pid = word & 0xFFFFFFFF
+        attached = _native.load_u32(buf, off + layout.META_STATE) == EndpointState.ATTACHED
+        holder = self._holder(endpoint) if attached else ProcId.of(int(pid))
+        if pid and (attached or pid != me.pid) and holder.alive():
             raise AttachError(f"{self._who(endpoint)} of ring {self.name} is already held by {holder.describe()}")
         won, _ = _native.cas_u64(buf, off + layout.META_PID, word, me.pid)
         if not won:
@@ -152,6 +156,7 @@ class _Endpoint:
             return
         self._closed = True
         _native.store_u32(self.seg.buf, self._meta + layout.META_STATE, EndpointState.DETACHED)
+        _native.store_u64(self.seg.buf, self._meta + layout.META_PID, 0)  # release the claim (and our sleep flag)
         self._port.release()
         self.seg.close()
 
