@@ -148,3 +148,22 @@ def test_barrier_dead_rank_is_named(registry: Registry, rng: random.Random) -> N
     assert kind == "PeerDied" and f"pid {doomed.pid}" in text
     b0.close()
     registry.release(seg)
+
+
+def test_a_record_left_mid_write_is_reported_not_spun_on(registry: Registry) -> None:
+    """A writer killed between its two sequence stores leaves the record odd: readers give up after a second
+    and name the writer, instead of spinning forever with the GIL held."""
+    from mpkv import _native, layout
+
+    seg = create_signals(registry, "signals", 1)
+    arr = SignalArray(seg.name, Phase)
+    arr.writer(0).write(Phase.READY, 3)
+    off = arr._off(0)
+    _native.store_u64(arr.seg.buf, off, _native.load_u64(arr.seg.buf, off) + 1)  # as if killed mid-write
+    t0 = time.monotonic()
+    with pytest.raises(PeerDied, match=r"slot 0 of .* stuck mid-write for 1 s .* died or was stopped"):
+        arr.read(0)
+    assert time.monotonic() - t0 < 30
+    assert layout.SIGNAL_WORDS == 6
+    arr.close()
+    registry.release(seg)

@@ -187,9 +187,18 @@ static PyObject *py_seq_read(PyObject *self, PyObject *args) {
     }
     au64 *w = (au64 *)p;
     uint64_t tmp[16], s1, s2;
-    int stuck = 0;
+    int stuck = 0, done = 0;
+    /* Fast path, GIL held: no writer in the way. */
+    s1 = atomic_load_explicit(&w[0], memory_order_acquire);
+    if (!(s1 & 1)) {
+        for (Py_ssize_t i = 0; i < n; i++) tmp[i] = atomic_load_explicit(&w[i + 1], memory_order_relaxed);
+        atomic_thread_fence(memory_order_acquire);
+        s2 = atomic_load_explicit(&w[0], memory_order_relaxed);
+        done = s1 == s2;
+    }
     /* A writer writes a record in well under a microsecond; one that stays mid-write for a second was killed or
      * stopped there. Give up then (with the GIL released while yielding), instead of spinning forever. */
+    if (!done) {
     Py_BEGIN_ALLOW_THREADS
     uint64_t t0 = now_ns(), spins = 0;
     for (;;) {
@@ -205,6 +214,7 @@ static PyObject *py_seq_read(PyObject *self, PyObject *args) {
         sched_yield();
     }
     Py_END_ALLOW_THREADS
+    }
     PyBuffer_Release(&v);
     if (stuck) {
         PyErr_Format(PyExc_TimeoutError, "seqlock record stuck mid-write for 1 s (sequence %llu): its writer (pid "
