@@ -193,8 +193,8 @@ def test_a_new_client_never_gets_an_old_clients_results(instance: str) -> None:
 @pytest.mark.parametrize("owner", OWNERS)
 def test_clear_with_swaps_in_flight(instance: str, owner: str) -> None:
     """Swaps queued and not waited for, then pause and clear at once: every swap either finished before the
-    pool went away (and its bytes verify) or failed explicitly; no actor touched freed memory (none FAILED, the
-    clear released everything)."""
+    pool went away or failed explicitly; no actor touched freed memory (none FAILED, the clear released it all),
+    and after a restore the instance serves verified KV again."""
     gen = np.random.default_rng(7)
     with Launched(instance, tp=2, owner=owner), Controller(instance) as ctl, Client(instance) as client:
         wv = ctl.weight_version
