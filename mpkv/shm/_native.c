@@ -710,16 +710,16 @@ static PyObject *Ring_wait(Ring *r, PyObject *args) {
         uint64_t old = atomic_load_explicit(word, memory_order_acquire);
         atomic_store_explicit(flag, 1, memory_order_relaxed);
         atomic_thread_fence(memory_order_seq_cst);
-        int sleep = !(writer ? has_space(r, need) : readable(r)) && atomic_load_explicit(word, memory_order_acquire) == old;
-        if (sleep && writer) {
+        int do_sleep = !(writer ? has_space(r, need) : readable(r)) && atomic_load_explicit(word, memory_order_acquire) == old;
+        if (do_sleep && writer) {
             /* The slowest reader may have changed since we named it in waiting_on: then its progress would not
              * wake us. Sleep only if the one we named is still the one holding the space. */
             uint32_t now_slowest = 0;
             min_reader_pos(r, &now_slowest);
-            sleep = (int32_t)now_slowest ==
+            do_sleep = (int32_t)now_slowest ==
                     (int32_t)atomic_load_explicit(meta_u32(meta, META_WAITING_ON), memory_order_relaxed);
         }
-        if (sleep) futex_wait_ns(low_half(word), (uint32_t)old, deadline - t);
+        if (do_sleep) futex_wait_ns(low_half(word), (uint32_t)old, deadline - t);
         atomic_store_explicit(flag, 0, memory_order_relaxed);
     }
     Py_END_ALLOW_THREADS
