@@ -72,14 +72,15 @@ def test_kill_an_actor_during_a_swap(instance: str, role: Role) -> None:
         assert inst.exit_code() == 1
 
 
-def test_sigterm_stops_the_instance_and_unlinks_everything(instance: str) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_instance_and_unlinks_everything(instance: str, signum: signal.Signals) -> None:
     inst = Launched(instance, tp=2)
     inst.wait_line("ready")
-    inst.proc.send_signal(signal.SIGTERM)
+    inst.proc.send_signal(signum)
     assert inst.exit_code() == 0
-    assert any("SIGTERM received, shutting down" in line for line in inst.lines)
+    assert any(f"{signum.name} received, shutting down" in line for line in inst.lines)
     inst.__exit__()
-    assert not [n for n in list_names() if instance in n], "names left behind after SIGTERM"
+    assert not [n for n in list_names() if instance in n], f"names left behind after {signum.name}"
 
 
 def test_a_child_dying_at_start_is_named(instance: str) -> None:
