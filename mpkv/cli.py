@@ -56,9 +56,14 @@ def _ctl(args: argparse.Namespace) -> int:
                 )
                 for a in [st["launcher"], *st["actors"]]:
                     hb = "-" if a["heartbeat_age_s"] is None else f"{a['heartbeat_age_s']:.1f}s"
+                    rank = "" if a["rank"] < 0 else f"r{a['rank']}"
+                    wait = a.get("waiting_for", {"kind": "NONE"})
+                    waits = {"NONE": "", "COMMAND": "idle"}.get(
+                        wait["kind"], f"waits for {', '.join(wait.get('on', []))}"
+                    )
                     print(
-                        f"  {a['role']:9} r{a['rank']:<2} pid {a['pid']:<8} {a['state']:10} epoch {a['epoch']:<5} "
-                        f"heartbeat {hb:>6} {'alive' if a['alive'] else 'DEAD'} {a['error']}"
+                        f"  {a['role']:9} {rank:3} pid {a['pid']:<8} {a['state'] + '@' + str(a['epoch']):12} "
+                        f"heartbeat {hb:>6}  {'alive' if a['alive'] else 'DEAD ':5}  {waits:24} {a['error']}".rstrip()
                     )
             return 0
         if args.action == "clear":
