@@ -25,6 +25,7 @@ from mpkv.errors import MpkvError
 from mpkv.instance import CONTROL_COMMAND, Instance, launcher_slot
 from mpkv.protocol import ROLES, ActorState, Cmd, Role, actor_name, actor_slot
 from mpkv.shm.cleanup import cleanup
+from mpkv.shm.signals import SignalWriter
 
 S = ActorState
 GRACE_S = 5.0
@@ -128,7 +129,7 @@ class Launcher:
                 raise LaunchError(f"not ready after {timeout_s:g} s: still waiting for {late}")
             wait_sentinels([p.sentinel for p in pending.values()], timeout=0.02)
 
-    def _supervise(self, inst: Instance, me) -> int:  # type: ignore[no-untyped-def]
+    def _supervise(self, inst: Instance, me: SignalWriter[ActorState]) -> int:
         shutdown_deadline: float | None = None
         while True:
             alive = [p for p in self.procs.values() if p.exitcode is None]

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import procs
 import pytest
@@ -27,6 +28,15 @@ def _shm() -> set[str]:
     return set(os.listdir(naming.SHM_DIR))
 
 
+def _instance_with(peer: Callable[..., None], instance: str) -> tuple[Child, dict[str, str], Child]:
+    """An owner child holding an instance's objects, and a peer child started on its ring."""
+    owner = Child(procs.instance_owner, instance)
+    names = owner.recv(30)
+    child = Child(peer, names["ring"])
+    assert child.recv(30) == "started"
+    return owner, names, child
+
+
 def _kill_owner_and_clean(owner: Child, instance: str, before: set[str]) -> None:
     owner.kill()
     report = cleanup(instance=instance)
@@ -37,10 +47,7 @@ def _kill_owner_and_clean(owner: Child, instance: str, before: set[str]) -> None
 
 def test_kill_writer_mid_stream(instance: str, rng: random.Random) -> None:
     before = _shm()
-    owner = Child(procs.instance_owner, instance)
-    names = owner.recv(30)
-    writer = Child(procs.endless_writer, names["ring"])
-    assert writer.recv(30) == "started"
+    owner, names, writer = _instance_with(procs.endless_writer, instance)
     kill_after_s = rng.uniform(0.0, 0.5)
     expected = 0
     with RingReader(names["ring"]) as r:
@@ -62,10 +69,7 @@ def test_kill_writer_mid_stream(instance: str, rng: random.Random) -> None:
 
 def test_kill_reader_while_writer_waits(instance: str, rng: random.Random) -> None:
     before = _shm()
-    owner = Child(procs.instance_owner, instance)
-    names = owner.recv(30)
-    reader = Child(procs.endless_reader, names["ring"])
-    assert reader.recv(30) == "started"
+    owner, names, reader = _instance_with(procs.endless_reader, instance)
     with RingWriter(names["ring"]) as w:
         n = rng.randrange(0, 5000)
         for i in range(n):

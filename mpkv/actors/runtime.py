@@ -215,7 +215,7 @@ class Actor:
             flag = layout.ring_reader_meta(layout.SEGMENT_HEADER_BYTES, self.rank) + layout.META_SLEEPING
             _native.store_u32(tbuf, flag, 1)
             _native.fence()
-            if _native.load_u64(tbuf, layout.ring_writer_pos(layout.SEGMENT_HEADER_BYTES)) != self.tasks._port.pos:
+            if _native.load_u64(tbuf, layout.ring_writer_pos(layout.SEGMENT_HEADER_BYTES)) != self.tasks.position:
                 _native.store_u32(tbuf, flag, 0)
                 return
         _native.wait_any(words, timeout_s)
@@ -280,7 +280,7 @@ class Actor:
         interrupt; on a VM, an exit to the hypervisor: ~0.1-0.3 ms measured here). Idle actors never spin."""
         if self.tasks is None or time.monotonic() - self._last_task > 0.01:
             return False
-        return bool(self.tasks._port.wait(0, SPIN_S, SPIN_S))
+        return self.tasks.spin_for(SPIN_S)
 
     # -- tasks -----------------------------------------------------------------------------------------------
     def _serve_one(self) -> bool:

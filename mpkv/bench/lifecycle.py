@@ -28,6 +28,7 @@ import numpy as np
 
 from mpkv.config import CacheConfig
 from mpkv.shm.cleanup import cleanup
+from mpkv.shm.proc import cpu_seconds
 from mpkv.shm.registry import Registry
 from mpkv.shm.signals import Signal, SignalArray, create_signals
 
@@ -110,13 +111,6 @@ def one_way_signal_us(n: int) -> float:
 # -- rl -----------------------------------------------------------------------------------------------------------
 
 
-def _cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        raw = f.read()
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 def cycle_ms(name: str, cycles: int) -> dict[str, list[float]]:
     """Per-step latencies of ``cycles`` cycles (after 3 warm-up cycles), plus the CPU time per cycle that the
     actors (summed) and the controller spent: on 2 cores, their sum over 2 bounds the cycle from below."""
@@ -127,7 +121,7 @@ def cycle_ms(name: str, cycles: int) -> dict[str, list[float]]:
         pids = [ctl.inst.status.read(i).writer.pid for i in range(3 * ctl.cfg.tp)]
         for i in range(cycles + 3):
             if i == 3:
-                actors0, ctl0 = sum(_cpu_s(p) for p in pids), time.process_time()
+                actors0, ctl0 = sum(cpu_seconds(p) for p in pids), time.process_time()
             steps: list[tuple[str, Callable[[], StepResult]]] = [
                 ("pause", ctl.pause),
                 ("clear", ctl.clear),
@@ -141,7 +135,7 @@ def cycle_ms(name: str, cycles: int) -> dict[str, list[float]]:
                 for k, v in lat.items():
                     out[k].append(v)
                 out["cycle"].append(total)
-        out["actor_cpu"] = [(sum(_cpu_s(p) for p in pids) - actors0) / cycles * 1e3]
+        out["actor_cpu"] = [(sum(cpu_seconds(p) for p in pids) - actors0) / cycles * 1e3]
         out["controller_cpu"] = [(time.process_time() - ctl0) / cycles * 1e3]
         ctl.shutdown()
     return out

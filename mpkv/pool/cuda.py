@@ -75,10 +75,8 @@ class AttachedCudaPool:
 class PinnedHostPool:
     def __init__(self, cfg: CacheConfig, rank: int, epoch: int, wv: int) -> None:
         nbytes = cfg.pool_bytes(cfg.host_blocks)
-        before = _rss_bytes()
         self.tensor = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True).view(cfg.torch_dtype)
         self.tensor = self.tensor.view(cfg.pool_shape(cfg.host_blocks))
-        self._grew = _rss_bytes() - before
         self._handle = PoolHandle("cuda-host", rank, epoch, wv, nbytes)
 
     def handle(self) -> PoolHandle:

@@ -17,8 +17,8 @@ _STATE_WORDS = {
 }
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start ticks) from /proc/PID/stat, or None when there is no such process."""
+def _fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after "pid (comm) " (comm may hold spaces or parens), or None."""
     if pid <= 0:
         return None
     try:
@@ -26,8 +26,19 @@ def _stat(pid: int) -> tuple[str, int] | None:
             raw = f.read().decode("ascii", "replace")
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces or parens
-    return fields[0], int(fields[19])  # field 3 is the state, field 22 the start time in ticks
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start ticks), or None when there is no such process."""
+    fields = _fields(pid)
+    return (fields[0], int(fields[19])) if fields else None  # field 3 is the state, 22 the start time
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (0 when it is gone)."""
+    fields = _fields(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
 
 
 @dataclass(frozen=True)

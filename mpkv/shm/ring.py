@@ -28,6 +28,13 @@ from mpkv.shm.segment import Segment
 from mpkv.shm.waiting import DEFAULT_TIMEOUT_S, Peer, wait_until
 
 _BASE = layout.SEGMENT_HEADER_BYTES  # the ring header starts right after the segment header
+# The C hot path has its own copy of these offsets: the two must agree (an ABI, checked at import).
+assert (_native.LINE_BYTES, _native.FRAME_HEADER_BYTES, _native.META_SLEEPING, _native.META_WAITING_ON) == (
+    layout.LINE_BYTES,
+    layout.FRAME_HEADER_BYTES,
+    layout.META_SLEEPING,
+    layout.META_WAITING_ON,
+), "mpkv/shm/_native.c and mpkv/layout.py disagree on the ring layout: rebuild the C helper"
 EndpointT = TypeVar("EndpointT", bound="_Endpoint")
 
 
@@ -227,6 +234,15 @@ class RingReader(_Endpoint):
 
     def try_get(self) -> bytes | None:
         return self._port.try_get()
+
+    @property
+    def position(self) -> int:
+        """This reader's byte position (it has read everything below it)."""
+        return self._port.pos
+
+    def spin_for(self, spin_s: float) -> bool:
+        """Spin (then yield) up to ``spin_s`` for a message, never sleeping; whether one is there."""
+        return bool(self._port.wait(0, spin_s, spin_s))
 
     def get(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> bytes:
         """The next message; block while the ring is empty, up to ``timeout_s``."""
