@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         lp.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"))
     lp.add_argument("--pool-owner", choices=["worker", "transfer"], dest="pool_owner")
+    lp.add_argument(
+        "--role",
+        choices=["mixed", "prefill", "decode"],
+        dest="pd_role",
+        help="PD disaggregation: a prefill instance ships KV into a decode instance's pool (default: mixed)",
+    )
     lp.set_defaults(func=_launch)
 
     cp = sub.add_parser("ctl", help="control a running instance (the RL transaction)")

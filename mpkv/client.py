@@ -5,6 +5,12 @@ is the only thing that decides what ranks do). A task is complete when every ran
 every rank succeeded: a task that failed on one rank is failed, with each rank's reason. While the instance is
 paused or cleared, new tasks are refused here, with the reason; tasks that raced with a pause are finished or
 failed explicitly by the actors.
+
+Prefill/decode (DESIGN 6): the engine holds a request until the decode instance granted its destination blocks
+(``decode.allocate``: a lease), then sends it in a batch it fixes (``prefill.send(decode, batch)``): one task
+that every prefill worker runs and every prefill messager ships, layer by layer. ``wait_send`` completes the
+leases only if every worker and every messager of every rank succeeded; otherwise it fails them with each
+rank's reason. Only then may the caller reuse the source blocks, and the decode side read the destination.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 from mpkv.blocks import check_ids
 from mpkv.errors import MpkvError, PeerDied
 from mpkv.instance import CONTROL_COMMAND, TASK_ROLES, Instance
+from mpkv.pd.leases import Allocator, Lease, LeaseError
 from mpkv.protocol import (
     DONE_CODEC,
     ROLES,
@@ -25,9 +32,13 @@ from mpkv.protocol import (
     ActorState,
     Cmd,
     Done,
+    LeaseState,
+    PdRole,
     Prefill,
+    PrefillSend,
     ReadBlocks,
     Role,
+    SendItem,
     SwapIn,
     SwapOut,
     actor_slot,
@@ -47,11 +58,18 @@ class TaskFailed(MpkvError):
         self.dones = dones
 
 
+class TransferFailed(TaskFailed):
+    """A PD batch failed on at least one rank (worker or messager); its leases were failed, with the reasons."""
+
+
 @dataclass(frozen=True)
 class Ticket:
     role: Role
     seq: int
     what: str
+    also: tuple[Role, ...] = ()  # other roles that complete the same task (a PD batch: the messagers)
+    dest: Client | None = None  # a PD batch: the decode instance's client, and the leases it granted
+    leases: tuple[Lease, ...] = ()
 
 
 class Client:
@@ -61,9 +79,12 @@ class Client:
         self._tasks: dict[Role, RingWriter] = {}
         self._done: dict[tuple[Role, int], RingReader] = {}
         self._early: dict[tuple[Role, int], dict[int, Done]] = {}
+        self._allocator: Allocator | None = None
         try:
             for role in TASK_ROLES:
                 self._tasks[role] = RingWriter(self.inst.task_ring(role), label="client")
+            done_roles = (*TASK_ROLES, Role.MESSAGER) if self.cfg.pd_role == PdRole.PREFILL else TASK_ROLES
+            for role in done_roles:
                 for r in range(self.cfg.tp):
                     reader = RingReader(self.inst.done_ring(role, r), 0, label="client")
                     while reader.try_get() is not None:  # completions of an earlier client's tasks
@@ -98,10 +119,85 @@ class Client:
         return self._submit(Role.TRANSFER, task, "swap-in")
 
     def read_blocks(self, blocks: np.ndarray, host: bool = False) -> Ticket:
+        if self._allocator is not None and not host:
+            self._allocator.check_readable(blocks)
         seq = next(self._seq)
         return self._submit(Role.TRANSFER, ReadBlocks(seq, np.asarray(blocks, dtype=np.int32), host), "read")
 
-    def _submit(self, role: Role, task: Prefill | SwapOut | SwapIn | ReadBlocks, what: str) -> Ticket:
+    # -- prefill/decode -----------------------------------------------------------------------------------------
+    @property
+    def allocator(self) -> Allocator:
+        """A decode instance's block allocator (this client becomes its one writer of leases)."""
+        if self._allocator is None:
+            self._allocator = Allocator(self.inst)
+        return self._allocator
+
+    def allocate(self, request: str, n_tokens: int) -> Lease:
+        """Decode side: lease destination blocks for ``n_tokens`` of ``request``."""
+        self.check_serving()
+        return self.allocator.grant(request, -(-n_tokens // self.cfg.block_size))
+
+    def send(self, dest: Client, batch: list[tuple[str, np.ndarray, np.ndarray, Lease]]) -> Ticket:
+        """Prefill side: prefill each (request, tokens, source blocks, lease) of ``batch`` here and ship it into
+        the lease's blocks of ``dest``, layer by layer. The batch is one task: every rank runs the same."""
+        if self.cfg.pd_role != PdRole.PREFILL:
+            raise LeaseError(
+                f"instance {self.name} is a {self.cfg.pd_role.name.lower()} instance; send from a "
+                "prefill instance (mpkv launch --role prefill)"
+            )
+        if not batch:
+            raise ValueError("an empty batch")
+        items = []
+        for request, tokens, blocks, lease in batch:
+            check_ids(blocks, self.cfg.device_blocks, "source blocks")
+            if dest.allocator.leases.get(lease.slot) is not lease or lease.state != LeaseState.GRANTED:
+                raise LeaseError(
+                    f"send {request!r}: lease {lease.slot} is not a lease in flight granted by {dest.name}"
+                )
+            if len(lease.blocks) != len(blocks):
+                raise LeaseError(
+                    f"send {request!r}: {len(blocks)} source blocks for a lease of {len(lease.blocks)} blocks"
+                )
+            items.append(
+                SendItem(
+                    request,
+                    np.asarray(tokens, dtype=np.int32),
+                    np.asarray(blocks, dtype=np.int32),
+                    lease.blocks,
+                    lease.slot,
+                    lease.gen,
+                )
+            )
+        dest.check_serving()
+        task = PrefillSend(next(self._seq), dest.name, items)
+        ticket = self._submit(Role.WORKER, task, f"send of {len(items)} requests to {dest.name}")
+        return Ticket(
+            Role.WORKER, task.seq, ticket.what, also=(Role.MESSAGER,), dest=dest, leases=tuple(b[3] for b in batch)
+        )
+
+    def wait_send(self, ticket: Ticket, timeout_s: float = 60.0) -> list[Done]:
+        """Every worker's and messager's completion of a PD batch. Completes its leases in the decode instance
+        only if all succeeded; otherwise fails them with the reasons and raises TransferFailed."""
+        assert ticket.dest is not None, "wait_send takes the ticket of a send"
+        roles = (ticket.role, *ticket.also)
+        try:
+            got = [(role, self._wait_rank(ticket, role, r, timeout_s)) for role in roles for r in range(self.cfg.tp)]
+        except MpkvError as e:
+            for lease in ticket.leases:
+                ticket.dest.allocator.fail(lease, str(e))
+            raise TransferFailed(f"{ticket.what} (task {ticket.seq}) failed: {e}", []) from None
+        dones = [d for _, d in got]
+        bad = [(role, d) for role, d in got if d.error]
+        if bad:
+            reasons = "; ".join(f"{role.name.lower()} r{d.rank}: {d.error}" for role, d in bad)
+            for lease in ticket.leases:
+                ticket.dest.allocator.fail(lease, reasons)
+            raise TransferFailed(f"{ticket.what} (task {ticket.seq}) failed: {reasons}", dones)
+        for lease in ticket.leases:
+            ticket.dest.allocator.complete(lease)
+        return dones
+
+    def _submit(self, role: Role, task: Prefill | SwapOut | SwapIn | ReadBlocks | PrefillSend, what: str) -> Ticket:
         self.check_serving()
         self._tasks[role].put(TASK_CODEC.encode(task), timeout_s=60)
         return Ticket(role, task.seq, what)
@@ -122,7 +218,7 @@ class Client:
     # -- completions ---------------------------------------------------------------------------------------------
     def wait(self, ticket: Ticket, timeout_s: float = 60.0) -> list[Done]:
         """Every rank's completion of ``ticket``, in rank order; raises TaskFailed if any rank failed."""
-        dones = [self._wait_rank(ticket, r, timeout_s) for r in range(self.cfg.tp)]
+        dones = [self._wait_rank(ticket, ticket.role, r, timeout_s) for r in range(self.cfg.tp)]
         bad = [d for d in dones if d.error]
         if bad:
             reasons = "; ".join(f"rank {d.rank}: {d.error}" for d in bad)
@@ -131,8 +227,8 @@ class Client:
             )
         return dones
 
-    def _wait_rank(self, ticket: Ticket, rank: int, timeout_s: float) -> Done:
-        key = (ticket.role, rank)
+    def _wait_rank(self, ticket: Ticket, role: Role, rank: int, timeout_s: float) -> Done:
+        key = (role, rank)
         early = self._early[key]
         while ticket.seq not in early:
             try:

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
-from mpkv.protocol import PoolOwner
+from mpkv.protocol import PdRole, PoolOwner
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +33,7 @@ class CacheConfig:
     tp: int = 1
     backend: str = "cpu"
     pool_owner: PoolOwner = PoolOwner.WORKER
+    pd_role: PdRole = PdRole.MIXED  # `mpkv launch --role mixed|prefill|decode`
     hidden: int = 64  # the synthetic model's width
     vocab: int = 1024
     weight_version: int = 1  # the weights the instance starts with
@@ -58,7 +59,9 @@ class CacheConfig:
         if self.backend not in ("cpu", "cuda"):
             raise ValueError(f"config: backend must be 'cpu' or 'cuda', got {self.backend!r}")
         if not isinstance(self.pool_owner, PoolOwner):
-            object.__setattr__(self, "pool_owner", PoolOwner[str(self.pool_owner).upper()])
+            object.__setattr__(self, "pool_owner", _named(PoolOwner, self.pool_owner, "pool_owner"))
+        if not isinstance(self.pd_role, PdRole):
+            object.__setattr__(self, "pd_role", _named(PdRole, self.pd_role, "role"))
 
     @property
     def heads_per_rank(self) -> int:
@@ -94,6 +97,7 @@ class CacheConfig:
     def to_json(self) -> str:
         d = asdict(self)
         d["pool_owner"] = self.pool_owner.name.lower()
+        d["pd_role"] = self.pd_role.name.lower()
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -104,3 +108,11 @@ class CacheConfig:
         if unknown:
             raise ValueError(f"config: unknown keys {unknown}; known keys are {sorted(known)}")
         return cls(**d)
+
+
+def _named(enum_type: type[PoolOwner] | type[PdRole], value: object, what: str) -> PoolOwner | PdRole:
+    try:
+        return enum_type[str(value).upper()]
+    except KeyError:
+        names = ", ".join(m.name.lower() for m in enum_type)
+        raise ValueError(f"config: {what} must be one of {names}, got {value!r}") from None

@@ -8,6 +8,7 @@ The byte-level protocol, for trainers in other languages: docs/control-block.md.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -116,7 +117,7 @@ class Controller:
         return {
             "instance": self.name,
             "run_id": self.inst.registry.run_id,
-            "config": self.cfg.__dict__ | {"pool_owner": self.cfg.pool_owner.name.lower()},
+            "config": json.loads(self.cfg.to_json()),
             "command": {"kind": cmd.value.name, "epoch": cmd.epoch, "aux": cmd.aux},
             "weight_version": self.weight_version,
             "cleared": [f.name for f in ClearFlags if f in self._cleared()],

@@ -78,7 +78,8 @@ class Act(enum.IntEnum):
 @dataclass(frozen=True)
 class View:
     """Everything one actor needs to decide. ``peers`` are the statuses of the other actors of its rank that
-    matter to it: for the owner, its attachers; for an attacher, the owner. None marks a dead process."""
+    matter to it: for the owner, its attachers (on a decode instance also the links into its pool); for an
+    attacher, the owner. None marks a dead process."""
 
     me: Status
     cmd: Command
@@ -101,8 +102,10 @@ IDLE = Decision(Act.WAIT)
 
 
 def _freed_view(p: Status | None, epoch: int) -> bool:
-    """An attacher no longer maps the pool at ``epoch``: it said so, it failed (detached first), or it died."""
-    return p is None or p.state == S.FAILED or p.at_least(S.DETACHED, epoch)
+    """An attacher no longer maps the pool at ``epoch``: it said so, it failed or stopped (it detached before it
+    published that), or it died. A link (a prefill messager mapping this decode pool, NOTE [ links ] in
+    mpkv.pd.link) shows STOPPED whenever it holds no view, and announces itself before it maps again."""
+    return p is None or p.state in (S.FAILED, S.STOPPED) or p.at_least(S.DETACHED, epoch)
 
 
 def decide(v: View) -> Decision:

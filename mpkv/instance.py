@@ -11,8 +11,16 @@
                                   monotonic ns; aux = protocol.pack_slots of whom); last slot: the controller
     errors              blob      record actor_slot(...): that actor only (before it publishes FAILED)
     handles             blob      record r: rank r's pool owner (before it publishes PUBLISHED)
-    tasks.<role>        ring      the client (one writer); reader r = that role's rank r
-    done.<role>.r<r>    ring      that actor; the client reads
+    tasks.<role>        ring      the client (one writer); reader r = that role's rank r. On a prefill
+                                  instance, tasks.worker also has readers tp + r: messager r (one task stream)
+    done.<role>.r<r>    ring      that actor; the client reads (done.messager.r<r>: prefill instances)
+  prefill instances only:
+    progress            signals   slot r: worker r's per-layer progress (protocol.Progress)
+    sendbar             barrier   the messagers, once per PrefillSend batch, keyed by (seq, batch)
+  decode instances only:
+    links               signals   slot j * tp + r: link j of rank r, written by the prefill messager r that
+                                  holds it (an attacher of this instance's rank-r pool from outside)
+    leases              signals   slot i: lease i (protocol.LeaseState), written by this instance's allocator
     pool.dev.r<r>.e<E>  pool      rank r's pool owner, per restore epoch E
     pool.host.r<r>.e<E> pool      rank r's transfer manager
 
@@ -30,7 +38,21 @@ from mpkv.config import CacheConfig
 from mpkv.errors import MpkvError
 from mpkv.layout import SegmentKind
 from mpkv.pool import PoolHandle
-from mpkv.protocol import ROLES, ActorState, Cmd, Role, WaitKind, actor_name, actor_slot, unpack_slots
+from mpkv.protocol import (
+    LINK_WAIT_BASE,
+    ROLES,
+    ActorState,
+    Cmd,
+    LeaseState,
+    PdRole,
+    Progress,
+    Role,
+    WaitKind,
+    actor_name,
+    actor_slot,
+    unpack_slots,
+)
+from mpkv.shm.barrier import create_barrier
 from mpkv.shm.registry import Registry
 from mpkv.shm.ring import create_ring
 from mpkv.shm.segment import Segment
@@ -42,6 +64,8 @@ CONFIG_BYTES = 4096
 TASK_RING_BYTES = 1 << 20
 DONE_RING_BYTES = 1 << 23  # a ReadBlocks completion carries a request's KV
 TASK_ROLES = (Role.WORKER, Role.TRANSFER)
+MAX_LINKS = 4  # prefill instances that may ship into one decode instance at once
+MAX_LEASES = 1024  # transfers in flight into one decode instance
 _LEN = struct.Struct("<I")
 CONTROL_COMMAND, CONTROL_LEDGER = 0, 1
 
@@ -74,6 +98,9 @@ class Instance:
         )
         self.waits: SignalArray[WaitKind] = SignalArray(self.name_of("waits"), WaitKind)
         self._blob("errors")  # mapped now: failure reports must work after the launcher unlinked the names
+        self._progress: SignalArray[Progress] | None = None
+        self._links: SignalArray[ActorState] | None = None
+        self._leases: SignalArray[LeaseState] | None = None
 
     @classmethod
     def create(cls, name: str, cfg: CacheConfig) -> Instance:
@@ -95,10 +122,19 @@ class Instance:
                 seg = reg.create_segment(obj, SegmentKind.BLOB, size)
                 seg.mark_ready()
                 owned.append(seg)
+            prefill = cfg.pd_role == PdRole.PREFILL
             for role in TASK_ROLES:
-                owned.append(create_ring(reg, f"tasks.{role.name.lower()}", TASK_RING_BYTES, nreaders=tp))
+                readers = 2 * tp if prefill and role == Role.WORKER else tp
+                owned.append(create_ring(reg, f"tasks.{role.name.lower()}", TASK_RING_BYTES, nreaders=readers))
+            for role in (*TASK_ROLES, Role.MESSAGER) if prefill else TASK_ROLES:
                 for r in range(tp):
                     owned.append(create_ring(reg, f"done.{role.name.lower()}.r{r}", DONE_RING_BYTES))
+            if prefill:
+                owned.append(create_signals(reg, "progress", tp))
+                owned.append(create_barrier(reg, "sendbar", tp))
+            if cfg.pd_role == PdRole.DECODE:
+                owned.append(create_signals(reg, "links", MAX_LINKS * tp))
+                owned.append(create_signals(reg, "leases", MAX_LEASES))
             return cls(reg, owned)
         except BaseException:
             for seg in owned:
@@ -119,6 +155,37 @@ class Instance:
 
     def done_ring(self, role: Role, rank: int) -> str:
         return self.name_of(f"done.{role.name.lower()}.r{rank}")
+
+    def task_reader(self, role: Role, rank: int) -> int:
+        """The reader index of (role, rank) in the task ring it reads: a prefill messager reads the workers'."""
+        return self.cfg.tp + rank if role == Role.MESSAGER else rank
+
+    def link_slot(self, link: int, rank: int) -> int:
+        return link * self.cfg.tp + rank
+
+    # -- the PD objects, mapped on first use ------------------------------------------------------------------------
+    @property
+    def progress(self) -> SignalArray[Progress]:
+        if self._progress is None:
+            self._progress = SignalArray(
+                self.name_of("progress"), Progress, labels=lambda r: f"progress of worker r{r}"
+            )
+        return self._progress
+
+    @property
+    def links(self) -> SignalArray[ActorState]:
+        if self._links is None:
+            tp = self.cfg.tp
+            self._links = SignalArray(
+                self.name_of("links"), ActorState, labels=lambda i: f"link {i // tp} into rank {i % tp}"
+            )
+        return self._links
+
+    @property
+    def leases(self) -> SignalArray[LeaseState]:
+        if self._leases is None:
+            self._leases = SignalArray(self.name_of("leases"), LeaseState, labels=lambda i: f"lease {i}")
+        return self._leases
 
     # -- records -------------------------------------------------------------------------------------------------
     def _blob(self, obj: str) -> Segment:
@@ -174,8 +241,13 @@ class Instance:
         sig = self.waits.read(slot)
         if sig.seq == 0 or sig.value == WaitKind.NONE:
             return {"kind": "NONE"}
-        on = [_actor_label(i, self.cfg.tp).removeprefix("status of ") for i in unpack_slots(sig.aux)]
+        on = [self._wait_label(i) for i in unpack_slots(sig.aux)]
         return {"kind": sig.value.name, "on": on, "since_s": round((time.monotonic_ns() - sig.epoch) / 1e9, 3)}
+
+    def _wait_label(self, code: int) -> str:
+        if code >= LINK_WAIT_BASE:
+            return self.links._labels(code - LINK_WAIT_BASE)
+        return _actor_label(code, self.cfg.tp).removeprefix("status of ")
 
     def wait_chain(self, slot: int) -> str:
         """Follow the published waits from one actor: "worker r0 (PAUSED@1) waits for messager r0 since 2.9 s;
@@ -192,6 +264,9 @@ class Instance:
                 break
             on = unpack_slots(self.waits.read(slot).aux)
             hops.append(f"{state} waits for {', '.join(wait['on'])} since {wait['since_s']} s")  # type: ignore[arg-type]
+            if on[0] >= LINK_WAIT_BASE:
+                hops.append("a link is held by a prefill instance's messager (see that instance)")
+                break
             slot = on[0]
         else:
             hops.append("which closes a cycle")
@@ -205,6 +280,10 @@ class Instance:
         self.control.close()
         self.status.close()
         self.waits.close()
+        for arr in (self._progress, self._links, self._leases):
+            if arr is not None:
+                arr.close()
+        self._progress = self._links = self._leases = None
         if not self._owned:
             self.registry.close()
 

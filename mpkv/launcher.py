@@ -85,7 +85,8 @@ class Launcher:
             me.write(S.READY, 0)
             pids = " ".join(f"{role.name.lower()}:r{rank}={p.pid}" for (role, rank), p in self.procs.items())
             self.say(
-                f"mpkv: instance {self.name} ready (tp={self.cfg.tp}, backend={self.cfg.backend}, "
+                f"mpkv: instance {self.name} ready ({self.cfg.pd_role.name.lower()}, tp={self.cfg.tp}, "
+                f"backend={self.cfg.backend}, "
                 f"pool owner={self.cfg.pool_owner.name.lower()}, run {inst.registry.run_id}, pid {os.getpid()}; {pids})"
             )
             code = self._supervise(inst, me)

@@ -92,4 +92,9 @@ def expected_kv(cfg: CacheConfig, rank: int, weight_version: int, tokens: np.nda
     """The exact bytes a rank's pool must hold for ``tokens``: [layers, 2, T, heads_per_rank, head_dim]."""
     m = SyntheticModel(cfg, rank)
     m.load(weight_version)
-    return torch.stack([torch.stack(kv) for kv in m.layers_kv(tokens)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers run: a matmul's rounding may depend on how it was split
+    try:
+        return torch.stack([torch.stack(kv) for kv in m.layers_kv(tokens)])
+    finally:
+        torch.set_num_threads(threads)

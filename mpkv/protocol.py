@@ -60,6 +60,33 @@ class ActorState(enum.IntEnum):
     FAILED = 99  # terminal; the reason is in the actor's error record
 
 
+class PdRole(enum.IntEnum):
+    """What an instance does in prefill/decode disaggregation (``mpkv launch --role``)."""
+
+    MIXED = 0  # prefill and decode in one instance: nothing is shipped
+    PREFILL = 1  # computes prompts' KV; its messagers ship it into a decode instance's pool, layer by layer
+    DECODE = 2  # receives KV: its pools accept links from prefill messagers, its blocks are leased to transfers
+
+
+class Progress(enum.IntEnum):
+    """A worker's per-layer progress on the task it runs (object ``progress``, slot = rank; epoch = the task's
+    position in the task ring, aux = layers whose K/V are final in the pool). Monotone in (epoch, aux)."""
+
+    IDLE = 0
+    RUNNING = 1
+    DONE = 2  # every layer is final (also when the task failed: the messager need not wait any longer)
+
+
+class LeaseState(enum.IntEnum):
+    """A lease of destination blocks in a decode instance (object ``leases``; epoch = the lease's generation,
+    aux = the decode pool's restore epoch when granted). Written only by the decode instance's allocator."""
+
+    FREE = 0
+    GRANTED = 1  # the blocks belong to a transfer: the decode side must not read them
+    COMPLETE = 2  # every rank shipped every layer and every prefill worker succeeded: readable
+    FAILED = 3  # the transfer failed (reason in the allocator's hands): the blocks hold garbage
+
+
 class WaitKind(enum.IntEnum):
     """What a process is waiting for, published in its wait record (mpkv.instance, object ``waits``) so that
     an inspector can draw the wait-for graph (DESIGN I2). ``aux`` says on whom: up to four status slots,
@@ -69,6 +96,11 @@ class WaitKind(enum.IntEnum):
     COMMAND = 1  # idle: waiting for the controller's next command (and for tasks)
     PEERS = 2  # waiting for the actors in aux to reach a state (the handshake)
     ACKS = 3  # the controller, waiting for the actors in aux to acknowledge
+    PROGRESS = 4  # a messager, waiting for its worker's next layer (aux: the worker's slot)
+    BARRIER = 5  # a messager, at the per-batch barrier of its instance's messagers
+
+
+LINK_WAIT_BASE = 0x8000  # in a wait record, LINK_WAIT_BASE + i names link slot i of a decode instance
 
 
 def pack_slots(slots: list[int]) -> int:
@@ -149,6 +181,28 @@ class ReadBlocks(msgspec.Struct, tag=True):
     host: bool = False
 
 
-TASK_TYPES = (Prefill, SwapOut, SwapIn, ReadBlocks)
+class SendItem(msgspec.Struct):
+    """One request of a PD batch: prefill ``tokens`` into ``blocks`` here, ship them into ``dest_blocks`` of the
+    decode instance, under that instance's lease ``lease`` (slot) of generation ``lease_gen``."""
+
+    request: str
+    tokens: np.ndarray
+    blocks: np.ndarray
+    dest_blocks: np.ndarray
+    lease: int
+    lease_gen: int
+
+
+class PrefillSend(msgspec.Struct, tag=True):
+    """A batch, as the engine fixed it, for a prefill instance: read by every worker (prefill, publishing
+    per-layer progress) and every messager (ship layer l of every item once layer l is done, then meet the
+    other ranks at a barrier keyed by ``seq`` and the batch). ``dest`` names the decode instance."""
+
+    seq: int
+    dest: str
+    items: list[SendItem]
+
+
+TASK_TYPES = (Prefill, SwapOut, SwapIn, ReadBlocks, PrefillSend)
 TASK_CODEC = Codec(*TASK_TYPES)
 DONE_CODEC = Codec(Done)

@@ -21,13 +21,21 @@ SMALL = dict(layers=2, kv_heads=4, head_dim=16, block_size=8, device_blocks=64, 
 
 class Launched:
     def __init__(
-        self, name: str, tp: int = 2, owner: str = "worker", fault: str | None = None, **geometry: int
+        self,
+        name: str,
+        tp: int = 2,
+        owner: str = "worker",
+        fault: str | None = None,
+        role: str = "mixed",
+        env: dict[str, str] | None = None,
+        **geometry: int,
     ) -> None:
         args = [sys.executable, "-m", "mpkv.cli", "launch", "--name", name, "--tp", str(tp), "--pool-owner", owner]
+        args += ["--role", role]
         settings: dict[str, int | str] = {**SMALL, **geometry}
         for k, v in settings.items():
             args += [f"--{k.replace('_', '-')}", str(v)]
-        env = dict(os.environ)
+        env = dict(os.environ) | (env or {})
         if fault:
             env["MPKV_FAULT"] = fault
         self.name = name

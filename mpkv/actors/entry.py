@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import sys
+import time
 import traceback
 from typing import TYPE_CHECKING
 
@@ -42,6 +44,27 @@ def fault_point(role: Role, rank: int, point: str) -> None:
     if FAULT[3] == "crash":
         os._exit(3)
     signal.pause()  # hang: a stuck process, until a test kills it
+
+
+class _Jitter:
+    """Timing perturbation for race tests: MPKV_JITTER_US=max sleeps a random 0..max µs at the named points of
+    the PD path (worker: before each layer's progress; messager: before each task and before reading a
+    destination), from a generator seeded by MPKV_JITTER_SEED and the actor, so a failing trial replays. It
+    moves *when* things become visible, never what: a correct protocol gives the same result under any jitter."""
+
+    def __init__(self) -> None:
+        self.max_s = float(os.environ.get("MPKV_JITTER_US", "0")) / 1e6
+        self.rng: random.Random | None = None
+
+    def __call__(self, role: Role, rank: int) -> None:
+        if self.max_s <= 0:
+            return
+        if self.rng is None:
+            self.rng = random.Random(f"{os.environ.get('MPKV_JITTER_SEED', '0')}:{role.name}:{rank}")
+        time.sleep(self.rng.uniform(0, self.max_s))
+
+
+jitter = _Jitter()
 
 
 def set_process_title(title: str) -> None:

@@ -1,11 +1,184 @@
-"""The messager: attaches to its rank's device pool like any attacher. Shipping KV to a decode instance layer
-by layer is the PD issue's work; until then it takes part in the handshake and serves nothing."""
+"""The messager: an attacher of its rank's device pool that, on a prefill instance, ships KV into a decode
+instance's pool layer by layer as its worker finishes each layer.
+
+It reads the workers' task ring (as reader tp + rank), so it sees exactly the batches the workers run, in the
+same order, with the same ring positions (DESIGN I4: nothing here is decided from local timing). For each
+PrefillSend batch:
+  1. map the decode pool of rank r through a link (mpkv.pd.link), if not mapped yet;
+  2. for l in layers: wait until the worker's progress passes layer l of this batch, then copy layer l of
+     every request of the batch, in order, into its destination blocks;
+  3. meet the other ranks' messagers at the barrier keyed (seq, digest of the batch's request ids): a rank
+     that batched differently raises ProtocolError naming both ranks and keys instead of hanging (seed 000);
+  4. report Done: error empty only if every layer of every request was shipped.
+Every batch reaches step 3 on every rank, whatever failed before it (no pool, no link, a cleared decode
+instance, a dead worker): a failure changes what a rank reports, never which barriers it enters.
+"""
 
 from __future__ import annotations
 
-from mpkv.actors.runtime import Actor
-from mpkv.protocol import Role
+import hashlib
+import os
+import time
+from typing import Any, ClassVar
+
+from mpkv import _native
+from mpkv.actors.entry import jitter
+from mpkv.actors.runtime import PEER_TIMEOUT_S, Actor, TaskError
+from mpkv.blocks import BadBlocks, check_ids
+from mpkv.instance import Instance
+from mpkv.pd.link import Link, LinkError
+from mpkv.protocol import Done, PdRole, Prefill, PrefillSend, Role, WaitKind, actor_slot, pack_slots
+from mpkv.shm.barrier import Barrier, BarrierKey
+from mpkv.shm.waiting import LIVENESS_SLICE_S
+
+
+def batch_key(task: PrefillSend) -> BarrierKey:
+    digest = hashlib.blake2b("\0".join(it.request for it in task.items).encode(), digest_size=12).hexdigest()
+    return BarrierKey(task.seq, digest)
+
+
+def _diverge() -> tuple[int, int] | None:
+    """Test hook MPKV_DIVERGE=rank:n: on that rank, the n-th batch (from 1) is keyed as if this rank had split
+    it after its first request: the reference's bug (seed 000), to show it ends in a ProtocolError."""
+    spec = os.environ.get("MPKV_DIVERGE")
+    if not spec:
+        return None
+    rank, nth = spec.split(":")
+    return int(rank), int(nth)
 
 
 class Messager(Actor):
     role = Role.MESSAGER
+    poolless = (PrefillSend,)  # every batch reaches the barrier, pool or not
+    ignores = (Prefill,)  # the workers' plain prefills ship nothing
+
+    def __init__(self, inst: Instance, rank: int) -> None:
+        self.links: dict[str, Link] = {}
+        self.batches = 0
+        self.barrier: Barrier | None = None
+        self._diverge = _diverge()
+        if inst.cfg.pd_role == PdRole.PREFILL:
+            self.barrier = Barrier(inst.name_of("sendbar"), rank, label=f"messager:r{rank}")
+        super().__init__(inst, rank)
+
+    # -- links: watched while idle, so a decode instance's clear never waits for our next batch ----------------------
+    def extra_words(self) -> list[tuple[Any, int]]:
+        return [link.command_word for link in self.links.values()]
+
+    def poll(self, check_alive: bool = False) -> None:
+        for dest, link in list(self.links.items()):
+            if link.poll():
+                continue
+            if check_alive and link.gone():
+                link.close()
+                del self.links[dest]
+
+    def _link(self, dest: str) -> Link:
+        link = self.links.get(dest)
+        if link is not None and link.gone():
+            link.close()
+            del self.links[dest]
+            link = None
+        if link is None:
+            link = self.links[dest] = Link(dest, self.rank, self.cfg)
+        return link
+
+    # -- a batch --------------------------------------------------------------------------------------------------
+    def prefill_send(self, task: PrefillSend) -> Done:
+        jitter(self.role, self.rank)
+        self.batches += 1
+        error, layers = "", 0
+        try:
+            layers = self._ship(task)
+        except (TaskError, LinkError) as e:
+            error = str(e)
+        key = batch_key(task)
+        if self._diverge == (self.rank, self.batches) and len(task.items) > 1:
+            key = batch_key(PrefillSend(task.seq, task.dest, task.items[:1]))
+        assert self.barrier is not None
+        self._note_wait(WaitKind.BARRIER, 0)
+        try:
+            self.barrier.wait(key, timeout_s=PEER_TIMEOUT_S)
+        finally:
+            self._note_wait(WaitKind.NONE, 0)
+        return Done(task.seq, self.rank, error=error, layers_done=layers, data=str(key).encode())
+
+    def _ship(self, task: PrefillSend) -> int:
+        if self.barrier is None:
+            raise TaskError(f"{self.name}: only a prefill instance ships KV (mpkv launch --role prefill)")
+        if self.pool is None:
+            raise TaskError(f"{self.name} has no KV pool now ({self.state_words()}): the cache is cleared")
+        jitter(self.role, self.rank)
+        link = self._link(task.dest)
+        transport = link.open()
+        dst_blocks = link.inst.cfg.device_blocks
+        pairs = []
+        for it in task.items:
+            try:
+                src = check_ids(it.blocks, self.cfg.device_blocks, "source blocks")
+                dst = check_ids(it.dest_blocks, dst_blocks, f"destination blocks of {task.dest!r}")
+            except BadBlocks as e:
+                raise TaskError(f"send {it.request!r}: {e}") from None
+            if len(src) != len(dst):
+                raise TaskError(f"send {it.request!r}: {len(src)} source blocks for {len(dst)} destination blocks")
+            pairs.append((src, dst))
+        src_pool = self.pool.tensor
+        for layer in range(self.cfg.layers):
+            self._wait_layer(layer, link)
+            for src, dst in pairs:
+                transport.write_layer(layer, src_pool, src, dst)
+        transport.flush()
+        why = link.poll()
+        if why:
+            raise TaskError(f"{self.name}: {why} while the batch was being shipped")
+        return self.cfg.layers
+
+    def _wait_layer(self, layer: int, link: Link) -> None:
+        """Until the worker's progress passes ``layer`` of this batch; the decode side's clear and the worker's
+        death end the wait early, with the reason. Deadline PEER_TIMEOUT_S."""
+        progress, pos = self.inst.progress, self.task_pos
+        off = progress._off(self.rank)
+        worker = actor_slot(Role.WORKER, self.rank)
+        deadline = time.monotonic() + PEER_TIMEOUT_S
+        next_check = time.monotonic() + LIVENESS_SLICE_S
+        while True:
+            sig = progress.read(self.rank)
+            if sig.epoch > pos or (sig.epoch == pos and sig.aux > layer):
+                self._note_wait(WaitKind.NONE, 0)
+                return
+            why = link.poll()
+            if why:
+                raise TaskError(f"{self.name}: {why} while the batch was being shipped")
+            now = time.monotonic()
+            if now > next_check:
+                next_check = now + LIVENESS_SLICE_S
+                w = self.inst.status.read(worker)
+                if w.seq and not w.writer.alive():
+                    raise TaskError(
+                        f"{self.name}: worker r{self.rank} died ({w.writer.describe()}) before layer {layer}"
+                    )
+            if now > deadline:
+                raise TaskError(
+                    f"{self.name}: worker r{self.rank} did not finish layer {layer} of batch {self.batches} "
+                    f"within {PEER_TIMEOUT_S:g} s (its progress: {sig.value.name} at ring position {sig.epoch}, "
+                    f"{sig.aux} layers; this batch is at {pos})"
+                )
+            self._note_wait(WaitKind.PROGRESS, pack_slots([worker]))
+            buf, cmd_off = link.command_word
+            words: list[tuple[Any, int, int]] = [
+                (progress.seg.buf, off, sig.seq & 0xFFFFFFFF),
+                (buf, cmd_off, _native.load_u64(buf, cmd_off) & 0xFFFFFFFF),
+            ]
+            _native.wait_any(words, min(LIVENESS_SLICE_S, max(0.0, deadline - now)))
+
+    handlers: ClassVar[dict[type, Any]] = {PrefillSend: prefill_send}
+
+    def teardown(self) -> None:
+        try:
+            while self.links:
+                self.links.popitem()[1].close()
+        finally:
+            super().teardown()
+            if self.barrier is not None:
+                self.barrier.close()
+                self.barrier = None

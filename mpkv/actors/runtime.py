@@ -24,15 +24,18 @@ from mpkv import _native, layout
 from mpkv.actors.entry import fault_point
 from mpkv.errors import MpkvError, ProtocolError
 from mpkv.handshake import IDLE, Act, Command, Decision, Status, View, decide
-from mpkv.instance import CONTROL_COMMAND, Instance
+from mpkv.instance import CONTROL_COMMAND, MAX_LINKS, TASK_ROLES, Instance
+from mpkv.pd.link import LINK_SHARE_BASE
 from mpkv.pool import AttachedPool, OwnedPool, allocate_device_pool, attach_device_pool
 from mpkv.protocol import (
     DONE_CODEC,
+    LINK_WAIT_BASE,
     ROLES,
     TASK_CODEC,
     ActorState,
     Cmd,
     Done,
+    PdRole,
     Role,
     WaitKind,
     actor_name,
@@ -40,7 +43,7 @@ from mpkv.protocol import (
     pack_slots,
 )
 from mpkv.shm.ring import RingReader, RingWriter
-from mpkv.shm.signals import Signal, SignalWriter
+from mpkv.shm.signals import Signal, SignalArray, SignalWriter
 from mpkv.shm.waiting import SPIN_S
 
 HEARTBEAT_S = 0.5
@@ -57,6 +60,8 @@ class Actor:
 
     role: Role
     handlers: ClassVar[dict[type, Callable[..., Done]]] = {}
+    poolless: ClassVar[tuple[type, ...]] = ()  # task types whose handler runs (and reports) even without a pool
+    ignores: ClassVar[tuple[type, ...]] = ()  # task types on a shared ring that are another role's business
 
     def __init__(self, inst: Instance, rank: int) -> None:
         self.inst, self.rank, self.cfg = inst, rank, inst.cfg
@@ -79,9 +84,22 @@ class Actor:
         self._last_task = 0.0
         self.tasks: RingReader | None = None
         self.done: RingWriter | None = None
-        if self.role in (Role.WORKER, Role.TRANSFER):
-            self.tasks = RingReader(inst.task_ring(self.role), rank, label=f"{self.role.name.lower()}:r{rank}")
-            self.done = RingWriter(inst.done_ring(self.role, rank), label=f"{self.role.name.lower()}:r{rank}")
+        self.task_pos = 0  # the ring position of the task being served: the same on every reader of the ring
+        prefill = self.cfg.pd_role == PdRole.PREFILL
+        if self.role in TASK_ROLES or (prefill and self.role == Role.MESSAGER):
+            ring_role = Role.WORKER if self.role == Role.MESSAGER else self.role
+            label = f"{self.role.name.lower()}:r{rank}"
+            self.tasks = RingReader(inst.task_ring(ring_role), inst.task_reader(self.role, rank), label=label)
+            self.done = RingWriter(inst.done_ring(self.role, rank), label=label)
+        # The status slots this actor's handshake depends on: the owner's attachers (and, on a decode instance,
+        # the links into its pool), or an attacher's owner.
+        self.peers: list[tuple[SignalArray[ActorState], int]]
+        if self.is_owner:
+            self.peers = [(inst.status, actor_slot(r, rank)) for r in self.attacher_roles]
+            if self.cfg.pd_role == PdRole.DECODE:
+                self.peers += [(inst.links, inst.link_slot(j, rank)) for j in range(MAX_LINKS)]
+        else:
+            self.peers = [(inst.status, actor_slot(self.owner_role, rank))]
         self._publish(self.status)
 
     # -- hooks for roles --------------------------------------------------------------------------------------------
@@ -97,6 +115,19 @@ class Actor:
     def restore_host(self, epoch: int) -> None:  # pragma: no cover
         raise ProtocolError(f"{self.name} owns no host pool")
 
+    def on_task_end(self, task: object) -> None:
+        """Called after every task this actor served, whatever its outcome (the worker ends its progress)."""
+
+    def extra_words(self) -> list[tuple[Any, int]]:
+        """Futex words outside this instance whose change needs this actor's attention (a messager's links)."""
+        return []
+
+    def poll(self, check_alive: bool = False) -> None:
+        """Look at those words' owners (called on every pass of the loop; ``check_alive`` on heartbeats)."""
+
+    def state_words(self) -> str:
+        return f"{self.status.state.name}@{self.status.epoch}"
+
     def on_new_weights(self, weight_version: int) -> None:
         """Called when a restore adopts a weight version (the worker loads weights; the transfer manager
         drops host entries of older versions)."""
@@ -108,14 +139,12 @@ class Actor:
         self.status = st
         self._last_publish = time.monotonic()
 
-    def _peer_slots(self) -> list[int]:
-        if self.is_owner:
-            return [actor_slot(r, self.rank) for r in self.attacher_roles]
-        return [actor_slot(self.owner_role, self.rank)]
-
-    def _peer_status(self, slot: int, check_alive: bool) -> tuple[Status | None, Signal[ActorState]]:
-        sig = self.inst.status.read(slot)
+    def _peer_status(self, i: int, check_alive: bool) -> tuple[Status | None, Signal[ActorState]]:
+        array, slot = self.peers[i]
+        sig = array.read(slot)
         if sig.seq == 0:
+            if array is not self.inst.status:
+                return Status(S.STOPPED, 0), sig  # a link never held: it maps nothing
             return Status(S.BOOTING, 0), sig  # not started yet: alive as far as we know
         if check_alive and not sig.writer.alive():
             return None, sig
@@ -126,7 +155,7 @@ class Actor:
         return Command(sig.value, sig.epoch, sig.aux)
 
     def _view(self, cmd: Command, check_alive: bool = False) -> View:
-        peers = tuple(self._peer_status(s, check_alive)[0] for s in self._peer_slots())
+        peers = tuple(self._peer_status(i, check_alive)[0] for i in range(len(self.peers)))
         return View(self.status, cmd, self.is_owner, self.pool is not None, self.owns_host(), self.host_live(), peers)
 
     def _decide(self, cmd: Command) -> Decision:
@@ -143,6 +172,7 @@ class Actor:
         idle_on: int | None = None  # the command word's value when we last decided there was nothing to do
         while True:
             snap = self._snapshot()  # before reading anything the decision depends on: no change can be missed
+            self.poll()
             if idle_on is not None and snap[0][2] == idle_on:
                 d = IDLE  # nothing changed that an idle decision depends on: serve tasks without re-deciding
             else:
@@ -168,8 +198,9 @@ class Actor:
                 waiting_since = None
             if time.monotonic() - self._last_publish > HEARTBEAT_S:
                 self._publish(self.status)  # heartbeat: same state, fresh timestamp
+                self.poll(check_alive=True)
             if d.waiting_for:
-                self._note_wait(WaitKind.PEERS, pack_slots([self._peer_slots()[i] for i in d.waiting_for]))
+                self._note_wait(WaitKind.PEERS, pack_slots([self._wait_code(i) for i in d.waiting_for[:4]]))
             else:
                 self._note_wait(WaitKind.COMMAND, 0)
             self._sleep(snap, d, 0.05 if d.waiting_for else HEARTBEAT_S)
@@ -180,24 +211,31 @@ class Actor:
             self._waiting = (kind, on)
             self._wait_w.write(kind, time.monotonic_ns(), on)
 
+    def _wait_code(self, i: int) -> int:
+        """How a wait record names peer i: its status slot, or LINK_WAIT_BASE + its link slot."""
+        array, slot = self.peers[i]
+        return slot if array is self.inst.status else LINK_WAIT_BASE + slot
+
     def _describe_waits(self, d: Decision) -> str:
         out = []
         for i in d.waiting_for:
-            slot = self._peer_slots()[i]
-            _, sig = self._peer_status(slot, check_alive=False)
-            out.append(f"{self.inst.status._labels(slot)} [{sig.writer.describe()}; {sig.value.name}@{sig.epoch}]")
+            array, slot = self.peers[i]
+            _, sig = self._peer_status(i, check_alive=False)
+            out.append(f"{array._labels(slot)} [{sig.writer.describe()}; {sig.value.name}@{sig.epoch}]")
         return "; ".join(out)
 
     def _snapshot(self) -> list[tuple[Any, int, int]]:
-        """The futex words that can change our decision, with their values now: [command, peers..., tasks]."""
+        """The futex words that can change our decision, with their values now:
+        [command, peers..., extra words..., tasks]."""
         words: list[tuple[Any, int, int]] = []
         ctl = self.inst.control.seg.buf
         off = self.inst.control._off(CONTROL_COMMAND)
         words.append((ctl, off, _native.load_u64(ctl, off) & 0xFFFFFFFF))
-        sbuf = self.inst.status.seg.buf
-        for slot in self._peer_slots():
-            off = self.inst.status._off(slot)
-            words.append((sbuf, off, _native.load_u64(sbuf, off) & 0xFFFFFFFF))
+        for array, slot in self.peers:
+            buf, off = array.seg.buf, array._off(slot)
+            words.append((buf, off, _native.load_u64(buf, off) & 0xFFFFFFFF))
+        for buf, off in self.extra_words():
+            words.append((buf, off, _native.load_u64(buf, off) & 0xFFFFFFFF))
         if self.tasks is not None:
             tbuf, wpos = self.tasks.seg.buf, layout.ring_writer_pos(layout.SEGMENT_HEADER_BYTES)
             words.append((tbuf, wpos, _native.load_u64(tbuf, wpos) & 0xFFFFFFFF))
@@ -207,12 +245,13 @@ class Actor:
         """Sleep until the command, a waited-for peer or the task ring changes from ``snap`` (or timeout_s).
         Signal writers always wake their word; the ring's writer wakes only readers whose sleeping flag is set,
         so set ours, fence, and re-check the ring before sleeping (eventcount)."""
-        words = [snap[0]] + [snap[1 + i] for i in d.waiting_for]
+        extra = snap[1 + len(self.peers) : len(snap) - (self.tasks is not None)]
+        words = [snap[0]] + [snap[1 + i] for i in d.waiting_for] + extra
         flag = -1
         if self.tasks is not None:
             words.append(snap[-1])
             tbuf = self.tasks.seg.buf
-            flag = layout.ring_reader_meta(layout.SEGMENT_HEADER_BYTES, self.rank) + layout.META_SLEEPING
+            flag = layout.ring_reader_meta(layout.SEGMENT_HEADER_BYTES, self.tasks.index) + layout.META_SLEEPING
             _native.store_u32(tbuf, flag, 1)
             _native.fence()
             if _native.load_u64(tbuf, layout.ring_writer_pos(layout.SEGMENT_HEADER_BYTES)) != self.tasks.position:
@@ -233,6 +272,8 @@ class Actor:
         if d.action == Act.ALLOCATE:
             wv = cmd.aux if cmd.kind == Cmd.RESTORE else self.weight_version
             attachers = tuple(int(r) for r in self.attacher_roles)
+            if self.cfg.pd_role == PdRole.DECODE:  # cuda: a share for each link slot too
+                attachers += tuple(LINK_SHARE_BASE + j for j in range(MAX_LINKS))
             pool = allocate_device_pool(self.inst.registry, self.cfg, self.rank, cmd.epoch, wv, attachers)
             self.inst.write_handle(self.rank, pool.handle())
             self.pool = pool
@@ -286,21 +327,26 @@ class Actor:
     def _serve_one(self) -> bool:
         if self.tasks is None:
             return False
+        pos = self.tasks.position
         raw = self.tasks.try_get()
         if raw is None:
             return False
+        self.task_pos = pos
         task = TASK_CODEC.decode(raw)
+        if isinstance(task, self.ignores):
+            return True
         fault_point(self.role, self.rank, "task")
         handler = self.handlers.get(type(task))
         try:
             if handler is None:
                 raise TaskError(f"{self.name} does not take {type(task).__name__} tasks")
-            if self.pool is None:
-                state = f"{self.status.state.name}@{self.status.epoch}"
-                raise TaskError(f"{self.name} has no KV pool now ({state}): the cache is cleared")
+            if self.pool is None and not isinstance(task, self.poolless):
+                raise TaskError(f"{self.name} has no KV pool now ({self.state_words()}): the cache is cleared")
             done = handler(self, task)
         except TaskError as e:
             done = Done(task.seq, self.rank, error=str(e), weight_version=self.weight_version)
+        finally:
+            self.on_task_end(task)
         assert self.done is not None
         reply = DONE_CODEC.encode(done)
         if len(reply) > self.done.max_payload:

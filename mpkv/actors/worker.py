@@ -1,4 +1,10 @@
-"""The model worker: runs the model plug-in on prefill tasks, writing K/V into its rank's device pool."""
+"""The model worker: runs the model plug-in on prefill tasks, writing K/V into its rank's device pool.
+
+On a prefill instance it also publishes, per PrefillSend batch, how many layers are final in the pool (object
+``progress``, slot = rank; epoch = the batch's ring position, which every reader of the ring sees alike). Its
+messager ships layer l as soon as the count passes l. On cuda a layer counts only once its kernels completed:
+an event is recorded after each layer and the count advances as events complete (no device-wide sync).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from mpkv.actors.entry import jitter
 from mpkv.actors.runtime import Actor, TaskError
 from mpkv.blocks import BadBlocks, check_ids
 from mpkv.instance import Instance
 from mpkv.model import SyntheticModel
-from mpkv.protocol import Done, Prefill, Role
+from mpkv.protocol import Done, PdRole, Prefill, PrefillSend, Progress, Role
 
 
 class PoolKV:
@@ -28,34 +35,87 @@ class PoolKV:
             self.pool[layer, kv_index, blocks] = x.view(len(blocks), self.block_size, *x.shape[1:])
 
 
+class LayerProgress:
+    """Publishes "layers 0..n-1 of the task at ring position ``pos`` are final in the pool"."""
+
+    def __init__(self, worker: Worker, pos: int) -> None:
+        self.worker, self.pos, self.final = worker, pos, 0
+        self.pending: list[torch.cuda.Event] = []
+
+    def layer_done(self, layer: int) -> None:
+        if self.worker.device.type != "cuda":
+            self._publish(layer + 1)
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.worker.device))
+        self.pending.append(event)
+        while self.pending and self.pending[0].query():  # those done by now, without waiting
+            self.pending.pop(0)
+            self._publish(self.final + 1)
+
+    def finish(self) -> None:
+        for event in self.pending:  # each layer as its own kernels complete
+            event.synchronize()
+            self._publish(self.final + 1)
+        self.pending.clear()
+
+    def _publish(self, layers: int) -> None:
+        jitter(Role.WORKER, self.worker.rank)
+        self.final = layers
+        assert self.worker.progress is not None
+        self.worker.progress.write(Progress.RUNNING, self.pos, layers)
+
+
 class Worker(Actor):
     role = Role.WORKER
 
     def __init__(self, inst: Instance, rank: int) -> None:
         self.model = SyntheticModel(inst.cfg, rank, "cuda" if inst.cfg.backend == "cuda" else "cpu")
+        self.progress = inst.progress.writer(rank) if inst.cfg.pd_role == PdRole.PREFILL else None
         super().__init__(inst, rank)
 
     def on_new_weights(self, weight_version: int) -> None:
         self.model.load(weight_version)
 
-    def prefill(self, task: Prefill) -> Done:
+    def _checked(self, seq: int, request: str, tokens: np.ndarray, blocks: object) -> Prefill:
         cfg = self.cfg
-        n_tokens = len(task.tokens)
         try:
-            blocks = check_ids(task.blocks, cfg.device_blocks, "device blocks")
+            ids = check_ids(blocks, cfg.device_blocks, "device blocks")
         except BadBlocks as e:
-            raise TaskError(f"prefill {task.request!r}: {e}") from None
+            raise TaskError(f"prefill {request!r}: {e}") from None
+        n_tokens = len(tokens)
         need = -(-n_tokens // cfg.block_size)
-        if n_tokens == 0 or len(blocks) != need:
+        if n_tokens == 0 or len(ids) != need:
             raise TaskError(
-                f"prefill {task.request!r}: {n_tokens} tokens need {need} blocks of {cfg.block_size}, got {len(blocks)}"
+                f"prefill {request!r}: {n_tokens} tokens need {need} blocks of {cfg.block_size}, got {len(ids)}"
             )
+        return Prefill(seq, request, np.asarray(tokens), ids)
+
+    def _forward(self, batch: list[Prefill], on_layer_done: Any) -> None:
         assert self.pool is not None
-        kv = PoolKV(self.pool.tensor, cfg.block_size)
-        task = Prefill(task.seq, task.request, np.asarray(task.tokens), blocks)
-        self.model.forward([task], kv, on_layer_done=lambda layer: None)
+        self.model.forward(batch, PoolKV(self.pool.tensor, self.cfg.block_size), on_layer_done=on_layer_done)
+
+    def prefill(self, task: Prefill) -> Done:
+        self._forward([self._checked(task.seq, task.request, task.tokens, task.blocks)], lambda layer: None)
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
-        return Done(task.seq, self.rank, weight_version=self.weight_version, layers_done=cfg.layers)
+        return Done(task.seq, self.rank, weight_version=self.weight_version, layers_done=self.cfg.layers)
 
-    handlers: ClassVar[dict[type, Any]] = {Prefill: prefill}
+    def prefill_send(self, task: PrefillSend) -> Done:
+        if self.progress is None:
+            raise TaskError(
+                f"{self.name}: this is a {self.cfg.pd_role.name.lower()} instance; PD batches go to a "
+                "prefill instance (mpkv launch --role prefill)"
+            )
+        batch = [self._checked(task.seq, it.request, it.tokens, it.blocks) for it in task.items]
+        progress = LayerProgress(self, self.task_pos)
+        self._forward(batch, progress.layer_done)
+        progress.finish()
+        return Done(task.seq, self.rank, weight_version=self.weight_version, layers_done=progress.final)
+
+    def on_task_end(self, task: object) -> None:
+        # Whatever happened, the batch's layers are as final as they will get: the messager waits no longer.
+        if isinstance(task, PrefillSend) and self.progress is not None:
+            self.progress.write(Progress.DONE, self.task_pos, self.cfg.layers)
+
+    handlers: ClassVar[dict[type, Any]] = {Prefill: prefill, PrefillSend: prefill_send}

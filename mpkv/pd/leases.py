@@ -1,0 +1,139 @@
+"""The decode instance's block allocator, as the engine sees it: destination blocks are granted to one transfer
+as a lease, and are readable only once the transfer is complete on every rank.
+
+A lease's state lives in the decode instance's ``leases`` signal array (one slot per lease; value LeaseState,
+epoch = the lease's generation, aux = the decode pool's restore epoch at grant), written only by this
+allocator, so the decode side and mpkv-top see every transfer in flight. A lease is granted against one pool
+epoch: once the decode instance clears its pool, every lease of the old epoch is failed and its blocks come
+back (the links dropped the old pool before the clear finished, so nothing can write them any more).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpkv.errors import MpkvError
+from mpkv.instance import MAX_LEASES, Instance
+from mpkv.protocol import LeaseState, PdRole
+from mpkv.shm.signals import SignalWriter
+
+
+class LeaseError(MpkvError):
+    """A lease cannot be granted or used: no free blocks, a block still in flight, a lease of a cleared pool."""
+
+
+@dataclass
+class Lease:
+    slot: int
+    gen: int
+    request: str
+    blocks: np.ndarray  # int32 destination block ids, in order
+    pool_epoch: int
+    state: LeaseState = LeaseState.GRANTED
+    reason: str = ""
+
+
+class Allocator:
+    """Grants the blocks of a decode instance. One per instance at a time (it claims the lease slots)."""
+
+    def __init__(self, inst: Instance) -> None:
+        if inst.cfg.pd_role != PdRole.DECODE:
+            raise LeaseError(
+                f"instance {inst.name} is a {inst.cfg.pd_role.name.lower()} instance; only a decode "
+                "instance leases its blocks to transfers"
+            )
+        self.inst = inst
+        self._writers: dict[int, SignalWriter[LeaseState]] = {}
+        self._gen = itertools.count(1)
+        self.pool_epoch = self._current_pool_epoch()
+        self.free: list[int] = list(range(inst.cfg.device_blocks - 1, -1, -1))
+        self.leases: dict[int, Lease] = {}  # by slot
+        self._free_slots = list(range(MAX_LEASES - 1, -1, -1))
+
+    def _current_pool_epoch(self) -> int:
+        """The restore epoch of the pool every rank serves now (the handle's epoch), checked equal on all."""
+        epochs = {self.inst.read_handle(r).epoch for r in range(self.inst.cfg.tp)}
+        return max(epochs)
+
+    def _write(self, lease: Lease) -> None:
+        w = self._writers.get(lease.slot)
+        if w is None:
+            w = self._writers[lease.slot] = self.inst.leases.writer(lease.slot)
+        w.write(lease.state, lease.gen, lease.pool_epoch)
+
+    def sync(self) -> None:
+        """Notice a clear/restore of the decode pool: every lease of an older pool fails, its blocks come back."""
+        epoch = self._current_pool_epoch()
+        if epoch == self.pool_epoch:
+            return
+        old = self.pool_epoch
+        self.pool_epoch = epoch
+        for lease in list(self.leases.values()):
+            if lease.pool_epoch != epoch:
+                if lease.state == LeaseState.GRANTED:
+                    self._settle(lease, LeaseState.FAILED, f"the decode pool of epoch {old} was cleared")
+                self.release(lease)
+
+    def grant(self, request: str, n_blocks: int) -> Lease:
+        self.sync()
+        if n_blocks <= 0:
+            raise LeaseError(f"lease for {request!r}: {n_blocks} blocks asked; a lease holds at least one block")
+        if len(self.free) < n_blocks:
+            raise LeaseError(
+                f"lease for {request!r}: {n_blocks} blocks asked, {len(self.free)} of "
+                f"{self.inst.cfg.device_blocks} free in {self.inst.name} ({len(self.leases)} leases held)"
+            )
+        if not self._free_slots:
+            raise LeaseError(f"lease for {request!r}: {MAX_LEASES} leases are held already in {self.inst.name}")
+        blocks = np.array([self.free.pop() for _ in range(n_blocks)], dtype=np.int32)
+        lease = Lease(self._free_slots.pop(), next(self._gen), request, blocks, self.pool_epoch)
+        self.leases[lease.slot] = lease
+        self._write(lease)
+        return lease
+
+    def complete(self, lease: Lease) -> None:
+        """Every rank shipped every layer and every prefill worker succeeded: the blocks become readable."""
+        self.sync()
+        self._check_held(lease)
+        if lease.pool_epoch != self.pool_epoch:  # sync() failed it already; say so rather than commit
+            raise LeaseError(f"lease {lease.slot} of {lease.request!r}: {lease.reason}")
+        self._settle(lease, LeaseState.COMPLETE, "")
+
+    def fail(self, lease: Lease, reason: str) -> None:
+        self._check_held(lease)
+        if lease.state == LeaseState.GRANTED:
+            self._settle(lease, LeaseState.FAILED, reason)
+
+    def _settle(self, lease: Lease, state: LeaseState, reason: str) -> None:
+        if lease.state != LeaseState.GRANTED:
+            raise LeaseError(f"lease {lease.slot} of {lease.request!r} is {lease.state.name} already")
+        lease.state, lease.reason = state, reason
+        self._write(lease)
+
+    def release(self, lease: Lease) -> None:
+        """Give the blocks back (the decode side is done with them, or the transfer failed)."""
+        self._check_held(lease)
+        if lease.state == LeaseState.GRANTED:
+            raise LeaseError(f"lease {lease.slot} of {lease.request!r} is still in flight: complete or fail it first")
+        del self.leases[lease.slot]
+        self.free.extend(lease.blocks.tolist())
+        self._free_slots.append(lease.slot)
+        lease.state = LeaseState.FREE
+        self._write(lease)
+
+    def check_readable(self, blocks: np.ndarray) -> None:
+        """Refuse to read blocks that belong to a transfer not complete on every rank (or a failed one)."""
+        wanted = set(np.asarray(blocks).tolist())
+        for lease in self.leases.values():
+            if lease.state != LeaseState.COMPLETE and wanted.intersection(lease.blocks.tolist()):
+                raise LeaseError(
+                    f"blocks of {lease.request!r} (lease {lease.slot}) are {lease.state.name}"
+                    f"{': ' + lease.reason if lease.reason else ''}; they are readable once the transfer completed"
+                )
+
+    def _check_held(self, lease: Lease) -> None:
+        if self.leases.get(lease.slot) is not lease:
+            raise LeaseError(f"lease {lease.slot} of {lease.request!r} is not held by this allocator")
