@@ -23,7 +23,7 @@ import numpy as np
 
 from mpkv.blocks import check_ids
 from mpkv.errors import MpkvError, PeerDied
-from mpkv.instance import CONTROL_COMMAND, TASK_ROLES, Instance
+from mpkv.instance import CONTROL_COMMAND, TASK_ROLES, Instance, launcher_slot
 from mpkv.pd.leases import Allocator, Lease, LeaseError
 from mpkv.protocol import (
     DONE_CODEC,
@@ -177,22 +177,36 @@ class Client:
 
     def wait_send(self, ticket: Ticket, timeout_s: float = 60.0) -> list[Done]:
         """Every worker's and messager's completion of a PD batch. Completes its leases in the decode instance
-        only if all succeeded; otherwise fails them with the reasons and raises TransferFailed."""
+        only if all succeeded; otherwise fails them with the reasons and raises TransferFailed.
+
+        The messagers are waited for first: once each reported (or died), nothing writes the destination blocks
+        any more, so a failure there fails the leases at once. The workers are still waited for, because the
+        source blocks are theirs until they finish; the error says so if one does not."""
         assert ticket.dest is not None, "wait_send takes the ticket of a send"
-        roles = (ticket.role, *ticket.also)
-        try:
-            got = [(role, self._wait_rank(ticket, role, r, timeout_s)) for role in roles for r in range(self.cfg.tp)]
-        except MpkvError as e:
+        reasons: list[str] = []
+        dones: list[Done] = []
+        for role in (*ticket.also, ticket.role):
+            for r in range(self.cfg.tp):
+                try:
+                    done = self._wait_rank(ticket, role, r, timeout_s)
+                except MpkvError as e:
+                    reasons.append(f"{role.name.lower()} r{r}: {e}")
+                    continue
+                dones.append(done)
+                if done.error:
+                    reasons.append(f"{role.name.lower()} r{done.rank}: {done.error}")
+            if reasons and role in ticket.also:
+                for lease in ticket.leases:
+                    ticket.dest.allocator.fail(lease, "; ".join(reasons))
+        if not reasons:
+            try:
+                ticket.dest.check_serving(alive=True)  # the KV landed in a pool that is still there
+            except InstanceNotServing as e:
+                reasons.append(str(e))
+        if reasons:
             for lease in ticket.leases:
-                ticket.dest.allocator.fail(lease, str(e))
-            raise TransferFailed(f"{ticket.what} (task {ticket.seq}) failed: {e}", []) from None
-        dones = [d for _, d in got]
-        bad = [(role, d) for role, d in got if d.error]
-        if bad:
-            reasons = "; ".join(f"{role.name.lower()} r{d.rank}: {d.error}" for role, d in bad)
-            for lease in ticket.leases:
-                ticket.dest.allocator.fail(lease, reasons)
-            raise TransferFailed(f"{ticket.what} (task {ticket.seq}) failed: {reasons}", dones)
+                ticket.dest.allocator.fail(lease, "; ".join(reasons))
+            raise TransferFailed(f"{ticket.what} (task {ticket.seq}) failed: {'; '.join(reasons)}", dones)
         for lease in ticket.leases:
             ticket.dest.allocator.complete(lease)
         return dones
@@ -202,7 +216,9 @@ class Client:
         self._tasks[role].put(TASK_CODEC.encode(task), timeout_s=60)
         return Ticket(role, task.seq, what)
 
-    def check_serving(self) -> None:
+    def check_serving(self, alive: bool = False) -> None:
+        """Refuse early when the instance is paused, cleared or broken; ``alive`` also checks every actor's
+        process (a /proc read each) and the launcher."""
         cmd = self.inst.control.read(CONTROL_COMMAND)
         if cmd.value not in (Cmd.NONE, Cmd.RESUME):
             raise InstanceNotServing(
@@ -214,6 +230,12 @@ class Client:
                 sig = self.inst.status.read(actor_slot(role, rank))
                 if sig.value == ActorState.FAILED:
                     raise InstanceNotServing(f"instance {self.name}: {role.name.lower()} r{rank} has FAILED")
+                if alive and not sig.writer.alive():
+                    raise InstanceNotServing(f"instance {self.name}: {role.name.lower()} r{rank} is dead")
+        if alive:
+            sig = self.inst.status.read(launcher_slot(self.cfg.tp))
+            if sig.value in (ActorState.STOPPED, ActorState.FAILED) or not sig.writer.alive():
+                raise InstanceNotServing(f"instance {self.name} is gone: its launcher is {sig.writer.describe()}")
 
     # -- completions ---------------------------------------------------------------------------------------------
     def wait(self, ticket: Ticket, timeout_s: float = 60.0) -> list[Done]:

@@ -1,11 +1,16 @@
 """`mpkv demo`: the main job on the embedded default (cpu backend).
 
-Launches a TP=2 instance (`mpkv launch` in a child process), then runs cycles of: prefills of random lengths,
-a read-back of every request's KV from every rank compared byte for byte with the synthetic model's
-recomputation in this process, swaps out and back in to other device blocks (verified again), and an RL
-transaction with a new weight version: pause, clear device and host, restore, resume. After each restore the
-host entries of the old version must be refused (stale KV is never served) and new prefills must match the
-new weights. Ends with a summary; exits non-zero on any error.
+Launches a prefill instance and a decode instance, TP=2 each (`mpkv launch --role ...` in child processes),
+then runs cycles of:
+  - on the prefill instance: prefills of random lengths, a read-back of every request's KV from every rank
+    compared byte for byte with the synthetic model's recomputation in this process, swaps out and back in to
+    other device blocks (verified again);
+  - prefill -> decode: a stream of requests of varied prompt lengths, leased on the decode side, batched by
+    this engine, prefilled and shipped layer by layer; every byte verified on the decode side;
+  - an RL transaction on both instances with a new weight version: pause, clear device and host, restore,
+    resume. After each restore the host entries of the old version must be refused (stale KV is never served)
+    and new KV must match the new weights.
+Ends with a summary; exits non-zero on any error.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from mpkv.shm.cleanup import cleanup
 @dataclass
 class Tally:
     prefills: int = 0
+    transfers: int = 0
+    transfer_batches: int = 0
+    transferred_bytes: int = 0
+    transfer_ms: list[float] = field(default_factory=list)
     kv_bytes_written: int = 0
     swapped_bytes: int = 0
     verified_bytes: int = 0
@@ -75,8 +84,8 @@ class Verifier:
         return n
 
 
-def _launch(name: str, tp: int, log: str) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "mpkv.cli", "launch", "--name", name, "--tp", str(tp)]
+def _launch(name: str, tp: int, log: str, role: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "mpkv.cli", "launch", "--name", name, "--tp", str(tp), "--role", role]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -87,14 +96,50 @@ def _launch(name: str, tp: int, log: str) -> subprocess.Popen[str]:
     return proc
 
 
+def ship(client: Client, decode: Client, verify: Verifier, rng: random.Random, n: int, wv: int, t: Tally) -> None:
+    """Prefill -> decode: ``n`` requests of varied lengths, in batches of 1-4 fixed here, each batch sent only
+    once its destination blocks are leased; every byte checked on the decode side, then the blocks given back."""
+    cfg = client.cfg
+    free = list(range(cfg.device_blocks))
+    rng.shuffle(free)
+    sent = 0
+    while sent < n:
+        batch = []
+        for j in range(min(rng.randint(1, 4), n - sent)):
+            n_tokens = rng.randint(1, 16 * cfg.block_size)
+            tokens = np.array([rng.randrange(cfg.vocab) for _ in range(n_tokens)], dtype=np.int32)
+            lease = decode.allocate(f"pd{t.transfers + j}", n_tokens)
+            src = np.array([free.pop() for _ in lease.blocks], dtype=np.int32)
+            batch.append((lease.request, tokens, src, lease))
+        t0 = time.perf_counter()
+        client.wait_send(client.send(decode, batch))
+        t.transfer_ms.append((time.perf_counter() - t0) * 1e3)
+        t.transfer_batches += 1
+        for request, tokens, src, lease in batch:
+            t.verified_bytes += verify.check(decode, tokens, lease.blocks, wv, f"decode copy of {request}")
+            t.transferred_bytes += len(src) * cfg.block_bytes * cfg.tp
+            decode.allocator.release(lease)
+            free.extend(src.tolist())
+            t.transfers += 1
+        sent += len(batch)
+
+
 def run(cycles: int, tp: int, requests_per_cycle: int, seed: int) -> Tally:
-    name = f"demo-{os.getpid()}"
-    log = f"/tmp/mpkv-{name}.log"
-    launcher = _launch(name, tp, log)
+    name, dname = f"demo-{os.getpid()}-p", f"demo-{os.getpid()}-d"
+    log, dlog = f"/tmp/mpkv-{name}.log", f"/tmp/mpkv-{dname}.log"
+    decode_launcher = _launch(dname, tp, dlog, "decode")
+    try:
+        launcher = _launch(name, tp, log, "prefill")
+    except BaseException:
+        decode_launcher.terminate()
+        decode_launcher.wait(30)
+        cleanup(instance=dname)
+        raise
     t = Tally()
     rng = random.Random(seed)
     try:
         client, ctl = Client(name), Controller(name)
+        decode, dctl = Client(dname), Controller(dname)
         cfg = client.cfg
         verify = Verifier(cfg)
         free = list(range(cfg.device_blocks))
@@ -137,15 +182,18 @@ def run(cycles: int, tp: int, requests_per_cycle: int, seed: int) -> Tally:
                 stale.append(slots)
             for _, blocks in live[len(live) // 2 :]:
                 free.extend(blocks.tolist())
-            # The RL transaction: new weights; nothing of the old version may be served afterwards.
-            ctl.pause()
-            res = ctl.clear()
-            t.clear_ms.append(res.latency_s * 1e3)
-            t.released.append(sum(res.released_bytes.values()))
+            ship(client, decode, verify, rng, 2 * requests_per_cycle, wv, t)
+            # The RL transaction on both instances: new weights; nothing of the old version may be served after.
+            for c in (ctl, dctl):
+                c.pause()
+                res = c.clear()
+                t.clear_ms.append(res.latency_s * 1e3)
+                t.released.append(sum(res.released_bytes.values()))
             wv += 1
-            res = ctl.restore(wv)
-            t.restore_ms.append(res.latency_s * 1e3)
-            ctl.resume()
+            for c in (ctl, dctl):
+                res = c.restore(wv)
+                t.restore_ms.append(res.latency_s * 1e3)
+                c.resume()
             for slots in stale:
                 try:
                     client.wait(client.swap_in(slots, np.arange(len(slots), dtype=np.int32)))
@@ -155,25 +203,30 @@ def run(cycles: int, tp: int, requests_per_cycle: int, seed: int) -> Tally:
                     t.stale_refusals += 1
             t.cycle_ms.append((time.perf_counter() - t0) * 1e3)
             print(
-                f"cycle {cycle:3}/{cycles}: {len(live)} prefills, {len(parked)} swapped out and in, clear "
+                f"cycle {cycle:3}/{cycles}: {len(live)} prefills, {len(parked)} swapped out and in, "
+                f"{t.transfers} shipped to decode so far, clear "
                 f"{t.clear_ms[-1]:.1f} ms (released {t.released[-1] / 2**20:.1f} MiB), "
                 f"restore {t.restore_ms[-1]:.1f} ms, "
                 f"now weight version {wv}, {t.verified_bytes / 2**20:.1f} MiB verified so far",
                 flush=True,
             )
         client.close()
-        ctl.shutdown()
-        ctl.close()
-        if launcher.wait(60) != 0:
-            t.errors.append(f"the launcher exited with {launcher.returncode}; see {log}")
+        decode.close()
+        for c in (ctl, dctl):
+            c.shutdown()
+            c.close()
+        for proc, lg in ((launcher, log), (decode_launcher, dlog)):
+            if proc.wait(60) != 0:
+                t.errors.append(f"a launcher exited with {proc.returncode}; see {lg}")
     except BaseException as e:
         t.errors.append(f"{type(e).__name__}: {e}")
         raise
     finally:
-        if launcher.poll() is None:
-            launcher.terminate()
-            launcher.wait(30)
-        cleanup(instance=name)
+        for proc, n in ((launcher, name), (decode_launcher, dname)):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+            cleanup(instance=n)
     return t
 
 
@@ -185,14 +238,21 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     cycles = 3 if args.quick else args.cycles
     seed = int(os.environ.get("MPKV_DEMO_SEED", random.randrange(2**31)))
-    print(f"mpkv demo: tp={args.tp}, {cycles} RL cycles, seed {seed} (replay with MPKV_DEMO_SEED={seed})")
+    print(
+        f"mpkv demo: a prefill and a decode instance, tp={args.tp} each, {cycles} RL cycles, seed {seed} "
+        f"(replay with MPKV_DEMO_SEED={seed})"
+    )
     t = run(cycles, args.tp, requests_per_cycle=4 if args.quick else 8, seed=seed)
     mib = 2**20
     print("\nsummary")
     print(f"  prefills                {t.prefills} ({t.kv_bytes_written / mib:.1f} MiB of KV written)")
     print(f"  swapped                 {t.swapped_bytes / mib:.1f} MiB out and in")
+    print(
+        f"  prefill -> decode       {t.transfers} requests in {t.transfer_batches} batches, "
+        f"{t.transferred_bytes / mib:.1f} MiB shipped layer by layer; batch p50 {_pct(t.transfer_ms, 50):.1f} ms"
+    )
     print(f"  verified                {t.verified_bytes / mib:.1f} MiB, byte for byte against the recomputation")
-    print(f"  RL cycles               {len(t.clear_ms)}")
+    print(f"  RL cycles               {len(t.clear_ms) // 2} (on both instances)")
     print(f"  clear latency           p50 {_pct(t.clear_ms, 50):.1f} ms, p99 {_pct(t.clear_ms, 99):.1f} ms")
     print(f"  restore latency         p50 {_pct(t.restore_ms, 50):.1f} ms, p99 {_pct(t.restore_ms, 99):.1f} ms")
     print(f"  released per clear      {_pct([float(x) for x in t.released], 50) / mib:.1f} MiB (median, measured)")

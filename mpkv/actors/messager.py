@@ -54,6 +54,7 @@ class Messager(Actor):
 
     def __init__(self, inst: Instance, rank: int) -> None:
         self.links: dict[str, Link] = {}
+        self._gone: list[Link] = []  # links into instances that went away, closed at the next poll
         self.batches = 0
         self.barrier: Barrier | None = None
         self._diverge = _diverge()
@@ -66,18 +67,18 @@ class Messager(Actor):
         return [link.command_word for link in self.links.values()]
 
     def poll(self, check_alive: bool = False) -> None:
+        while self._gone:  # closed here, before the loop snapshots the words it sleeps on: never a stale buffer
+            self._gone.pop().close()
         for dest, link in list(self.links.items()):
             if link.poll():
                 continue
             if check_alive and link.gone():
-                link.close()
-                del self.links[dest]
+                self._gone.append(self.links.pop(dest))
 
     def _link(self, dest: str) -> Link:
         link = self.links.get(dest)
         if link is not None and link.gone():
-            link.close()
-            del self.links[dest]
+            self._gone.append(self.links.pop(dest))
             link = None
         if link is None:
             link = self.links[dest] = Link(dest, self.rank, self.cfg)
@@ -128,7 +129,7 @@ class Messager(Actor):
             for src, dst in pairs:
                 transport.write_layer(layer, src_pool, src, dst)
         transport.flush()
-        why = link.poll()
+        why = link.broken()
         if why:
             raise TaskError(f"{self.name}: {why} while the batch was being shipped")
         return self.cfg.layers
@@ -157,6 +158,9 @@ class Messager(Actor):
                     raise TaskError(
                         f"{self.name}: worker r{self.rank} died ({w.writer.describe()}) before layer {layer}"
                     )
+                why = link.broken()
+                if why:
+                    raise TaskError(f"{self.name}: {why} while the batch was being shipped")
             if now > deadline:
                 raise TaskError(
                     f"{self.name}: worker r{self.rank} did not finish layer {layer} of batch {self.batches} "
@@ -177,6 +181,8 @@ class Messager(Actor):
         try:
             while self.links:
                 self.links.popitem()[1].close()
+            while self._gone:
+                self._gone.pop().close()
         finally:
             super().teardown()
             if self.barrier is not None:

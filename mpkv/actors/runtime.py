@@ -171,8 +171,8 @@ class Actor:
         waiting_since: float | None = None
         idle_on: int | None = None  # the command word's value when we last decided there was nothing to do
         while True:
-            snap = self._snapshot()  # before reading anything the decision depends on: no change can be missed
             self.poll()
+            snap = self._snapshot()  # before reading anything the decision depends on: no change can be missed
             if idle_on is not None and snap[0][2] == idle_on:
                 d = IDLE  # nothing changed that an idle decision depends on: serve tasks without re-deciding
             else:

@@ -133,6 +133,15 @@ class Link:
             return f"decode instance {self.dest!r} is gone (its launcher is {sig.writer.describe()})"
         return ""
 
+    def broken(self) -> str:
+        """Why what was shipped so far may not have landed in a live pool (cleared, owner dead, instance gone)."""
+        why = self.poll() or self.gone()
+        if not why:
+            owner = self.inst.status.read(self.owner_slot)
+            if owner.value == S.FAILED or not owner.writer.alive():
+                why = f"the pool owner of decode instance {self.dest!r} rank {self.rank} is {owner.writer.describe()}"
+        return why
+
     def _shown(self) -> Command:
         sig = self.inst.links.read(self.inst.link_slot(self.index, self.rank))
         return Command(Cmd.NONE, sig.epoch)

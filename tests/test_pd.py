@@ -1,0 +1,220 @@
+"""Prefill/decode disaggregation against real launched instances: a prefill instance ships KV layer by layer
+into a decode instance's pool; every byte is verified on the decode side (seed 000's scenarios)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from instances import Launched
+
+from mpkv.client import Client, TransferFailed
+from mpkv.controller import Controller
+from mpkv.instance import Instance
+from mpkv.model import expected_kv
+from mpkv.pd.leases import Lease, LeaseError
+from mpkv.protocol import LeaseState, Role, WaitKind, actor_slot
+
+PD = dict(layers=3, device_blocks=96)
+
+
+@contextmanager
+def pd_pair(name: str, prefill_env: dict[str, str] | None = None) -> Iterator[tuple[Launched, Launched]]:
+    with (
+        Launched(f"{name}d", role="decode", **PD) as d,
+        Launched(f"{name}p", role="prefill", env=prefill_env, **PD) as p,
+    ):
+        yield p, d
+
+
+class Engine:
+    """The engine's side for a test: source blocks of the prefill instance, leases of the decode instance."""
+
+    def __init__(self, prefill: str, decode: str, gen: np.random.Generator) -> None:
+        self.p, self.d, self.gen = Client(prefill), Client(decode), gen
+        self.cfg = self.p.cfg
+        self.free = list(range(self.cfg.device_blocks))
+        self.wv = 1
+
+    def request(self, name: str, max_tokens: int = 40) -> tuple[str, np.ndarray, np.ndarray, Lease]:
+        n = int(self.gen.integers(1, max_tokens))
+        tokens = self.gen.integers(0, self.cfg.vocab, n, dtype=np.int32)
+        lease = self.d.allocate(name, n)
+        src = np.array([self.free.pop(int(self.gen.integers(len(self.free)))) for _ in lease.blocks], dtype=np.int32)
+        return name, tokens, src, lease
+
+    def verify(self, batch: list[tuple[str, np.ndarray, np.ndarray, Lease]]) -> None:
+        cfg = self.cfg
+        for request, tokens, _src, lease in batch:
+            assert lease.state == LeaseState.COMPLETE
+            for d in self.d.wait(self.d.read_blocks(lease.blocks)):
+                got = torch.frombuffer(bytearray(d.data), dtype=cfg.torch_dtype)
+                got = got.view(cfg.layers, 2, len(lease.blocks) * cfg.block_size, cfg.heads_per_rank, cfg.head_dim)
+                want = expected_kv(cfg, d.rank, self.wv, tokens)
+                assert torch.equal(got[:, :, : len(tokens)].view(torch.uint8), want.view(torch.uint8)), (
+                    f"{request}: decode rank {d.rank} holds KV that differs from the prefill's recomputation"
+                )
+
+    def done_with(self, batch: list[tuple[str, np.ndarray, np.ndarray, Lease]]) -> None:
+        for _, _, src, lease in batch:
+            self.d.allocator.release(lease)
+            self.free.extend(src.tolist())
+
+    def close(self) -> None:
+        self.p.close()
+        self.d.close()
+
+
+def pid_of(launched: Launched, who: str) -> int:
+    """The pid the launcher's ready line gives for ``who`` (e.g. "messager:r1")."""
+    return int(launched.lines[0].split(f"{who}=")[1].split()[0].rstrip(")"))
+
+
+def until_waiting(instance: str, role: Role, rank: int, kind: WaitKind) -> None:
+    """Block until that actor publishes a wait of ``kind`` (its wait record; a futex wait, 30 s deadline)."""
+    inst = Instance.attach(instance)
+    try:
+        inst.waits.wait(actor_slot(role, rank), lambda s: s.value == kind, what=f"{kind.name} wait", timeout_s=30)
+    finally:
+        inst.close()
+
+
+def barrier_keys(dones: list) -> dict[int, bytes]:  # type: ignore[type-arg]
+    """The messagers' barrier keys (the last tp completions of a send), by rank."""
+    return {d.rank: d.data for d in dones[len(dones) // 2 :]}
+
+
+def test_layerwise_transfer_lands_every_byte(instance: str, rng) -> None:
+    gen = np.random.default_rng(rng.randrange(2**32))
+    with pd_pair(instance) as (p, d):
+        eng = Engine(p.name, d.name, gen)
+        for i in range(6):
+            batch = [eng.request(f"b{i}.{j}") for j in range(1 + i % 3)]
+            with pytest.raises(LeaseError, match="GRANTED"):
+                eng.d.read_blocks(batch[0][3].blocks)  # not readable while in flight
+            dones = eng.p.wait_send(eng.p.send(eng.d, batch))
+            keys = barrier_keys(dones)
+            assert len(set(keys.values())) == 1, f"ranks met at different barrier keys: {keys}"
+            eng.verify(batch)
+            for _, _, _, lease in batch:  # the decode side sees the lease complete in its shared memory
+                assert eng.d.inst.leases.read(lease.slot).value == LeaseState.COMPLETE
+            eng.done_with(batch)
+        eng.close()
+
+
+def test_seed_race_randomized_delays(instance: str, rng) -> None:
+    """Seed 000: ranks see destination info, layer progress and tasks at different times. With random per-rank
+    delays at each of those points, 200 batches of random size: no hang, same barrier keys, every byte lands."""
+    seed = rng.randrange(2**31)
+    print(f"jitter seed {seed}")
+    gen = np.random.default_rng(seed)
+    env = {"MPKV_JITTER_US": "1500", "MPKV_JITTER_SEED": str(seed)}
+    with pd_pair(instance, prefill_env=env) as (p, d):
+        eng = Engine(p.name, d.name, gen)
+        trials, sequences = 200, []
+        for i in range(trials):
+            batch = [eng.request(f"t{i}.{j}", max_tokens=24) for j in range(int(gen.integers(1, 4)))]
+            dones = eng.p.wait_send(eng.p.send(eng.d, batch), timeout_s=30)
+            sequences.append(barrier_keys(dones))
+            eng.verify(batch)
+            eng.done_with(batch)
+        per_rank = {r: [s[r] for s in sequences] for r in range(eng.cfg.tp)}
+        assert per_rank[0] == per_rank[1], "the ranks' barrier key sequences differ"
+        assert len(per_rank[0]) == trials
+        eng.close()
+
+
+def test_rank_divergent_batch_is_a_protocol_error(instance: str, rng) -> None:
+    """A test hook makes rank 1 key its second batch as if it had split it (the reference's bug): both ranks
+    get a ProtocolError naming the ranks and keys, long before the 60 s deadline; the lease fails."""
+    gen = np.random.default_rng(rng.randrange(2**32))
+    with pd_pair(instance, prefill_env={"MPKV_DIVERGE": "1:2"}) as (p, d):
+        eng = Engine(p.name, d.name, gen)
+        first = [eng.request("ok.0"), eng.request("ok.1")]
+        eng.p.wait_send(eng.p.send(eng.d, first))
+        eng.verify(first)
+        batch = [eng.request("split.0"), eng.request("split.1")]
+        t0 = time.monotonic()
+        with pytest.raises(TransferFailed) as err:
+            eng.p.wait_send(eng.p.send(eng.d, batch), timeout_s=50)
+        assert time.monotonic() - t0 < 30
+        text = str(err.value)
+        assert "ProtocolError" in text and "rank 0" in text and "rank 1" in text, text
+        for _, _, _, lease in batch:
+            assert lease.state == LeaseState.FAILED
+            assert eng.d.inst.leases.read(lease.slot).value == LeaseState.FAILED
+        assert p.exit_code() == 1  # a protocol error fails the prefill instance, loudly
+        eng.close()
+
+
+@pytest.mark.parametrize("victim", ["prefill:messager", "prefill:worker", "decode:worker"])
+def test_kill_9_mid_transfer_fails_the_transfer(instance: str, rng, victim: str) -> None:
+    """kill -9 of an actor while a batch is in flight: the batch is reported failed with the dead actor named,
+    its leases fail on the decode side, nothing leaks. An injected hang on rank 1 (the victim itself, or for the
+    decode worker, the prefill worker r1) holds the batch; the kill comes once the survivors publish that they
+    wait, so it lands mid-transfer."""
+    side, role = victim.split(":")
+    gen = np.random.default_rng(rng.randrange(2**32))
+    held = "worker" if side == "decode" else role  # decode: prefill worker r1 holds the batch mid-transfer
+    env = {"MPKV_FAULT": f"{held}:1:task:hang"}
+    with pd_pair(instance, prefill_env=env) as (p, d):
+        eng = Engine(p.name, d.name, gen)
+        batch = [eng.request("doomed.0"), eng.request("doomed.1")]
+        ticket = eng.p.send(eng.d, batch)
+        if role == "messager":
+            until_waiting(p.name, Role.MESSAGER, 0, WaitKind.BARRIER)  # rank 0 shipped; rank 1 is held
+        else:
+            until_waiting(p.name, Role.MESSAGER, 1, WaitKind.PROGRESS)  # mid-batch on rank 1
+        target = p if side == "prefill" else d
+        os.kill(pid_of(target, f"{role}:r1"), signal.SIGKILL)
+        with pytest.raises(TransferFailed) as err:
+            eng.p.wait_send(ticket, timeout_s=5 if side == "decode" else 50)
+        text = str(err.value)
+        assert "died" in text or "dead" in text or "gone" in text, text
+        if side == "decode":  # the held prefill worker never finished: said so, its source blocks stay in use
+            assert f"decode instance {d.name!r}" in text and "worker r1" in text, text
+        for _, _, _, lease in batch:
+            assert lease.state == LeaseState.FAILED, lease
+        assert target.exit_code() == 1
+        eng.close()
+
+
+def test_decode_clear_with_transfers_in_flight(instance: str, rng) -> None:
+    """RL on PD: the decode instance pauses and clears while a batch is being shipped into it. The clear
+    finishes (the links let go of the pool), the batch is reported failed, and after restore new transfers land."""
+    gen = np.random.default_rng(rng.randrange(2**32))
+    with pd_pair(instance, prefill_env={"MPKV_JITTER_US": "300000"}) as (p, d):
+        eng = Engine(p.name, d.name, gen)
+        with Controller(d.name) as dctl, Controller(p.name) as pctl:
+            batch = [eng.request("inflight.0"), eng.request("inflight.1")]
+            ticket = eng.p.send(eng.d, batch)
+            until_waiting(p.name, Role.MESSAGER, 0, WaitKind.PROGRESS)  # the link is open, layers are coming
+            dctl.pause()
+            res = dctl.clear()
+            assert sum(res.released_bytes.values()) > 0
+            with pytest.raises(TransferFailed, match="(?i)clear"):
+                eng.p.wait_send(ticket, timeout_s=50)
+            for _, _, src, lease in batch:
+                assert lease.state == LeaseState.FAILED
+                eng.free.extend(src.tolist())
+            dctl.restore(2)
+            dctl.resume()
+            # The prefill instance takes its own RL step too: its KV now comes from weight version 3.
+            pctl.pause()
+            pctl.clear()
+            pctl.restore(3)
+            pctl.resume()
+            eng.wv = 3
+            after = [eng.request("after.0")]
+            eng.p.wait_send(eng.p.send(eng.d, after), timeout_s=50)
+            eng.verify(after)
+            assert all(lease.state == LeaseState.FREE for lease in [b[3] for b in batch]), "old leases not returned"
+            dctl.shutdown()
+            pctl.shutdown()
+        eng.close()
