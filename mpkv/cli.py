@@ -19,9 +19,10 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from mpkv.bench import ipc, lifecycle
+    from mpkv.bench import ipc, lifecycle, pd
 
     runners: dict[str, Callable[[argparse.Namespace], int]] = {
+        "pd": pd.main,
         "ipc": ipc.main,
         "rl": lifecycle.main,
         "swap": lifecycle.main,
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("device-blocks", int),
         ("host-blocks", int),
         ("weight-version", int),
+        ("hidden", int),
     ):
         lp.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"))
     lp.add_argument("--pool-owner", choices=["worker", "transfer"], dest="pool_owner")
@@ -147,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks, side by side with baselines, as ratio tables")
     b.add_argument(
         "what",
-        choices=["ipc", "rl", "swap"],
+        choices=["ipc", "rl", "swap", "pd"],
         help="ipc: ring latency/throughput vs mp.Queue, Pipe, faster-fifo, ZeroMQ; rl: clear/restore cycle vs its "
-        "floor at TP=1/2/4; swap: swap bytes/s vs memcpy",
+        "floor at TP=1/2/4; swap: swap bytes/s vs memcpy; pd: prefill->decode time to KV-ready, layer-wise vs "
+        "prefill alone vs send-after-prefill",
     )
     b.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run, not for the record)")
     b.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")

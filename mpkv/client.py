@@ -137,7 +137,9 @@ class Client:
         self.check_serving()
         return self.allocator.grant(request, -(-n_tokens // self.cfg.block_size))
 
-    def send(self, dest: Client, batch: list[tuple[str, np.ndarray, np.ndarray, Lease]]) -> Ticket:
+    def send(
+        self, dest: Client, batch: list[tuple[str, np.ndarray, np.ndarray, Lease]], layerwise: bool = True
+    ) -> Ticket:
         """Prefill side: prefill each (request, tokens, source blocks, lease) of ``batch`` here and ship it into
         the lease's blocks of ``dest``, layer by layer. The batch is one task: every rank runs the same."""
         if self.cfg.pd_role != PdRole.PREFILL:
@@ -169,7 +171,7 @@ class Client:
                 )
             )
         dest.check_serving()
-        task = PrefillSend(next(self._seq), dest.name, items)
+        task = PrefillSend(next(self._seq), dest.name, items, layerwise)
         ticket = self._submit(Role.WORKER, task, f"send of {len(items)} requests to {dest.name}")
         return Ticket(
             Role.WORKER, task.seq, ticket.what, also=(Role.MESSAGER,), dest=dest, leases=tuple(b[3] for b in batch)

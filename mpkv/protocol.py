@@ -171,6 +171,7 @@ class Done(msgspec.Struct, tag=True):
     weight_version: int = 0
     layers_done: int = 0
     data: bytes = b""
+    busy_s: float = 0.0  # a messager: seconds spent moving bytes (for `mpkv bench pd`)
 
 
 class ReadBlocks(msgspec.Struct, tag=True):
@@ -201,6 +202,7 @@ class PrefillSend(msgspec.Struct, tag=True):
     seq: int
     dest: str
     items: list[SendItem]
+    layerwise: bool = True  # False: ship only after the last layer (the baseline `mpkv bench pd` compares with)
 
 
 TASK_TYPES = (Prefill, SwapOut, SwapIn, ReadBlocks, PrefillSend)

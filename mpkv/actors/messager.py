@@ -56,6 +56,7 @@ class Messager(Actor):
         self.links: dict[str, Link] = {}
         self._gone: list[Link] = []  # links into instances that went away, closed at the next poll
         self.batches = 0
+        self.busy_s = 0.0
         self.barrier: Barrier | None = None
         self._diverge = _diverge()
         if inst.cfg.pd_role == PdRole.PREFILL:
@@ -88,7 +89,7 @@ class Messager(Actor):
     def prefill_send(self, task: PrefillSend) -> Done:
         jitter(self.role, self.rank)
         self.batches += 1
-        error, layers = "", 0
+        error, layers, self.busy_s = "", 0, 0.0
         try:
             layers = self._ship(task)
         except (TaskError, LinkError) as e:
@@ -102,7 +103,7 @@ class Messager(Actor):
             self.barrier.wait(key, timeout_s=PEER_TIMEOUT_S)
         finally:
             self._note_wait(WaitKind.NONE, 0)
-        return Done(task.seq, self.rank, error=error, layers_done=layers, data=str(key).encode())
+        return Done(task.seq, self.rank, error=error, layers_done=layers, data=str(key).encode(), busy_s=self.busy_s)
 
     def _ship(self, task: PrefillSend) -> int:
         if self.barrier is None:
@@ -124,11 +125,17 @@ class Messager(Actor):
                 raise TaskError(f"send {it.request!r}: {len(src)} source blocks for {len(dst)} destination blocks")
             pairs.append((src, dst))
         src_pool = self.pool.tensor
+        if not task.layerwise:
+            self._wait_layer(self.cfg.layers - 1, link)
         for layer in range(self.cfg.layers):
             self._wait_layer(layer, link)
+            t0 = time.perf_counter()
             for src, dst in pairs:
                 transport.write_layer(layer, src_pool, src, dst)
+            self.busy_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
         transport.flush()
+        self.busy_s += time.perf_counter() - t0
         why = link.broken()
         if why:
             raise TaskError(f"{self.name}: {why} while the batch was being shipped")

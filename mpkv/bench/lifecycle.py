@@ -48,7 +48,8 @@ class Ping(enum.IntEnum):
 @contextmanager
 def launched(name: str, cfg: CacheConfig) -> Iterator[None]:
     args = [sys.executable, "-m", "mpkv.cli", "launch", "--name", name, "--tp", str(cfg.tp)]
-    for k in ("layers", "kv_heads", "head_dim", "block_size", "dtype", "device_blocks", "host_blocks"):
+    args += ["--role", cfg.pd_role.name.lower()]
+    for k in ("layers", "kv_heads", "head_dim", "block_size", "dtype", "device_blocks", "host_blocks", "hidden"):
         args += [f"--{k.replace('_', '-')}", str(getattr(cfg, k))]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -1,0 +1,152 @@
+"""`mpkv bench pd`: time to KV-ready on the decode side, prefill -> decode, three ways in one run.
+
+For each prompt length, through a launched prefill instance and a launched decode instance (TP=1: on this
+2-core machine a rank's worker and messager then each have a core, which is what layer-wise overlap needs):
+  prefill alone   Client.prefill on the prefill instance: submit -> the worker's completion (no transfer)
+  layer-wise      Client.send: the messager ships layer l as soon as the worker finished it; submit -> every
+                  worker and messager reported and the lease is complete (the KV is readable on decode)
+  after prefill   the same with layerwise=False: the messager ships only after the last layer (the baseline)
+The three run interleaved, repeat after repeat, so drift hits them alike; medians are reported, and ratios.
+Transfer bytes/s is the messager's time inside the transport (its ``busy_s``) against a plain copy of the
+same blocks between two pools of the same shape in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpkv.bench.lifecycle import launched
+from mpkv.client import Client
+from mpkv.config import CacheConfig
+from mpkv.model import expected_kv
+from mpkv.pool.copy import copy_blocks
+from mpkv.protocol import PdRole
+
+LENGTHS = (256, 1024, 2048, 4096, 8192)
+LONG, SHORT = 4096, 1024  # the targets: layer-wise <= 1.15x prefill alone from LONG up; <= after-prefill to SHORT
+
+
+def geometry(max_tokens: int) -> CacheConfig:
+    blocks = -(-max_tokens // 16) + 8
+    return CacheConfig(
+        layers=8, kv_heads=8, head_dim=64, block_size=16, hidden=256, device_blocks=blocks, host_blocks=1, tp=1
+    )
+
+
+def plain_copy_gbs(cfg: CacheConfig, n_blocks: int, repeats: int) -> float:
+    src = torch.zeros(cfg.pool_shape(cfg.device_blocks), dtype=cfg.torch_dtype)
+    dst = torch.zeros_like(src)
+    src.view(torch.uint8).fill_(1)
+    ids = np.arange(n_blocks, dtype=np.int64)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for layer in range(cfg.layers):
+            copy_blocks(dst[layer : layer + 1], ids, src[layer : layer + 1], ids)
+        times.append(time.perf_counter() - t0)
+    return n_blocks * cfg.block_bytes / statistics.median(times) / 1e9
+
+
+def _verify(d: Client, cfg: CacheConfig, tokens: np.ndarray, blocks: np.ndarray) -> None:
+    (done,) = d.wait(d.read_blocks(blocks))
+    got = torch.frombuffer(bytearray(done.data), dtype=cfg.torch_dtype)
+    got = got.view(cfg.layers, 2, len(blocks) * cfg.block_size, cfg.heads_per_rank, cfg.head_dim)
+    want = expected_kv(cfg, 0, cfg.weight_version, tokens)
+    if not torch.equal(got[:, :, : len(tokens)].view(torch.uint8), want.view(torch.uint8)):
+        raise AssertionError("bench pd: the decode side holds KV that differs from the recomputation")
+
+
+def measure(p: Client, d: Client, n: int, repeats: int, rng: np.random.Generator) -> dict[str, Any]:
+    cfg = p.cfg
+    tokens = rng.integers(0, cfg.vocab, n, dtype=np.int32)
+    blocks = np.arange(-(-n // cfg.block_size), dtype=np.int32)
+    t: dict[str, list[float]] = {"alone": [], "layerwise": [], "after": []}
+    busy: list[float] = []
+    for rep in range(repeats + 1):  # the first round warms up and is verified, not timed
+        t0 = time.perf_counter()
+        p.wait(p.prefill(f"alone{n}", tokens, blocks))
+        took = {"alone": time.perf_counter() - t0}
+        for mode in ("layerwise", "after"):
+            lease = d.allocate(f"{mode}{n}", n)
+            t0 = time.perf_counter()
+            dones = p.wait_send(p.send(d, [(lease.request, tokens, blocks, lease)], layerwise=mode == "layerwise"))
+            took[mode] = time.perf_counter() - t0
+            if mode == "layerwise":
+                busy.append(dones[-1].busy_s)
+            if rep == 0:
+                _verify(d, cfg, tokens, lease.blocks)
+            d.allocator.release(lease)
+        if rep:
+            for k, v in took.items():
+                t[k].append(v)
+    nbytes = len(blocks) * cfg.block_bytes
+    return {
+        "tokens": n,
+        "bytes": nbytes,
+        "ms": {k: statistics.median(v) * 1e3 for k, v in t.items()},
+        "ship_gbs": nbytes / statistics.median(busy[1:]) / 1e9,
+        "copy_gbs": plain_copy_gbs(cfg, len(blocks), repeats),
+    }
+
+
+def bench_pd(quick: bool) -> dict[str, Any]:
+    lengths = LENGTHS[:3] if quick else LENGTHS
+    repeats = 2 if quick else 7
+    cfg = geometry(max(lengths))
+    pname, dname = f"benchpd-{os.getpid()}-p", f"benchpd-{os.getpid()}-d"
+    rng = np.random.default_rng(0)
+    decode_cfg = CacheConfig(**(cfg.__dict__ | {"pd_role": PdRole.DECODE}))
+    prefill_cfg = CacheConfig(**(cfg.__dict__ | {"pd_role": PdRole.PREFILL}))
+    with launched(dname, decode_cfg), launched(pname, prefill_cfg):
+        p, d = Client(pname), Client(dname)
+        try:
+            rows = [measure(p, d, n, repeats, rng) for n in lengths]
+        finally:
+            p.close()
+            d.close()
+    return {"config": json.loads(cfg.to_json()), "repeats": repeats, "rows": rows}
+
+
+def report_pd(r: dict[str, Any]) -> list[str]:
+    c = r["config"]
+    out = [
+        f"prefill -> decode, TP={c['tp']}, {c['layers']} layers, {c['kv_heads']} KV heads x {c['head_dim']}, "
+        f"{c['dtype']}, hidden {c['hidden']}; medians of {r['repeats']} interleaved repeats",
+        "",
+        "| tokens | KV MiB | prefill alone ms | layer-wise ms (x alone) | after-prefill ms (x alone) | "
+        "layer-wise / after | ship GB/s | plain copy GB/s | ship / copy | target |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        ms = row["ms"]
+        lw, af = ms["layerwise"] / ms["alone"], ms["after"] / ms["alone"]
+        vs = ms["layerwise"] / ms["after"]
+        target = ""
+        if row["tokens"] >= LONG:
+            target = f"layer-wise <= 1.15x alone: {'PASS' if lw <= 1.15 else 'MISS'}"
+        elif row["tokens"] <= SHORT:
+            target = f"layer-wise <= after-prefill: {'PASS' if vs <= 1.0 else 'MISS'}"
+        out.append(
+            f"| {row['tokens']} | {row['bytes'] / 2**20:.1f} | {ms['alone']:.1f} | {ms['layerwise']:.1f} ({lw:.2f}x) "
+            f"| {ms['after']:.1f} ({af:.2f}x) | {vs:.2f} | {row['ship_gbs']:.2f} | {row['copy_gbs']:.2f} "
+            f"| {row['ship_gbs'] / row['copy_gbs']:.2f}x | {target} |"
+        )
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(1)
+    r = bench_pd(args.quick)
+    print("\n".join(report_pd(r)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+    return 0
