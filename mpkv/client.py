@@ -178,7 +178,7 @@ class Client:
         )
 
     def wait_send(self, ticket: Ticket, timeout_s: float = 60.0) -> list[Done]:
-        """Every worker's and messager's completion of a PD batch. Completes its leases in the decode instance
+        """Every worker's and then every messager's completion of a PD batch, in rank order. Completes its leases in the decode instance
         only if all succeeded; otherwise fails them with the reasons and raises TransferFailed.
 
         The messagers are waited for first: once each reported (or died), nothing writes the destination blocks
@@ -211,7 +211,7 @@ class Client:
             raise TransferFailed(f"{ticket.what} (task {ticket.seq}) failed: {'; '.join(reasons)}", dones)
         for lease in ticket.leases:
             ticket.dest.allocator.complete(lease)
-        return dones
+        return dones[self.cfg.tp :] + dones[: self.cfg.tp]  # workers, then messagers, each in rank order
 
     def _submit(self, role: Role, task: Prefill | SwapOut | SwapIn | ReadBlocks | PrefillSend, what: str) -> Ticket:
         self.check_serving()

@@ -87,7 +87,9 @@ def until_waiting(instance: str, role: Role, rank: int, kind: WaitKind) -> None:
 
 def barrier_keys(dones: list) -> dict[int, bytes]:  # type: ignore[type-arg]
     """The messagers' barrier keys (the last tp completions of a send), by rank."""
-    return {d.rank: d.data for d in dones[len(dones) // 2 :]}
+    keys = {d.rank: d.data for d in dones[len(dones) // 2 :]}
+    assert all(keys.values()), f"a messager's completion carries no barrier key: {keys}"
+    return keys
 
 
 def test_layerwise_transfer_lands_every_byte(instance: str, rng) -> None:

@@ -26,6 +26,7 @@ import torch
 from mpkv.bench.lifecycle import launched
 from mpkv.client import Client
 from mpkv.config import CacheConfig
+from mpkv.instance import DONE_RING_BYTES
 from mpkv.model import expected_kv
 from mpkv.pool.copy import copy_blocks
 from mpkv.protocol import PdRole
@@ -37,7 +38,7 @@ LONG, SHORT = 4096, 1024  # the targets: layer-wise <= 1.15x prefill alone from 
 def geometry(max_tokens: int) -> CacheConfig:
     blocks = -(-max_tokens // 16) + 8
     return CacheConfig(
-        layers=8, kv_heads=8, head_dim=64, block_size=16, hidden=256, device_blocks=blocks, host_blocks=1, tp=1
+        layers=8, kv_heads=8, head_dim=64, block_size=16, hidden=64, device_blocks=blocks, host_blocks=1, tp=1
     )
 
 
@@ -56,9 +57,14 @@ def plain_copy_gbs(cfg: CacheConfig, n_blocks: int, repeats: int) -> float:
 
 
 def _verify(d: Client, cfg: CacheConfig, tokens: np.ndarray, blocks: np.ndarray) -> None:
-    (done,) = d.wait(d.read_blocks(blocks))
-    got = torch.frombuffer(bytearray(done.data), dtype=cfg.torch_dtype)
-    got = got.view(cfg.layers, 2, len(blocks) * cfg.block_size, cfg.heads_per_rank, cfg.head_dim)
+    """Read the blocks back from the decode instance (in chunks a completion can carry) and compare them with
+    the recomputation: the benchmark times real transfers, not empty ones."""
+    chunks, step = [], max(1, (DONE_RING_BYTES // 2 - 4096) // cfg.block_bytes)
+    for i in range(0, len(blocks), step):
+        (done,) = d.wait(d.read_blocks(blocks[i : i + step]))
+        part = torch.frombuffer(bytearray(done.data), dtype=cfg.torch_dtype)
+        chunks.append(part.view(cfg.layers, 2, -1, cfg.heads_per_rank, cfg.head_dim))
+    got = torch.cat(chunks, dim=2)
     want = expected_kv(cfg, 0, cfg.weight_version, tokens)
     if not torch.equal(got[:, :, : len(tokens)].view(torch.uint8), want.view(torch.uint8)):
         raise AssertionError("bench pd: the decode side holds KV that differs from the recomputation")
@@ -90,6 +96,7 @@ def measure(p: Client, d: Client, n: int, repeats: int, rng: np.random.Generator
     nbytes = len(blocks) * cfg.block_bytes
     return {
         "tokens": n,
+        "repeats": repeats,
         "bytes": nbytes,
         "ms": {k: statistics.median(v) * 1e3 for k, v in t.items()},
         "ship_gbs": nbytes / statistics.median(busy[1:]) / 1e9,
@@ -99,7 +106,6 @@ def measure(p: Client, d: Client, n: int, repeats: int, rng: np.random.Generator
 
 def bench_pd(quick: bool) -> dict[str, Any]:
     lengths = LENGTHS[:3] if quick else LENGTHS
-    repeats = 2 if quick else 7
     cfg = geometry(max(lengths))
     pname, dname = f"benchpd-{os.getpid()}-p", f"benchpd-{os.getpid()}-d"
     rng = np.random.default_rng(0)
@@ -108,18 +114,19 @@ def bench_pd(quick: bool) -> dict[str, Any]:
     with launched(dname, decode_cfg), launched(pname, prefill_cfg):
         p, d = Client(pname), Client(dname)
         try:
-            rows = [measure(p, d, n, repeats, rng) for n in lengths]
+            # short prompts are cheap and noisy: more repeats there
+            rows = [measure(p, d, n, 2 if quick else max(7, 25 * 1024 // n), rng) for n in lengths]
         finally:
             p.close()
             d.close()
-    return {"config": json.loads(cfg.to_json()), "repeats": repeats, "rows": rows}
+    return {"config": json.loads(cfg.to_json()), "rows": rows}
 
 
 def report_pd(r: dict[str, Any]) -> list[str]:
     c = r["config"]
     out = [
         f"prefill -> decode, TP={c['tp']}, {c['layers']} layers, {c['kv_heads']} KV heads x {c['head_dim']}, "
-        f"{c['dtype']}, hidden {c['hidden']}; medians of {r['repeats']} interleaved repeats",
+        f"{c['dtype']}, hidden {c['hidden']}; medians of interleaved repeats (7 to 25 per length)",
         "",
         "| tokens | KV MiB | prefill alone ms | layer-wise ms (x alone) | after-prefill ms (x alone) | "
         "layer-wise / after | ship GB/s | plain copy GB/s | ship / copy | target |",
