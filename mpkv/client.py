@@ -178,8 +178,9 @@ class Client:
         )
 
     def wait_send(self, ticket: Ticket, timeout_s: float = 60.0) -> list[Done]:
-        """Every worker's and then every messager's completion of a PD batch, in rank order. Completes its leases in the decode instance
-        only if all succeeded; otherwise fails them with the reasons and raises TransferFailed.
+        """Every worker's and then every messager's completion of a PD batch, in rank order. Completes its
+        leases in the decode instance only if all succeeded; otherwise fails them with the reasons and raises
+        TransferFailed.
 
         The messagers are waited for first: once each reported (or died), nothing writes the destination blocks
         any more, so a failure there fails the leases at once. The workers are still waited for, because the
