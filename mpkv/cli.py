@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("host-blocks", int),
         ("weight-version", int),
         ("hidden", int),
+        ("nixl-port", int),
     ):
         lp.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"))
     lp.add_argument("--pool-owner", choices=["worker", "transfer"], dest="pool_owner")

@@ -138,10 +138,16 @@ class Client:
         return self.allocator.grant(request, -(-n_tokens // self.cfg.block_size))
 
     def send(
-        self, dest: Client, batch: list[tuple[str, np.ndarray, np.ndarray, Lease]], layerwise: bool = True
+        self,
+        dest: Client,
+        batch: list[tuple[str, np.ndarray, np.ndarray, Lease]],
+        layerwise: bool = True,
+        via: str = "",
     ) -> Ticket:
         """Prefill side: prefill each (request, tokens, source blocks, lease) of ``batch`` here and ship it into
-        the lease's blocks of ``dest``, layer by layer. The batch is one task: every rank runs the same."""
+        the lease's blocks of ``dest``, layer by layer. The batch is one task: every rank runs the same.
+        ``via="nixl://HOST:PORT"`` ships over NIXL to the decode instance's agents there (NOTE [ nixl path ]);
+        by default the messagers map the decode pool on this host."""
         if self.cfg.pd_role != PdRole.PREFILL:
             raise LeaseError(
                 f"instance {self.name} is a {self.cfg.pd_role.name.lower()} instance; send from a "
@@ -171,7 +177,8 @@ class Client:
                 )
             )
         dest.check_serving()
-        task = PrefillSend(next(self._seq), dest.name, items, layerwise)
+        target = f"{via}/{dest.name}" if via else dest.name
+        task = PrefillSend(next(self._seq), target, items, layerwise)
         ticket = self._submit(Role.WORKER, task, f"send of {len(items)} requests to {dest.name}")
         return Ticket(
             Role.WORKER, task.seq, ticket.what, also=(Role.MESSAGER,), dest=dest, leases=tuple(b[3] for b in batch)

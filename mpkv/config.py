@@ -34,6 +34,7 @@ class CacheConfig:
     backend: str = "cpu"
     pool_owner: PoolOwner = PoolOwner.WORKER
     pd_role: PdRole = PdRole.MIXED  # `mpkv launch --role mixed|prefill|decode`
+    nixl_port: int = 0  # PD across hosts: rank r's messager runs a NIXL agent listening on nixl_port + r (0: off)
     hidden: int = 64  # the synthetic model's width
     vocab: int = 1024
     weight_version: int = 1  # the weights the instance starts with
@@ -52,6 +53,8 @@ class CacheConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"config: {f} must be a positive integer, got {v!r}")
+        if self.nixl_port and not 1024 <= self.nixl_port <= 65535 - self.tp:
+            raise ValueError(f"config: nixl_port must be 0 (off) or a port in 1024..{65535 - self.tp}")
         if self.kv_heads % self.tp:
             raise ValueError(f"config: kv_heads ({self.kv_heads}) must be divisible by tp ({self.tp})")
         if self.dtype not in DTYPE_BYTES:

@@ -220,3 +220,22 @@ def test_decode_clear_with_transfers_in_flight(instance: str, rng) -> None:
             dctl.shutdown()
             pctl.shutdown()
         eng.close()
+
+
+def test_cross_host_path_over_loopback(instance: str, rng) -> None:
+    """The NIXL transport (UCX over loopback moves host memory): the same batches, the same decode-side check."""
+    pytest.importorskip("nixl_cu12", reason="NIXL is an optional extra: pip install 'mpkv[nixl]'")
+    gen = np.random.default_rng(rng.randrange(2**32))
+    port = 20000 + rng.randrange(20000)
+    with (
+        Launched(f"{instance}d", role="decode", nixl_port=port, **PD) as d,
+        Launched(f"{instance}p", role="prefill", nixl_port=port + 10, **PD) as p,
+    ):
+        eng = Engine(p.name, d.name, gen)
+        for i in range(4):
+            batch = [eng.request(f"x{i}.{j}") for j in range(1 + i % 2)]
+            dones = eng.p.wait_send(eng.p.send(eng.d, batch, via=f"nixl://127.0.0.1:{port}"), timeout_s=60)
+            assert len(set(barrier_keys(dones).values())) == 1
+            eng.verify(batch)
+            eng.done_with(batch)
+        eng.close()

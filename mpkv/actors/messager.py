@@ -25,8 +25,10 @@ from mpkv import _native
 from mpkv.actors.entry import jitter
 from mpkv.actors.runtime import PEER_TIMEOUT_S, Actor, TaskError
 from mpkv.blocks import BadBlocks, check_ids
+from mpkv.errors import MpkvError
 from mpkv.instance import Instance
-from mpkv.pd.link import Link, LinkError
+from mpkv.pd.link import Link
+from mpkv.pd.nixl import Endpoint, NixlLink, Receiver
 from mpkv.protocol import Done, PdRole, Prefill, PrefillSend, Role, WaitKind, actor_slot, pack_slots
 from mpkv.shm.barrier import Barrier, BarrierKey
 from mpkv.shm.waiting import LIVENESS_SLICE_S
@@ -53,21 +55,36 @@ class Messager(Actor):
     ignores = (Prefill,)  # the workers' plain prefills ship nothing
 
     def __init__(self, inst: Instance, rank: int) -> None:
-        self.links: dict[str, Link] = {}
-        self._gone: list[Link] = []  # links into instances that went away, closed at the next poll
+        self.links: dict[str, Link | NixlLink] = {}
+        self._gone: list[Link | NixlLink] = []  # links into instances that went away, closed at the next poll
         self.batches = 0
         self.busy_s = 0.0
         self.barrier: Barrier | None = None
         self._diverge = _diverge()
+        # PD across hosts (--nixl-port): a NIXL agent; on a decode instance it also receives (NOTE [ nixl path ]).
+        self.nixl: Endpoint | None = None
+        self.receiver: Receiver | None = None
         if inst.cfg.pd_role == PdRole.PREFILL:
             self.barrier = Barrier(inst.name_of("sendbar"), rank, label=f"messager:r{rank}")
         super().__init__(inst, rank)
+        if inst.cfg.nixl_port and inst.cfg.pd_role != PdRole.MIXED:
+            self.nixl = Endpoint(inst.name, rank, inst.cfg)
+            if inst.cfg.pd_role == PdRole.DECODE:
+                self.receiver = Receiver(self.nixl, inst.cfg, inst.leases)
 
     # -- links: watched while idle, so a decode instance's clear never waits for our next batch ----------------------
     def extra_words(self) -> list[tuple[Any, int]]:
-        return [link.command_word for link in self.links.values()]
+        return [link.command_word for link in self.links.values() if link.command_word is not None]
+
+    def max_sleep_s(self) -> float:
+        if self.receiver is None:
+            return super().max_sleep_s()
+        # NIXL runs without a progress thread: poll it often while a sender is active, now and then otherwise.
+        return 0.001 if time.monotonic() - self.receiver.last_active < 2.0 else 0.05
 
     def poll(self, check_alive: bool = False) -> None:
+        if self.receiver is not None:
+            self.receiver.poll(self.pool.tensor if self.pool is not None else None, self.pool_epoch)
         while self._gone:  # closed here, before the loop snapshots the words it sleeps on: never a stale buffer
             self._gone.pop().close()
         for dest, link in list(self.links.items()):
@@ -76,13 +93,17 @@ class Messager(Actor):
             if check_alive and link.gone():
                 self._gone.append(self.links.pop(dest))
 
-    def _link(self, dest: str) -> Link:
+    def _link(self, dest: str) -> Link | NixlLink:
         link = self.links.get(dest)
         if link is not None and link.gone():
             self._gone.append(self.links.pop(dest))
             link = None
         if link is None:
-            link = self.links[dest] = Link(dest, self.rank, self.cfg)
+            if dest.startswith("nixl://"):
+                link = NixlLink(dest, self.rank, self.cfg, self.nixl)
+            else:
+                link = Link(dest, self.rank, self.cfg)
+            self.links[dest] = link
         return link
 
     # -- a batch --------------------------------------------------------------------------------------------------
@@ -92,7 +113,7 @@ class Messager(Actor):
         error, layers, self.busy_s = "", 0, 0.0
         try:
             layers = self._ship(task)
-        except (TaskError, LinkError) as e:
+        except MpkvError as e:  # a task error, a link or transport refusing: this batch fails, the actor goes on
             error = str(e)
         key = batch_key(task)
         if self._diverge == (self.rank, self.batches) and len(task.items) > 1:
@@ -113,7 +134,7 @@ class Messager(Actor):
         jitter(self.role, self.rank)
         link = self._link(task.dest)
         transport = link.open()
-        dst_blocks = link.inst.cfg.device_blocks
+        dst_blocks = link.dest_blocks
         pairs = []
         for it in task.items:
             try:
@@ -123,15 +144,15 @@ class Messager(Actor):
                 raise TaskError(f"send {it.request!r}: {e}") from None
             if len(src) != len(dst):
                 raise TaskError(f"send {it.request!r}: {len(src)} source blocks for {len(dst)} destination blocks")
-            pairs.append((src, dst))
+            pairs.append((src, dst, (it.lease, it.lease_gen)))
         src_pool = self.pool.tensor
         if not task.layerwise:
             self._wait_layer(self.cfg.layers - 1, link)
         for layer in range(self.cfg.layers):
             self._wait_layer(layer, link)
             t0 = time.perf_counter()
-            for src, dst in pairs:
-                transport.write_layer(layer, src_pool, src, dst)
+            for src, dst, lease in pairs:
+                transport.write_layer(layer, src_pool, src, dst, lease)
             self.busy_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         transport.flush()
@@ -141,7 +162,7 @@ class Messager(Actor):
             raise TaskError(f"{self.name}: {why} while the batch was being shipped")
         return self.cfg.layers
 
-    def _wait_layer(self, layer: int, link: Link) -> None:
+    def _wait_layer(self, layer: int, link: Link | NixlLink) -> None:
         """Until the worker's progress passes ``layer`` of this batch; the decode side's clear and the worker's
         death end the wait early, with the reason. Deadline PEER_TIMEOUT_S."""
         progress, pos = self.inst.progress, self.task_pos
@@ -175,11 +196,10 @@ class Messager(Actor):
                     f"{sig.aux} layers; this batch is at {pos})"
                 )
             self._note_wait(WaitKind.PROGRESS, pack_slots([worker]))
-            buf, cmd_off = link.command_word
-            words: list[tuple[Any, int, int]] = [
-                (progress.seg.buf, off, sig.seq & 0xFFFFFFFF),
-                (buf, cmd_off, _native.load_u64(buf, cmd_off) & 0xFFFFFFFF),
-            ]
+            words: list[tuple[Any, int, int]] = [(progress.seg.buf, off, sig.seq & 0xFFFFFFFF)]
+            if link.command_word is not None:
+                buf, cmd_off = link.command_word
+                words.append((buf, cmd_off, _native.load_u64(buf, cmd_off) & 0xFFFFFFFF))
             _native.wait_any(words, min(LIVENESS_SLICE_S, max(0.0, deadline - now)))
 
     handlers: ClassVar[dict[type, Any]] = {PrefillSend: prefill_send}
@@ -190,6 +210,9 @@ class Messager(Actor):
                 self.links.popitem()[1].close()
             while self._gone:
                 self._gone.pop().close()
+            if self.nixl is not None:
+                self.nixl.close()
+                self.nixl = self.receiver = None
         finally:
             super().teardown()
             if self.barrier is not None:

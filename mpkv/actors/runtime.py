@@ -71,6 +71,7 @@ class Actor:
         self.owner_role = Role(int(self.cfg.pool_owner))
         self.attacher_roles = [r for r in ROLES if r != self.owner_role]
         self.pool: OwnedPool | AttachedPool | None = None
+        self.pool_epoch = 0  # the restore epoch of the pool mapped now (its handle's)
         self.weight_version = self.cfg.weight_version
         self.device = torch.device("cpu")
         if self.cfg.backend == "cuda":
@@ -121,6 +122,10 @@ class Actor:
     def extra_words(self) -> list[tuple[Any, int]]:
         """Futex words outside this instance whose change needs this actor's attention (a messager's links)."""
         return []
+
+    def max_sleep_s(self) -> float:
+        """The longest this actor may sleep when nothing wakes it (the heartbeat's period by default)."""
+        return HEARTBEAT_S
 
     def poll(self, check_alive: bool = False) -> None:
         """Look at those words' owners (called on every pass of the loop; ``check_alive`` on heartbeats)."""
@@ -203,7 +208,7 @@ class Actor:
                 self._note_wait(WaitKind.PEERS, pack_slots([self._wait_code(i) for i in d.waiting_for[:4]]))
             else:
                 self._note_wait(WaitKind.COMMAND, 0)
-            self._sleep(snap, d, 0.05 if d.waiting_for else HEARTBEAT_S)
+            self._sleep(snap, d, min(0.05 if d.waiting_for else HEARTBEAT_S, self.max_sleep_s()))
 
     def _note_wait(self, kind: WaitKind, on: int) -> None:
         """Publish what we wait for (DESIGN I2), only when it changes: the record's epoch is the wait's start."""
@@ -277,6 +282,7 @@ class Actor:
             pool = allocate_device_pool(self.inst.registry, self.cfg, self.rank, cmd.epoch, wv, attachers)
             self.inst.write_handle(self.rank, pool.handle())
             self.pool = pool
+            self.pool_epoch = cmd.epoch
             self._adopt(wv)
         elif d.action == Act.ATTACH:
             handle = self.inst.read_handle(self.rank)
@@ -285,6 +291,7 @@ class Actor:
                     f"{self.name}: owner published the pool of epoch {handle.epoch}, expected {cmd.epoch}"
                 )
             self.pool = attach_device_pool(self.cfg, handle, int(self.role))
+            self.pool_epoch = handle.epoch
             self._adopt(handle.weight_version)
         elif d.action == Act.DETACH:
             self._detach()

@@ -73,6 +73,7 @@ class Link:
             raise
         self.pool: AttachedPool | None = None
         self.transport: Transport | None = None
+        self.dest_blocks = self.inst.cfg.device_blocks
         self.writer.write(S.STOPPED, 0)
 
     def _claim(self) -> tuple[int, SignalWriter[ActorState]]:

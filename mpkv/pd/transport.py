@@ -15,8 +15,11 @@ from mpkv.pool.copy import copy_blocks
 
 
 class Transport(Protocol):
-    def write_layer(self, layer: int, src: torch.Tensor, src_blocks: np.ndarray, dst_blocks: np.ndarray) -> None:
-        """Queue (or do) the copy of layer ``layer``'s K and V of ``src_blocks`` into ``dst_blocks``."""
+    def write_layer(
+        self, layer: int, src: torch.Tensor, src_blocks: np.ndarray, dst_blocks: np.ndarray, lease: tuple[int, int]
+    ) -> None:
+        """Queue (or do) the copy of layer ``layer``'s K and V of ``src_blocks`` into ``dst_blocks``, which
+        ``lease`` (slot, generation) of the decode instance holds."""
         ...
 
     def flush(self) -> None:
@@ -32,7 +35,10 @@ class SameHost:
     def __init__(self, dst: torch.Tensor) -> None:
         self.dst = dst
 
-    def write_layer(self, layer: int, src: torch.Tensor, src_blocks: np.ndarray, dst_blocks: np.ndarray) -> None:
+    def write_layer(
+        self, layer: int, src: torch.Tensor, src_blocks: np.ndarray, dst_blocks: np.ndarray, lease: tuple[int, int]
+    ) -> None:
+        # The lease is the engine's to check here: this process maps the pool under the links protocol.
         copy_blocks(self.dst[layer : layer + 1], dst_blocks, src[layer : layer + 1], src_blocks)
 
     def flush(self) -> None:
