@@ -157,6 +157,25 @@ def _tear_down(v: View, e: int, target: ActorState, flags: ClearFlags) -> Decisi
     return Decision(Act.ACK, Status(target, e))
 
 
+# --- links: attachers from another instance (NOTE [ links ] in mpkv.pd.link) -----------------------------------
+
+
+def link_may_map(cmd: Command, owner: Status | None) -> bool:
+    """A link that announced itself (BOOTING@cmd.epoch) may map the pool: the instance serves the pool of this
+    command (running or paused, not cleared) and the owner acknowledged the command."""
+    return (
+        owner is not None
+        and cmd.kind in (Cmd.NONE, Cmd.RESUME, Cmd.PAUSE)
+        and owner.epoch == cmd.epoch
+        and owner.state == ACK_OF[cmd.kind]
+    )
+
+
+def link_must_unmap(cmd: Command) -> bool:
+    """The instance is clearing its device pool or stopping: every link lets go (and shows STOPPED)."""
+    return cmd.kind == Cmd.SHUTDOWN or (cmd.kind == Cmd.CLEAR and ClearFlags.DEVICE in cmd.flags)
+
+
 # --- the controller's side ------------------------------------------------------------------------------------
 
 

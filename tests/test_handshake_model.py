@@ -2,7 +2,10 @@
 
 Explores every interleaving of the controller, the pool owner and up to three attachers, driving the same
 ``decide`` and ``check_command`` functions the real actors and controller run, with at most one crash
-injected at every reachable point. Asserts in every reachable state:
+injected at every reachable point. Links (prefill messagers mapping a decode pool from outside, NOTE [ links ]
+in mpkv.pd.link) join as attachers the controller never waits for: at any point they may announce themselves
+and map the pool if ``link_may_map`` allows, and they let go when ``link_must_unmap`` says so. Asserts in every
+reachable state:
   - no use after free: an actor that maps the pool maps the live pool of the current generation;
   - the pool is freed only when every live attacher has detached, and never allocated twice;
   - the wait-for relation has no cycle;
@@ -17,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from mpkv.handshake import Act, Command, Status, View, check_command, decide
+from mpkv.handshake import Act, Command, Status, View, check_command, decide, link_may_map, link_must_unmap
 from mpkv.protocol import ACK_OF, ActorState, ClearFlags, Cmd
 
 S = ActorState
@@ -42,6 +45,9 @@ class Actor:
     gen: int = 0  # generation of the pool it maps
     owns_host: bool = False
     host_live: bool = False
+    link: bool = False  # a link: not spawned by the instance, not acknowledged to the controller
+    announced: bool = False  # a link between its announcement (BOOTING@E) and its check
+    opens_left: int = 0  # how many times a link may still try to map (keeps the state space finite)
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,36 @@ class World:
     end: str = ""  # "" running, "done", or "error: ..."
     cleared: int = 0
     weight_version: int = 1
+
+
+ANNOUNCE_FIRST = True  # the links protocol; a sanity test turns it off and expects a use-after-free
+
+
+def link_step(w: World, i: int) -> World:
+    """Link i's next step, if any: announce, check-and-map, or let go (the same rules as mpkv.pd.link.Link).
+    With ANNOUNCE_FIRST off it checks first and announces only when it maps (the broken order)."""
+    a, owner = w.actors[i], w.actors[0]
+    owner_status = owner.status if owner.alive and owner.status.state != S.FAILED else None
+    new = a
+    if a.mapped and link_must_unmap(w.cmd):
+        new = replace(a, mapped=False, status=Status(S.STOPPED, w.cmd.epoch))
+    elif a.announced and ANNOUNCE_FIRST:  # announced earlier: check now, then map or stand down
+        if link_may_map(w.cmd, owner_status):
+            if not w.pool_live:
+                raise Violation(f"link {i} mapped a freed pool")
+            new = replace(a, mapped=True, gen=w.pool_gen, announced=False, status=Status(S.READY, w.cmd.epoch))
+        else:
+            new = replace(a, announced=False, status=Status(S.STOPPED, w.cmd.epoch))
+    elif a.announced:  # checked earlier: map and announce now, whatever happened since
+        if not w.pool_live:
+            raise Violation(f"link {i} mapped a freed pool")
+        new = replace(a, mapped=True, gen=w.pool_gen, announced=False, status=Status(S.READY, w.cmd.epoch))
+    elif not a.mapped and a.opens_left:
+        if ANNOUNCE_FIRST:
+            new = replace(a, announced=True, opens_left=a.opens_left - 1, status=Status(S.BOOTING, w.cmd.epoch))
+        elif link_may_map(w.cmd, owner_status):
+            new = replace(a, announced=True, opens_left=a.opens_left - 1)
+    return w if new == a else replace(w, actors=w.actors[:i] + (new,) + w.actors[i + 1 :])
 
 
 def view(w: World, i: int) -> View:
@@ -74,6 +110,8 @@ class Violation(AssertionError):
 def apply(w: World, i: int) -> tuple[World, tuple[int, ...]]:
     """Actor i takes its next step. Returns the new world and whom it waits for (actor indexes), if waiting."""
     a = w.actors[i]
+    if a.link:
+        return link_step(w, i), ()
     d = decide(view(w, i))
     if d.action == Act.WAIT:
         return w, tuple((0 if i else j + 1) for j in d.waiting_for)
@@ -87,7 +125,7 @@ def apply(w: World, i: int) -> tuple[World, tuple[int, ...]]:
     elif d.action == Act.FREE:
         for j, p in enumerate(w.actors[1:], 1):
             if p.alive and p.mapped:
-                raise Violation(f"owner freed the pool while attacher {j} still maps it")
+                raise Violation(f"owner freed the pool while {'link' if p.link else 'attacher'} {j} still maps it")
         pool_live = False
         new = replace(a, mapped=False)
     elif d.action == Act.ATTACH:
@@ -112,12 +150,12 @@ def apply(w: World, i: int) -> tuple[World, tuple[int, ...]]:
 
 def controller(w: World) -> tuple[World | None, tuple[int, ...]]:
     """The controller's next step (None: nothing to do yet) and whom it waits for."""
-    bad = [i for i, a in enumerate(w.actors) if not a.alive or a.status.state == S.FAILED]
+    bad = [i for i, a in enumerate(w.actors) if not a.link and (not a.alive or a.status.state == S.FAILED)]
     if bad:
         who = ", ".join(f"actor {i} ({'dead' if not w.actors[i].alive else 'FAILED'})" for i in bad)
         return replace(w, end=f"error: {who} during {w.cmd.kind.name}@{w.cmd.epoch}"), ()
     target = ACK_OF[w.cmd.kind]
-    waiting = tuple(i for i, a in enumerate(w.actors) if not a.status.at_least(target, w.cmd.epoch))
+    waiting = tuple(i for i, a in enumerate(w.actors) if not a.link and not a.status.at_least(target, w.cmd.epoch))
     if waiting:
         return None, waiting
     if w.cmd.kind == Cmd.SHUTDOWN:
@@ -178,8 +216,9 @@ def assert_acyclic(waits: dict[int, tuple[int, ...]], w: World) -> None:
         visit(n, [])
 
 
-def explore(n_attachers: int, owner_has_host: bool, max_crashes: int = 1) -> int:
+def explore(n_attachers: int, owner_has_host: bool, max_crashes: int = 1, n_links: int = 0, opens: int = 2) -> int:
     actors = [Actor(Status(S.BOOTING, 0)) for _ in range(n_attachers + 1)]
+    actors += [Actor(Status(S.STOPPED, 0), link=True, opens_left=opens) for _ in range(n_links)]
     host_holder = 0 if owner_has_host else 1
     actors[host_holder] = replace(actors[host_holder], owns_host=True)
     start = World(step=-1, cmd=Command(Cmd.NONE, 0), actors=tuple(actors))
@@ -191,7 +230,8 @@ def explore(n_attachers: int, owner_has_host: bool, max_crashes: int = 1) -> int
         check_state(w)
         if w.end:
             if w.end == "done":
-                assert w.crashes == 0 or all(a.status.state == S.STOPPED for a in w.actors if a.alive)
+                assert w.crashes == 0 or all(a.status.state == S.STOPPED for a in w.actors if a.alive and not a.link)
+                assert not any(a.alive and a.mapped for a in w.actors), f"a link still maps the pool at the end: {w}"
             else:
                 assert "dead" in w.end or "FAILED" in w.end, w.end
             edges[w] = []
@@ -275,3 +315,26 @@ def test_freeing_without_waiting_is_caught() -> None:
             explore(1, owner_has_host=False, max_crashes=0)
     finally:
         globals()["decide"] = original
+
+
+@pytest.mark.parametrize(("n_attachers", "n_links", "opens"), [(1, 1, 2), (2, 1, 2), (1, 2, 1)])
+def test_links_into_a_decode_pool(n_attachers: int, n_links: int, opens: int) -> None:
+    """Links map the pool at any moment (``opens`` times each), across clears and restores, with a crash
+    anywhere."""
+    n = explore(n_attachers, owner_has_host=False, n_links=n_links, opens=opens)
+    print(
+        f"[model] owner + {n_attachers} attachers + {n_links} links mapping up to {opens} times each: "
+        f"{n} states explored, no violation"
+    )
+    assert n > 100
+
+
+def test_a_link_that_checks_before_announcing_is_caught() -> None:
+    """Sanity check of NOTE [ links ]: a link that checks the command and then maps, without announcing itself
+    first, can map a pool the owner is freeing: the checker must find that interleaving."""
+    globals()["ANNOUNCE_FIRST"] = False
+    try:
+        with pytest.raises(Violation, match="freed the pool while link|mapped a freed pool|stale view"):
+            explore(1, owner_has_host=False, max_crashes=0, n_links=1)
+    finally:
+        globals()["ANNOUNCE_FIRST"] = True

@@ -25,16 +25,15 @@ from typing import Any
 from mpkv import _native
 from mpkv.config import CacheConfig
 from mpkv.errors import AttachError, MpkvError
-from mpkv.handshake import Command
+from mpkv.handshake import Command, Status, link_may_map, link_must_unmap
 from mpkv.instance import CONTROL_COMMAND, MAX_LINKS, Instance, launcher_slot
 from mpkv.pd.transport import SameHost, Transport
 from mpkv.pool import AttachedPool, attach_device_pool
-from mpkv.protocol import ACK_OF, ActorState, ClearFlags, Cmd, PdRole, Role, actor_slot
+from mpkv.protocol import ActorState, Cmd, PdRole, Role, actor_slot
 from mpkv.shm.signals import SignalWriter
 
 S = ActorState
 LINK_SHARE_BASE = 100  # cuda: the share of link j is exported under key LINK_SHARE_BASE + j
-SERVING = (Cmd.NONE, Cmd.RESUME, Cmd.PAUSE)
 
 
 class LinkError(MpkvError):
@@ -49,10 +48,6 @@ def compatible(src: CacheConfig, dst: CacheConfig) -> str:
         if getattr(src, f) != getattr(dst, f):
             return f"its {f} is {getattr(dst, f)!r}, this instance's is {getattr(src, f)!r}"
     return ""
-
-
-def must_detach(cmd: Command) -> bool:
-    return cmd.kind == Cmd.SHUTDOWN or (cmd.kind == Cmd.CLEAR and ClearFlags.DEVICE in cmd.flags)
 
 
 class Link:
@@ -106,8 +101,8 @@ class Link:
         _native.fence()
         cmd = self.command()
         owner = self.inst.status.read(self.owner_slot)
-        acked = owner.epoch == cmd.epoch and owner.value == ACK_OF[cmd.kind]
-        if cmd.kind not in SERVING or not acked:
+        alive = owner.value != S.FAILED and owner.writer.alive()
+        if not link_may_map(cmd, Status(owner.value, owner.epoch) if alive else None):
             self.writer.write(S.STOPPED, cmd.epoch)
             raise LinkError(
                 f"decode instance {self.dest!r} is not serving: its last command is {cmd.kind.name}@{cmd.epoch} "
@@ -122,7 +117,7 @@ class Link:
     def poll(self) -> str:
         """Let go of the pool if the decode instance clears it or stops; returns why, or "" if nothing changed."""
         cmd = self.command()
-        if must_detach(cmd) and (self.pool is not None or self._shown().epoch < cmd.epoch):
+        if link_must_unmap(cmd) and (self.pool is not None or self._shown().epoch < cmd.epoch):
             self.drop(cmd.epoch)
             return f"decode instance {self.dest!r} {cmd.kind.name.lower()}ed its pool (epoch {cmd.epoch})"
         return ""
