@@ -239,3 +239,29 @@ def test_cross_host_path_over_loopback(instance: str, rng) -> None:
             eng.verify(batch)
             eng.done_with(batch)
         eng.close()
+
+
+def test_prefill_pause_drains_transfers_in_flight(instance: str, rng) -> None:
+    """RL on PD, the prefill side: a pause with a batch in flight returns once the batch is shipped (drained),
+    the batch is complete and verified, and after clear/restore the new weights' KV lands on decode."""
+    gen = np.random.default_rng(rng.randrange(2**32))
+    with pd_pair(instance, prefill_env={"MPKV_JITTER_US": "100000"}) as (p, d):
+        eng = Engine(p.name, d.name, gen)
+        with Controller(p.name) as pctl:
+            batch = [eng.request("drained.0"), eng.request("drained.1")]
+            ticket = eng.p.send(eng.d, batch)
+            until_waiting(p.name, Role.MESSAGER, 0, WaitKind.PROGRESS)
+            pctl.pause()  # drains: every task read before the pause is finished
+            dones = eng.p.wait_send(ticket, timeout_s=50)
+            assert len(set(barrier_keys(dones).values())) == 1
+            eng.verify(batch)
+            eng.done_with(batch)
+            pctl.clear()
+            pctl.restore(5)
+            pctl.resume()
+            eng.wv = 5
+            after = [eng.request("after.0"), eng.request("after.1")]
+            eng.p.wait_send(eng.p.send(eng.d, after), timeout_s=50)
+            eng.verify(after)
+            pctl.shutdown()
+        eng.close()
