@@ -51,6 +51,8 @@ def launched(name: str, cfg: CacheConfig) -> Iterator[None]:
     args += ["--role", cfg.pd_role.name.lower()]
     for k in ("layers", "kv_heads", "head_dim", "block_size", "dtype", "device_blocks", "host_blocks", "hidden"):
         args += [f"--{k.replace('_', '-')}", str(getattr(cfg, k))]
+    if cfg.nixl_port:
+        args += ["--nixl-port", str(cfg.nixl_port)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None

@@ -28,6 +28,7 @@ from mpkv.client import Client
 from mpkv.config import CacheConfig
 from mpkv.instance import DONE_RING_BYTES
 from mpkv.model import expected_kv
+from mpkv.pd.nixl import NixlUnavailable, load_nixl
 from mpkv.pool.copy import copy_blocks
 from mpkv.protocol import PdRole
 
@@ -70,20 +71,22 @@ def _verify(d: Client, cfg: CacheConfig, tokens: np.ndarray, blocks: np.ndarray)
         raise AssertionError("bench pd: the decode side holds KV that differs from the recomputation")
 
 
-def measure(p: Client, d: Client, n: int, repeats: int, rng: np.random.Generator) -> dict[str, Any]:
+def measure(p: Client, d: Client, n: int, repeats: int, rng: np.random.Generator, via: str) -> dict[str, Any]:
     cfg = p.cfg
     tokens = rng.integers(0, cfg.vocab, n, dtype=np.int32)
     blocks = np.arange(-(-n // cfg.block_size), dtype=np.int32)
-    t: dict[str, list[float]] = {"alone": [], "layerwise": [], "after": []}
+    modes = ("layerwise", "after", "nixl") if via else ("layerwise", "after")
+    t: dict[str, list[float]] = {"alone": [], **{m: [] for m in modes}}
     busy: list[float] = []
     for rep in range(repeats + 1):  # the first round warms up and is verified, not timed
         t0 = time.perf_counter()
         p.wait(p.prefill(f"alone{n}", tokens, blocks))
         took = {"alone": time.perf_counter() - t0}
-        for mode in ("layerwise", "after"):
+        for mode in modes:
             lease = d.allocate(f"{mode}{n}", n)
+            batch = [(lease.request, tokens, blocks, lease)]
             t0 = time.perf_counter()
-            dones = p.wait_send(p.send(d, [(lease.request, tokens, blocks, lease)], layerwise=mode == "layerwise"))
+            dones = p.wait_send(p.send(d, batch, layerwise=mode != "after", via=via if mode == "nixl" else ""))
             took[mode] = time.perf_counter() - t0
             if mode == "layerwise":
                 busy.append(dones[-1].busy_s)
@@ -111,11 +114,20 @@ def bench_pd(quick: bool) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     decode_cfg = CacheConfig(**(cfg.__dict__ | {"pd_role": PdRole.DECODE}))
     prefill_cfg = CacheConfig(**(cfg.__dict__ | {"pd_role": PdRole.PREFILL}))
+    via = ""
+    try:
+        load_nixl()
+        port = 20000 + os.getpid() % 20000
+        decode_cfg = CacheConfig(**(decode_cfg.__dict__ | {"nixl_port": port}))
+        prefill_cfg = CacheConfig(**(prefill_cfg.__dict__ | {"nixl_port": port + 8}))
+        via = f"nixl://127.0.0.1:{port}"
+    except NixlUnavailable as e:
+        print(f"(no NIXL column: {e})")
     with launched(dname, decode_cfg), launched(pname, prefill_cfg):
         p, d = Client(pname), Client(dname)
         try:
             # short prompts are cheap and noisy: more repeats there
-            rows = [measure(p, d, n, 2 if quick else max(7, 25 * 1024 // n), rng) for n in lengths]
+            rows = [measure(p, d, n, 2 if quick else max(7, 25 * 1024 // n), rng, via) for n in lengths]
         finally:
             p.close()
             d.close()
@@ -124,13 +136,16 @@ def bench_pd(quick: bool) -> dict[str, Any]:
 
 def report_pd(r: dict[str, Any]) -> list[str]:
     c = r["config"]
+    nixl = "nixl" in r["rows"][0]["ms"]
     out = [
         f"prefill -> decode, TP={c['tp']}, {c['layers']} layers, {c['kv_heads']} KV heads x {c['head_dim']}, "
         f"{c['dtype']}, hidden {c['hidden']}; medians of interleaved repeats (7 to 25 per length)",
         "",
         "| tokens | KV MiB | prefill alone ms | layer-wise ms (x alone) | after-prefill ms (x alone) | "
-        "layer-wise / after | ship GB/s | plain copy GB/s | ship / copy | target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "layer-wise / after |"
+        + (" layer-wise over NIXL ms (x alone) |" if nixl else "")
+        + " ship GB/s | plain copy GB/s | ship / copy | target |",
+        "|---|---|---|---|---|---|" + ("---|" if nixl else "") + "---|---|---|---|",
     ]
     for row in r["rows"]:
         ms = row["ms"]
@@ -141,9 +156,10 @@ def report_pd(r: dict[str, Any]) -> list[str]:
             target = f"layer-wise <= 1.15x alone: {'PASS' if lw <= 1.15 else 'MISS'}"
         elif row["tokens"] <= SHORT:
             target = f"layer-wise <= after-prefill: {'PASS' if vs <= 1.0 else 'MISS'}"
+        over = f" {ms['nixl']:.1f} ({ms['nixl'] / ms['alone']:.2f}x) |" if nixl else ""
         out.append(
             f"| {row['tokens']} | {row['bytes'] / 2**20:.1f} | {ms['alone']:.1f} | {ms['layerwise']:.1f} ({lw:.2f}x) "
-            f"| {ms['after']:.1f} ({af:.2f}x) | {vs:.2f} | {row['ship_gbs']:.2f} | {row['copy_gbs']:.2f} "
+            f"| {ms['after']:.1f} ({af:.2f}x) | {vs:.2f} |{over} {row['ship_gbs']:.2f} | {row['copy_gbs']:.2f} "
             f"| {row['ship_gbs'] / row['copy_gbs']:.2f}x | {target} |"
         )
     return out

@@ -24,6 +24,8 @@ header: NIXL moves the bytes and delivers the notifications.
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from typing import Any
 
@@ -52,6 +54,12 @@ def load_nixl() -> Any:
             raise NixlUnavailable(
                 "the cross-host transport needs NIXL: pip install 'mpkv[nixl]' (nixl-cu12; no GPU needed)"
             ) from None
+    # NIXL logs INFO lines to stdout; an actor's stdout is its launcher's, whose first line says "ready".
+    nixl_log = logging.getLogger("nixl")
+    nixl_log.setLevel(logging.WARNING)
+    for handler in nixl_log.handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stderr)
     return _api
 
 
