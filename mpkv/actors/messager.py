@@ -80,7 +80,7 @@ class Messager(Actor):
         if self.receiver is None:
             return super().max_sleep_s()
         # NIXL runs without a progress thread: poll it often while a sender is active, now and then otherwise.
-        return 0.001 if time.monotonic() - self.receiver.last_active < 2.0 else 0.05
+        return 0.001 if time.monotonic() - self.receiver.last_active < 0.25 else 0.05
 
     def poll(self, check_alive: bool = False) -> None:
         if self.receiver is not None:
