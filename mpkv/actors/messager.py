@@ -82,11 +82,13 @@ class Messager(Actor):
         # NIXL runs without a progress thread: poll it often while a sender is active, now and then otherwise.
         return 0.001 if time.monotonic() - self.receiver.last_active < 0.25 else 0.05
 
+    def reap(self) -> None:
+        while self._gone:  # closed here, before the loop snapshots the words it sleeps on: never a stale buffer
+            self._gone.pop().close()
+
     def poll(self, check_alive: bool = False) -> None:
         if self.receiver is not None:
             self.receiver.poll(self.pool.tensor if self.pool is not None else None, self.pool_epoch)
-        while self._gone:  # closed here, before the loop snapshots the words it sleeps on: never a stale buffer
-            self._gone.pop().close()
         for dest, link in list(self.links.items()):
             if link.poll():
                 continue

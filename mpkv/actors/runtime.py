@@ -127,6 +127,9 @@ class Actor:
         """The longest this actor may sleep when nothing wakes it (the heartbeat's period by default)."""
         return HEARTBEAT_S
 
+    def reap(self) -> None:
+        """Let go of what ``extra_words`` no longer needs, before the loop snapshots those words."""
+
     def poll(self, check_alive: bool = False) -> None:
         """Look at those words' owners (called on every pass of the loop; ``check_alive`` on heartbeats)."""
 
@@ -176,8 +179,9 @@ class Actor:
         waiting_since: float | None = None
         idle_on: int | None = None  # the command word's value when we last decided there was nothing to do
         while True:
-            self.poll()
+            self.reap()
             snap = self._snapshot()  # before reading anything the decision depends on: no change can be missed
+            self.poll()  # after the snapshot too: a change it misses still wakes the sleep below
             if idle_on is not None and snap[0][2] == idle_on:
                 d = IDLE  # nothing changed that an idle decision depends on: serve tasks without re-deciding
             else:
