@@ -25,8 +25,9 @@ S = ActorState
 
 
 def _parse_fault() -> tuple[str, int, str, str] | None:
-    """Fault injection for tests: MPKV_FAULT=role:rank:point:what, what = hang | crash.
-    Points: start, PAUSE, CLEAR, RESTORE, RESUME, SHUTDOWN (before acting on that command), task (before a task)."""
+    """Fault injection for tests: MPKV_FAULT=role:rank:point:what, what = hang | crash | raise.
+    Points: start, PAUSE, CLEAR, RESTORE, RESUME, SHUTDOWN (before acting on that command), task (before a task),
+    ship (a messager, before it ships a batch). what = raise: an unexpected exception at that point."""
     spec = os.environ.get("MPKV_FAULT")
     if not spec:
         return None
@@ -43,6 +44,8 @@ def fault_point(role: Role, rank: int, point: str) -> None:
     logger.warning("fault injection: {} r{} {} at {}", role.name.lower(), rank, FAULT[3], point)
     if FAULT[3] == "crash":
         os._exit(3)
+    if FAULT[3] == "raise":
+        raise RuntimeError(f"fault injection at {point}")
     signal.pause()  # hang: a stuck process, until a test kills it
 
 

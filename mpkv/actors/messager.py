@@ -22,14 +22,14 @@ import time
 from typing import Any, ClassVar
 
 from mpkv import _native
-from mpkv.actors.entry import jitter
+from mpkv.actors.entry import fault_point, jitter
 from mpkv.actors.runtime import PEER_TIMEOUT_S, Actor, TaskError
 from mpkv.blocks import BadBlocks, check_ids
 from mpkv.errors import MpkvError
 from mpkv.instance import Instance
 from mpkv.pd.link import Link
 from mpkv.pd.nixl import Endpoint, NixlLink, Receiver
-from mpkv.protocol import Done, PdRole, Prefill, PrefillSend, Role, WaitKind, actor_slot, pack_slots
+from mpkv.protocol import ActorState, Done, PdRole, Prefill, PrefillSend, Role, WaitKind, actor_slot, pack_slots
 from mpkv.shm.barrier import Barrier, BarrierKey
 from mpkv.shm.waiting import LIVENESS_SLICE_S
 
@@ -113,24 +113,26 @@ class Messager(Actor):
         jitter(self.role, self.rank)
         self.batches += 1
         error, layers, self.busy_s = "", 0, 0.0
+        if self.barrier is None:
+            raise TaskError(f"{self.name}: only a prefill instance ships KV (mpkv launch --role prefill)")
         try:
+            fault_point(self.role, self.rank, "ship")
             layers = self._ship(task)
-        except MpkvError as e:  # a task error, a link or transport refusing: this batch fails, the actor goes on
-            error = str(e)
+        except Exception as e:  # whatever failed (task, link, transport, a bug): this batch fails on this rank,
+            error = str(e) if isinstance(e, MpkvError) else f"{type(e).__name__}: {e}"  # and every rank meets below
         key = batch_key(task)
         if self._diverge == (self.rank, self.batches) and len(task.items) > 1:
             key = batch_key(PrefillSend(task.seq, task.dest, task.items[:1]))
-        assert self.barrier is not None
-        self._note_wait(WaitKind.BARRIER, 0)
+        others = [actor_slot(Role.MESSAGER, r) for r in range(self.cfg.tp) if r != self.rank]
+        self._note_wait(WaitKind.BARRIER, pack_slots(others[:4]))
         try:
-            self.barrier.wait(key, timeout_s=PEER_TIMEOUT_S)
+            # Links are polled while we wait: a decode instance clearing its pool never waits for our peers.
+            self.barrier.wait(key, timeout_s=PEER_TIMEOUT_S, between=self.poll)
         finally:
             self._note_wait(WaitKind.NONE, 0)
         return Done(task.seq, self.rank, error=error, layers_done=layers, data=str(key).encode(), busy_s=self.busy_s)
 
     def _ship(self, task: PrefillSend) -> int:
-        if self.barrier is None:
-            raise TaskError(f"{self.name}: only a prefill instance ships KV (mpkv launch --role prefill)")
         if self.pool is None:
             raise TaskError(f"{self.name} has no KV pool now ({self.state_words()}): the cache is cleared")
         jitter(self.role, self.rank)
@@ -173,6 +175,12 @@ class Messager(Actor):
         deadline = time.monotonic() + PEER_TIMEOUT_S
         next_check = time.monotonic() + LIVENESS_SLICE_S
         while True:
+            # The words we may sleep on, read before the state they guard: a change in between still wakes us.
+            pbuf = progress.seg.buf
+            words: list[tuple[Any, int, int]] = [(pbuf, off, _native.load_u64(pbuf, off) & 0xFFFFFFFF)]
+            if link.command_word is not None:
+                buf, cmd_off = link.command_word
+                words.append((buf, cmd_off, _native.load_u64(buf, cmd_off) & 0xFFFFFFFF))
             sig = progress.read(self.rank)
             if sig.epoch > pos or (sig.epoch == pos and sig.aux > layer):
                 self._note_wait(WaitKind.NONE, 0)
@@ -184,7 +192,7 @@ class Messager(Actor):
             if now > next_check:
                 next_check = now + LIVENESS_SLICE_S
                 w = self.inst.status.read(worker)
-                if w.seq and not w.writer.alive():
+                if w.seq and (w.value == ActorState.FAILED or not w.writer.alive()):
                     raise TaskError(
                         f"{self.name}: worker r{self.rank} died ({w.writer.describe()}) before layer {layer}"
                     )
@@ -198,10 +206,6 @@ class Messager(Actor):
                     f"{sig.aux} layers; this batch is at {pos})"
                 )
             self._note_wait(WaitKind.PROGRESS, pack_slots([worker]))
-            words: list[tuple[Any, int, int]] = [(progress.seg.buf, off, sig.seq & 0xFFFFFFFF)]
-            if link.command_word is not None:
-                buf, cmd_off = link.command_word
-                words.append((buf, cmd_off, _native.load_u64(buf, cmd_off) & 0xFFFFFFFF))
             _native.wait_any(words, min(LIVENESS_SLICE_S, max(0.0, deadline - now)))
 
     handlers: ClassVar[dict[type, Any]] = {PrefillSend: prefill_send}

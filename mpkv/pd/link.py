@@ -108,9 +108,13 @@ class Link:
                 f"decode instance {self.dest!r} is not serving: its last command is {cmd.kind.name}@{cmd.epoch} "
                 f"and its pool owner shows {owner.value.name}@{owner.epoch}"
             )
-        handle = self.inst.read_handle(self.rank)
-        self.pool = attach_device_pool(self.inst.cfg, handle, LINK_SHARE_BASE + self.index)
-        self.transport = SameHost(self.pool.tensor)
+        try:
+            handle = self.inst.read_handle(self.rank)
+            self.pool = attach_device_pool(self.inst.cfg, handle, LINK_SHARE_BASE + self.index)
+            self.transport = SameHost(self.pool.tensor)
+        except BaseException:
+            self.drop(cmd.epoch)  # announced but not mapped: say so, or the owner's clear would wait for us
+            raise
         self.writer.write(S.READY, cmd.epoch)
         return self.transport
 

@@ -14,6 +14,7 @@ deadlock (seed 000), turned into an error.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mpkv import _native, layout
@@ -102,8 +103,11 @@ class Barrier:
         seq, tag = layout.BAR_KEY.unpack_from(self.seg.buf, off)
         return BarrierKey(seq, tag.rstrip(b"\0").decode(errors="replace"))
 
-    def wait(self, key: BarrierKey, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
-        """Arrive with ``key`` and wait for every rank to arrive with the same key. Returns the generation."""
+    def wait(
+        self, key: BarrierKey, timeout_s: float = DEFAULT_TIMEOUT_S, between: Callable[[], None] | None = None
+    ) -> int:
+        """Arrive with ``key`` and wait for every rank to arrive with the same key. Returns the generation.
+        ``between`` runs between liveness slices (0.1 s): a caller's duties that must not wait for the barrier."""
         buf, off = self.seg.buf, self._off
         gen = self.generation + 1
         key_off = off + layout.BAR_KEY0 + (gen % 2) * layout.BAR_KEY_BYTES
@@ -133,6 +137,8 @@ class Barrier:
             return True
 
         def peers() -> list[Peer]:
+            if between is not None:
+                between()
             return [self._peer(r, gen) for r in pending]
 
         try:
