@@ -7,12 +7,13 @@ directly: the decode messager r (an ordinary attacher of its rank's pool, covere
 staging buffer registered with its NIXL agent for its whole life, and it alone copies staged blocks into the pool,
 after checking the lease. Per rank:
 
-    receiver  decode messager r: agent "mpkv.<decode>.r<r>", listening on nixl_port + r; staging of SLOTS slots,
-              a slot = one block's K and V of one layer.
+    receiver  decode messager r: agent "mpkv.<decode>.r<r>", listening on nixl_port + r; staging of SLOTS slots
+              (a slot = one block's K and V of one layer), split into SENDERS regions: each sender gets its own
+              region at hello and may write nowhere else (regions are kept by agent name, never reassigned).
     sender    prefill messager r: agent "mpkv.<prefill>.r<r>", listening on its instance's nixl_port + r (the
               receiver fetches its metadata from there), with a staging buffer of its own to write from.
     hello     sender: fetch the receiver's metadata, push its own, notify b"hello"; the receiver answers with
-              its staging address and its instance's config (for the geometry check).
+              the sender's staging region and its instance's config (for the geometry check).
     a layer   sender: copy the blocks' K/V into its staging, WRITE them into the receiver's staging with the
               notification b"w" + header (message id, lease slot, lease generation, layer, destination blocks);
               the receiver checks the lease (GRANTED, that generation, granted on the pool it maps now), copies
@@ -37,6 +38,8 @@ from mpkv.errors import MpkvError
 from mpkv.protocol import LeaseState
 
 SLOTS = 256
+SENDERS = 4  # a receiver's staging is split into SENDERS regions of SLOTS // SENDERS slots, one per sender
+REGION = SLOTS // SENDERS
 REPLY_TIMEOUT_S = 30.0
 
 
@@ -103,6 +106,7 @@ class Receiver:
         self.cfg, self.leases, self.ep = cfg, leases, endpoint
         self.agent = endpoint.agent
         self._hellos: set[str] = set()
+        self._regions: dict[str, int] = {}  # sender agent -> first slot of its staging region
         self.last_active = 0.0
 
     def poll(self, pool: torch.Tensor | None, pool_epoch: int) -> None:
@@ -112,31 +116,58 @@ class Receiver:
                 if msg == b"hello":
                     self._hellos.add(peer)
                 elif msg.startswith(b"w"):
-                    self._land(peer, json.loads(msg[1:]), pool, pool_epoch)
+                    self._land(peer, msg[1:], pool, pool_epoch)
         for peer in list(self._hellos):
             if self.agent.check_remote_metadata(peer):  # its pushed metadata has arrived: we can answer
-                info = {"addr": self.ep.addr, "slots": SLOTS, "config": json.loads(self.cfg.to_json())}
-                self.agent.send_notif(peer, b"hi" + json.dumps(info).encode())
                 self._hellos.discard(peer)
+                self.agent.send_notif(peer, b"hi" + json.dumps(self._region_for(peer)).encode())
 
-    def _land(self, peer: str, h: dict[str, Any], pool: torch.Tensor | None, pool_epoch: int) -> None:
-        why = ""
-        lease = self.leases.read(h["lease"])
-        if pool is None:
-            why = "the decode pool is cleared"
-        elif lease.value != LeaseState.GRANTED or lease.epoch != h["gen"]:
-            why = f"lease {h['lease']} is {lease.value.name} at generation {lease.epoch}, not GRANTED at {h['gen']}"
-        elif lease.aux != pool_epoch:
-            why = f"lease {h['lease']} was granted on the pool of epoch {lease.aux}; the pool now is of {pool_epoch}"
-        dst = np.asarray(h["dst"], dtype=np.int64)
-        if not why and (dst.size == 0 or dst.min() < 0 or dst.max() >= self.cfg.device_blocks):
-            why = f"destination blocks {h['dst'][:8]} out of range 0..{self.cfg.device_blocks - 1}"
+    def _region_for(self, peer: str) -> dict[str, Any]:
+        """Each sender writes only into its own region: two senders never overwrite each other's staged bytes."""
+        if peer not in self._regions:
+            taken = set(self._regions.values())
+            free = [r * REGION for r in range(SENDERS) if r * REGION not in taken]
+            if not free:
+                return {"error": f"{self.ep.name} already serves {SENDERS} senders: {sorted(self._regions)}"}
+            self._regions[peer] = free[0]
+        first = self._regions[peer]
+        addr = self.ep.addr + first * self.ep.slot_bytes
+        return {"addr": addr, "slot": first, "slots": REGION, "config": json.loads(self.cfg.to_json())}
+
+    def _land(self, peer: str, raw: bytes, pool: torch.Tensor | None, pool_epoch: int) -> None:
+        try:
+            h = json.loads(raw)
+            why = self._check(peer, h, pool, pool_epoch)
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            self.agent.send_notif(peer, f"no ? malformed header: {type(e).__name__}: {e}".encode())
+            return
         if not why:
             assert pool is not None
+            dst = torch.as_tensor(np.asarray(h["dst"], dtype=np.int64))
             staged = self.ep.staging[h["slot"] : h["slot"] + len(dst)]
-            pool[h["layer"], :, torch.as_tensor(dst)] = staged.transpose(0, 1)
+            pool[h["layer"], :, dst] = staged.transpose(0, 1)
         reply = f"ok {h['id']}" if not why else f"no {h['id']} {why}"
         self.agent.send_notif(peer, reply.encode())
+
+    def _check(self, peer: str, h: dict[str, Any], pool: torch.Tensor | None, pool_epoch: int) -> str:
+        """Why the staged layer of header ``h`` may not land, or ""."""
+        first = self._regions.get(peer)
+        n = len(h["dst"])
+        if first is None or not first <= h["slot"] <= h["slot"] + n <= first + REGION:
+            return f"slots {h['slot']}..{h['slot'] + n} are not in the staging region of {peer}"
+        if not 0 <= h["layer"] < self.cfg.layers or not 0 <= h["lease"] < self.leases.nslots:
+            return f"layer {h['layer']} or lease {h['lease']} out of range"
+        lease = self.leases.read(h["lease"])
+        if pool is None:
+            return "the decode pool is cleared"
+        if lease.value != LeaseState.GRANTED or lease.epoch != h["gen"]:
+            return f"lease {h['lease']} is {lease.value.name} at generation {lease.epoch}, not GRANTED at {h['gen']}"
+        if lease.aux != pool_epoch:
+            return f"lease {h['lease']} was granted on the pool of epoch {lease.aux}; the pool now is of {pool_epoch}"
+        dst = h["dst"]
+        if n == 0 or min(dst) < 0 or max(dst) >= self.cfg.device_blocks:
+            return f"destination blocks {dst[:8]} out of range 0..{self.cfg.device_blocks - 1}"
+        return ""
 
 
 class NixlLink:
@@ -200,6 +231,8 @@ class NixlLink:
             time.sleep(0.001)
         self.agent.send_notif(self.peer, b"hello")
         info = json.loads(self._wait_notif("answer to hello", lambda m: m.startswith(b"hi"))[2:])
+        if "error" in info:
+            raise MpkvError(f"{self.peer} refused this sender: {info['error']}")
         theirs = CacheConfig.from_json(json.dumps(info["config"]))
         from mpkv.pd.link import compatible  # the same geometry check as the same-host path
 
@@ -213,26 +246,29 @@ class NixlLink:
         self, layer: int, src: torch.Tensor, src_blocks: np.ndarray, dst_blocks: np.ndarray, lease: tuple[int, int]
     ) -> None:
         assert self.remote is not None
-        for i in range(0, len(src_blocks), SLOTS):
-            s, d = src_blocks[i : i + SLOTS], dst_blocks[i : i + SLOTS]
+        region = self.remote["slots"]
+        for i in range(0, len(src_blocks), region):
+            s, d = src_blocks[i : i + region], dst_blocks[i : i + region]
             n = len(s)
             self.ep.staging[:n] = src[layer, :, torch.as_tensor(s)].transpose(0, 1)
             self._id += 1
-            header: dict[str, Any] = {"id": self._id, "lease": lease[0], "gen": lease[1], "layer": layer, "slot": 0}
+            header: dict[str, Any] = {"id": self._id, "lease": lease[0], "gen": lease[1], "layer": layer}
+            header["slot"] = self.remote["slot"]
             header["dst"] = [int(x) for x in d]
             nbytes = n * self.ep.slot_bytes
             local = self.agent.get_xfer_descs([(self.ep.addr, nbytes, 0)], "DRAM")
             remote = self.agent.get_xfer_descs([(self.remote["addr"], nbytes, 0)], "DRAM")
             handle = self.agent.initialize_xfer("WRITE", local, remote, self.peer, b"w" + json.dumps(header).encode())
-            try:
-                state = self.agent.transfer(handle)
-                deadline = time.monotonic() + REPLY_TIMEOUT_S
-                while state == "PROC" and time.monotonic() < deadline:
-                    state = self.agent.check_xfer_state(handle)
-                if state != "DONE":
-                    raise MpkvError(f"NIXL write to {self.peer} ended in state {state}")
-            finally:
-                self.agent.release_xfer_handle(handle)
+            state = self.agent.transfer(handle)
+            deadline = time.monotonic() + REPLY_TIMEOUT_S
+            while state == "PROC" and time.monotonic() < deadline:
+                time.sleep(0.00005)  # pacing a bounded poll of NIXL (no progress thread), yielding the core
+                state = self.agent.check_xfer_state(handle)
+            if state == "PROC":  # still in flight: its handle is left to NIXL rather than released under it
+                raise MpkvError(f"NIXL write to {self.peer} still in flight after {REPLY_TIMEOUT_S:g} s")
+            self.agent.release_xfer_handle(handle)
+            if state != "DONE":
+                raise MpkvError(f"NIXL write to {self.peer} ended in state {state}")
             want = f"{self._id}".encode()
             reply = self._wait_notif("acknowledgement", lambda m, want=want: m.split(b" ")[1] == want)
             if reply.startswith(b"no"):
