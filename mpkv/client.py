@@ -80,6 +80,7 @@ class Client:
         self._done: dict[tuple[Role, int], RingReader] = {}
         self._early: dict[tuple[Role, int], dict[int, Done]] = {}
         self._allocator: Allocator | None = None
+        self._sends: dict[int, dict[tuple[Role, int], Done]] = {}  # PD batches not settled yet
         try:
             for role in TASK_ROLES:
                 self._tasks[role] = RingWriter(self.inst.task_ring(role), label="client")
@@ -186,40 +187,61 @@ class Client:
 
     def wait_send(self, ticket: Ticket, timeout_s: float = 60.0) -> list[Done]:
         """Every worker's and then every messager's completion of a PD batch, in rank order. Completes its
-        leases in the decode instance only if all succeeded; otherwise fails them with the reasons and raises
-        TransferFailed.
+        leases in the decode instance only if all succeeded, with KV of the decode instance's weight version,
+        into a pool still served; otherwise fails them with the reasons and raises TransferFailed.
 
         The messagers are waited for first: once each reported (or died), nothing writes the destination blocks
-        any more, so a failure there fails the leases at once. The workers are still waited for, because the
-        source blocks are theirs until they finish; the error says so if one does not."""
+        any more. If one has not reported by the deadline, the leases fail but stay *in use* (release refuses)
+        and the batch is not settled: the source blocks are still in use too. Call wait_send again to settle."""
         assert ticket.dest is not None, "wait_send takes the ticket of a send"
-        reasons: list[str] = []
-        dones: list[Done] = []
+        got = self._sends.setdefault(ticket.seq, {})  # (role, rank) -> its completion, or None: it died
+        late: list[str] = []
         for role in (*ticket.also, ticket.role):
             for r in range(self.cfg.tp):
-                try:
-                    done = self._wait_rank(ticket, role, r, timeout_s)
-                except MpkvError as e:
-                    reasons.append(f"{role.name.lower()} r{r}: {e}")
+                if (role, r) in got:
                     continue
-                dones.append(done)
-                if done.error:
-                    reasons.append(f"{role.name.lower()} r{done.rank}: {done.error}")
-            if reasons and role in ticket.also:
-                for lease in ticket.leases:
-                    ticket.dest.allocator.fail(lease, "; ".join(reasons))
-        if not reasons:
-            try:
-                ticket.dest.check_serving(alive=True)  # the KV landed in a pool that is still there
-            except InstanceNotServing as e:
-                reasons.append(str(e))
-        if reasons:
+                try:
+                    got[(role, r)] = self._wait_rank(ticket, role, r, timeout_s)
+                except PeerDied as e:  # a dead process writes nothing any more: settled, and failed
+                    got[(role, r)] = Done(ticket.seq, r, error=str(e))
+                except MpkvError as e:
+                    late.append(f"{role.name.lower()} r{r}: {e}")
+        dones = [got[(role, r)] for role in (ticket.role, *ticket.also) for r in range(self.cfg.tp) if (role, r) in got]
+        reasons = [f"{role.name.lower()} r{r}: {d.error}" for (role, r), d in sorted(got.items()) if d.error]
+        if not reasons and not late:
+            wrong = {d.weight_version for (role, _), d in got.items() if role == ticket.role}
             for lease in ticket.leases:
-                ticket.dest.allocator.fail(lease, "; ".join(reasons))
-            raise TransferFailed(f"{ticket.what} (task {ticket.seq}) failed: {'; '.join(reasons)}", dones)
+                if wrong != {lease.weight_version}:
+                    reasons.append(
+                        f"the prefill workers produced KV of weight version {sorted(wrong)}, the decode instance "
+                        f"serves weight version {lease.weight_version}: refusing stale KV"
+                    )
+                    break
+        if not reasons and not late:
+            for lease in ticket.leases:
+                if lease.state != LeaseState.GRANTED:  # an earlier wait_send gave up on it: it stays failed
+                    reasons.append(f"lease of {lease.request!r} was already failed: {lease.reason}")
+                    continue
+                why = ticket.dest.allocator.complete(lease)
+                if why:
+                    reasons.append(f"shipped, but {why}")
+        if not reasons and not late:
+            del self._sends[ticket.seq]
+            return dones
+        unsettled = [
+            f"{role.name.lower()} r{r}"
+            for role in (*ticket.also, ticket.role)
+            for r in range(self.cfg.tp)
+            if (role, r) not in got
+        ]
+        in_use = f"{', '.join(unsettled)} not settled (call wait_send again)" if unsettled else ""
         for lease in ticket.leases:
-            ticket.dest.allocator.complete(lease)
-        return dones[self.cfg.tp :] + dones[: self.cfg.tp]  # workers, then messagers, each in rank order
+            ticket.dest.allocator.fail(lease, "; ".join(reasons + late))
+            lease.in_use = in_use if any(u.startswith("messager") for u in unsettled) else ""
+        if not unsettled:
+            del self._sends[ticket.seq]
+        extra = f"; its blocks are still in use: {in_use}" if in_use else ""
+        raise TransferFailed(f"{ticket.what} (task {ticket.seq}) failed: {'; '.join(reasons + late)}{extra}", dones)
 
     def _submit(self, role: Role, task: Prefill | SwapOut | SwapIn | ReadBlocks | PrefillSend, what: str) -> Ticket:
         self.check_serving()

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpkv.errors import MpkvError
-from mpkv.instance import MAX_LEASES, Instance
-from mpkv.protocol import LeaseState, PdRole
+from mpkv.handshake import Command, link_must_unmap
+from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, MAX_LEASES, Instance
+from mpkv.protocol import ClearFlags, LeaseState, PdRole
 from mpkv.shm.signals import SignalWriter
 
 
@@ -32,8 +33,10 @@ class Lease:
     request: str
     blocks: np.ndarray  # int32 destination block ids, in order
     pool_epoch: int
+    weight_version: int  # the decode instance's weights: KV of any other version is refused (DESIGN I7)
     state: LeaseState = LeaseState.GRANTED
     reason: str = ""
+    in_use: str = ""  # who may still write or read the blocks (a transfer not settled): release refuses until ""
 
 
 class Allocator:
@@ -48,15 +51,29 @@ class Allocator:
         self.inst = inst
         self._writers: dict[int, SignalWriter[LeaseState]] = {}
         self._gen = itertools.count(1)
-        self.pool_epoch = self._current_pool_epoch()
+        self.pool_epoch, self.weight_version = self._current_pool()
         self.free: list[int] = list(range(inst.cfg.device_blocks - 1, -1, -1))
         self.leases: dict[int, Lease] = {}  # by slot
         self._free_slots = list(range(MAX_LEASES - 1, -1, -1))
 
-    def _current_pool_epoch(self) -> int:
-        """The restore epoch of the pool every rank serves now (the handle's epoch), checked equal on all."""
-        epochs = {self.inst.read_handle(r).epoch for r in range(self.inst.cfg.tp)}
-        return max(epochs)
+    def _current_pool(self) -> tuple[int, int]:
+        """(restore epoch, weight version) of the pool the ranks serve now (their handles; the newest)."""
+        handles = [self.inst.read_handle(r) for r in range(self.inst.cfg.tp)]
+        newest = max(handles, key=lambda h: h.epoch)
+        return newest.epoch, newest.weight_version
+
+    def pool_gone(self, lease: Lease) -> str:
+        """Why the pool the lease was granted on is no longer (or soon no longer) there, or ""."""
+        self.sync()
+        if lease.pool_epoch != self.pool_epoch:
+            return f"the decode pool of epoch {lease.pool_epoch} was cleared"
+        cmd = self.inst.control.read(CONTROL_COMMAND)
+        if link_must_unmap(Command(cmd.value, cmd.epoch, cmd.aux)):
+            return f"the decode instance is {cmd.value.name.lower()}ing its pool (epoch {cmd.epoch})"
+        ledger = self.inst.control.read(CONTROL_LEDGER)
+        if ledger.seq and ClearFlags(ledger.aux & 3) & ClearFlags.DEVICE:
+            return "the decode pool is cleared"
+        return ""
 
     def _write(self, lease: Lease) -> None:
         w = self._writers.get(lease.slot)
@@ -66,15 +83,16 @@ class Allocator:
 
     def sync(self) -> None:
         """Notice a clear/restore of the decode pool: every lease of an older pool fails, its blocks come back."""
-        epoch = self._current_pool_epoch()
+        epoch, wv = self._current_pool()
         if epoch == self.pool_epoch:
             return
         old = self.pool_epoch
-        self.pool_epoch = epoch
+        self.pool_epoch, self.weight_version = epoch, wv
         for lease in list(self.leases.values()):
             if lease.pool_epoch != epoch:
                 if lease.state == LeaseState.GRANTED:
                     self._settle(lease, LeaseState.FAILED, f"the decode pool of epoch {old} was cleared")
+                lease.in_use = ""  # the links let go of that pool before its clear finished: nothing writes it
                 self.release(lease)
 
     def grant(self, request: str, n_blocks: int) -> Lease:
@@ -88,19 +106,30 @@ class Allocator:
             )
         if not self._free_slots:
             raise LeaseError(f"lease for {request!r}: {MAX_LEASES} leases are held already in {self.inst.name}")
-        blocks = np.array([self.free.pop() for _ in range(n_blocks)], dtype=np.int32)
-        lease = Lease(self._free_slots.pop(), next(self._gen), request, blocks, self.pool_epoch)
+        slot = self._free_slots.pop()
+        try:
+            # A generation never reused for a slot, even across allocators: late messages of an old lease are refused.
+            gen = max(next(self._gen), self.inst.leases.read(slot).epoch + 1)
+            lease = Lease(slot, gen, request, np.empty(0, dtype=np.int32), self.pool_epoch, self.weight_version)
+            self._write(lease)
+        except BaseException:
+            self._free_slots.append(slot)
+            raise
+        lease.blocks = np.array([self.free.pop() for _ in range(n_blocks)], dtype=np.int32)
         self.leases[lease.slot] = lease
-        self._write(lease)
         return lease
 
-    def complete(self, lease: Lease) -> None:
-        """Every rank shipped every layer and every prefill worker succeeded: the blocks become readable."""
-        self.sync()
+    def complete(self, lease: Lease) -> str:
+        """Every rank shipped every layer and every prefill worker succeeded: the blocks become readable, if the
+        pool they were shipped into is still the one served. Returns why not (the lease is then failed), or ""."""
         self._check_held(lease)
-        if lease.pool_epoch != self.pool_epoch:  # sync() failed it already; say so rather than commit
-            raise LeaseError(f"lease {lease.slot} of {lease.request!r}: {lease.reason}")
+        why = self.pool_gone(lease)
+        if why:
+            if lease.state == LeaseState.GRANTED:
+                self._settle(lease, LeaseState.FAILED, why)
+            return why
         self._settle(lease, LeaseState.COMPLETE, "")
+        return ""
 
     def fail(self, lease: Lease, reason: str) -> None:
         self._check_held(lease)
@@ -118,6 +147,10 @@ class Allocator:
         self._check_held(lease)
         if lease.state == LeaseState.GRANTED:
             raise LeaseError(f"lease {lease.slot} of {lease.request!r} is still in flight: complete or fail it first")
+        if lease.in_use:
+            raise LeaseError(
+                f"lease {lease.slot} of {lease.request!r} failed, but its blocks may still be written: {lease.in_use}"
+            )
         del self.leases[lease.slot]
         self.free.extend(lease.blocks.tolist())
         self._free_slots.append(lease.slot)
@@ -126,6 +159,7 @@ class Allocator:
 
     def check_readable(self, blocks: np.ndarray) -> None:
         """Refuse to read blocks that belong to a transfer not complete on every rank (or a failed one)."""
+        self.sync()
         wanted = set(np.asarray(blocks).tolist())
         for lease in self.leases.values():
             if lease.state != LeaseState.COMPLETE and wanted.intersection(lease.blocks.tolist()):

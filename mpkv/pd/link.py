@@ -123,7 +123,8 @@ class Link:
         cmd = self.command()
         if link_must_unmap(cmd) and (self.pool is not None or self._shown().epoch < cmd.epoch):
             self.drop(cmd.epoch)
-            return f"decode instance {self.dest!r} {cmd.kind.name.lower()}ed its pool (epoch {cmd.epoch})"
+            done = "cleared its pool" if cmd.kind == Cmd.CLEAR else "is shutting down"
+            return f"decode instance {self.dest!r} {done} (epoch {cmd.epoch})"
         return ""
 
     def gone(self) -> str:
