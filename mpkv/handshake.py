@@ -16,7 +16,7 @@ status slot with the same epoch; nobody else writes there (DESIGN I1). Per rank 
                          -> RESTORED@e.  Waits for nobody.
                attacher: wait owner >= PUBLISHED@e, attach -> RESTORED@e
     RESUME     everyone -> READY@e
-    SHUTDOWN   as CLEAR, ending in STOPPED@e
+    SHUTDOWN   drain as PAUSE (-> PAUSED@e), then as CLEAR, ending in STOPPED@e
 
 So in every phase the wait-for relation is a DAG (clear: owner -> attachers; restore: attachers -> owner;
 the controller waits for everyone and nobody waits for the controller except for its next command), and no
@@ -122,6 +122,10 @@ def decide(v: View) -> Decision:
         return _bring_up(v, e, target)
     if cmd.kind in (Cmd.PAUSE, Cmd.RESUME):
         return Decision(Act.DRAIN if cmd.kind == Cmd.PAUSE else Act.ACK, Status(target, e))
+    if cmd.kind == Cmd.SHUTDOWN and not me.at_least(S.PAUSED, e):
+        # Drain first, as for PAUSE: every rank serves the same tasks before it stops, so ranks that meet at a
+        # barrier per task (prefill messagers) never stop at different tasks.
+        return Decision(Act.DRAIN, Status(S.PAUSED, e))
     return _tear_down(v, e, target, cmd.flags)
 
 
