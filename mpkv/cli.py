@@ -53,7 +53,8 @@ def _ctl(args: argparse.Namespace) -> int:
             else:
                 print(
                     f"instance {st['instance']} run {st['run_id']}: command {st['command']['kind']}@"
-                    f"{st['command']['epoch']}, weight version {st['weight_version']}, cleared {st['cleared']}"
+                    f"{st['command']['epoch']}, weight version {st['weight_version']}, cleared {st['cleared']}, "
+                    f"logs {st['config']['log_dir'] or '-'}"
                 )
                 for a in [st["launcher"], *st["actors"]]:
                     hb = "-" if a["heartbeat_age_s"] is None else f"{a['heartbeat_age_s']:.1f}s"
@@ -87,6 +88,12 @@ def _ctl(args: argparse.Namespace) -> int:
                 f"{args.name}: {res.command.lower()} done at epoch {res.epoch} in {res.latency_s * 1e3:.1f} ms{extra}"
             )
         return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    from mpkv import top
+
+    return top.main(args.rest)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -146,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--tp", type=int, default=2)
     dp.add_argument("--quick", action="store_true", help="a short run")
     dp.set_defaults(func=_demo)
+
+    tp = sub.add_parser("top", help="mpkv-top: watch every instance live (mpkv top --help for its options)")
+    tp.add_argument("rest", nargs=argparse.REMAINDER)
+    tp.set_defaults(func=_top)
 
     b = sub.add_parser("bench", help="benchmarks, side by side with baselines, as ratio tables")
     b.add_argument(

@@ -35,6 +35,7 @@ class CacheConfig:
     pool_owner: PoolOwner = PoolOwner.WORKER
     pd_role: PdRole = PdRole.MIXED  # `mpkv launch --role mixed|prefill|decode`
     nixl_port: int = 0  # PD across hosts: rank r's messager runs a NIXL agent listening on nixl_port + r (0: off)
+    log_dir: str = ""  # set by the launcher: every actor logs to <log_dir>/<role>.r<rank>.log
     hidden: int = 64  # the synthetic model's width
     vocab: int = 1024
     weight_version: int = 1  # the weights the instance starts with

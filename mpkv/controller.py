@@ -8,15 +8,15 @@ The byte-level protocol, for trainers in other languages: docs/control-block.md.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from mpkv import status
 from mpkv.errors import MpkvError, PeerDied, WaitTimeout
 from mpkv.handshake import Command, check_command
-from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot, launcher_slot
+from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot
 from mpkv.protocol import ACK_OF, ROLES, ActorState, ClearFlags, Cmd, WaitKind, actor_name, actor_slot, pack_slots
 from mpkv.shm.signals import Signal, SignalWriter
 
@@ -96,35 +96,13 @@ class Controller:
     # -- state ----------------------------------------------------------------------------------------------
     @property
     def weight_version(self) -> int:
-        ledger = self.inst.control.read(CONTROL_LEDGER)
-        return ledger.aux >> 2 if ledger.seq else self.cfg.weight_version
+        return status.weight_version(self.inst)
 
     def _cleared(self) -> ClearFlags:
-        ledger = self.inst.control.read(CONTROL_LEDGER)
-        return ClearFlags(ledger.aux & 3) if ledger.seq else ClearFlags(0)
+        return status.cleared(self.inst)
 
     def status(self) -> dict[str, Any]:
-        cmd = self.inst.control.read(CONTROL_COMMAND)
-        now = time.monotonic_ns()
-        actors = []
-        for rank in range(self.cfg.tp):
-            for role in ROLES:
-                slot = actor_slot(role, rank)
-                sig = self.inst.status.read(slot)
-                entry = _actor_entry(role.name.lower(), rank, sig, now, self.inst.read_error(slot))
-                actors.append(entry | {"waiting_for": self.inst.waiting_for(slot)})
-        launcher = self.inst.status.read(launcher_slot(self.cfg.tp))
-        return {
-            "instance": self.name,
-            "run_id": self.inst.registry.run_id,
-            "config": json.loads(self.cfg.to_json()),
-            "command": {"kind": cmd.value.name, "epoch": cmd.epoch, "aux": cmd.aux},
-            "weight_version": self.weight_version,
-            "cleared": [f.name for f in ClearFlags if f in self._cleared()],
-            "launcher": _actor_entry("launcher", -1, launcher, now, ""),
-            "controller_waiting_for": self.inst.waiting_for(controller_wait_slot(self.cfg.tp)),
-            "actors": actors,
-        }
+        return status.instance_status(self.inst)
 
     def close(self) -> None:
         self.inst.close()
@@ -205,17 +183,3 @@ class Controller:
                     continue
                 if stale:
                     raise StepFailed(f"clear failed: {actor_name(role, rank)} (pid {pid}) still maps {stale[0]}")
-
-
-def _actor_entry(role: str, rank: int, sig: Signal[ActorState], now_ns: int, error: str) -> dict[str, Any]:
-    return {
-        "role": role,
-        "rank": rank,
-        "pid": sig.writer.pid,
-        "alive": sig.writer.alive() if sig.writer.pid else False,
-        "state": sig.value.name,
-        "epoch": sig.epoch,
-        "aux": sig.aux,
-        "heartbeat_age_s": round((now_ns - sig.timestamp_ns) / 1e9, 3) if sig.seq else None,
-        "error": error.splitlines()[0] if error else "",
-    }

@@ -9,6 +9,7 @@ reclaims the names.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import signal
@@ -58,6 +59,9 @@ class Launcher:
         # Signals only set a flag from here on: the teardown below always runs to its end (a second Ctrl-C
         # cannot abort the unlinking half-way); the previous handlers come back after it.
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        log_dir = os.path.join(os.environ.get("MPKV_LOG_DIR", "/tmp/mpkv-logs"), self.name)
+        os.makedirs(log_dir, mode=0o700, exist_ok=True)
+        self.cfg = dataclasses.replace(self.cfg, log_dir=log_dir)
         try:
             inst = Instance.create(self.name, self.cfg)
         except BaseException:

@@ -101,12 +101,12 @@ def actor_main(role: Role, instance: str, rank: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(1)
     logger.remove()
-    logger.add(
-        sys.stderr,
-        level=os.environ.get("MPKV_LOG_LEVEL", "WARNING"),
-        format="{time:HH:mm:ss.SSS} " + f"{role.name.lower()}:r{rank} " + "{level} {message}",
-    )
+    fmt = "{time:HH:mm:ss.SSS} " + f"{role.name.lower()}:r{rank} " + "{level} {message}"
+    logger.add(sys.stderr, level=os.environ.get("MPKV_LOG_LEVEL", "WARNING"), format=fmt)
     inst = Instance.attach(instance)
+    if inst.cfg.log_dir:  # one file per actor, every line with its role and rank; shown by mpkv-top, ctl status
+        logger.add(f"{inst.cfg.log_dir}/{role.name.lower()}.r{rank}.log", level="INFO", format=fmt, rotation="10 MB")
+    logger.info("started: pid {}, instance {} run {}", os.getpid(), instance, inst.registry.run_id)
     actor: Actor | None = None
     code, state, text = 0, S.STOPPED, ""
     try:

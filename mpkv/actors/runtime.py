@@ -272,7 +272,8 @@ class Actor:
 
     def _act(self, d: Decision, cmd: Command) -> None:
         self._note_wait(WaitKind.NONE, 0)
-        logger.debug("{} {}@{}: {}", self.name, cmd.kind.name, cmd.epoch, d.action.name)
+        to = f" -> {d.publish.state.name}@{d.publish.epoch}" if d.publish is not None else ""
+        logger.info("transition {} {}@{}: {}{}", self.name, cmd.kind.name, cmd.epoch, d.action.name, to)
         fault_point(self.role, self.rank, cmd.kind.name)
         if d.action == Act.FAIL:
             raise MpkvError(f"{self.name} in {cmd.kind.name}@{cmd.epoch}: {d.reason}")

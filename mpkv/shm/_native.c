@@ -78,8 +78,9 @@ static inline au32 *low_half(au64 *word) { return (au32 *)word; }
 /* ------------------------------------------------------------------------------------------------ */
 /* buffer access                                                                                     */
 
-static int get_word(PyObject *obj, Py_ssize_t off, Py_ssize_t width, Py_buffer *view, void **out) {
-    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE) < 0) return -1;
+/* Loads accept read-only buffers (mpkv-top maps segments PROT_READ); everything that may write needs a writable one. */
+static int get_word_flags(PyObject *obj, Py_ssize_t off, Py_ssize_t width, Py_buffer *view, void **out, int flags) {
+    if (PyObject_GetBuffer(obj, view, flags) < 0) return -1;
     if (off < 0 || off % width != 0 || off + width > view->len) {
         PyErr_Format(PyExc_ValueError, "offset %zd is out of range or not %zd-byte aligned (buffer of %zd bytes)",
                      off, width, view->len);
@@ -90,10 +91,18 @@ static int get_word(PyObject *obj, Py_ssize_t off, Py_ssize_t width, Py_buffer *
     return 0;
 }
 
+static int get_word(PyObject *obj, Py_ssize_t off, Py_ssize_t width, Py_buffer *view, void **out) {
+    return get_word_flags(obj, off, width, view, out, PyBUF_WRITABLE);
+}
+
+static int get_word_ro(PyObject *obj, Py_ssize_t off, Py_ssize_t width, Py_buffer *view, void **out) {
+    return get_word_flags(obj, off, width, view, out, PyBUF_SIMPLE);
+}
+
 static PyObject *py_load_u64(PyObject *self, PyObject *args) {
     PyObject *obj; Py_ssize_t off; Py_buffer v; void *p;
     (void)self;
-    if (!PyArg_ParseTuple(args, "On", &obj, &off) || get_word(obj, off, 8, &v, &p) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "On", &obj, &off) || get_word_ro(obj, off, 8, &v, &p) < 0) return NULL;
     uint64_t x = atomic_load_explicit((au64 *)p, memory_order_acquire);
     PyBuffer_Release(&v);
     return PyLong_FromUnsignedLongLong(x);
@@ -111,7 +120,7 @@ static PyObject *py_store_u64(PyObject *self, PyObject *args) {
 static PyObject *py_load_u32(PyObject *self, PyObject *args) {
     PyObject *obj; Py_ssize_t off; Py_buffer v; void *p;
     (void)self;
-    if (!PyArg_ParseTuple(args, "On", &obj, &off) || get_word(obj, off, 4, &v, &p) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "On", &obj, &off) || get_word_ro(obj, off, 4, &v, &p) < 0) return NULL;
     uint32_t x = atomic_load_explicit((au32 *)p, memory_order_acquire);
     PyBuffer_Release(&v);
     return PyLong_FromUnsignedLong(x);
@@ -179,7 +188,7 @@ static PyObject *py_seq_read(PyObject *self, PyObject *args) {
     (void)self;
     if (!PyArg_ParseTuple(args, "Onn", &obj, &off, &n)) return NULL;
     if (n < 0 || n > 16) { PyErr_SetString(PyExc_ValueError, "a seqlock record holds at most 16 words"); return NULL; }
-    if (get_word(obj, off, 8, &v, &p) < 0) return NULL;
+    if (get_word_ro(obj, off, 8, &v, &p) < 0) return NULL;
     if (off + 8 * (n + 1) > v.len) {
         PyBuffer_Release(&v);
         PyErr_SetString(PyExc_ValueError, "seqlock record runs past the end of the buffer");

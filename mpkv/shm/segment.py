@@ -29,6 +29,16 @@ def _unlink_quietly(name: str) -> None:
         pass
 
 
+_READ_ONLY = False
+
+
+def read_only_process() -> None:
+    """From now on this process maps every segment it attaches read-only (mpkv-top: an inspector that cannot
+    write into an instance's memory even by mistake). It can create none."""
+    global _READ_ONLY
+    _READ_ONLY = True
+
+
 class Segment:
     """A mapped segment. ``payload`` is a writable memoryview of the bytes after the header."""
 
@@ -49,6 +59,8 @@ class Segment:
     @classmethod
     def create(cls, name: str, kind: SegmentKind, payload_bytes: int) -> Segment:
         """Create ``name`` exclusively; the caller fills the payload, then calls ``mark_ready``."""
+        if _READ_ONLY:
+            raise AttachError(f"segment {name}: this process is a read-only inspector; it creates nothing")
         if payload_bytes <= 0:
             raise ValueError(f"segment {name}: payload size must be positive, got {payload_bytes}")
         total = layout.SEGMENT_HEADER_BYTES + payload_bytes
@@ -85,9 +97,10 @@ class Segment:
 
     @classmethod
     def attach(cls, name: str, kind: SegmentKind, payload_bytes: int | None = None) -> Segment:
-        """Map an existing segment after checking that it is an mpkv segment of this user, kind and size."""
+        """Map an existing segment after checking that it is an mpkv segment of this user, kind and size.
+        In a process that called ``read_only_process()`` the mapping is read-only (PROT_READ): any write faults."""
         try:
-            shm = posix_ipc.SharedMemory(name)
+            shm = posix_ipc.SharedMemory(name, read_only=_READ_ONLY)
         except posix_ipc.ExistentialError:
             raise AttachError(f"no segment {name}: the instance is not running, or it was cleaned up") from None
         except posix_ipc.PermissionsError:
@@ -103,8 +116,9 @@ class Segment:
             if st.st_size < layout.SEGMENT_HEADER_BYTES:
                 raise AttachError(f"segment {name} is {st.st_size} bytes, too small to be an mpkv segment")
             # Pools are prefaulted at attach (MAP_POPULATE): the page faults belong to restore, not to a swap.
-            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if kind == SegmentKind.POOL else 0)
-            mm = mmap.mmap(shm.fd, st.st_size, flags=flags)
+            flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if kind == SegmentKind.POOL and not _READ_ONLY else 0)
+            prot = mmap.PROT_READ if _READ_ONLY else mmap.PROT_READ | mmap.PROT_WRITE
+            mm = mmap.mmap(shm.fd, st.st_size, flags=flags, prot=prot)
         finally:
             shm.close_fd()
         try:
