@@ -329,3 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.interval <= 0:
         p.error("--interval must be positive")
     return live(args.name, args.interval)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

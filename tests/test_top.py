@@ -1,0 +1,144 @@
+"""mpkv-top against real instances: its JSON agrees with `mpkv ctl status`, it names a stuck actor and who waits
+for it, its live view runs in a real terminal (tmux) and restores it, and instances that come and go (kill -9
+of a launcher included) never crash it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+from instances import Launched
+
+from mpkv.shm.cleanup import cleanup
+
+TOP = [sys.executable, "-m", "mpkv.top"]
+
+
+def top_json(name: str | None = None) -> dict:  # type: ignore[type-arg]
+    out = subprocess.run(
+        [*TOP, *([name] if name else []), "--once", "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def until(what: str, check: Callable[[], object], timeout_s: float = 30) -> object:
+    """Poll ``check`` until it returns something true; the deadline only catches a hang."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"never saw {what} within {timeout_s} s")
+
+
+def test_json_agrees_with_ctl_status(instance: str) -> None:
+    with Launched(instance, tp=2):
+        snap = top_json(instance)
+        st = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "mpkv.cli", "ctl", instance, "status", "--json"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
+        )
+    assert snap["schema"] == "mpkv-top/1"
+    (e,) = snap["instances"]
+    assert e["state"] == "live" and e["problems"] == [], e["problems"]
+    for key in ("instance", "run_id", "config", "command", "weight_version", "cleared"):
+        assert e[key] == st[key], key
+    fields = ("role", "rank", "pid", "alive", "state", "epoch", "error")
+    assert [{f: a[f] for f in fields} for a in e["actors"]] == [{f: a[f] for f in fields} for a in st["actors"]]
+    assert [a["waiting_for"]["kind"] for a in e["actors"]] == [a["waiting_for"]["kind"] for a in st["actors"]]
+    assert {q["ring"] for q in e["queues"]} >= {"tasks.worker", "tasks.transfer", "done.worker.r0"}
+    assert e["log_dir"] and os.path.exists(os.path.join(e["log_dir"], "worker.r0.log"))
+
+
+def test_a_stuck_actor_is_named_with_its_waiters(instance: str) -> None:
+    """transfer r1 never acknowledges PAUSE (a hang injected there): mpkv-top flags it (no heartbeat) and spells
+    out the chain from the controller that waits for it."""
+    with Launched(instance, tp=2, fault="transfer:1:PAUSE:hang"):
+        ctl = subprocess.Popen(
+            [sys.executable, "-m", "mpkv.cli", "ctl", instance, "pause", "--timeout", "60"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+
+            def flagged() -> list:  # type: ignore[type-arg]
+                (e,) = top_json(instance)["instances"]
+                kinds = {(p["kind"], p["actor"]) for p in e["problems"]}
+                return (
+                    e["problems"] if {("stale_heartbeat", "transfer r1"), ("long_wait", "controller")} <= kinds else []
+                )
+
+            found = until("transfer r1 flagged", flagged)
+            text = " | ".join(p["message"] for p in found)  # type: ignore[union-attr]
+            assert "controller waits for transfer r1 since" in text, text
+            assert "transfer r1 (pid" in text and "hung or stopped?" in text, text
+        finally:
+            ctl.kill()
+            ctl.wait(10)
+
+
+@contextmanager
+def tmux_top(session: str, args: str) -> Iterator[Callable[[], str]]:
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    cmd = (
+        f"{sys.executable} -m mpkv.top {args}; echo TOP-EXITED-$?; stty -a | tr ' ' '\\n' | grep -x -- '-*icanon';"
+        " sleep 60"
+    )
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "60", cmd],
+        check=True,
+        env=dict(os.environ, TERM="xterm-256color"),
+    )
+
+    def screen() -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+
+    try:
+        yield screen
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_live_view_in_a_real_terminal(instance: str) -> None:
+    with Launched(instance, tp=2), tmux_top(f"{instance}tmux", f"{instance} --interval 0.2") as screen:
+        first = until("the instance on screen", lambda: screen() if f"{instance} [live]" in screen() else "")
+        stamp = first.splitlines()[0]  # type: ignore[union-attr]
+        until("the view to refresh", lambda: screen().splitlines()[0] != stamp)
+        assert "worker r1" in screen() and "idle" in screen()
+        subprocess.run(["tmux", "send-keys", "-t", f"{instance}tmux", "q"], check=True)
+        after = until("mpkv-top to exit on q", lambda: screen() if "TOP-EXITED-" in screen() else "")
+        assert "TOP-EXITED-0" in after, after  # type: ignore[operator]
+        assert "\nicanon" in "\n" + after, f"the terminal was not restored (still -icanon): {after}"  # type: ignore[operator]
+        assert f"{instance} [live]" not in after, "the alternate screen was not left"  # type: ignore[operator]
+
+
+def test_instances_come_and_go_under_a_live_view(instance: str) -> None:
+    """A live view of every instance while one starts, is killed with -9 (launcher) and cleaned up: no crash."""
+    with tmux_top(f"{instance}tmux", "--interval 0.2") as screen:
+        until("the view up", lambda: "mpkv-top" in screen())
+        inst = Launched(instance, tp=1)
+        with inst:
+            until("the new instance", lambda: f"{instance} [live]" in screen())
+            inst.proc.send_signal(signal.SIGKILL)  # its actors die with it (parent-death signal)
+            assert inst.exit_code() == -signal.SIGKILL
+            until("the instance shown dead or gone", lambda: f"{instance} [live]" not in screen())
+            cleanup(instance=instance)  # the names a killed launcher leaves behind
+            until("the instance gone from the view", lambda: instance not in screen())
+        assert "TOP-EXITED" not in screen(), screen()
+        subprocess.run(["tmux", "send-keys", "-t", f"{instance}tmux", "q"], check=True)
+        assert "TOP-EXITED-0" in until("exit", lambda: screen() if "TOP-EXITED" in screen() else "")  # type: ignore[operator]
