@@ -272,8 +272,6 @@ class Actor:
 
     def _act(self, d: Decision, cmd: Command) -> None:
         self._note_wait(WaitKind.NONE, 0)
-        to = f" -> {d.publish.state.name}@{d.publish.epoch}" if d.publish is not None else ""
-        logger.info("transition {} {}@{}: {}{}", self.name, cmd.kind.name, cmd.epoch, d.action.name, to)
         fault_point(self.role, self.rank, cmd.kind.name)
         if d.action == Act.FAIL:
             raise MpkvError(f"{self.name} in {cmd.kind.name}@{cmd.epoch}: {d.reason}")
@@ -312,6 +310,9 @@ class Actor:
         assert d.publish is not None
         if d.publish != self.status:  # an unchanged status would only wake its waiters for nothing
             self._publish(d.publish)
+        # Logged once done (mpkv-top shows the last few): a step that hangs or fails half-way never shows here.
+        to = f"{d.publish.state.name}@{d.publish.epoch}"
+        logger.info("transition {} {}@{}: {} -> {}", self.name, cmd.kind.name, cmd.epoch, d.action.name, to)
 
     def _adopt(self, weight_version: int) -> None:
         if weight_version != self.weight_version or self.status.state == S.BOOTING:
