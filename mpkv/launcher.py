@@ -59,8 +59,11 @@ class Launcher:
         # Signals only set a flag from here on: the teardown below always runs to its end (a second Ctrl-C
         # cannot abort the unlinking half-way); the previous handlers come back after it.
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        log_dir = os.path.join(os.environ.get("MPKV_LOG_DIR", "/tmp/mpkv-logs"), self.name)
-        os.makedirs(log_dir, mode=0o700, exist_ok=True)
+        # Logs hold prompts' request ids and errors: per user, mode 0700 (DESIGN I8), like the segments.
+        logs = os.environ.get("MPKV_LOG_DIR", f"/tmp/mpkv-logs.u{os.getuid()}")
+        log_dir = os.path.join(logs, self.name)
+        for d in (logs, log_dir):  # makedirs' mode applies to the leaf only
+            os.makedirs(d, mode=0o700, exist_ok=True)
         self.cfg = dataclasses.replace(self.cfg, log_dir=log_dir)
         try:
             inst = Instance.create(self.name, self.cfg)
