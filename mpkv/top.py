@@ -63,7 +63,8 @@ def _ring_depths(inst: Instance) -> list[dict[str, Any]]:
             written = _native.load_u64(seg.buf, layout.ring_writer_pos(_HDR))
             for i, who in enumerate(readers):
                 pending = written - _native.load_u64(seg.buf, layout.ring_reader_pos(_HDR, i))
-                out.append({"ring": obj, "reader": who, "pending_bytes": pending, "capacity_bytes": capacity})
+                q = {"ring": obj, "reader": who, "pending_bytes": pending, "capacity_bytes": capacity}
+                out.append(q | {"written_bytes": written})
         finally:
             seg.close()
     return out
@@ -219,13 +220,29 @@ def recent_transitions(log_dir: str, n: int = 6) -> list[str]:
 
 
 # -- the live view -------------------------------------------------------------------------------------------------
-def render(snap: dict[str, Any]) -> Any:
+def rates(snap: dict[str, Any], prev: dict[str, Any] | None) -> dict[tuple[str, str], float]:
+    """Bytes/s written into each ring between two snapshots: (instance, ring) -> rate."""
+    if prev is None:
+        return {}
+    dt = snap["taken_at"] - prev["taken_at"]
+    before = {(e["instance"], q["ring"]): q["written_bytes"] for e in prev["instances"] for q in e.get("queues", [])}
+    out = {}
+    for e in snap["instances"]:
+        for q in e.get("queues", []):
+            key = (e["instance"], q["ring"])
+            if key in before and dt > 0 and q["written_bytes"] >= before[key]:
+                out[key] = (q["written_bytes"] - before[key]) / dt
+    return out
+
+
+def render(snap: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
     from rich.console import Group
     from rich.panel import Panel
     from rich.table import Table
     from rich.text import Text
 
     parts: list[Any] = []
+    flow = rates(snap, prev)
     stamp = time.strftime("%H:%M:%S", time.localtime(snap["taken_at"]))
     parts.append(Text(f"mpkv-top  {stamp}  {len(snap['instances'])} instance(s)   q: quit", style="bold"))
     if not snap["instances"]:
@@ -258,6 +275,9 @@ def render(snap: dict[str, Any]) -> Any:
                 + (", ".join(f"{q['ring']}->{q['reader']} {q['pending_bytes']} B" for q in busy) or "all drained")
             )
         )
+        moving = sorted((k[1], v) for k, v in flow.items() if k[0] == e["instance"] and v > 0)
+        if moving:
+            rows.append(Text("rates: " + ", ".join(f"{ring} {v / 1e3:.1f} kB/s" for ring, v in moving)))
         p = e["pools"]
         rows.append(
             Text(
@@ -294,12 +314,15 @@ def live(name: str | None, interval_s: float) -> int:
     try:
         if fd >= 0:
             tty.setcbreak(fd)  # keys arrive one by one, unechoed; restored in finally
-        with Live(render(snapshot(name)), console=console, screen=True, auto_refresh=False) as view:
+        prev = snapshot(name)
+        with Live(render(prev), console=console, screen=True, auto_refresh=False) as view:
             while True:
                 ready, _, _ = select.select([fd] if fd >= 0 else [], [], [], interval_s)
                 if ready and os.read(fd, 1) in (b"q", b"Q", b"\x1b"):
                     return 0
-                view.update(render(snapshot(name)), refresh=True)
+                snap = snapshot(name)
+                view.update(render(snap, prev), refresh=True)
+                prev = snap
     except KeyboardInterrupt:
         return 0
     finally:

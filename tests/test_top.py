@@ -142,3 +142,59 @@ def test_instances_come_and_go_under_a_live_view(instance: str) -> None:
         assert "TOP-EXITED" not in screen(), screen()
         subprocess.run(["tmux", "send-keys", "-t", f"{instance}tmux", "q"], check=True)
         assert "TOP-EXITED-0" in until("exit", lambda: screen() if "TOP-EXITED" in screen() else "")  # type: ignore[operator]
+
+
+def _actor(
+    who: str,
+    state: str = "READY",
+    alive: bool = True,
+    hb: float = 0.2,
+    kind: str = "COMMAND",
+    on: list[str] | None = None,
+    since: float = 0.0,
+) -> dict:  # type: ignore[type-arg]
+    role, rank = who.split(" r")
+    return {
+        "role": role,
+        "rank": int(rank),
+        "pid": 100 + int(rank),
+        "alive": alive,
+        "state": state,
+        "epoch": 3,
+        "heartbeat_age_s": hb,
+        "error": "boom" if state == "FAILED" else "",
+        "waiting_for": {"kind": kind, "on": on or [], "since_s": since},
+    }
+
+
+def test_problems_from_the_wait_for_graph() -> None:
+    """The pure part: dead, FAILED, stale heartbeat, a long wait with its chain, and a cycle are each named."""
+    from mpkv.top import problems
+
+    calm = {"actors": [_actor("worker r0"), _actor("transfer r0")], "controller_waiting_for": {"kind": "NONE"}}
+    assert problems(calm) == []
+    stuck = {
+        "controller_waiting_for": {"kind": "ACKS", "on": ["transfer r1"], "since_s": 12.3},
+        "actors": [
+            _actor("transfer r1", kind="PEERS", on=["worker r1"], since=12.0),
+            _actor("worker r1", alive=False),
+            _actor("messager r0", state="FAILED"),
+            _actor("worker r0", hb=9.0),
+        ],
+    }
+    got = {(p["kind"], p["actor"]): p["message"] for p in problems(stuck)}
+    assert "dead" in got[("dead", "worker r1")]
+    assert "FAILED: boom" in got[("failed", "messager r0")]
+    assert "hung or stopped" in got[("stale_heartbeat", "worker r0")]
+    assert got[("long_wait", "controller")] == (
+        "controller waits for transfer r1 since 12.3 s; transfer r1 waits for worker r1 since 12.0 s; "
+        "worker r1 (pid 101) is dead, last READY@3"
+    )
+    cyclic = {
+        "actors": [
+            _actor("worker r0", kind="PEERS", on=["transfer r0"], since=7.0),
+            _actor("transfer r0", kind="PEERS", on=["worker r0"], since=7.0),
+        ]
+    }
+    kinds = {p["kind"] for p in problems(cyclic)}
+    assert kinds == {"cycle"}, problems(cyclic)
