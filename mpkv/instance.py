@@ -9,6 +9,7 @@
                                   last slot: the launcher
     waits               signals   slot actor_slot(...): what that actor waits for (WaitKind; epoch = since,
                                   monotonic ns; aux = protocol.pack_slots of whom); last slot: the controller
+    usage               signals   slot r: transfer r's host pool (HostTier; epoch = slots in use)
     errors              blob      record actor_slot(...): that actor only (before it publishes FAILED)
     handles             blob      record r: rank r's pool owner (before it publishes PUBLISHED)
     tasks.<role>        ring      the client (one writer); reader r = that role's rank r. On a prefill
@@ -43,6 +44,7 @@ from mpkv.protocol import (
     ROLES,
     ActorState,
     Cmd,
+    HostTier,
     LeaseState,
     PdRole,
     Progress,
@@ -101,6 +103,7 @@ class Instance:
         self._progress: SignalArray[Progress] | None = None
         self._links: SignalArray[ActorState] | None = None
         self._leases: SignalArray[LeaseState] | None = None
+        self.usage: SignalArray[HostTier] = SignalArray(self.name_of("usage"), HostTier, labels=lambda r: f"host r{r}")
 
     @classmethod
     def create(cls, name: str, cfg: CacheConfig) -> Instance:
@@ -115,6 +118,7 @@ class Instance:
             owned.append(create_signals(reg, "control", 2))
             owned.append(create_signals(reg, "status", status_slot_count(tp)))
             owned.append(create_signals(reg, "waits", status_slot_count(tp) + 1))
+            owned.append(create_signals(reg, "usage", tp))
             for obj, size in (
                 ("errors", ERROR_RECORD_BYTES * status_slot_count(tp)),
                 ("handles", HANDLE_RECORD_BYTES * tp),
@@ -280,6 +284,7 @@ class Instance:
         self.control.close()
         self.status.close()
         self.waits.close()
+        self.usage.close()
         for arr in (self._progress, self._links, self._leases):
             if arr is not None:
                 arr.close()

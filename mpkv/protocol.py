@@ -87,6 +87,14 @@ class LeaseState(enum.IntEnum):
     FAILED = 3  # the transfer failed (reason in the allocator's hands): the blocks hold garbage
 
 
+class HostTier(enum.IntEnum):
+    """A transfer manager's host pool, as it publishes it (object ``usage``, slot = rank; epoch = slots in use)."""
+
+    UNKNOWN = 0
+    LIVE = 1
+    CLEARED = 2
+
+
 class WaitKind(enum.IntEnum):
     """What a process is waiting for, published in its wait record (mpkv.instance, object ``waits``) so that
     an inspector can draw the wait-for graph (DESIGN I2). ``aux`` says on whom: up to four status slots,

@@ -26,7 +26,7 @@ from typing import Any
 from mpkv import _native, layout, naming
 from mpkv.errors import AttachError, MpkvError
 from mpkv.instance import MAX_LEASES, MAX_LINKS, Instance
-from mpkv.protocol import LeaseState, PdRole, Role
+from mpkv.protocol import HostTier, LeaseState, PdRole, Role
 from mpkv.status import instance_status
 
 SCHEMA = "mpkv-top/1"
@@ -115,9 +115,11 @@ def instance_snapshot(name: str) -> dict[str, Any]:
     try:
         entry = instance_status(inst)
         cfg = inst.cfg
+        host = [inst.usage.read(r) for r in range(cfg.tp)]
         entry["pools"] = {
             "device_blocks": cfg.device_blocks,
             "host_blocks": cfg.host_blocks,
+            "host_slots_in_use": [h.epoch if h.value == HostTier.LIVE else None for h in host],
             "device_bytes_per_rank": cfg.pool_bytes(cfg.device_blocks),
             "host_bytes_per_rank": cfg.pool_bytes(cfg.host_blocks),
             "weight_version": entry["weight_version"],
@@ -282,7 +284,8 @@ def render(snap: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
         rows.append(
             Text(
                 f"pools per rank: device {p['device_blocks']} blocks ({p['device_bytes_per_rank'] / 2**20:.1f} "
-                f"MiB), host {p['host_blocks']} blocks ({p['host_bytes_per_rank'] / 2**20:.1f} MiB)"
+                f"MiB), host {p['host_blocks']} blocks ({p['host_bytes_per_rank'] / 2**20:.1f} MiB); host slots "
+                f"in use per rank: {', '.join('cleared' if n is None else str(n) for n in p['host_slots_in_use'])}"
             )
         )
         tr = e.get("transfers", {})

@@ -14,9 +14,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 from instances import Launched
 
+from mpkv.client import Client
 from mpkv.shm.cleanup import cleanup
 
 TOP = [sys.executable, "-m", "mpkv.top"]
@@ -42,7 +44,8 @@ def until(what: str, check: Callable[[], object], timeout_s: float = 30) -> obje
 
 
 def test_json_agrees_with_ctl_status(instance: str) -> None:
-    with Launched(instance, tp=2):
+    with Launched(instance, tp=2), Client(instance) as client:
+        client.wait(client.swap_out(np.arange(3, dtype=np.int32)))  # three host slots in use on every rank
         snap = top_json(instance)
         st = json.loads(
             subprocess.run(
@@ -62,6 +65,7 @@ def test_json_agrees_with_ctl_status(instance: str) -> None:
     assert [a["waiting_for"]["kind"] for a in e["actors"]] == [a["waiting_for"]["kind"] for a in st["actors"]]
     assert {q["ring"] for q in e["queues"]} >= {"tasks.worker", "tasks.transfer", "done.worker.r0"}
     assert e["log_dir"] and os.path.exists(os.path.join(e["log_dir"], "worker.r0.log"))
+    assert e["pools"]["host_slots_in_use"] == [3, 3], e["pools"]
 
 
 def test_a_stuck_actor_is_named_with_its_waiters(instance: str) -> None:

@@ -17,7 +17,7 @@ from mpkv.blocks import BadBlocks, check_ids
 from mpkv.instance import Instance
 from mpkv.pool import OwnedPool, allocate_host_pool
 from mpkv.pool.copy import copy_blocks
-from mpkv.protocol import Done, ReadBlocks, Role, SwapIn, SwapOut
+from mpkv.protocol import Done, HostTier, ReadBlocks, Role, SwapIn, SwapOut
 
 FREE = -1
 
@@ -28,6 +28,8 @@ class TransferManager(Actor):
     def __init__(self, inst: Instance, rank: int) -> None:
         self.host: OwnedPool | None = None
         self.slot_version = np.full(inst.cfg.host_blocks, FREE, dtype=np.int64)
+        self._usage_w = inst.usage.writer(rank)
+        self._usage_shown: tuple[HostTier, int] | None = None
         super().__init__(inst, rank)
 
     # -- host pool life cycle (driven by the handshake) --------------------------------------------------------------
@@ -40,14 +42,25 @@ class TransferManager(Actor):
     def restore_host(self, epoch: int) -> None:
         self.host = allocate_host_pool(self.inst.registry, self.cfg, self.rank, epoch, self.weight_version)
         self.slot_version[:] = FREE
+        self.on_task_end(None)
 
     def release_host(self) -> int:
         host, self.host = self.host, None
         self.slot_version[:] = FREE
+        self.on_task_end(None)
         return host.free() if host is not None else 0
+
+    def on_task_end(self, task: object) -> None:
+        """Publish how many host slots hold KV (mpkv-top); one signal write per task."""
+        in_use = int(np.count_nonzero(self.slot_version != FREE))
+        tier = HostTier.LIVE if self.host is not None else HostTier.CLEARED
+        if (tier, in_use) != self._usage_shown:
+            self._usage_shown = (tier, in_use)
+            self._usage_w.write(tier, in_use, self.cfg.host_blocks)
 
     def on_new_weights(self, weight_version: int) -> None:
         self.slot_version[self.slot_version != weight_version] = FREE
+        self.on_task_end(None)
 
     def teardown(self) -> None:
         super().teardown()
