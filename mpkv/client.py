@@ -23,7 +23,7 @@ import numpy as np
 
 from mpkv.blocks import check_ids
 from mpkv.errors import MpkvError, PeerDied
-from mpkv.instance import CONTROL_COMMAND, TASK_ROLES, Instance, launcher_slot
+from mpkv.instance import CONTROL_COMMAND, TASK_ROLES, Instance
 from mpkv.pd.leases import Allocator, Lease, LeaseError
 from mpkv.protocol import (
     DONE_CODEC,
@@ -248,9 +248,8 @@ class Client:
         self._tasks[role].put(TASK_CODEC.encode(task), timeout_s=60)
         return Ticket(role, task.seq, what)
 
-    def check_serving(self, alive: bool = False) -> None:
-        """Refuse early when the instance is paused, cleared or broken; ``alive`` also checks every actor's
-        process (a /proc read each) and the launcher."""
+    def check_serving(self) -> None:
+        """Refuse early when the instance is paused, cleared or broken."""
         cmd = self.inst.control.read(CONTROL_COMMAND)
         if cmd.value not in (Cmd.NONE, Cmd.RESUME):
             raise InstanceNotServing(
@@ -262,12 +261,6 @@ class Client:
                 sig = self.inst.status.read(actor_slot(role, rank))
                 if sig.value == ActorState.FAILED:
                     raise InstanceNotServing(f"instance {self.name}: {role.name.lower()} r{rank} has FAILED")
-                if alive and not sig.writer.alive():
-                    raise InstanceNotServing(f"instance {self.name}: {role.name.lower()} r{rank} is dead")
-        if alive:
-            sig = self.inst.status.read(launcher_slot(self.cfg.tp))
-            if sig.value in (ActorState.STOPPED, ActorState.FAILED) or not sig.writer.alive():
-                raise InstanceNotServing(f"instance {self.name} is gone: its launcher is {sig.writer.describe()}")
 
     # -- completions ---------------------------------------------------------------------------------------------
     def wait(self, ticket: Ticket, timeout_s: float = 60.0) -> list[Done]:

@@ -25,13 +25,13 @@ from mpkv import _native
 from mpkv.actors.entry import fault_point, jitter
 from mpkv.actors.runtime import PEER_TIMEOUT_S, Actor, TaskError
 from mpkv.blocks import BadBlocks, check_ids
-from mpkv.errors import MpkvError
+from mpkv.errors import MpkvError, PeerDied, WaitTimeout
 from mpkv.instance import Instance
 from mpkv.pd.link import Link
 from mpkv.pd.nixl import Endpoint, NixlLink, Receiver
 from mpkv.protocol import ActorState, Done, PdRole, Prefill, PrefillSend, Role, WaitKind, actor_slot, pack_slots
 from mpkv.shm.barrier import Barrier, BarrierKey
-from mpkv.shm.waiting import LIVENESS_SLICE_S
+from mpkv.shm.waiting import Peer, wait_until
 
 
 def batch_key(task: PrefillSend) -> BarrierKey:
@@ -167,14 +167,17 @@ class Messager(Actor):
         return self.cfg.layers
 
     def _wait_layer(self, layer: int, link: Link | NixlLink) -> None:
-        """Until the worker's progress passes ``layer`` of this batch; the decode side's clear and the worker's
-        death end the wait early, with the reason. Deadline PEER_TIMEOUT_S."""
+        """Until the worker's progress passes ``layer`` of this batch (the shared bounded wait: deadline
+        PEER_TIMEOUT_S, the worker's liveness checked every slice). The decode side's clear ends it at once,
+        a dead or FAILED worker or a broken link within a slice, each with the reason."""
         progress, pos = self.inst.progress, self.task_pos
         off = progress._off(self.rank)
         worker = actor_slot(Role.WORKER, self.rank)
-        deadline = time.monotonic() + PEER_TIMEOUT_S
-        next_check = time.monotonic() + LIVENESS_SLICE_S
-        while True:
+
+        def shipping_stops(why: str) -> TaskError:
+            return TaskError(f"{self.name}: {why} while the batch was being shipped")
+
+        def step(slice_s: float, spin_s: float) -> bool:
             # The words we may sleep on, read before the state they guard: a change in between still wakes us.
             pbuf = progress.seg.buf
             words: list[tuple[Any, int, int]] = [(pbuf, off, _native.load_u64(pbuf, off) & 0xFFFFFFFF)]
@@ -183,30 +186,41 @@ class Messager(Actor):
                 words.append((buf, cmd_off, _native.load_u64(buf, cmd_off) & 0xFFFFFFFF))
             sig = progress.read(self.rank)
             if sig.epoch > pos or (sig.epoch == pos and sig.aux > layer):
-                self._note_wait(WaitKind.NONE, 0)
-                return
+                return True
             why = link.poll()
             if why:
-                raise TaskError(f"{self.name}: {why} while the batch was being shipped")
-            now = time.monotonic()
-            if now > next_check:
-                next_check = now + LIVENESS_SLICE_S
-                w = self.inst.status.read(worker)
-                if w.seq and (w.value == ActorState.FAILED or not w.writer.alive()):
-                    raise TaskError(
-                        f"{self.name}: worker r{self.rank} died ({w.writer.describe()}) before layer {layer}"
-                    )
-                why = link.broken()
-                if why:
-                    raise TaskError(f"{self.name}: {why} while the batch was being shipped")
-            if now > deadline:
-                raise TaskError(
-                    f"{self.name}: worker r{self.rank} did not finish layer {layer} of batch {self.batches} "
-                    f"within {PEER_TIMEOUT_S:g} s (its progress: {sig.value.name} at ring position {sig.epoch}, "
-                    f"{sig.aux} layers; this batch is at {pos})"
+                raise shipping_stops(why)
+            if slice_s > 0:
+                _native.wait_any(words, slice_s)
+            return False
+
+        def peers() -> list[Peer]:
+            why = link.broken()
+            if why:
+                raise shipping_stops(why)
+            w = self.inst.status.read(worker)
+            p = progress.read(self.rank)
+            return [
+                Peer(
+                    f"worker r{self.rank}",
+                    w.writer if w.seq else None,
+                    detail=lambda: f"{w.value.name}@{w.epoch}; progress {p.aux} layers at ring position {p.epoch}",
+                    gone=lambda: "FAILED" if w.value == ActorState.FAILED else None,
                 )
-            self._note_wait(WaitKind.PROGRESS, pack_slots([worker]))
-            _native.wait_any(words, min(LIVENESS_SLICE_S, max(0.0, deadline - now)))
+            ]
+
+        self._note_wait(WaitKind.PROGRESS, pack_slots([worker]))
+        try:
+            wait_until(
+                step,
+                what=f"waiting for layer {layer} of batch {self.batches} (ring position {pos})",
+                timeout_s=PEER_TIMEOUT_S,
+                peers=peers,
+            )
+        except (WaitTimeout, PeerDied) as e:
+            raise TaskError(f"{self.name}: {e}") from None
+        finally:
+            self._note_wait(WaitKind.NONE, 0)
 
     handlers: ClassVar[dict[type, Any]] = {PrefillSend: prefill_send}
 

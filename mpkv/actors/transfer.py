@@ -51,7 +51,10 @@ class TransferManager(Actor):
         return host.free() if host is not None else 0
 
     def on_task_end(self, task: object) -> None:
-        """Publish how many host slots hold KV (mpkv-top); one signal write per task."""
+        """Publish how many host slots hold KV (mpkv-top), when a swap (or the life cycle: ``None``) may have
+        changed it; a write only if it did."""
+        if task is not None and not isinstance(task, (SwapOut, SwapIn)):
+            return
         in_use = int(np.count_nonzero(self.slot_version != FREE))
         tier = HostTier.LIVE if self.host is not None else HostTier.CLEARED
         if (tier, in_use) != self._usage_shown:
