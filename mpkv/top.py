@@ -26,7 +26,9 @@ from typing import Any
 from mpkv import _native, layout, naming
 from mpkv.errors import AttachError, MpkvError
 from mpkv.instance import MAX_LEASES, MAX_LINKS, Instance
+from mpkv.layout import SegmentKind
 from mpkv.protocol import HostTier, LeaseState, PdRole, Role
+from mpkv.shm.segment import Segment, read_only_process
 from mpkv.status import instance_status
 
 SCHEMA = "mpkv-top/1"
@@ -42,9 +44,6 @@ def instance_names() -> list[str]:
 # -- the snapshot ------------------------------------------------------------------------------------------------
 def _ring_depths(inst: Instance) -> list[dict[str, Any]]:
     """Unread bytes per reader of every task and completion ring (positions only: loads, nothing else)."""
-    from mpkv.layout import SegmentKind
-    from mpkv.shm.segment import Segment
-
     out = []
     prefill = inst.cfg.pd_role == PdRole.PREFILL
     rings: list[tuple[str, list[str]]] = []
@@ -340,8 +339,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="with --once: the snapshot as JSON (schema mpkv-top/1)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     args = p.parse_args(argv)
-    from mpkv.shm.segment import read_only_process
-
     read_only_process()
     if args.once or args.json:
         snap = snapshot(args.name)
