@@ -29,6 +29,12 @@ class PoolOwner(enum.IntEnum):
     TRANSFER = Role.TRANSFER
 
 
+MAX_WEIGHT_VERSION = 2**61 - 1
+"""The largest weight version (0 <= v <= MAX_WEIGHT_VERSION). The controller's ledger packs ``version << 2 | cleared``
+into one u64 aux word (mpkv.status), so 2**62 - 1 is the hard ceiling; one bit is kept in reserve. Every place that
+accepts a weight version from outside (config, CLI, Controller.restore) checks against this one constant."""
+
+
 class Cmd(enum.IntEnum):
     """What the controller asks for. Written only by the controller, with a fresh epoch each time."""
 
