@@ -8,6 +8,11 @@ Names live in the POSIX shared-memory namespace (``/dev/shm`` on Linux)::
 The uid keeps two users apart; the instance name keeps two instances apart; the run id keeps a new run apart
 from the leftovers of a killed one. Everything is created O_EXCL with mode 0600 (mpkv.shm.segment), so a
 squatter makes creation fail loudly instead of being used.
+
+The run id is visible to every local user in the listing of ``/dev/shm``, so a name made only of it and a
+counter can be squatted in advance by another user. Objects created while the instance runs (the pools, one
+per restore) therefore carry a random part of their own (``unique``), which no listing reveals before the
+name exists; their owner hands the full name to its attachers through the (0600) handle record.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 import re
 import secrets
 
+from mpkv import layout
 from mpkv.errors import MpkvError
 
 PREFIX = "mpkv"
@@ -37,8 +43,21 @@ def check_instance(instance: str) -> str:
     return instance
 
 
+_RUN_RE = re.compile(r"^[0-9a-f]{8}$")
+NAME_MAX = layout.REG_NAME_BYTES  # a name must fit its registry entry
+
+
 def new_run_id() -> str:
     return secrets.token_hex(4)
+
+
+def is_run_id(run_id: str) -> bool:
+    return bool(_RUN_RE.match(run_id))
+
+
+def unique(obj: str) -> str:
+    """``obj`` with an unguessable part appended: a name no other user can create before we do."""
+    return f"{obj}.{secrets.token_hex(6)}"
 
 
 def user_prefix(uid: int | None = None) -> str:
@@ -49,12 +68,20 @@ def registry_name(instance: str, uid: int | None = None) -> str:
     return f"/{user_prefix(uid)}{check_instance(instance)}.registry"
 
 
+def run_prefix(instance: str, run_id: str) -> str:
+    """What every name of one run of an instance starts with (but its registry's)."""
+    if not is_run_id(run_id):
+        raise BadName(f"run id {run_id!r} is not 8 hex digits")
+    return f"/{user_prefix()}{check_instance(instance)}.{run_id}."
+
+
 def object_name(instance: str, run_id: str, obj: str) -> str:
     if not _OBJECT_RE.match(obj):
         raise BadName(f"object name {obj!r} is not valid: use 1-48 letters, digits, '.', '-' or '_'")
-    if not re.fullmatch(r"[0-9a-f]{8}", run_id):
-        raise BadName(f"run id {run_id!r} is not 8 hex digits")
-    return f"/{user_prefix()}{check_instance(instance)}.{run_id}.{obj}"
+    name = run_prefix(instance, run_id) + obj
+    if len(name) > NAME_MAX:
+        raise BadName(f"name {name} is {len(name)} characters; a registry entry holds {NAME_MAX}")
+    return name
 
 
 def shm_path(name: str) -> str:

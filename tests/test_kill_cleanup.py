@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import procs
 import pytest
+from conftest import SESSION
 from helpers import Child
 
 from mpkv import naming
@@ -25,7 +26,9 @@ DEADLINE_S = 60.0  # far beyond what detection needs: it only catches a hang
 
 
 def _shm() -> set[str]:
-    return set(os.listdir(naming.SHM_DIR))
+    # Only this test session's names: other programs and test sessions come and go in /dev/shm meanwhile.
+    mine = naming.user_prefix() + "t" + SESSION
+    return {e for e in os.listdir(naming.SHM_DIR) if e.startswith(mine)}
 
 
 def _instance_with(peer: Callable[..., None], instance: str) -> tuple[Child, dict[str, str], Child]:
@@ -127,8 +130,9 @@ def test_cleanup_command_dry_run_then_real(instance: str) -> None:
     names = owner.recv(30)
     owner.kill()
     stray = naming.shm_path(f"/mpkv.u{os.getuid()}.{instance}.not-ours")
-    with open(stray, "wb") as f:
-        f.write(b"some other program's file")
+    fd = os.open(stray, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)  # ours and private: only its header tells
+    os.write(fd, b"some other program's file")
+    os.close(fd)
     try:
         # Scoped to this test's instance: other programs' names on the machine are none of this test's business.
         cmd = [sys.executable, "-m", "mpkv.cli", "cleanup", "--name", instance, "--dry-run"]

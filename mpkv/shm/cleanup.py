@@ -3,7 +3,8 @@
 An instance is stale when the creator of its registry and every process that claimed a name in it are dead
 (pid + start time, so a reused pid does not keep a dead instance alive). Segments of ours that no registry
 lists (a registry lost, or a run replaced by a newer one) are reclaimed when their own header's owner is dead.
-Files that do not carry an mpkv header are reported and left alone: they are not ours to delete.
+Files that do not carry an mpkv header are reported and left alone: they are not ours to delete. So are files
+under our name prefix that another user created (or links, or files not 0600): they are not judged at all.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from mpkv import layout, naming
 from mpkv.layout import EntryState, SegmentKind
 from mpkv.shm.proc import ProcId
 from mpkv.shm.registry import unlink_if_exists
-from mpkv.shm.segment import read_owner
+from mpkv.shm.segment import NotOurs, open_private, read_owner
 
 
 @dataclass
@@ -24,23 +25,41 @@ class CleanupReport:
     removed: list[str] = field(default_factory=list)
     live_instances: list[str] = field(default_factory=list)
     foreign: list[str] = field(default_factory=list)  # our prefix, but no mpkv header: left alone
+    untrusted: list[tuple[str, str]] = field(default_factory=list)  # (name, why): not ours to judge, left alone
+    refused: list[tuple[str, str, str]] = field(default_factory=list)  # (entry, registry, its run's prefix)
 
     def lines(self, dry_run: bool) -> list[str]:
         verb = "would remove" if dry_run else "removed"
         out = [f"{verb} {n}" for n in self.removed]
         out += [f"kept live instance {i}" for i in self.live_instances]
         out += [f"left alone {n}: not an mpkv segment" for n in self.foreign]
+        out += [f"left alone {n}: it {why}" for n, why in self.untrusted]
+        out += [
+            f"ignored {entry} listed by {reg}: not a name of that registry's run ({prefix}*); "
+            "a registry lists only its own instance's names"
+            for entry, reg, prefix in self.refused
+        ]
         if not out:
             out.append("nothing to clean up")
         return out
 
 
-def _registry_view(name: str) -> tuple[ProcId, list[tuple[ProcId, str]]] | None:
-    """Owner and entries of a registry, read without requiring it to be ready (its creator may have died)."""
+@dataclass
+class _RegistryView:
+    owner: ProcId
+    prefix: str  # every name this registry may list starts with it: its instance and run id
+    entries: list[tuple[ProcId, str]]  # (claimer, name); "" for a claim killed before it wrote the name
+
+
+def _registry_view(name: str) -> _RegistryView | str | None:
+    """Owner and entries of a registry, read without requiring it to be ready (its creator may have died).
+    None: gone, or not an mpkv registry (judged as an orphan). A string: why it is not trusted."""
     try:
-        fd = os.open(naming.shm_path(name), os.O_RDONLY)
+        fd = open_private(naming.shm_path(name))
     except FileNotFoundError:
         return None
+    except NotOurs as e:
+        return e.reason
     try:
         size = os.fstat(fd).st_size
         if size < layout.SEGMENT_HEADER_BYTES + layout.REGISTRY_HEAD_BYTES:
@@ -52,7 +71,14 @@ def _registry_view(name: str) -> tuple[ProcId, list[tuple[ProcId, str]]] | None:
         h = layout.SEGMENT_HEADER.unpack_from(mm, 0)
         if h[0] != layout.MAGIC or h[2] != SegmentKind.REGISTRY:
             return None
-        _, capacity = layout.REGISTRY_HEAD.unpack_from(mm, layout.SEGMENT_HEADER_BYTES)
+        if h[5] != os.getuid():
+            return f"says it was created by uid {h[5]}, not by us (uid {os.getuid()})"
+        raw_run, capacity = layout.REGISTRY_HEAD.unpack_from(mm, layout.SEGMENT_HEADER_BYTES)
+        run_id = raw_run.rstrip(b"\0").decode(errors="replace")
+        try:
+            prefix = naming.run_prefix(naming.instance_of(name) or "", run_id)
+        except naming.BadName as e:
+            return f"is corrupt ({e})"
         base = layout.SEGMENT_HEADER_BYTES + layout.REGISTRY_HEAD_BYTES
         capacity = min(capacity, (size - base) // layout.REGISTRY_ENTRY_BYTES)
         entries = []
@@ -65,15 +91,41 @@ def _registry_view(name: str) -> tuple[ProcId, list[tuple[ProcId, str]]] | None:
             state = int.from_bytes(mm[off + 16 : off + 20], "little")
             raw = mm[off + layout.REG_NAME : off + layout.REG_NAME + layout.REG_NAME_BYTES]
             if state in (EntryState.CLAIMED, EntryState.LIVE):
-                entries.append((ProcId(pid, start), raw.rstrip(b"\0").decode()))
+                entries.append((ProcId(pid, start), raw.rstrip(b"\0").decode(errors="replace")))
             elif state == EntryState.FREE:  # claimed, then killed before writing: the claimer counts as owner
                 entries.append((ProcId(pid, start), ""))
-        return ProcId(h[4], h[6]), entries
+        return _RegistryView(ProcId(h[4], h[6]), prefix, entries)
     finally:
         mm.close()
 
 
+def _ours(name: str, report: CleanupReport) -> bool:
+    """Whether ``name`` is still there and a file of ours; one that is another user's is reported, left alone."""
+    try:
+        os.close(open_private(naming.shm_path(name)))
+    except FileNotFoundError:
+        return False
+    except NotOurs as e:
+        report.untrusted.append((name, e.reason))
+        return False
+    return True
+
+
+def _judge_orphan(name: str, report: CleanupReport) -> None:
+    """A name no trusted registry lists: reclaimed when it is an mpkv segment of ours whose owner is dead."""
+    if not _ours(name, report):
+        return
+    seg_owner = read_owner(name)
+    if seg_owner is None:
+        report.foreign.append(name)
+    elif not seg_owner.alive():
+        report.removed.append(name)
+
+
 def cleanup(dry_run: bool = False, instance: str | None = None) -> CleanupReport:
+    """Only files of ours (owner, mode 0600, not a link: checked on the opened file) are judged, and a registry
+    vouches only for names of its own instance and run: another user cannot plant a registry that makes us
+    unlink a live instance's names, nor a link that makes us read or unlink something else."""
     report = CleanupReport()
     names = naming.list_names()
     if instance is not None:
@@ -84,27 +136,32 @@ def cleanup(dry_run: bool = False, instance: str | None = None) -> CleanupReport
         view = _registry_view(reg)
         if view is None:
             continue  # not an mpkv registry: handled with the orphans below
-        owner, entries = view
-        inst = naming.instance_of(reg) or "?"
         covered.add(reg)
-        covered.update(name for _, name in entries if name)
-        if owner.alive() or any(p.alive() for p, _ in entries):
+        if isinstance(view, str):
+            report.untrusted.append((reg, view))
+            continue
+        inst = naming.instance_of(reg) or "?"
+        listed = []
+        for claimer, name in view.entries:
+            if name and not name.startswith(view.prefix):
+                report.refused.append((name, reg, view.prefix))
+            else:
+                listed.append((claimer, name))
+        covered.update(name for _, name in listed if name)
+        # Liveness counts every claimer, refused ones too: keeping a dead instance a while longer is harmless.
+        if view.owner.alive() or any(p.alive() for p, _ in view.entries):
             report.live_instances.append(inst)
             continue
-        for _, name in entries:
-            if name and name in names:
+        for _, name in listed:
+            if name and name in names and _ours(name, report):
                 report.removed.append(name)
         report.removed.append(reg)
-        judged[reg] = owner
+        judged[reg] = view.owner
     for name in names:
-        if name in covered:
-            continue
-        seg_owner = read_owner(name)
-        if seg_owner is None:
-            report.foreign.append(name)
-        elif not seg_owner.alive():
-            report.removed.append(name)
+        if name not in covered:
+            _judge_orphan(name, report)
     if not dry_run:
+        # Every name judged is a file of ours in a sticky directory: no other user can swap it before the unlink.
         for name in report.removed:
             if name in judged and read_owner(name) != judged[name]:
                 continue  # a new run of the instance took the name since we looked: it is live, keep it

@@ -8,6 +8,7 @@ that merely attached to it exits. Here only the owner unlinks, explicitly (``unl
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import stat
@@ -100,19 +101,19 @@ class Segment:
         """Map an existing segment after checking that it is an mpkv segment of this user, kind and size.
         In a process that called ``read_only_process()`` the mapping is read-only (PROT_READ): any write faults."""
         try:
-            shm = posix_ipc.SharedMemory(name, read_only=_READ_ONLY)
+            shm = posix_ipc.SharedMemory(name, read_only=_READ_ONLY)  # glibc's shm_open adds O_NOFOLLOW
         except posix_ipc.ExistentialError:
             raise AttachError(f"no segment {name}: the instance is not running, or it was cleaned up") from None
         except posix_ipc.PermissionsError:
             raise AttachError(f"segment {name} is not readable by uid {os.getuid()}: another user's") from None
+        except OSError as e:
+            raise AttachError(f"segment {name} cannot be opened: {_open_failure(e)}") from None
         try:
+            # The opened file is judged (fstat), not the path: nothing can be swapped in between.
             st = os.fstat(shm.fd)
-            if st.st_uid != os.getuid():
-                raise AttachError(f"segment {name} belongs to uid {st.st_uid}, not to us (uid {os.getuid()})")
-            if stat.S_IMODE(st.st_mode) & 0o077:
-                raise AttachError(
-                    f"segment {name} has mode {stat.S_IMODE(st.st_mode):04o}; mpkv creates 0600: not ours"
-                )
+            problem = private_file_problem(st)
+            if problem:
+                raise AttachError(f"segment {name} {problem}")
             if st.st_size < layout.SEGMENT_HEADER_BYTES:
                 raise AttachError(f"segment {name} is {st.st_size} bytes, too small to be an mpkv segment")
             # Pools are prefaulted at attach (MAP_POPULATE): the page faults belong to restore, not to a swap.
@@ -177,13 +178,61 @@ def _check_header(name: str, h: tuple, kind: SegmentKind, file_bytes: int, paylo
         raise AttachError(f"segment {name} was created by uid {uid}, not by us (uid {os.getuid()})")
 
 
-def read_owner(name: str) -> ProcId | None:
-    """The owner recorded in a segment's header, or None when it is missing or not an mpkv segment."""
+class NotOurs(AttachError):
+    """A file in our name space that we must not trust: not a regular file, another user's, or not 0600."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path} {reason}")
+        self.reason = reason
+
+
+def private_file_problem(st: os.stat_result) -> str | None:
+    """Why a file cannot be one mpkv created (regular, ours, mode 0600), or None when it can."""
+    if not stat.S_ISREG(st.st_mode):
+        what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        return f"is {what}: mpkv creates only regular files"
+    if st.st_uid != os.getuid():
+        return f"belongs to uid {st.st_uid}, not to us (uid {os.getuid()})"
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        return f"has mode {stat.S_IMODE(st.st_mode):04o}; mpkv creates 0600: not ours"
+    return None
+
+
+def _open_failure(e: OSError) -> str:
+    if e.errno == errno.ELOOP:
+        return "it is a symbolic link (mpkv never creates one: another user's trap, or a mistake); remove it by hand"
+    return f"{e.strerror} (errno {e.errno})"
+
+
+def open_private(path: str) -> int:
+    """Open a file of our name space read-only, refusing to follow a symbolic link (O_NOFOLLOW), to block on a
+    FIFO (O_NONBLOCK), or to trust what the opened file is not (fstat on the fd: no race with a rename).
+    Raises FileNotFoundError when it is gone, NotOurs when it is not ours."""
     try:
-        with open(naming.shm_path(name), "rb") as f:
-            raw = f.read(layout.SEGMENT_HEADER.size)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise NotOurs(path, f"cannot be opened: {_open_failure(e)}") from None
+    problem = private_file_problem(os.fstat(fd))
+    if problem:
+        os.close(fd)
+        raise NotOurs(path, problem)
+    return fd
+
+
+def read_owner(name: str) -> ProcId | None:
+    """The owner recorded in a segment's header, or None when it is missing, not ours, or not an mpkv segment."""
+    try:
+        fd = open_private(naming.shm_path(name))
+    except (FileNotFoundError, NotOurs):
+        return None
+    try:
+        raw = os.read(fd, layout.SEGMENT_HEADER.size)
     except OSError:
         return None
+    finally:
+        os.close(fd)
     if len(raw) < layout.SEGMENT_HEADER.size:
         return None
     h = layout.SEGMENT_HEADER.unpack(raw)
@@ -191,6 +240,14 @@ def read_owner(name: str) -> ProcId | None:
 
 
 def describe_existing(name: str) -> str:
+    try:
+        problem = private_file_problem(os.lstat(naming.shm_path(name)))
+    except OSError:
+        problem = None
+    if problem:
+        return (
+            f"the name is taken by a file that {problem} (squatted by another user?); its owner or root must remove it"
+        )
     owner = read_owner(name)
     if owner is None:
         return "the name is taken by a file that is not an mpkv segment (squatted?); remove it by hand"

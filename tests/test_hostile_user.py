@@ -1,0 +1,76 @@
+"""I8: another local user must not read, write, stop or confuse an instance. The other user is a child that drops
+to uid 65534 (tests/hostile.py); what it creates is removed here, as root, so the leak check stays meaningful."""
+
+from __future__ import annotations
+
+import os
+
+import hostile
+import procs
+import pytest
+from helpers import Child
+
+from mpkv import naming
+from mpkv.shm.cleanup import cleanup
+
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="acting as another user needs root (setuid to 65534)")
+
+
+def _present(names: list[str]) -> list[str]:
+    return [n for n in names if os.path.exists(naming.shm_path(n))]
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@needs_root
+def test_a_planted_registry_cannot_make_cleanup_unlink_a_live_instance(instance: str) -> None:
+    """Point 12: uid 65534 plants a registry under our name prefix listing a live instance's names, claimed by a
+    dead pid. Cleanup must not judge it at all (not our file), and must leave the live instance whole."""
+    owner = Child(procs.instance_owner, instance)
+    victims = sorted(owner.recv(30).values())
+    evil = naming.registry_name(f"{instance}evil")
+    planted = Child(hostile.plant_registry, naming.shm_path(evil), "deadbeef", victims)
+    try:
+        assert planted.result(30) == hostile.NOBODY
+        assert os.stat(naming.shm_path(evil)).st_uid == hostile.NOBODY
+        for dry_run in (True, False):
+            report = cleanup(dry_run=dry_run)
+            assert not [n for n in report.removed if instance in n], f"judged stale: {report.removed}"
+            assert (evil, f"belongs to uid {hostile.NOBODY}, not to us (uid 0)") in report.untrusted
+            assert f"left alone {evil}: it belongs to uid {hostile.NOBODY}" in "\n".join(report.lines(dry_run))
+        assert _present(victims) == victims, "cleanup unlinked names of a live instance"
+        assert _present([evil]) == [evil], "cleanup removed another user's file"
+    finally:
+        _remove(naming.shm_path(evil))
+        owner.conn.send("stop")
+        owner.join(30)
+
+
+def test_a_registry_vouches_only_for_its_own_instance_and_run(instance: str) -> None:
+    """Point 12, second half: a registry of ours (dead owner) that lists another instance's names, or names of
+    another run, gets those entries refused: cleanup removes only what starts with its instance and run id."""
+    owner = Child(procs.instance_owner, instance)
+    victims = sorted(owner.recv(30).values())
+    dead = f"{instance}dead"
+    reg = naming.registry_name(dead)
+    own = naming.object_name(dead, "deadbeef", "ring.a")
+    other_run = naming.object_name(dead, "0badc0de", "ring.a")
+    hostile.forge_registry(naming.shm_path(reg), "deadbeef", [*victims, own, other_run])
+    try:
+        report = cleanup(instance=None, dry_run=True)
+        assert reg in report.removed and not [n for n in report.removed if instance in n and n != reg]
+        refused = {entry for entry, r, _ in report.refused if r == reg}
+        assert refused == {*victims, other_run}
+        report = cleanup(instance=dead)
+        assert report.removed == [reg], report.lines(False)
+        assert "a registry lists only its own instance's names" in "\n".join(report.lines(False))
+        assert _present(victims) == victims, "cleanup unlinked names another registry listed"
+    finally:
+        _remove(naming.shm_path(reg))
+        owner.conn.send("stop")
+        owner.join(30)
