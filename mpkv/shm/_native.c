@@ -175,19 +175,25 @@ static PyObject *py_seq_write(PyObject *self, PyObject *args) {
     }
     au64 *w = (au64 *)p;
     uint64_t seq = atomic_load_explicit(&w[0], memory_order_relaxed);
-    atomic_store_explicit(&w[0], seq + 1, memory_order_relaxed);
-    atomic_thread_fence(memory_order_release);
+    /* An odd sequence here means the slot's previous writer died between its two stores (its new claimant is
+     * the only one that may call us then: NOTE [ torn signal slot ] in mpkv/layout.py). Readers already wait,
+     * so we write our whole record over the torn one and make the sequence even once: that is the repair. */
+    if (!(seq & 1)) {
+        atomic_store_explicit(&w[0], ++seq, memory_order_relaxed);
+        atomic_thread_fence(memory_order_release);
+    }
     for (Py_ssize_t i = 0; i < n; i++) atomic_store_explicit(&w[i + 1], tmp[i], memory_order_relaxed);
-    atomic_store_explicit(&w[0], seq + 2, memory_order_release);
+    atomic_store_explicit(&w[0], seq + 1, memory_order_release);
     PyBuffer_Release(&v);
     Py_RETURN_NONE;
 }
 
 static PyObject *py_seq_read(PyObject *self, PyObject *args) {
-    PyObject *obj; Py_ssize_t off, n; Py_buffer v; void *p;
+    PyObject *obj; Py_ssize_t off, n; Py_buffer v; void *p; double timeout_s = 1.0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "Onn", &obj, &off, &n)) return NULL;
+    if (!PyArg_ParseTuple(args, "Onn|d", &obj, &off, &n, &timeout_s)) return NULL;
     if (n < 0 || n > 16) { PyErr_SetString(PyExc_ValueError, "a seqlock record holds at most 16 words"); return NULL; }
+    if (!(timeout_s >= 0)) { PyErr_SetString(PyExc_ValueError, "seq_read needs a timeout >= 0 s"); return NULL; }
     if (get_word_ro(obj, off, 8, &v, &p) < 0) return NULL;
     if (off + 8 * (n + 1) > v.len) {
         PyBuffer_Release(&v);
@@ -205,11 +211,12 @@ static PyObject *py_seq_read(PyObject *self, PyObject *args) {
         s2 = atomic_load_explicit(&w[0], memory_order_relaxed);
         done = s1 == s2;
     }
-    /* A writer writes a record in well under a microsecond; one that stays mid-write for a second was killed or
-     * stopped there. Give up then (with the GIL released while yielding), instead of spinning forever. */
+    /* A writer writes a record in well under a microsecond; one that stays mid-write for timeout_s (1 s unless
+     * asked: mpkv.shm.signals asks for a few ms and then looks at the writer) was killed or stopped there. Give
+     * up then (with the GIL released while yielding), instead of spinning forever. */
     if (!done) {
     Py_BEGIN_ALLOW_THREADS
-    uint64_t t0 = now_ns(), spins = 0;
+    uint64_t t0 = now_ns(), spins = 0, limit = (uint64_t)(timeout_s * 1e9);
     for (;;) {
         s1 = atomic_load_explicit(&w[0], memory_order_acquire);
         if (!(s1 & 1)) {
@@ -219,15 +226,15 @@ static PyObject *py_seq_read(PyObject *self, PyObject *args) {
             if (s1 == s2) break;
         }
         if (++spins < 64) { CPU_RELAX(); continue; }
-        if (now_ns() - t0 > 1000000000ull) { stuck = 1; break; }
+        if (now_ns() - t0 > limit) { stuck = 1; break; }
         sched_yield();
     }
     Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&v);
     if (stuck) {
-        PyErr_Format(PyExc_TimeoutError, "seqlock record stuck mid-write for 1 s (sequence %llu): its writer (pid "
-                     "%llu as last recorded) died or was stopped while writing it", (unsigned long long)s1,
+        PyErr_Format(PyExc_TimeoutError, "seqlock record stuck mid-write for %g s (sequence %llu): its writer (pid "
+                     "%llu as last recorded) died or was stopped while writing it", timeout_s, (unsigned long long)s1,
                      (unsigned long long)atomic_load_explicit(&w[n >= 3 ? 3 : 0], memory_order_relaxed));
         return NULL;
     }
@@ -313,13 +320,41 @@ static PyObject *py_futex_wake(PyObject *self, PyObject *args) {
 }
 
 /* wait_any([(buf, off, expected_u32), ...], timeout_s) -> index of the word that woke us, -1 on timeout,
- * -2 when a word no longer held its expected value on entry. One sleep on up to 32 futex words at once
- * (futex_waitv, Linux >= 5.16): an actor sleeps on its command word, its task ring and its peers' status words
- * together. On older kernels it sleeps at most 1 ms and returns -3, so callers re-check (documented fallback). */
+ * -2 when a word no longer held its expected value on entry, 0 after a signal (EINTR: callers re-check anyway).
+ * One sleep on up to 32 futex words at once (futex_waitv, Linux >= 5.16): an actor sleeps on its command word,
+ * its task ring and its peers' status words together.
+ *
+ * NOTE [ futex_waitv refused ]
+ * A kernel older than 5.16 answers ENOSYS; a container's seccomp profile may answer EPERM (or anything else it
+ * was told to); an old kernel without FUTEX2_SIZE_U32 answers EINVAL. Every answer other than the three that
+ * futex_waitv gives about the words themselves (ETIMEDOUT, EAGAIN, EINTR) means "this process may not use it",
+ * and it will not change: the first such refusal switches this process, once and for all, to the fallback
+ * (remembered in waitv_refused, so later calls do not even try). The fallback must sleep, never spin: it sleeps
+ * on the futex of the first word (callers put their most urgent word first: the command word) for at most
+ * FALLBACK_POLL_NS at a time and checks every word between sleeps, until one changed or the timeout passed.
+ * A change of another word is thus seen within FALLBACK_POLL_NS; the CPU cost is one wake-up per poll. Before
+ * this, only ENOSYS fell back and EPERM returned at once: every caller's loop spun at 100 % of a core. */
 #ifndef SYS_futex_waitv
 #define SYS_futex_waitv 449
 #endif
 struct mpkv_futex_waitv { uint64_t val; uint64_t uaddr; uint32_t flags; uint32_t reserved; };
+
+#define FALLBACK_POLL_NS 1000000ull
+static _Atomic int waitv_refused = 0; /* errno of the refusal that switched this process to the fallback */
+
+/* The fallback of wait_any: the same results, by polling every FALLBACK_POLL_NS while asleep on word 0. */
+static long wait_any_polling(struct mpkv_futex_waitv *w, Py_ssize_t n, uint64_t deadline, int first) {
+    for (;;) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (atomic_load_explicit((au32 *)(uintptr_t)w[i].uaddr, memory_order_acquire) != (uint32_t)w[i].val)
+                return first ? -2 : (long)i;
+        first = 0;
+        uint64_t t = now_ns();
+        if (t >= deadline) return -1;
+        uint64_t nap = deadline - t < FALLBACK_POLL_NS ? deadline - t : FALLBACK_POLL_NS;
+        futex_wait_ns((au32 *)(uintptr_t)w[0].uaddr, (uint32_t)w[0].val, nap);
+    }
+}
 
 static PyObject *py_wait_any(PyObject *self, PyObject *args) {
     PyObject *list; double timeout_s;
@@ -327,6 +362,7 @@ static PyObject *py_wait_any(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!d", &PyList_Type, &list, &timeout_s)) return NULL;
     Py_ssize_t n = PyList_GET_SIZE(list);
     if (n < 1 || n > 32) { PyErr_SetString(PyExc_ValueError, "wait_any takes 1 to 32 words"); return NULL; }
+    if (!(timeout_s >= 0)) { PyErr_SetString(PyExc_ValueError, "wait_any needs a timeout >= 0 s"); return NULL; }
     struct mpkv_futex_waitv w[32];
     Py_buffer views[32];
     Py_ssize_t got = 0;
@@ -337,28 +373,39 @@ static PyObject *py_wait_any(PyObject *self, PyObject *args) {
         w[got].val = expected; w[got].uaddr = (uint64_t)(uintptr_t)p; w[got].flags = 2 /* FUTEX2_SIZE_U32 */;
         w[got].reserved = 0;
     }
-    long rc; int err = 0;
+    long rc = -1;
     Py_BEGIN_ALLOW_THREADS
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    uint64_t t = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec + (uint64_t)(timeout_s * 1e9);
-    ts.tv_sec = (time_t)(t / 1000000000ull); ts.tv_nsec = (long)(t % 1000000000ull);
-    rc = syscall(SYS_futex_waitv, w, (unsigned)n, 0, &ts, CLOCK_MONOTONIC);
-    if (rc < 0) err = errno;
-    if (rc < 0 && err == ENOSYS) {
-        struct timespec nap = {0, timeout_s < 1e-3 ? (long)(timeout_s * 1e9) : 1000000L};
-        nanosleep(&nap, NULL);
+    uint64_t deadline = now_ns() + (uint64_t)(timeout_s * 1e9);
+    int fallback = atomic_load_explicit(&waitv_refused, memory_order_relaxed) != 0;
+    if (!fallback) {
+        struct timespec ts = {.tv_sec = (time_t)(deadline / 1000000000ull),
+                              .tv_nsec = (long)(deadline % 1000000000ull)};
+        rc = syscall(SYS_futex_waitv, w, (unsigned)n, 0, &ts, CLOCK_MONOTONIC);
+        if (rc < 0) {
+            int err = errno;
+            if (err == ETIMEDOUT) rc = -1;
+            else if (err == EAGAIN) rc = -2;
+            else if (err == EINTR) rc = 0;
+            else { /* refused: NOTE [ futex_waitv refused ] */
+                atomic_store_explicit(&waitv_refused, err ? err : EINVAL, memory_order_relaxed);
+                fallback = 1;
+            }
+        }
     }
+    if (fallback) rc = wait_any_polling(w, n, deadline, 1);
     Py_END_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) PyBuffer_Release(&views[i]);
-    if (rc >= 0) return PyLong_FromLong(rc);
-    if (err == ETIMEDOUT) return PyLong_FromLong(-1);
-    if (err == EAGAIN) return PyLong_FromLong(-2);
-    if (err == ENOSYS) return PyLong_FromLong(-3);
-    return PyLong_FromLong(0); /* EINTR and the like: a wake-up; the caller re-checks */
+    return PyLong_FromLong(rc);
 fail:
     for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&views[i]);
     return NULL;
+}
+
+/* wait_any_refused() -> the errno with which futex_waitv was refused in this process (0: it was not; wait_any
+ * then uses its polling fallback: NOTE [ futex_waitv refused ]). For diagnostics and tests. */
+static PyObject *py_wait_any_refused(PyObject *self, PyObject *noargs) {
+    (void)self; (void)noargs;
+    return PyLong_FromLong(atomic_load_explicit(&waitv_refused, memory_order_relaxed));
 }
 
 #if defined(__x86_64__)
@@ -819,9 +866,10 @@ static PyMethodDef module_methods[] = {
     {"cas_u64", py_cas_u64, METH_VARARGS, "cas_u64(buf, off, expected, new) -> (swapped, value seen)."},
     {"fence", py_fence, METH_NOARGS, "Full (sequentially consistent) memory fence."},
     {"seq_write", py_seq_write, METH_VARARGS, "seq_write(buf, off, words): single-writer seqlock write."},
-    {"seq_read", py_seq_read, METH_VARARGS, "seq_read(buf, off, n) -> (seq, *words): consistent read."},
+    {"seq_read", py_seq_read, METH_VARARGS, "seq_read(buf, off, n, timeout_s=1) -> (seq, *words): consistent read."},
     {"wait_word_change", py_wait_word_change, METH_VARARGS, "Eventcount wait until a word changes."},
     {"wait_any", py_wait_any, METH_VARARGS, "Sleep until one of several 32-bit words changes (futex_waitv)."},
+    {"wait_any_refused", py_wait_any_refused, METH_NOARGS, "errno futex_waitv was refused with here, or 0."},
     {"copy_blocks", py_copy_blocks, METH_VARARGS, "Copy blocks between two [planes][blocks][bytes] pools."},
     {"futex_wake", py_futex_wake, METH_VARARGS, "futex_wake(buf, off): wake every sleeper on a 64-bit word."},
     {"store_notify", py_store_notify, METH_VARARGS, "Store a word and wake its flagged waiters."},

@@ -1,0 +1,102 @@
+"""Child-process bodies for tests/test_shm_hardening.py (module level, so the spawn start method can import them).
+
+Each child reports through a Pipe connection with ``procs.report``: ("ok", result) or ("error", type, message).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import resource
+import struct
+import time
+from multiprocessing.connection import Connection
+
+from procs import Phase, report
+
+FUTEX_WAITV = 449  # the same number on x86-64 and aarch64
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_RET_K = 0x20, 0x15, 0x06
+_PR_SET_NO_NEW_PRIVS, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 38, 22, 2
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def refuse_futex_waitv(errno_value: int) -> str | None:
+    """Install a seccomp filter on this thread that makes futex_waitv fail with ``errno_value`` (what some
+    container profiles do). Returns why it could not, or None once the refusal is seen in effect."""
+    arch = _AUDIT_ARCH.get(platform.machine())
+    if arch is None:
+        return f"no seccomp filter written for {platform.machine()}"
+    program = [
+        (_BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+        (_BPF_JEQ_K, 1, 0, arch),
+        (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
+        (_BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
+        (_BPF_JEQ_K, 0, 1, FUTEX_WAITV),
+        (_BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno_value),
+        (_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
+    ]
+    raw = ctypes.create_string_buffer(b"".join(struct.pack("=HBBI", *insn) for insn in program))
+    fprog = _SockFprog(len(program), ctypes.cast(raw, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    zero = ctypes.c_ulong(0)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), zero, zero, zero) != 0:
+        return f"prctl(PR_SET_NO_NEW_PRIVS) failed: {os.strerror(ctypes.get_errno())}"
+    if libc.prctl(_PR_SET_SECCOMP, ctypes.c_ulong(_SECCOMP_MODE_FILTER), ctypes.byref(fprog), zero, zero) != 0:
+        return f"prctl(PR_SET_SECCOMP) failed: {os.strerror(ctypes.get_errno())}"
+    if libc.syscall(ctypes.c_long(FUTEX_WAITV), 0, 0, 0, 0, 0) != -1 or ctypes.get_errno() != errno_value:
+        return "the seccomp filter is installed but futex_waitv is not refused"
+    return None
+
+
+def wait_any_refused(errno_value: int, wait_s: float, conn: Connection) -> None:
+    """Under a filter refusing futex_waitv, wait on a word nobody changes for ``wait_s``, the way the actors do:
+    call wait_any again, with what is left, whenever it returns. Reports CPU and wall time of that loop."""
+
+    def body() -> dict[str, object]:
+        from mpkv import _native
+
+        why = refuse_futex_waitv(errno_value)
+        if why is not None:
+            return {"skip": why}
+        word = bytearray(64)  # its u32 at offset 0 stays 0: nothing ever wakes us
+        calls = 0
+        cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+        while (left := t0 + wait_s - time.monotonic()) > 0:
+            _native.wait_any([(word, 0, 0)], left)
+            calls += 1
+        cpu1, wall = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - t0
+        cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+        return {"cpu_s": cpu, "wall_s": wall, "calls": calls, "refused": _native.wait_any_refused()}
+
+    report(conn, body)
+
+
+def wait_any_fallback_wakes(errno_value: int, signals: str, conn: Connection) -> None:
+    """Under the refusal, sleep on two words of a signal array: slot 0 (nobody writes it) first, slot 1 second.
+    The parent writes slot 1; returns wait_any's result (1, or -2 if the write came before the call)."""
+
+    def body() -> dict[str, object]:
+        from mpkv import _native
+        from mpkv.shm.signals import SignalArray
+
+        why = refuse_futex_waitv(errno_value)
+        if why is not None:
+            return {"skip": why}
+        arr = SignalArray(signals, Phase)
+        try:
+            buf = arr.seg.buf
+            words = [(buf, arr._off(i), _native.load_u64(buf, arr._off(i)) & 0xFFFFFFFF) for i in (0, 1)]
+            conn.send("ready")
+            rc = _native.wait_any(words, 60.0)
+            return {"rc": rc, "refused": _native.wait_any_refused()}
+        finally:
+            arr.close()
+
+    report(conn, body)
