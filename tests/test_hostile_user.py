@@ -6,12 +6,19 @@ from __future__ import annotations
 import os
 
 import hostile
+import numpy as np
 import procs
 import pytest
 from helpers import Child
+from instances import Launched, prefill_and_verify
 
 from mpkv import naming
+from mpkv.client import Client
+from mpkv.controller import Controller
+from mpkv.errors import NameTaken
+from mpkv.layout import SegmentKind
 from mpkv.shm.cleanup import cleanup
+from mpkv.shm.registry import Registry
 
 needs_root = pytest.mark.skipif(os.getuid() != 0, reason="acting as another user needs root (setuid to 65534)")
 
@@ -74,3 +81,59 @@ def test_a_registry_vouches_only_for_its_own_instance_and_run(instance: str) -> 
         _remove(naming.shm_path(reg))
         owner.conn.send("stop")
         owner.join(30)
+
+
+def _squat_next_pools(instance: str, run_id: str, epochs: range) -> list[str]:
+    """Every pool name the old scheme would have used for these epochs: all the other user can derive."""
+    return [
+        naming.shm_path(naming.object_name(instance, run_id, f"pool.{tier}.r0.e{e}"))
+        for tier in ("dev", "host")
+        for e in epochs
+    ]
+
+
+@needs_root
+def test_squatted_pool_names_do_not_fail_a_restore(instance: str, rng) -> None:
+    """Point 14: the run id shows in /dev/shm, so uid 65534 creates every pool name of the next epochs that it
+    can derive from it. The RL cycle (pause, clear, restore, resume) must still succeed, and serve verified KV."""
+    gen = np.random.default_rng(rng.randrange(2**32))
+    squatted: list[str] = []
+    try:
+        with Launched(instance, tp=1), Controller(instance) as ctl, Client(instance) as client:
+            run_id = ctl.inst.registry.run_id
+            squatted = _squat_next_pools(instance, run_id, range(1, 40))
+            assert Child(hostile.squat, squatted).result(30) == len(squatted)
+            for wv in (ctl.weight_version + 1, ctl.weight_version + 2):
+                ctl.pause()
+                ctl.clear()
+                ctl.restore(wv)
+                ctl.resume()
+                blocks = gen.permutation(client.cfg.device_blocks)[:3].astype(np.int32)
+                prefill_and_verify(client, gen, blocks, wv)
+            assert {a["state"] for a in ctl.status()["actors"]} == {"READY"}
+            ctl.shutdown()
+    finally:
+        for path in squatted:
+            _remove(path)
+
+
+def test_a_taken_pool_name_is_skipped_for_a_fresh_one(instance: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retry behind point 14: a random name that is taken anyway is skipped (its registry entry given back);
+    when every try is taken, a named NameTaken, and nothing was created."""
+    reg = Registry.create(instance)
+    taken = naming.shm_path(reg.name_of("pool.dev.r0.e1.taken"))
+    os.close(os.open(taken, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    try:
+        picks = iter(["pool.dev.r0.e1.taken", "pool.dev.r0.e1.taken", "pool.dev.r0.e1.fresh"])
+        monkeypatch.setattr(naming, "unique", lambda obj: next(picks))
+        seg = reg.create_unique_segment("pool.dev.r0.e1", SegmentKind.POOL, 4096)
+        assert seg.name == reg.name_of("pool.dev.r0.e1.fresh")
+        assert [e.name for e in reg.entries()] == [seg.name], "a taken name's claim was not given back"
+        reg.release(seg)
+        monkeypatch.setattr(naming, "unique", lambda obj: "pool.dev.r0.e1.taken")
+        with pytest.raises(NameTaken, match="4 fresh random names for pool.dev.r0.e1 were all taken"):
+            reg.create_unique_segment("pool.dev.r0.e1", SegmentKind.POOL, 4096)
+        assert reg.entries() == []
+    finally:
+        os.unlink(taken)
+        reg.destroy()

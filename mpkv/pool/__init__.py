@@ -1,8 +1,10 @@
 """KV pools: one device pool per rank (owned by one role, attached by the others) and one host pool per rank.
 
-The owner allocates a fresh pool for every restore, under a new name (``pool.dev.r<rank>.e<epoch>``), and
-publishes a ``PoolHandle`` in the instance's handle table; attachers map it from the handle. Freeing refuses
-while this process still holds a view (a stale tensor is an error here, not a use-after-free later).
+The owner allocates a fresh pool for every restore, under a new name (``pool.dev.r<rank>.e<epoch>.<random>``:
+the random part keeps another user from creating the name first), and publishes a ``PoolHandle`` (with that
+full name) in the instance's handle table; attachers map it from the handle, never from a name they build.
+Freeing refuses while this process still holds a view (a stale tensor is an error here, not a use-after-free
+later).
 Backends: ``cpu`` (POSIX shared memory; all CI) and ``cuda`` (one device allocation shared by CUDA IPC).
 """
 
@@ -27,7 +29,7 @@ class PoolHandle(msgspec.Struct, frozen=True):
     epoch: int
     weight_version: int
     nbytes: int
-    name: str = ""  # cpu: the shm segment
+    name: str = ""  # cpu: the shm segment's full name (it has a random part: attachers cannot derive it)
     cuda: dict[int, tuple] = {}  # cuda: per attacher (by Role value), torch's rebuild_cuda_tensor arguments
 
 

@@ -44,7 +44,8 @@ class ShmPool:
         self, registry: Registry, cfg: CacheConfig, obj: str, blocks: int, rank: int, epoch: int, wv: int
     ) -> None:
         self._registry = registry
-        self._seg = registry.create_segment(obj, SegmentKind.POOL, cfg.pool_bytes(blocks))
+        # A pool per restore: its name gets a random part, or another user could create it first from the run id.
+        self._seg = registry.create_unique_segment(obj, SegmentKind.POOL, cfg.pool_bytes(blocks))
         self.tensor = _as_tensor(self._seg, cfg, blocks)
         self.tensor.view(torch.uint8).zero_()  # touch every page: the memory is really there, and measurable
         self._seg.mark_ready()

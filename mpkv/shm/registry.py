@@ -126,6 +126,22 @@ class Registry:
         self._mine[name] = i
         return seg
 
+    def create_unique_segment(self, obj: str, kind: SegmentKind, payload_bytes: int, tries: int = 4) -> Segment:
+        """Create ``obj`` under a name with a fresh random part (naming.unique): for objects made while the
+        instance runs, whose names another user could otherwise squat from the run id in the /dev/shm listing.
+        A taken name (only a guess that won, or a leftover) is skipped for a fresh one; after ``tries`` taken
+        names this fails before the caller changed anything. The full name is ``Segment.name``."""
+        taken = []
+        for _ in range(tries):
+            try:
+                return self.create_segment(naming.unique(obj), kind, payload_bytes)
+            except NameTaken as e:
+                taken.append(str(e))
+        raise NameTaken(
+            f"instance {self.instance!r}: {tries} fresh random names for {obj} were all taken (is another user "
+            f"squatting this instance's names? see ls -l {naming.SHM_DIR}); the last: {taken[-1]}"
+        )
+
     def release(self, seg: Segment) -> None:
         """Close, unlink (we own it) and mark it gone. Idempotent."""
         seg.close()
