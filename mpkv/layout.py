@@ -51,11 +51,32 @@ One 64-byte slot per signal, seqlock-protected, one writer per slot::
     0  seq u64 (odd while the writer is mid-write) | 8 value i64 | 16 epoch u64 | 24 writer_pid u64 |
     32 writer_start u64 | 40 timestamp_ns u64 | 48 aux u64 | 56 claim u64
 
-``claim`` is the pid of the slot's one writer, set by compare-and-swap when a ``SignalWriter`` is made (of two
-processes claiming at once one wins; a dead claimer's slot may be taken over) and outside the seqlock.
+``claim`` names the slot's one writer whole, in one word: ``pid u32 | (start ticks mod 2**32) u32`` (low half
+first, little-endian). It is set by compare-and-swap when a ``SignalWriter`` is made (of two processes claiming
+at once one wins), outside the seqlock, and given back (CAS to 0) by ``SignalWriter.release``. A claim whose
+process is dead, judged by pid and start time, may be taken over. Why both halves in one word: a claimer judged
+by its pid next to a start time written by someone else (a dead predecessor) looks dead and can be claimed away
+while it lives (the ring endpoint bug, NOTE [ endpoint claim ]). A claim with 0 in the high half (a bare pid, what
+a driver following docs/control-block.md writes) is judged by pid alone: never taken from a live process. The
+start time is truncated: a pid reused by a process whose start differs by a multiple of 2**32 ticks (497 days at
+100 Hz) would be taken for the old one; the truncation costs nothing else.
 
 Signals are control words, written rarely, so the writer wakes the futex of ``seq`` after every write and
 waiters need no flag of their own: nobody but the slot's writer ever stores into the slot.
+
+NOTE [ torn signal slot ]
+A writer killed between its two sequence stores leaves ``seq`` odd: no read of the slot can complete. Readers
+spin on it for a few ms (``TORN_POLL_S``), then look at the claimant: dead, they raise ``PeerDied`` naming it at
+once; alive (stopped, or starved), they retry until ``TORN_LIMIT_S`` and then raise naming it. Nobody but the
+writer stores into the slot, so the slot stays torn until a new ``SignalWriter`` takes the dead claimant's claim
+over (which reads only the claim word, never the torn record). That writer repairs the slot before anything else:
+``seq_write`` on an odd ``seq`` writes the whole record and makes ``seq`` even once (readers were waiting all
+along, so no reader ever pairs words of two writes). What it writes: the torn payload cannot be trusted (some
+words are the dead writer's new ones, some the old), so the record claims nothing: the zero member of the
+array's enum (every array has one: "never reached"), the epoch word as found (epochs never go back: the command
+word's next epoch is derived from it, and an actor ahead of a command fails), aux as found. Monotone predicates
+("READY at epoch >= e") are not satisfied by a zero value at an epoch they did not reach. A caller whose slot's
+zero member means something (the command word's NONE is "run") writes its real record right after taking over.
 
 NOTE [ barrier layout ]  (mpkv.shm.barrier)
 One 128-byte line pair per rank, written by that rank only::
@@ -156,7 +177,11 @@ def ring_max_payload(capacity: int) -> int:
 # --- signal slots ---------------------------------------------------------------------------------------
 SIGNAL_SLOT_BYTES = 64
 SIGNAL_WORDS = 6  # value, epoch, writer_pid, writer_start, timestamp_ns, aux (after the seq word)
-SIGNAL_CLAIM = 56
+SIGNAL_SEQ, SIGNAL_VALUE, SIGNAL_EPOCH, SIGNAL_WRITER_PID, SIGNAL_WRITER_START = 0, 8, 16, 24, 32
+SIGNAL_TIMESTAMP, SIGNAL_AUX, SIGNAL_CLAIM = 40, 48, 56
+SIGNAL_CLAIM_WORD = struct.Struct("<II")  # pid, start ticks mod 2**32: one u64, so one compare-and-swap
+assert SIGNAL_AUX == SIGNAL_VALUE + 8 * (SIGNAL_WORDS - 1) and SIGNAL_CLAIM + 8 == SIGNAL_SLOT_BYTES
+assert SIGNAL_CLAIM_WORD.size == 8 and int.from_bytes(SIGNAL_CLAIM_WORD.pack(1, 2), "little") == 1 | 2 << 32
 
 
 # --- barrier --------------------------------------------------------------------------------------------

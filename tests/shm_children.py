@@ -9,6 +9,7 @@ import ctypes
 import os
 import platform
 import resource
+import signal
 import struct
 import time
 from multiprocessing.connection import Connection
@@ -100,3 +101,19 @@ def wait_any_fallback_wakes(errno_value: int, signals: str, conn: Connection) ->
             arr.close()
 
     report(conn, body)
+
+
+def die_mid_write(signals: str, slot: int, conn: Connection) -> None:
+    """Claim ``slot``, write READY@3, then die between the two sequence stores of the next write (CLEARING@4):
+    the sequence odd, the value of the new write stored, the epoch still the old one. Sends "dying" first."""
+    from mpkv import _native
+    from mpkv.shm.signals import SignalArray
+
+    arr = SignalArray(signals, Phase)
+    arr.writer(slot).write(Phase.READY, 3, aux=7)
+    off, buf = arr._off(slot), arr.seg.buf
+    conn.send("dying")
+    conn.close()
+    _native.store_u64(buf, off, _native.load_u64(buf, off) + 1)  # the first sequence store: odd
+    _native.store_u64(buf, off + 8, int(Phase.CLEARING))  # the new value; the epoch word still says 3
+    os.kill(os.getpid(), signal.SIGKILL)

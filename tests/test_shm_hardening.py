@@ -4,11 +4,17 @@ repair, endpoint claims that two processes cannot both win, handle records read 
 from __future__ import annotations
 
 import errno
+import signal
 
+import procs
 import pytest
 import shm_children
 from helpers import Child
+from procs import Phase
 
+from mpkv import layout
+from mpkv.errors import AttachError, PeerDied
+from mpkv.shm.proc import ProcId
 from mpkv.shm.registry import Registry
 from mpkv.shm.signals import SignalArray, create_signals
 
@@ -46,8 +52,6 @@ def test_wait_any_sleeps_when_futex_waitv_is_refused(refusal: int) -> None:
 
 def test_wait_any_fallback_sees_a_word_other_than_the_first(registry: Registry) -> None:
     """The fallback sleeps on the first word's futex but still returns when another word changes."""
-    from procs import Phase
-
     seg = create_signals(registry, "signals", 2)
     child = Child(shm_children.wait_any_fallback_wakes, errno.EPERM, seg.name)
     arr = SignalArray(seg.name, Phase)
@@ -63,4 +67,80 @@ def test_wait_any_fallback_sees_a_word_other_than_the_first(registry: Registry) 
         arr.close()
     assert out["refused"] == errno.EPERM, out
     assert out["rc"] in (1, -2), f"wait_any did not report the change of word 1 (1, or -2 before the call): {out}"
+    registry.release(seg)
+
+
+# -- 5: a torn signal slot (NOTE [ torn signal slot ] in mpkv/layout.py) and SignalWriter.release -------------
+
+
+def test_torn_slot_names_its_dead_writer_and_a_new_writer_repairs_it(registry: Registry) -> None:
+    seg = create_signals(registry, "signals", 2)
+    arr = SignalArray(seg.name, Phase, labels=lambda i: f"status of worker r{i}")
+    dying = Child(shm_children.die_mid_write, seg.name, 1)
+    try:
+        assert dying.recv(60) == "dying"
+        dying.proc.join(60)
+        assert dying.proc.exitcode == -signal.SIGKILL
+        # Readers: a PeerDied naming the dead writer, from the dead-writer path (not the 1 s stuck-writer one).
+        for _ in range(3):
+            with pytest.raises(PeerDied) as err:
+                arr.read(1)
+            text = str(err.value)
+            assert f"status of worker r1 of {seg.name} was left mid-write" in text, text
+            assert f"pid {dying.pid} (dead)" in text and "died between its two sequence stores" in text, text
+            assert "stuck" not in text, text
+        # A new writer takes the slot over although its record is torn, and repairs it before anything else:
+        # a whole record of its own, claiming nothing (the zero member) at the epoch word found there.
+        w = arr.writer(1)
+        sig = arr.read(1)
+        assert sig.seq % 2 == 0 and sig.writer == ProcId.me(), sig
+        assert (sig.value, sig.epoch, sig.aux) == (Phase.IDLE, 3, 7), sig
+        w.write(Phase.READY, 4)
+        sig = arr.read(1)
+        assert (sig.value, sig.epoch) == (Phase.READY, 4) and sig.seq == 6, (
+            sig
+        )  # write (2), torn (3), repaired (4), this (6)
+        assert arr.read(0).seq == 0  # the neighbour slot was never touched
+    finally:
+        dying.join(10)
+        arr.close()
+    registry.release(seg)
+
+
+def test_signal_writer_release_lets_another_process_write(registry: Registry) -> None:
+    from mpkv import _native
+
+    seg = create_signals(registry, "signals", 1)
+    arr = SignalArray(seg.name, Phase)
+    claim = arr._off(0) + layout.SIGNAL_CLAIM
+    try:
+        w = arr.writer(0)
+        w.write(Phase.READY, 1)
+        me = ProcId.me()
+        assert _native.load_u64(arr.seg.buf, claim) == me.pid | (me.start_ticks & 0xFFFFFFFF) << 32
+        kind, text = Child(procs.signal_writer, seg.name, 0, 1).error()
+        assert kind == "AttachError" and f"pid {me.pid} (alive" in text, text
+        w.release()
+        assert _native.load_u64(arr.seg.buf, claim) == 0
+        w.release()  # idempotent
+        assert _native.load_u64(arr.seg.buf, claim) == 0
+        other = Child(procs.signal_writer, seg.name, 0, 2)
+        assert other.result() == 2
+        assert arr.read(0).writer.pid == other.pid
+        held = _native.load_u64(arr.seg.buf, claim)
+        assert held & 0xFFFFFFFF == other.pid
+        w.release()  # the slot is the (dead) child's claim now, not ours: nothing changes
+        assert _native.load_u64(arr.seg.buf, claim) == held
+        # A claim word holding a bare pid (what docs/control-block.md lets a driver write) is judged by pid
+        # alone; one whose start half does not match the process of that pid names a dead process.
+        init = ProcId.of(1)
+        if init.alive():
+            _native.store_u64(arr.seg.buf, claim, 1)
+            with pytest.raises(AttachError, match=r"is written by pid 1 \(alive"):
+                arr.writer(0)
+            _native.store_u64(arr.seg.buf, claim, 1 | ((init.start_ticks + 1) & 0xFFFFFFFF) << 32)
+            arr.writer(0).write(Phase.CLEARED, 3)
+            assert arr.read(0).writer == ProcId.me()
+    finally:
+        arr.close()
     registry.release(seg)

@@ -3,7 +3,9 @@
 A slot holds ``value`` (an IntEnum of the array's type), ``epoch``, the writer's identity, a timestamp and
 one auxiliary word. Records are written and read whole through a seqlock, so a reader never sees the value
 of one write with the epoch of another. A slot knows its one writer: the first ``SignalWriter`` of a slot
-records its pid; another live process trying to write the same slot gets a ``ProtocolError``.
+records its pid and start time in the claim word; another live process trying to write the same slot gets an
+``AttachError`` until the holder ``release``s it or dies. A slot whose writer died mid-write is reported by
+name to its readers and repaired by its next writer (NOTE [ torn signal slot ] in mpkv.layout).
 
 Waits are on monotone predicates ("value >= READY at epoch >= 7"), never on "value == 0", and like every
 wait in mpkv they are bounded, check the writer's liveness, and name it on failure (DESIGN I2).
@@ -29,6 +31,10 @@ E = TypeVar("E", bound=enum.IntEnum)
 _BASE = layout.SEGMENT_HEADER_BYTES
 _COUNT = 8  # payload word 0: number of slots; slots start at the next line
 _SLOTS = _BASE + layout.LINE_BYTES
+# A write takes well under a microsecond: a slot odd for TORN_POLL_S has a writer that died, stalled or stopped
+# there; we then look at the writer (dead: report at once) and give up on a live one after TORN_LIMIT_S.
+TORN_POLL_S = 0.005
+TORN_LIMIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -72,12 +78,7 @@ class SignalArray(Generic[E]):
         return _SLOTS + slot * layout.SIGNAL_SLOT_BYTES
 
     def read(self, slot: int) -> Signal[E]:
-        try:
-            seq, value, epoch, pid, start, ts, aux = _native.seq_read(
-                self.seg.buf, self._off(slot), layout.SIGNAL_WORDS
-            )
-        except TimeoutError as e:
-            raise PeerDied(f"{self._labels(slot)} of {self.name}: {e}") from None
+        seq, value, epoch, pid, start, ts, aux = self._read_words(slot)
         signed = value - (1 << 64) if value >= 1 << 63 else value
         try:
             typed = self.values(signed)
@@ -87,6 +88,42 @@ class SignalArray(Generic[E]):
                 f"(written by pid {pid})"
             ) from None
         return Signal(typed, epoch, ProcId(pid, start), ts, aux, seq)
+
+    def _read_words(self, slot: int) -> tuple[int, ...]:
+        """The slot's words of one write. A slot left mid-write (NOTE [ torn signal slot ] in mpkv.layout) is
+        reported, naming its writer: at once when the writer is dead, after TORN_LIMIT_S when it lives on."""
+        off, since = self._off(slot), time.monotonic()
+        while True:
+            try:
+                return _native.seq_read(self.seg.buf, off, layout.SIGNAL_WORDS, TORN_POLL_S)
+            except TimeoutError:
+                pass
+            who = self.claimant(slot)
+            seq = _native.load_u64(self.seg.buf, off)
+            where = f"{self._labels(slot)} of {self.name}"
+            if not who.alive():
+                raise PeerDied(
+                    f"{where} was left mid-write (sequence {seq}) by its writer {who.describe()}: it died between "
+                    f"its two sequence stores. The slot is repaired when a new writer takes it over "
+                    f"(SignalWriter); until then it has no valid record"
+                ) from None
+            if time.monotonic() - since >= TORN_LIMIT_S:
+                raise PeerDied(
+                    f"{where} stuck mid-write for {TORN_LIMIT_S:g} s (sequence {seq}): its writer "
+                    f"{who.describe()} died or was stopped while writing it"
+                ) from None
+
+    def claimant(self, slot: int) -> ProcId:
+        """Who holds the slot's claim (its one writer), or, when nobody does, the writer its record names."""
+        off = self._off(slot)
+        who = claimant_of(_native.load_u64(self.seg.buf, off + layout.SIGNAL_CLAIM))
+        if who is not None:
+            return who
+        buf = self.seg.buf
+        return ProcId(
+            _native.load_u64(buf, off + layout.SIGNAL_WRITER_PID),
+            _native.load_u64(buf, off + layout.SIGNAL_WRITER_START),
+        )
 
     def writer(self, slot: int) -> SignalWriter[E]:
         return SignalWriter(self, slot)
@@ -127,39 +164,78 @@ class SignalArray(Generic[E]):
 
 
 class SignalWriter(Generic[E]):
-    """The one writer of one slot."""
+    """The one writer of one slot (NOTE [ signal slot ] in mpkv.layout)."""
 
     def __init__(self, array: SignalArray[E], slot: int) -> None:
         self.array = array
         self.slot = slot
         self._off = array._off(slot)
         self._me = ProcId.me()
-        # Claim the slot by compare-and-swap of our pid into its claim word: of two processes claiming at once,
-        # one wins. A claim held by a live process is refused; one left by a dead process is taken over.
-        claim = self._off + layout.SIGNAL_CLAIM
+        self._claim_word = claim_word(self._me)
+        self._claim()
+        self._repair()
+
+    def _claim(self) -> None:
+        # Compare-and-swap our pid and start time into the claim word: of two processes claiming at once, one
+        # wins. A claim held by a live process is refused; one left by a dead process is taken over. The word
+        # names its holder whole (one store), so there is no moment where a claimer is judged by another's start
+        # time; the slot's record is not read, so a torn record does not stand in the way of its repair.
+        buf, claim = self.array.seg.buf, self._off + layout.SIGNAL_CLAIM
         while True:
-            held = _native.load_u64(array.seg.buf, claim)
-            if held == self._me.pid:
-                break
-            holder = array.read(slot).writer if held else ProcId(0, 0)
-            if held and (holder.pid != held or holder.alive()) and ProcId.of(int(held)).alive():
+            held = _native.load_u64(buf, claim)
+            if held == self._claim_word:
+                return
+            holder = claimant_of(held)
+            if holder is not None and holder.pid != self._me.pid and holder.alive():
                 raise AttachError(
-                    f"{array._labels(slot)} of {array.name} is written by {ProcId.of(int(held)).describe()}; "
-                    f"pid {self._me.pid} may not write it too"
+                    f"{self.array._labels(self.slot)} of {self.array.name} is written by {holder.describe()}; "
+                    f"pid {self._me.pid} may not write it too (it may once that process gave the slot up or died)"
                 )
-            if _native.cas_u64(array.seg.buf, claim, held, self._me.pid)[0]:
-                break
+            if _native.cas_u64(buf, claim, held, self._claim_word)[0]:
+                return
+
+    def _repair(self) -> None:
+        """A slot left odd by a writer that died mid-write gets a whole record of ours, and readers are woken
+        (NOTE [ torn signal slot ]): the zero member at the epoch found there, aux as found."""
+        buf = self.array.seg.buf
+        if not _native.load_u64(buf, self._off) & 1:
+            return
+        epoch = _native.load_u64(buf, self._off + layout.SIGNAL_EPOCH)
+        aux = _native.load_u64(buf, self._off + layout.SIGNAL_AUX)
+        self._publish(0, epoch, aux)
 
     def write(self, value: E, epoch: int, aux: int = 0) -> None:
         if not isinstance(value, self.array.values):
             raise ProtocolError(f"{value!r} is not a {self.array.values.__name__}")
-        words = (
-            int(value) & (2**64 - 1),
-            epoch,
-            self._me.pid,
-            self._me.start_ticks,
-            time.monotonic_ns(),
-            aux,
-        )
+        self._publish(int(value), epoch, aux)
+
+    def _publish(self, value: int, epoch: int, aux: int) -> None:
+        words = (value & (2**64 - 1), epoch, self._me.pid, self._me.start_ticks, time.monotonic_ns(), aux)
         _native.seq_write(self.array.seg.buf, self._off, words)
         _native.futex_wake(self.array.seg.buf, self._off)
+
+    def release(self) -> None:
+        """Give the slot up, so that another process may become its writer. Idempotent; a no-op when we do not
+        hold it (never did, gave it up already, or it was taken over after a fork)."""
+        _native.cas_u64(self.array.seg.buf, self._off + layout.SIGNAL_CLAIM, self._claim_word, 0)
+
+
+_U32 = 0xFFFFFFFF
+
+
+def claim_word(proc: ProcId) -> int:
+    """The claim word of ``proc``: pid in the low half, start time (clock ticks) modulo 2**32 in the high half."""
+    return proc.pid | (proc.start_ticks & _U32) << 32
+
+
+def claimant_of(word: int) -> ProcId | None:
+    """The process a claim word names (None when 0). A word with no start time in its high half (a bare pid, as
+    docs/control-block.md lets a driver in another language write) is judged by pid alone: whoever has that pid
+    now is taken for it, so such a claim is never taken over from a live process."""
+    pid, start = word & _U32, word >> 32
+    if not pid:
+        return None
+    now = ProcId.of(pid)
+    if start == 0 or (now.start_ticks & _U32) == start:
+        return now  # alive unless there is no such process (or a zombie)
+    return ProcId(pid, start)  # that pid is gone or names another process now: dead (never alive() again)
