@@ -157,11 +157,13 @@ class Client:
         if not batch:
             raise ValueError("an empty batch")
         items = []
+        dest.allocator.sync()  # a lease of a decode pool cleared since is retired now, and refused below
         for request, tokens, blocks, lease in batch:
             check_ids(blocks, self.cfg.device_blocks, "source blocks")
             if dest.allocator.leases.get(lease.slot) is not lease or lease.state != LeaseState.GRANTED:
                 raise LeaseError(
-                    f"send {request!r}: lease {lease.slot} is not a lease in flight granted by {dest.name}"
+                    f"send {request!r}: lease {lease.slot} is not a lease in flight granted by {dest.name} "
+                    f"({lease.retired or lease.state.name}); allocate a new one"
                 )
             if len(lease.blocks) != len(blocks):
                 raise LeaseError(
@@ -217,17 +219,6 @@ class Client:
                         f"serves weight version {lease.weight_version}: refusing stale KV"
                     )
                     break
-        if not reasons and not late:
-            for lease in ticket.leases:
-                if lease.state != LeaseState.GRANTED:  # an earlier wait_send gave up on it: it stays failed
-                    reasons.append(f"lease of {lease.request!r} was already failed: {lease.reason}")
-                    continue
-                why = ticket.dest.allocator.complete(lease)
-                if why:
-                    reasons.append(f"shipped, but {why}")
-        if not reasons and not late:
-            del self._sends[ticket.seq]
-            return dones
         unsettled = [
             f"{role.name.lower()} r{r}"
             for role in (*ticket.also, ticket.role)
@@ -235,11 +226,22 @@ class Client:
             if (role, r) not in got
         ]
         in_use = f"{', '.join(unsettled)} not settled (call wait_send again)" if unsettled else ""
-        for lease in ticket.leases:
-            ticket.dest.allocator.fail(lease, "; ".join(reasons + late))
-            lease.in_use = in_use if any(u.startswith("messager") for u in unsettled) else ""
-        if not unsettled:
-            del self._sends[ticket.seq]
+        assert ticket.dest is not None  # a send's ticket (checked above)
+        allocator = ticket.dest.allocator
+        try:
+            # The allocator settles each lease once: all complete, or all fail (a lease it retired when its pool
+            # was cleared and restored stays as it is, and says why).
+            if not reasons and not late:
+                why = allocator.complete(list(ticket.leases))
+                if not why:
+                    return dones
+                reasons.append(f"shipped, but {why}")
+            writers = in_use if any(u.startswith("messager") for u in unsettled) else ""
+            for lease in ticket.leases:
+                allocator.fail(lease, "; ".join(reasons + late), in_use=writers)
+        finally:
+            if not unsettled:  # every rank reported: nothing more to collect, whatever happened above
+                self._sends.pop(ticket.seq, None)
         extra = f"; its blocks are still in use: {in_use}" if in_use else ""
         raise TransferFailed(f"{ticket.what} (task {ticket.seq}) failed: {'; '.join(reasons + late)}{extra}", dones)
 

@@ -76,11 +76,17 @@ def pid_of(launched: Launched, who: str) -> int:
     return int(launched.lines[0].split(f"{who}=")[1].split()[0].rstrip(")"))
 
 
-def until_waiting(instance: str, role: Role, rank: int, kind: WaitKind) -> None:
-    """Block until that actor publishes a wait of ``kind`` (its wait record; a futex wait, 30 s deadline)."""
+def until_waiting(instance: str, role: Role, rank: int, kind: WaitKind, since_ns: int = 0) -> None:
+    """Block until that actor publishes a wait of ``kind`` begun after ``since_ns`` (CLOCK_MONOTONIC; its wait
+    record, rewritten only when the wait changes; a futex wait, 30 s deadline)."""
     inst = Instance.attach(instance)
     try:
-        inst.waits.wait(actor_slot(role, rank), lambda s: s.value == kind, what=f"{kind.name} wait", timeout_s=30)
+        inst.waits.wait(
+            actor_slot(role, rank),
+            lambda s: s.value == kind and s.epoch > since_ns,
+            what=f"{kind.name} wait",
+            timeout_s=30,
+        )
     finally:
         inst.close()
 
@@ -228,6 +234,48 @@ def test_decode_clear_with_transfers_in_flight(instance: str, rng) -> None:
             assert all(lease.state == LeaseState.FREE for lease in [b[3] for b in batch]), "old leases not returned"
             dctl.shutdown()
             pctl.shutdown()
+        eng.close()
+
+
+@pytest.mark.parametrize("when", ["shipped", "in_flight"])
+def test_decode_clear_restore_before_wait_send(instance: str, rng, when: str) -> None:
+    """The decode instance clears and restores its pool after a batch was shipped into it (every prefill messager
+    reported) or while it is being shipped, before the engine's wait_send. wait_send fails the batch naming the
+    clear (never a LeaseError of the allocator), the allocator takes each lease back exactly once (every block
+    free once), the client keeps no record of the batch, and the next lease, send and wait_send land."""
+    gen = np.random.default_rng(rng.randrange(2**32))
+    env = {"MPKV_JITTER_US": "300000"} if when == "in_flight" else None
+    with pd_pair(instance, prefill_env=env) as (p, d):
+        eng = Engine(p.name, d.name, gen)
+        with Controller(d.name) as dctl:
+            for r in range(eng.cfg.tp):  # idle before the send: a later idle record means the batch is reported
+                until_waiting(p.name, Role.MESSAGER, r, WaitKind.COMMAND)
+            t0 = time.monotonic_ns()
+            batch = [eng.request("gone.0"), eng.request("gone.1")]
+            ticket = eng.p.send(eng.d, batch)
+            if when == "shipped":
+                for r in range(eng.cfg.tp):
+                    until_waiting(p.name, Role.MESSAGER, r, WaitKind.COMMAND, since_ns=t0)
+            else:
+                until_waiting(p.name, Role.MESSAGER, 0, WaitKind.PROGRESS)
+            dctl.pause()
+            dctl.clear()
+            dctl.restore()
+            dctl.resume()
+            with pytest.raises(TransferFailed, match="clear") as err:
+                eng.p.wait_send(ticket, timeout_s=50)
+            assert "still in use" not in str(err.value), err.value
+            assert ticket.seq not in eng.p._sends, "the client kept a record of a settled batch"
+            for _, _, src, lease in batch:
+                assert lease.state == LeaseState.FREE, lease
+                eng.d.allocator.release(lease)  # the allocator took it back already: a second release changes nothing
+                eng.free.extend(src.tolist())
+            free = eng.d.allocator.free
+            assert sorted(free) == list(range(eng.cfg.device_blocks)), "a block was returned twice, or never"
+            after = [eng.request("after.0"), eng.request("after.1")]
+            eng.p.wait_send(eng.p.send(eng.d, after), timeout_s=50)
+            eng.verify(after)
+            eng.done_with(after)
         eng.close()
 
 

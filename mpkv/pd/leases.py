@@ -6,6 +6,10 @@ epoch = the lease's generation, aux = the decode pool's restore epoch at grant),
 allocator, so the decode side and mpkv-top see every transfer in flight. A lease is granted against one pool
 epoch: once the decode instance clears its pool, every lease of the old epoch is failed and its blocks come
 back (the links dropped the old pool before the clear finished, so nothing can write them any more).
+
+Such a lease is *retired*: the allocator settled and released it itself, once, at the first call after the
+restore (``sync``), and says why in ``Lease.retired``. The engine still holds it (in a batch it sends or waits
+for): completing it then returns that reason, failing or releasing it changes nothing, sending it is refused.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class Lease:
     state: LeaseState = LeaseState.GRANTED
     reason: str = ""
     in_use: str = ""  # who may still write or read the blocks (a transfer not settled): release refuses until ""
+    retired: str = ""  # why the allocator took the lease back itself (its pool was cleared): settled and released
 
 
 class Allocator:
@@ -93,14 +98,18 @@ class Allocator:
         epoch, wv = self._current_pool()
         if epoch == self.pool_epoch:
             return
-        old = self.pool_epoch
         self.pool_epoch, self.weight_version = epoch, wv
         for lease in list(self.leases.values()):
             if lease.pool_epoch != epoch:
+                why = (
+                    f"the decode pool of epoch {lease.pool_epoch} was cleared (the decode instance restored "
+                    f"epoch {epoch} since); the allocator took the lease back"
+                )
                 if lease.state == LeaseState.GRANTED:
-                    self._settle(lease, LeaseState.FAILED, f"the decode pool of epoch {old} was cleared")
+                    self._settle(lease, LeaseState.FAILED, why)
                 lease.in_use = ""  # the links let go of that pool before its clear finished: nothing writes it
                 self.release(lease)
+                lease.retired = why
 
     def grant(self, request: str, n_blocks: int) -> Lease:
         self.sync()
@@ -126,22 +135,31 @@ class Allocator:
         self.leases[lease.slot] = lease
         return lease
 
-    def complete(self, lease: Lease) -> str:
-        """Every rank shipped every layer and every prefill worker succeeded: the blocks become readable, if the
-        pool they were shipped into is still the one served. Returns why not (the lease is then failed), or ""."""
-        self._check_held(lease)
-        why = self.pool_gone(lease)
-        if why:
+    def complete(self, leases: list[Lease]) -> str:
+        """Every rank shipped every layer of a batch and every prefill worker succeeded: its leases' blocks become
+        readable, all of them, if the pool they were shipped into is still the one served. Returns why not (then
+        every lease still in flight is failed with it, none completed), or ""."""
+        self.sync()
+        held = [lease for lease in leases if self._held(lease)]
+        why = next((lease.retired for lease in leases if lease.retired), "")
+        for lease in held:
+            if lease.state != LeaseState.GRANTED:  # an earlier wait_send gave up on it: it stays as it is
+                why = why or f"lease of {lease.request!r} was {lease.state.name} already: {lease.reason}"
+            why = why or self.pool_gone(lease)
+        for lease in held:
             if lease.state == LeaseState.GRANTED:
-                self._settle(lease, LeaseState.FAILED, why)
-            return why
-        self._settle(lease, LeaseState.COMPLETE, "")
-        return ""
+                self._settle(lease, LeaseState.FAILED if why else LeaseState.COMPLETE, why)
+        return why
 
-    def fail(self, lease: Lease, reason: str) -> None:
-        self._check_held(lease)
+    def fail(self, lease: Lease, reason: str, in_use: str = "") -> None:
+        """The transfer failed: the blocks hold garbage. ``in_use`` names who may still write them (release
+        refuses until a later fail clears it). A lease the allocator retired already stays as it is."""
+        self.sync()
+        if not self._held(lease):
+            return
         if lease.state == LeaseState.GRANTED:
             self._settle(lease, LeaseState.FAILED, reason)
+        lease.in_use = in_use
 
     def _settle(self, lease: Lease, state: LeaseState, reason: str) -> None:
         if lease.state != LeaseState.GRANTED:
@@ -150,8 +168,10 @@ class Allocator:
         self._write(lease)
 
     def release(self, lease: Lease) -> None:
-        """Give the blocks back (the decode side is done with them, or the transfer failed)."""
-        self._check_held(lease)
+        """Give the blocks back (the decode side is done with them, or the transfer failed). A lease the allocator
+        retired already (its pool was cleared) was given back then: nothing happens."""
+        if not self._held(lease):
+            return
         if lease.state == LeaseState.GRANTED:
             raise LeaseError(f"lease {lease.slot} of {lease.request!r} is still in flight: complete or fail it first")
         if lease.in_use:
@@ -175,6 +195,13 @@ class Allocator:
                     f"{': ' + lease.reason if lease.reason else ''}; they are readable once the transfer completed"
                 )
 
-    def _check_held(self, lease: Lease) -> None:
-        if self.leases.get(lease.slot) is not lease:
-            raise LeaseError(f"lease {lease.slot} of {lease.request!r} is not held by this allocator")
+    def _held(self, lease: Lease) -> bool:
+        """True if this allocator holds the lease, False if it retired it; anything else is a caller's mistake."""
+        if self.leases.get(lease.slot) is lease:
+            return True
+        if lease.retired and lease.pool_epoch != self.pool_epoch:
+            return False
+        raise LeaseError(
+            f"lease {lease.slot} of {lease.request!r} is not held by the allocator of {self.inst.name} "
+            f"({lease.state.name}{': released already' if lease.state == LeaseState.FREE else ''})"
+        )
