@@ -36,6 +36,19 @@ each endpoint owns two lines, so no two processes ever write the same cache line
     endpoint meta:  pid u32 @0 | sleeping u32 @4 | start_ticks u64 @8 | wait_since_ns u64 @16 |
                     heartbeat_ns u64 @24 | state u32 @32 | waiting_on i32 @36 | label 24s @40
 
+NOTE [ endpoint claim ]
+An endpoint is claimed by compare-and-swap of the 64-bit word at meta offset 0 (``pid u32 | sleeping u32``) from
+the value read to ``pid | META_CLAIMING << 32``; the winner then stores its start time, label, heartbeat, state
+ATTACHED, and last (release) ``sleeping = 0``. A claimer judges the holder it finds by pid and start time only when
+the slot says ATTACHED and the word carries no CLAIMING mark; otherwise by pid alone. Why: a SIGKILLed holder
+leaves ATTACHED and its start time behind; a claimer A that won the CAS but has not yet stored its start time
+would, judged by its pid next to the dead holder's start time, look dead, and a second claimer B's CAS would
+succeed too (two writers of one ring, against I1). With the mark, B judges A by pid alone, sees it alive (even if
+stopped) and is refused. The mark costs nothing: a peer reading it as a sleeping flag only wakes a futex in vain.
+A claimer that dies before it clears the mark is judged by pid alone: its slot is free once the pid is gone (a pid
+reused meanwhile keeps it refused while the new process lives: the safe side). ``Barrier._claim`` (pid alone
+until it writes its start) and the signal slots (pid and start in one word, NOTE [ signal slot ]) need no mark.
+
 Positions are byte counters that only grow; a slot index is ``pos % capacity``. A message is a frame:
 ``len u32 | 0 u32 | payload | pad to 8``. When a frame does not fit before the end of the data region, the
 writer writes the wrap mark ``0xFFFFFFFF`` as the length and continues at index 0. Free space is
@@ -139,6 +152,9 @@ assert struct.calcsize("<8sIIQIIQQ") == HDR_READY_OFFSET
 RING_PARAMS = struct.Struct("<QII")
 META_PID, META_SLEEPING, META_START, META_WAIT_SINCE, META_HEARTBEAT = 0, 4, 8, 16, 24
 META_STATE, META_WAITING_ON, META_LABEL = 32, 36, 40
+META_CLAIMING = (
+    0x434C4149  # "CLAI": the high half of the claim word while a claim is under way (NOTE [ endpoint claim ])
+)
 LABEL_BYTES = 24
 FRAME_HEADER_BYTES = 8
 

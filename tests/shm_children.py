@@ -16,6 +16,8 @@ from multiprocessing.connection import Connection
 
 from procs import Phase, report
 
+from mpkv.shm.ring import RingReader, RingWriter
+
 FUTEX_WAITV = 449  # the same number on x86-64 and aarch64
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 _SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO = 0x7FFF0000, 0x00050000
@@ -117,3 +119,30 @@ def die_mid_write(signals: str, slot: int, conn: Connection) -> None:
     _native.store_u64(buf, off, _native.load_u64(buf, off) + 1)  # the first sequence store: odd
     _native.store_u64(buf, off + 8, int(Phase.CLEARING))  # the new value; the epoch word still says 3
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _endpoint(ring: str, endpoint: int) -> RingWriter | RingReader:
+    return RingWriter(ring, label="claimer") if endpoint < 0 else RingReader(ring, endpoint, label="claimer")
+
+
+def hold_endpoint_then_die(ring: str, endpoint: int, conn: Connection) -> None:
+    """Claim the endpoint (-1: the writer, else reader i) and die by SIGKILL holding it (it stays ATTACHED)."""
+    _endpoint(ring, endpoint)
+    conn.send("held")
+    conn.close()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def claim_endpoint_stopping_after_cas(ring: str, endpoint: int, conn: Connection) -> None:
+    """Claim the endpoint, stopping itself (SIGSTOP) right after the winning compare-and-swap; once continued,
+    finish the claim, report, and let go of the endpoint."""
+
+    def body() -> int:
+        from mpkv.shm import ring as ring_module
+
+        ring_module.claim_hook = lambda stage: os.kill(os.getpid(), signal.SIGSTOP) if stage == "won" else None
+        port = _endpoint(ring, endpoint)
+        port.close()
+        return os.getpid()
+
+    report(conn, body)

@@ -4,7 +4,9 @@ repair, endpoint claims that two processes cannot both win, handle records read 
 from __future__ import annotations
 
 import errno
+import os
 import signal
+import time
 
 import procs
 import pytest
@@ -16,6 +18,7 @@ from mpkv import layout
 from mpkv.errors import AttachError, PeerDied
 from mpkv.shm.proc import ProcId
 from mpkv.shm.registry import Registry
+from mpkv.shm.ring import create_ring
 from mpkv.shm.signals import SignalArray, create_signals
 
 
@@ -143,4 +146,36 @@ def test_signal_writer_release_lets_another_process_write(registry: Registry) ->
             assert arr.read(0).writer == ProcId.me()
     finally:
         arr.close()
+    registry.release(seg)
+
+
+# -- 6: at most one live holder of a ring endpoint (NOTE [ endpoint claim ] in mpkv/layout.py) -------------------
+
+
+def _wait_stopped(pid: int) -> None:
+    deadline = time.monotonic() + 60  # catches a hang only: the child stops itself as soon as it won the CAS
+    while ProcId.of(pid).state() != "alive, stopped":
+        assert time.monotonic() < deadline, f"pid {pid} never stopped after its claim: {ProcId.of(pid).state()}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("endpoint", [-1, 0], ids=["writer", "reader0"])
+def test_a_claimer_stopped_after_its_cas_keeps_the_endpoint(registry: Registry, endpoint: int) -> None:
+    """The I1 race: the holder was SIGKILLed (ATTACHED and its start time stay behind); claimer A wins the
+    compare-and-swap and stops before storing its start time; claimer B must see A alive and be refused."""
+    seg = create_ring(registry, "ring", 1 << 12)
+    holder = Child(shm_children.hold_endpoint_then_die, seg.name, endpoint)
+    assert holder.recv(60) == "held"
+    holder.proc.join(60)
+    assert holder.proc.exitcode == -signal.SIGKILL
+    a = Child(shm_children.claim_endpoint_stopping_after_cas, seg.name, endpoint)
+    try:
+        _wait_stopped(a.pid)
+        with pytest.raises(AttachError, match=rf"already held by pid {a.pid} \(alive, stopped\)"):
+            shm_children._endpoint(seg.name, endpoint)
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    assert a.result() == a.pid  # A finished its claim (nobody took the endpoint meanwhile) and let go of it
+    shm_children._endpoint(seg.name, endpoint).close()  # free again: claimable
+    holder.join(10)
     registry.release(seg)

@@ -8,7 +8,8 @@ slices: a dead writer is reported once the ring is drained; a dead or detached r
 the space it holds.
 
 An endpoint is one process: ``RingWriter`` claims the writer slot, ``RingReader`` reader slot i, by a
-compare-and-swap of its pid. A slot whose holder died may be taken over (the position is kept).
+compare-and-swap of its pid. A slot whose holder died may be taken over (the position is kept); at most one live
+process ever holds it (NOTE [ endpoint claim ] in mpkv.layout).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ assert (_native.LINE_BYTES, _native.FRAME_HEADER_BYTES, _native.META_SLEEPING, _
     layout.META_WAITING_ON,
 ), "mpkv/shm/_native.c and mpkv/layout.py disagree on the ring layout: rebuild the C helper"
 EndpointT = TypeVar("EndpointT", bound="_Endpoint")
+# A test hook: called with "won" right after an endpoint claim's compare-and-swap succeeded (a test stops the
+# claimer there to show that a second claimer is refused meanwhile). Always None outside tests.
+claim_hook: Callable[[str], None] | None = None
 
 
 def _left(deadline: float, timeout_s: float, what: str) -> float:
@@ -99,25 +103,40 @@ class _Endpoint:
         return "the writer" if endpoint < 0 else f"reader {endpoint}"
 
     def _claim(self, label: str, endpoint: int) -> None:
+        """NOTE [ endpoint claim ] in mpkv.layout: the claim word is ``pid | CLAIMING << 32`` from the winning
+        compare-and-swap until the claimer has written its start time; judged by pid alone while it says so."""
         buf, off, me = self.seg.buf, self._meta, ProcId.me()
-        # The slot is free when its pid is 0 (never claimed, or released by close) or names a dead process.
-        # A claimer that has won the compare-and-swap but not yet written its start time is alive by pid: so
-        # judge by pid alone until the slot says ATTACHED, and by pid + start time after.
         word = _native.load_u64(buf, off + layout.META_PID)  # pid u32 | sleeping u32
-        pid = word & 0xFFFFFFFF
-        attached = _native.load_u32(buf, off + layout.META_STATE) == EndpointState.ATTACHED
-        holder = self._holder(endpoint) if attached else ProcId.of(int(pid))
-        if pid and (attached or pid != me.pid) and holder.alive():
+        holder = self._claimant(endpoint, word)
+        if holder is not None and (holder.pid != me.pid or self._attached(endpoint)) and holder.alive():
             raise AttachError(f"{self._who(endpoint)} of ring {self.name} is already held by {holder.describe()}")
-        won, _ = _native.cas_u64(buf, off + layout.META_PID, word, me.pid)
+        won, _ = _native.cas_u64(buf, off + layout.META_PID, word, me.pid | layout.META_CLAIMING << 32)
         if not won:
             raise AttachError(f"{self._who(endpoint)} of ring {self.name} was claimed by another process just now")
+        if claim_hook is not None:
+            claim_hook("won")
         _native.store_u64(buf, off + layout.META_START, me.start_ticks)
         buf[off + layout.META_LABEL : off + layout.META_LABEL + layout.LABEL_BYTES] = label.encode()[
             : layout.LABEL_BYTES
         ].ljust(layout.LABEL_BYTES, b"\0")
         _native.store_u64(buf, off + layout.META_HEARTBEAT, time.monotonic_ns())
         _native.store_u32(buf, off + layout.META_STATE, EndpointState.ATTACHED)
+        # Last, with release order: from here on the claim is judged by pid and the start time stored above.
+        _native.store_u32(buf, off + layout.META_SLEEPING, 0)
+
+    def _attached(self, endpoint: int) -> bool:
+        return _native.load_u32(self.seg.buf, self._meta_off(endpoint) + layout.META_STATE) == EndpointState.ATTACHED
+
+    def _claimant(self, endpoint: int, word: int) -> ProcId | None:
+        """Who the endpoint's claim word (pid u32 | sleeping u32) names, to be judged for liveness; None if free.
+        By pid and start time only once the claim is complete (ATTACHED, no CLAIMING mark): before that the start
+        word may still be a dead predecessor's, and would make a live claimer look dead."""
+        pid, mark = word & 0xFFFFFFFF, word >> 32
+        if not pid:
+            return None
+        if mark != layout.META_CLAIMING and self._attached(endpoint):
+            return ProcId(int(pid), _native.load_u64(self.seg.buf, self._meta_off(endpoint) + layout.META_START))
+        return ProcId.of(int(pid))
 
     def _holder(self, endpoint: int) -> ProcId:
         off = self._meta_off(endpoint)
