@@ -55,13 +55,14 @@ from mpkv.protocol import (
     unpack_slots,
 )
 from mpkv.shm.barrier import create_barrier
+from mpkv.shm.records import read_sync_record, write_sync_record
 from mpkv.shm.registry import Registry
 from mpkv.shm.ring import create_ring
 from mpkv.shm.segment import Segment
 from mpkv.shm.signals import SignalArray, create_signals
 
 ERROR_RECORD_BYTES = 4096
-HANDLE_RECORD_BYTES = 1024
+HANDLE_RECORD_BYTES = 1048  # a handle of up to 1024 bytes after the 24-byte header of a synchronised record
 CONFIG_BYTES = 4096
 TASK_RING_BYTES = 1 << 20
 DONE_RING_BYTES = 1 << 23  # a ReadBlocks completion carries a request's KV
@@ -213,10 +214,14 @@ class Instance:
         return self._read_record("errors", slot, ERROR_RECORD_BYTES).decode(errors="replace")
 
     def write_handle(self, rank: int, handle: PoolHandle) -> None:
-        _write_record(self._blob("handles"), rank, HANDLE_RECORD_BYTES, msgspec.msgpack.encode(handle))
+        write_sync_record(self._blob("handles"), rank, HANDLE_RECORD_BYTES, msgspec.msgpack.encode(handle))
 
     def read_handle(self, rank: int) -> PoolHandle:
-        return msgspec.msgpack.decode(self._read_record("handles", rank, HANDLE_RECORD_BYTES), type=PoolHandle)
+        """The handle of one write (NOTE [ synchronised record ] in mpkv.shm.records): a read during a restore
+        never pairs fields of the new handle with the old one's, e.g. the new epoch with the old weight version."""
+        return msgspec.msgpack.decode(
+            read_sync_record(self._blob("handles"), rank, HANDLE_RECORD_BYTES), type=PoolHandle
+        )
 
     def culprits(self) -> str:
         """Who broke the instance: actors that FAILED (with their error's first line) or died without stopping.

@@ -146,3 +146,51 @@ def claim_endpoint_stopping_after_cas(ring: str, endpoint: int, conn: Connection
         return os.getpid()
 
     report(conn, body)
+
+
+def handle_for(i: int) -> bytes:
+    """Handle i: epoch == weight version == i, nbytes and the name's length derived from i too, so a reader can
+    tell a whole record from one that pairs fields (or bytes) of two writes."""
+    import msgspec
+
+    from mpkv.pool import PoolHandle
+
+    return msgspec.msgpack.encode(PoolHandle("cpu", 0, i, i, i * 4096, name="n" * (i % 97)))
+
+
+def rewrite_handles(blob: str, n: int, conn: Connection) -> None:
+    """Rewrite record 0 of ``blob`` n times (handle 1..n), as a pool owner does at each restore."""
+
+    def body() -> int:
+        from mpkv.instance import HANDLE_RECORD_BYTES
+        from mpkv.layout import SegmentKind
+        from mpkv.shm.records import write_sync_record
+        from mpkv.shm.segment import Segment
+
+        seg = Segment.attach(blob, SegmentKind.BLOB)
+        try:
+            for i in range(1, n + 1):
+                write_sync_record(seg, 0, HANDLE_RECORD_BYTES, handle_for(i))
+        finally:
+            seg.close()
+        return n
+
+    report(conn, body)
+
+
+def die_writing_handle(blob: str, conn: Connection) -> None:
+    """Write handle 1 whole, then die (SIGKILL) in the middle of writing handle 2: the record's sequence odd."""
+    from mpkv import _native
+    from mpkv.instance import HANDLE_RECORD_BYTES
+    from mpkv.layout import SEGMENT_HEADER_BYTES, SegmentKind
+    from mpkv.shm.records import write_sync_record
+    from mpkv.shm.segment import Segment
+
+    seg = Segment.attach(blob, SegmentKind.BLOB)
+    write_sync_record(seg, 0, HANDLE_RECORD_BYTES, handle_for(1))
+    conn.send("dying")
+    conn.close()
+    off = SEGMENT_HEADER_BYTES
+    _native.store_u64(seg.buf, off, _native.load_u64(seg.buf, off) + 1)  # as write_sync_record does first
+    seg.buf[off + 24 : off + 34] = b"\xff" * 10  # some bytes of the next handle
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -8,6 +8,7 @@ import os
 import signal
 import time
 
+import msgspec
 import procs
 import pytest
 import shm_children
@@ -15,10 +16,15 @@ from helpers import Child
 from procs import Phase
 
 from mpkv import layout
-from mpkv.errors import AttachError, PeerDied
+from mpkv.errors import AttachError, MpkvError, PeerDied
+from mpkv.instance import HANDLE_RECORD_BYTES
+from mpkv.layout import SegmentKind
+from mpkv.pool import PoolHandle
 from mpkv.shm.proc import ProcId
+from mpkv.shm.records import read_sync_record, write_sync_record
 from mpkv.shm.registry import Registry
 from mpkv.shm.ring import create_ring
+from mpkv.shm.segment import Segment
 from mpkv.shm.signals import SignalArray, create_signals
 
 
@@ -178,4 +184,59 @@ def test_a_claimer_stopped_after_its_cas_keeps_the_endpoint(registry: Registry, 
     assert a.result() == a.pid  # A finished its claim (nobody took the endpoint meanwhile) and let go of it
     shm_children._endpoint(seg.name, endpoint).close()  # free again: claimable
     holder.join(10)
+    registry.release(seg)
+
+
+# -- 3: handle records read whole (NOTE [ synchronised record ] in mpkv/shm/records.py) --------------------------
+
+
+def _handles_blob(registry: Registry) -> Segment:
+    seg = registry.create_segment("handles", SegmentKind.BLOB, HANDLE_RECORD_BYTES * 2)
+    seg.mark_ready()
+    return seg
+
+
+def test_handle_records_are_read_whole_while_rewritten(registry: Registry) -> None:
+    """A pool owner rewrites its handle (restores) while the decode allocator reads it: every read decodes to
+    one write's handle (epoch, weight version, size and name all of handle i), never a mix."""
+    seg = _handles_blob(registry)
+    n = 20_000
+    writer = Child(shm_children.rewrite_handles, seg.name, n)
+    reads, seen = 0, set()
+    try:
+        while True:
+            raw = read_sync_record(seg, 0, HANDLE_RECORD_BYTES)
+            if raw:
+                h = msgspec.msgpack.decode(raw, type=PoolHandle)
+                assert (h.weight_version, h.nbytes, len(h.name)) == (h.epoch, h.epoch * 4096, h.epoch % 97), h
+                reads += 1
+                seen.add(h.epoch)
+                if h.epoch == n:
+                    break
+            elif not writer.proc.is_alive():
+                break
+    finally:
+        assert writer.result() == n
+    assert reads > 0 and len(seen) > 1, f"{reads} reads saw {len(seen)} handles: the race was not exercised"
+    registry.release(seg)
+
+
+def test_a_handle_record_left_mid_write_names_its_dead_writer(registry: Registry) -> None:
+    seg = _handles_blob(registry)
+    dying = Child(shm_children.die_writing_handle, seg.name)
+    try:
+        assert dying.recv(60) == "dying"
+        dying.proc.join(60)
+        assert dying.proc.exitcode == -signal.SIGKILL
+        with pytest.raises(PeerDied, match=rf"record 0 of {seg.name} was left mid-write .* pid {dying.pid} \(dead\)"):
+            read_sync_record(seg, 0, HANDLE_RECORD_BYTES)
+        assert read_sync_record(seg, 1, HANDLE_RECORD_BYTES) == b""  # the other record is untouched
+        # The next writer (the restarted owner) completes the record with a whole handle of its own.
+        write_sync_record(seg, 0, HANDLE_RECORD_BYTES, shm_children.handle_for(3))
+        assert msgspec.msgpack.decode(read_sync_record(seg, 0, HANDLE_RECORD_BYTES), type=PoolHandle).epoch == 3
+        with pytest.raises(MpkvError, match="does not fit"):
+            write_sync_record(seg, 1, HANDLE_RECORD_BYTES, b"x" * HANDLE_RECORD_BYTES)
+        assert read_sync_record(seg, 1, HANDLE_RECORD_BYTES) == b""  # refused: nothing written
+    finally:
+        dying.join(10)
     registry.release(seg)
