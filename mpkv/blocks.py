@@ -1,4 +1,7 @@
-"""Validation of block ids, before anything is copied: range, duplicates, count. Errors name the bad ids."""
+"""Validation of a task's inputs, before anything is written or copied: block and slot ids (range, duplicates,
+count), token ids, request names. The client checks them before a task enters a ring; the actors check them
+again before they use them (another writer of the ring may be buggy), and fail that task, never themselves.
+Errors name the bad values."""
 
 from __future__ import annotations
 
@@ -6,17 +9,40 @@ import numpy as np
 
 from mpkv.errors import MpkvError
 
+MAX_REQUEST_CHARS = 256  # a request's name travels in every task and completion, and shows in errors and logs
+TOKEN_ID_LIMIT = 2**31  # token ids travel as int32
 
-class BadBlocks(MpkvError, ValueError):
+
+class BadTask(MpkvError, ValueError):
+    """A task's arguments cannot be used; nothing was submitted (or, in an actor, the task failed)."""
+
+
+class BadBlocks(BadTask):
     """Block or slot ids that cannot be used; nothing was copied."""
+
+
+class BadRequest(BadTask, TypeError):
+    """An argument of the wrong type (a request name that is not a str, a flag that is not a bool)."""
+
+
+def int_array(values: object, what: str, error: type[BadTask] = BadTask) -> np.ndarray:
+    """``values`` as a 1-D int64 array, refusing anything that is not integers already: a float, even a whole
+    one, a bool or a string would otherwise be truncated or reinterpreted without a word."""
+    try:
+        arr = np.asarray(values)
+    except Exception as e:  # ragged lists, objects that refuse conversion
+        raise error(f"{what} must be a 1-D array of integers; {type(values).__name__} does not convert: {e}") from None
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or (arr.size == 0 and arr.dtype != object)):
+        hint = "; cast whole numbers with .astype(np.int32)" if np.issubdtype(arr.dtype, np.floating) else ""
+        raise error(f"{what} must be a 1-D array of integers, got shape {arr.shape} of {arr.dtype}{hint}")
+    if arr.dtype == np.uint64 and arr.size and int(arr.max()) >= 2**63:
+        raise error(f"{what} {int(arr.max())} out of range")
+    return arr.astype(np.int64)
 
 
 def check_ids(ids: object, limit: int, what: str) -> np.ndarray:
     """``ids`` as an int64 array, after checking 0 <= id < limit and no duplicates."""
-    arr = np.asarray(ids)
-    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-        raise BadBlocks(f"{what} must be a 1-D array of integers, got shape {arr.shape} of {arr.dtype}")
-    arr = arr.astype(np.int64)
+    arr = int_array(ids, what, BadBlocks)
     if arr.size == 0:
         return arr
     ordered = np.sort(arr)  # on the hot path of every task: a sort, not np.unique (ten times slower here)
@@ -27,3 +53,36 @@ def check_ids(ids: object, limit: int, what: str) -> np.ndarray:
     if repeated.size:
         raise BadBlocks(f"{what} {sorted(set(repeated.tolist()))[:8]} appear more than once")
     return arr
+
+
+def check_tokens(tokens: object, vocab: int, block_size: int, n_blocks: int, what: str) -> np.ndarray:
+    """``tokens`` as an int32 array of 1 or more ids in 0..vocab-1, exactly filling ``n_blocks`` blocks (the
+    last one partly)."""
+    arr = int_array(tokens, f"{what}: tokens")
+    if arr.size == 0:
+        raise BadTask(f"{what}: no tokens; a prefill needs at least one")
+    low, high = int(arr.min()), int(arr.max())
+    if low < 0 or high >= min(vocab, TOKEN_ID_LIMIT):
+        raise BadTask(f"{what}: token id {low if low < 0 else high} out of range: valid ids are 0..{vocab - 1}")
+    need = -(-arr.size // block_size)
+    if n_blocks != need:
+        raise BadTask(f"{what}: {arr.size} tokens need {need} blocks of {block_size}, got {n_blocks}")
+    return arr.astype(np.int32)
+
+
+def check_request(request: object) -> str:
+    """A request's name: a non-empty printable str of at most MAX_REQUEST_CHARS characters."""
+    if not isinstance(request, str):
+        raise BadRequest(f"a request's name must be a str, got {type(request).__name__} {request!r:.80}")
+    if not 0 < len(request) <= MAX_REQUEST_CHARS or not request.isprintable():
+        raise BadTask(
+            f"a request's name must be 1..{MAX_REQUEST_CHARS} printable characters, got {len(request)} "
+            f"characters: {request!r:.80}"
+        )
+    return str(request)
+
+
+def check_flag(value: object, what: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise BadRequest(f"{what} must be True or False, got {type(value).__name__} {value!r:.80}")
+    return bool(value)

@@ -16,13 +16,16 @@ rank's reason. Only then may the caller reuse the source blocks, and the decode 
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 import secrets
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from mpkv.blocks import check_ids
-from mpkv.errors import MpkvError, PeerDied
+from mpkv.blocks import BadBlocks, BadTask, check_flag, check_ids, check_request, check_tokens
+from mpkv.errors import MpkvError, PeerDied, WaitTimeout
 from mpkv.instance import CONTROL_COMMAND, TASK_ROLES, Instance
 from mpkv.pd.leases import Allocator, Lease, LeaseError
 from mpkv.protocol import (
@@ -56,6 +59,10 @@ class TaskFailed(MpkvError):
     def __init__(self, message: str, dones: list[Done]) -> None:
         super().__init__(message)
         self.dones = dones
+
+
+class BadTicket(MpkvError, TypeError):
+    """What was waited for is not a ticket of this client; nothing was read."""
 
 
 class TransferFailed(TaskFailed):
@@ -101,29 +108,39 @@ class Client:
         self._seq = itertools.count((self._session << 32) + 1)
 
     # -- tasks --------------------------------------------------------------------------------------------------
+    # Every argument is checked (mpkv.blocks) before anything is written to a ring: a bad one raises a BadTask
+    # (a ValueError; BadRequest, a TypeError, for a wrong type) and submits nothing.
     def prefill(self, request: str, tokens: np.ndarray, blocks: np.ndarray) -> Ticket:
-        check_ids(blocks, self.cfg.device_blocks, "device blocks")
-        seq = next(self._seq)
-        task = Prefill(seq, request, np.asarray(tokens, dtype=np.int32), np.asarray(blocks, dtype=np.int32))
+        request = check_request(request)
+        ids = self._ids(blocks, self.cfg.device_blocks, "device blocks")
+        toks = check_tokens(tokens, self.cfg.vocab, self.cfg.block_size, len(ids), f"prefill {request!r}")
+        task = Prefill(next(self._seq), request, toks, ids)
         return self._submit(Role.WORKER, task, f"prefill {request!r}")
 
     def swap_out(self, blocks: np.ndarray) -> Ticket:
-        check_ids(blocks, self.cfg.device_blocks, "device blocks")
-        seq = next(self._seq)
-        return self._submit(Role.TRANSFER, SwapOut(seq, np.asarray(blocks, dtype=np.int32)), "swap-out")
+        ids = self._ids(blocks, self.cfg.device_blocks, "device blocks")
+        return self._submit(Role.TRANSFER, SwapOut(next(self._seq), ids), "swap-out")
 
     def swap_in(self, slots: np.ndarray, blocks: np.ndarray, free_slots: bool = True) -> Ticket:
-        check_ids(blocks, self.cfg.device_blocks, "device blocks")
-        check_ids(slots, self.cfg.host_blocks, "host slots")
-        seq = next(self._seq)
-        task = SwapIn(seq, np.asarray(slots, dtype=np.int32), np.asarray(blocks, dtype=np.int32), free_slots)
+        ids = self._ids(blocks, self.cfg.device_blocks, "device blocks")
+        host = self._ids(slots, self.cfg.host_blocks, "host slots")
+        if len(host) != len(ids):
+            raise BadBlocks(f"swap-in: {len(host)} host slots for {len(ids)} device blocks")
+        task = SwapIn(next(self._seq), host, ids, check_flag(free_slots, "swap_in's free_slots"))
         return self._submit(Role.TRANSFER, task, "swap-in")
 
     def read_blocks(self, blocks: np.ndarray, host: bool = False) -> Ticket:
+        host = check_flag(host, "read_blocks' host")
+        what, limit = ("host slots", self.cfg.host_blocks) if host else ("device blocks", self.cfg.device_blocks)
+        ids = self._ids(blocks, limit, what)
         if self._allocator is not None and not host:
-            self._allocator.check_readable(blocks)
-        seq = next(self._seq)
-        return self._submit(Role.TRANSFER, ReadBlocks(seq, np.asarray(blocks, dtype=np.int32), host), "read")
+            self._allocator.check_readable(ids)
+        return self._submit(Role.TRANSFER, ReadBlocks(next(self._seq), ids, host), "read")
+
+    @staticmethod
+    def _ids(values: object, limit: int, what: str) -> np.ndarray:
+        """Checked ids, as the int32 array the task carries."""
+        return check_ids(values, limit, what).astype(np.int32)
 
     # -- prefill/decode -----------------------------------------------------------------------------------------
     @property
@@ -195,6 +212,7 @@ class Client:
         The messagers are waited for first: once each reported (or died), nothing writes the destination blocks
         any more. If one has not reported by the deadline, the leases fail but stay *in use* (release refuses)
         and the batch is not settled: the source blocks are still in use too. Call wait_send again to settle."""
+        timeout_s = self._check_wait(ticket, timeout_s, send=True)
         assert ticket.dest is not None, "wait_send takes the ticket of a send"
         got = self._sends.setdefault(ticket.seq, {})  # (role, rank) -> its completion, or None: it died
         late: list[str] = []
@@ -266,8 +284,15 @@ class Client:
 
     # -- completions ---------------------------------------------------------------------------------------------
     def wait(self, ticket: Ticket, timeout_s: float = 60.0) -> list[Done]:
-        """Every rank's completion of ``ticket``, in rank order; raises TaskFailed if any rank failed."""
-        dones = [self._wait_rank(ticket, ticket.role, r, timeout_s) for r in range(self.cfg.tp)]
+        """Every rank's completion of ``ticket``, in rank order; raises TaskFailed if any rank failed.
+
+        A wait that times out loses nothing: the completions it read stay in ``_early`` (per rank ring, keyed by
+        task), and are taken out only once every rank's is there. Wait again to collect the rest."""
+        timeout_s = self._check_wait(ticket, timeout_s, send=False)
+        deadline = time.monotonic() + timeout_s
+        for r in range(self.cfg.tp):
+            self._collect(ticket, ticket.role, r, deadline, timeout_s)
+        dones = [self._early[(ticket.role, r)].pop(ticket.seq) for r in range(self.cfg.tp)]
         bad = [d for d in dones if d.error]
         if bad:
             reasons = "; ".join(f"rank {d.rank}: {d.error}" for d in bad)
@@ -277,17 +302,53 @@ class Client:
         return dones
 
     def _wait_rank(self, ticket: Ticket, role: Role, rank: int, timeout_s: float) -> Done:
+        """One rank's completion of ``ticket``, taken out: the caller keeps it from now on."""
+        self._collect(ticket, role, rank, time.monotonic() + timeout_s, timeout_s)
+        return self._early[(role, rank)].pop(ticket.seq)
+
+    def _collect(self, ticket: Ticket, role: Role, rank: int, deadline: float, timeout_s: float) -> None:
+        """Read (role, rank)'s completion ring until ``ticket``'s completion is in ``_early``. Every completion
+        read is kept there, ours or another ticket's (the caller may wait for its tickets in any order), until
+        the caller takes it out; a timeout leaves it all in place."""
         key = (role, rank)
-        early = self._early[key]
+        early, ring = self._early[key], self._done[key]
         while ticket.seq not in early:
+            raw = ring.try_get()
             try:
-                raw = self._done[key].get(timeout_s=timeout_s)
+                if raw is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise WaitTimeout("its completion ring is empty")
+                    raw = ring.get(timeout_s=left)
             except PeerDied as e:
                 raise PeerDied(f"{ticket.what} (task {ticket.seq}) lost: {self.inst.culprits()}. ({e})") from None
+            except WaitTimeout as e:
+                raise WaitTimeout(
+                    f"{ticket.what} (task {ticket.seq}): no completion from {role.name.lower()} r{rank} within "
+                    f"{timeout_s:g} s ({e}); the completions read so far are kept: wait again to collect them"
+                ) from None
             done = DONE_CODEC.decode(raw)
             if done.seq >> 32 == self._session:  # else: an earlier client's, dropped
                 early[done.seq] = done
-        return early.pop(ticket.seq)
+
+    def _check_wait(self, ticket: object, timeout_s: object, send: bool) -> float:
+        """Refuse what is not a ticket this client issued (waiting for it could only time out), a send's ticket
+        to ``wait`` or another to ``wait_send``, and a timeout that is not a positive finite number of seconds
+        (every wait is bounded). Nothing is read before this passed."""
+        if not isinstance(ticket, Ticket):
+            raise BadTicket(f"expected a Ticket returned by this client's prefill/swap/read/send, got {ticket!r:.80}")
+        ours = isinstance(ticket.role, Role) and isinstance(ticket.seq, int) and ticket.seq >> 32 == self._session
+        if not ours or (ticket.role, 0) not in self._done:
+            raise BadTicket(
+                f"{ticket.what!r:.80} (task {ticket.seq!r:.40}) was not submitted by this client of {self.name}: "
+                "wait on the client that submitted it"
+            )
+        if send != (ticket.dest is not None):
+            raise BadTicket(f"{ticket.what} (task {ticket.seq}): use {'wait' if send else 'wait_send'} for it")
+        seconds = float(timeout_s) if isinstance(timeout_s, numbers.Real) and not isinstance(timeout_s, bool) else 0
+        if not 0 < seconds < math.inf:
+            raise BadTask(f"timeout_s must be a positive, finite number of seconds, got {timeout_s!r:.40}")
+        return seconds
 
     def close(self) -> None:
         for port in [*self._tasks.values(), *self._done.values()]:

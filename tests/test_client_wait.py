@@ -1,0 +1,96 @@
+"""Client.wait against a real instance: a wait that times out half-way (one rank's completion read, another's
+not there yet) loses nothing; a later wait returns every rank's completion."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from instances import Launched
+
+from mpkv.client import BadTicket, Client, Ticket
+from mpkv.errors import WaitTimeout
+from mpkv.protocol import Role, actor_slot
+
+
+def test_a_wait_that_times_out_on_one_rank_keeps_the_other_ranks_completion(instance: str) -> None:
+    with Launched(instance, tp=2), Client(instance) as client:
+        stopped = client.inst.status.read(actor_slot(Role.TRANSFER, 1)).writer.pid
+        os.kill(stopped, signal.SIGSTOP)  # transfer r1 reads nothing until SIGCONT: its completion cannot come
+        try:
+            ticket = client.read_blocks(np.array([0, 1]))
+            # Poll until a wait got past rank 0 (its completion was read) and timed out on rank 1: the window in
+            # which a wait used to drop rank 0's completion. The deadline only catches a hang.
+            deadline = time.monotonic() + 60
+            while True:
+                assert time.monotonic() < deadline, "rank 0's completion never arrived"
+                with pytest.raises(WaitTimeout) as timed_out:
+                    client.wait(ticket, timeout_s=0.05)
+                if "transfer r1" in str(timed_out.value):
+                    break
+                assert "transfer r0" in str(timed_out.value), timed_out.value
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        dones = client.wait(ticket, timeout_s=60)
+        assert [d.rank for d in dones] == [0, 1]
+        assert all(d.seq == ticket.seq and not d.error and len(d.data) > 0 for d in dones)
+
+
+def test_polling_waits_lose_no_completion(instance: str) -> None:
+    """The issue's reproduction: tickets polled by waits of 0.1 ms, one at a time right after each is
+    submitted, then any left over in turn until each is complete. Transfer r1 runs niced on this process's
+    core, so its completion often comes later than rank 0's: the window a wait used to lose rank 0's in."""
+    with Launched(instance, tp=2), Client(instance) as client:
+        slow = client.inst.status.read(actor_slot(Role.TRANSFER, 1)).writer.pid
+        core = {min(os.sched_getaffinity(0))}
+        mine = os.sched_getaffinity(0)
+        os.setpriority(os.PRIO_PROCESS, slow, 19)
+        os.sched_setaffinity(slow, core)
+        os.sched_setaffinity(0, core)
+        tickets: list[Ticket] = []
+        done: dict[int, list[int]] = {}
+        timeouts = 0
+
+        def poll(i: int) -> None:
+            nonlocal timeouts
+            try:
+                done[i] = [d.rank for d in client.wait(tickets[i], timeout_s=1e-4)]
+            except WaitTimeout:
+                timeouts += 1
+
+        try:
+            for i in range(12):
+                tickets.append(client.read_blocks(np.arange(8) + 8 * (i % 8)))
+                for _ in range(20):
+                    if i not in done:
+                        poll(i)
+            deadline = time.monotonic() + 30  # catches a hang (a lost completion) only
+            while len(done) < len(tickets):
+                assert time.monotonic() < deadline, f"tickets never completed: {sorted(set(range(12)) - set(done))}"
+                for i in sorted(set(range(len(tickets))) - set(done)):
+                    poll(i)
+        finally:
+            os.sched_setaffinity(0, mine)
+        assert all(ranks == [0, 1] for ranks in done.values()), done
+        print(f"{timeouts} waits timed out on the way")
+
+
+def test_wait_refuses_what_is_not_its_ticket(instance: str) -> None:
+    with Launched(instance, tp=2), Client(instance) as client:
+        ticket = client.read_blocks(np.array([0]))
+        for bad in (None, 7, "ticket", (Role.TRANSFER, ticket.seq)):
+            with pytest.raises(BadTicket, match="expected a Ticket"):
+                client.wait(bad)  # type: ignore[arg-type]
+        with pytest.raises(BadTicket, match="was not submitted by this client"):
+            client.wait(Ticket(Role.TRANSFER, ticket.seq ^ 1 << 40, "another client's"))
+        with pytest.raises(BadTicket, match="was not submitted by this client"):
+            client.wait(Ticket(Role.MESSAGER, ticket.seq, "forged"))
+        with pytest.raises(BadTicket, match="use wait for it"):
+            client.wait_send(ticket)
+        for timeout in (0, -1, float("nan"), float("inf"), "5", True):
+            with pytest.raises(ValueError, match="timeout_s must be a positive, finite number"):
+                client.wait(ticket, timeout_s=timeout)  # type: ignore[arg-type]
+        assert [d.rank for d in client.wait(ticket)] == [0, 1]  # none of the refusals read or lost anything
