@@ -10,9 +10,12 @@ reclaims the names.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import multiprocessing as mp
 import os
 import signal
+import stat
+import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait as wait_sentinels
@@ -37,6 +40,36 @@ class LaunchError(MpkvError):
     """The instance could not start, or an actor died: the message names it."""
 
 
+class UnsafeDir(MpkvError):
+    """A directory we would write into is not private to us; the message is "<path> <what is wrong>"."""
+
+
+def open_private_dir(path: str, dir_fd: int | None = None) -> int:
+    """Make ``path`` (mode 0700) unless it exists, then open it without following a link and judge the opened
+    directory, not the path (fstat: nothing can be swapped in between): ours, and no access for anyone else.
+    Returns the open fd. Once judged, it stays ours: in a sticky or private parent no one else can replace it."""
+    try:
+        os.mkdir(path, 0o700, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        what = "is a symbolic link or not a directory" if e.errno in (errno.ELOOP, errno.ENOTDIR) else e.strerror
+        raise UnsafeDir(f"{path} {what}") from None
+    st = os.fstat(fd)
+    mode = stat.S_IMODE(st.st_mode)
+    problem = None
+    if st.st_uid != os.getuid():
+        problem = f"belongs to uid {st.st_uid}, not to us (uid {os.getuid()})"
+    elif mode & 0o077:
+        problem = f"has mode {mode:04o}: other users could read the logs or plant links in it"
+    if problem:
+        os.close(fd)
+        raise UnsafeDir(f"{path} {problem}")
+    return fd
+
+
 def _exit_words(code: int | None) -> str:
     if code is None:
         return "still running"
@@ -56,15 +89,10 @@ class Launcher:
         stale = cleanup(instance=self.name)
         if stale.removed:
             logger.warning("reclaimed {} names of a dead earlier run of {}", len(stale.removed), self.name)
+        self.cfg = dataclasses.replace(self.cfg, log_dir=self._log_dir())
         # Signals only set a flag from here on: the teardown below always runs to its end (a second Ctrl-C
         # cannot abort the unlinking half-way); the previous handlers come back after it.
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        # Logs hold prompts' request ids and errors: per user, mode 0700 (DESIGN I8), like the segments.
-        logs = os.environ.get("MPKV_LOG_DIR", f"/tmp/mpkv-logs.u{os.getuid()}")
-        log_dir = os.path.join(logs, self.name)
-        for d in (logs, log_dir):  # makedirs' mode applies to the leaf only
-            os.makedirs(d, mode=0o700, exist_ok=True)
-        self.cfg = dataclasses.replace(self.cfg, log_dir=log_dir)
         try:
             inst = Instance.create(self.name, self.cfg)
         except BaseException:
@@ -107,6 +135,33 @@ class Launcher:
             for s, h in old.items():
                 signal.signal(s, h)
         return code
+
+    def _log_dir(self) -> str:
+        """<root>/<instance>, every level ours and 0700: logs hold request ids and errors (DESIGN I8). The default
+        root (<tmp>/mpkv-logs.u<uid>) sits in a world-writable directory where another user may have made it
+        first: then a fresh private root is used instead, and said. A root the user named (MPKV_LOG_DIR) that is
+        not private is refused: the user asked for that place."""
+        named = os.environ.get("MPKV_LOG_DIR")
+        root = named or os.path.join(tempfile.gettempdir(), f"mpkv-logs.u{os.getuid()}")
+        if named:
+            os.makedirs(os.path.dirname(os.path.abspath(named)), mode=0o700, exist_ok=True)
+        try:
+            root_fd = open_private_dir(root)
+        except UnsafeDir as e:
+            if named:
+                raise LaunchError(
+                    f"log directory {e}: refusing to log there; fix it, or set MPKV_LOG_DIR to a directory of yours"
+                ) from None
+            fresh = tempfile.mkdtemp(prefix=f"mpkv-logs.u{os.getuid()}.")  # 0700, created O_EXCL
+            self.say(f"mpkv: instance {self.name}: log directory {e}; logging to a fresh private {fresh} instead")
+            root, root_fd = fresh, open_private_dir(fresh)
+        try:
+            os.close(open_private_dir(self.name, dir_fd=root_fd))
+        except UnsafeDir as e:
+            raise LaunchError(f"log directory {os.path.join(root, str(e))}: refusing to log there") from None
+        finally:
+            os.close(root_fd)
+        return os.path.join(root, self.name)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop_signal = signum

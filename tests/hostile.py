@@ -76,14 +76,16 @@ def squat(paths: list[str], conn: Connection) -> None:
     report(conn, body)
 
 
-def hijack_dir(root: str, links: dict[str, str], conn: Connection) -> None:
-    """Make ``root`` a world-writable directory of the other user's, holding symlinks name -> target."""
+def hijack_dir(root: str, sub: str, links: dict[str, str], conn: Connection) -> None:
+    """Make ``root`` and ``root/sub`` world-writable directories of the other user's, with symlinks name -> target
+    in ``root/sub``: what a log directory made with exist_ok and no check would be taken over by."""
 
     def body() -> None:
         become_nobody()
-        os.mkdir(root)
-        os.chmod(root, 0o777)
+        for d in (root, os.path.join(root, sub)):
+            os.mkdir(d)
+            os.chmod(d, 0o777)
         for name, target in links.items():
-            os.symlink(target, os.path.join(root, name))
+            os.symlink(target, os.path.join(root, sub, name))
 
     report(conn, body)

@@ -4,6 +4,13 @@ to uid 65534 (tests/hostile.py); what it creates is removed here, as root, so th
 from __future__ import annotations
 
 import os
+import pathlib
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
 
 import hostile
 import numpy as np
@@ -15,7 +22,7 @@ from instances import Launched, prefill_and_verify
 from mpkv import naming
 from mpkv.client import Client
 from mpkv.controller import Controller
-from mpkv.errors import NameTaken
+from mpkv.errors import MpkvError, NameTaken
 from mpkv.layout import SegmentKind
 from mpkv.shm.cleanup import cleanup
 from mpkv.shm.registry import Registry
@@ -137,3 +144,95 @@ def test_a_taken_pool_name_is_skipped_for_a_fresh_one(instance: str, monkeypatch
     finally:
         os.unlink(taken)
         reg.destroy()
+
+
+@pytest.fixture
+def tmp_root(instance: str) -> Iterator[str]:
+    """A sticky, world-writable directory like /tmp, for this test alone (the real /tmp's mpkv-logs.u0 is other
+    runs' business): the launcher's temporary directory (TMPDIR) in the log tests."""
+    base = os.path.join("/tmp", f"mpkv-test-{instance}")
+    os.mkdir(base)
+    os.chmod(base, 0o1777)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base)
+
+
+def _victim(base: str) -> tuple[str, bytes]:
+    path = os.path.join(base, "victim")
+    content = b"a file of root's that no log line may reach\n"
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.write(fd, content)
+    os.close(fd)
+    return path, content
+
+
+def _hijack_logs(root: str, instance: str, victim: str) -> None:
+    links = {f"{role}.r0.log": victim for role in ("worker", "transfer", "messager")}
+    Child(hostile.hijack_dir, root, instance, links).result(30)
+
+
+@needs_root
+def test_a_hijacked_log_root_is_not_used(instance: str, tmp_root: str) -> None:
+    """Point 13: uid 65534 made the default log root first (0777) with <instance>/worker.r0.log -> a victim file.
+    The launcher must not log there: it says so and logs to a fresh private directory; the victim is untouched."""
+    victim, content = _victim(tmp_root)
+    hijacked = os.path.join(tmp_root, "mpkv-logs.u0")
+    _hijack_logs(hijacked, instance, victim)
+    with Launched(instance, tp=1, env={"TMPDIR": tmp_root}) as launched, Controller(instance) as ctl:
+        log_dir = ctl.status()["config"]["log_dir"]
+        ctl.shutdown()
+    with open(victim, "rb") as f:
+        assert f.read() == content, "the actors wrote log lines through the planted link"
+    said = "".join(launched.lines)
+    assert f"log directory {hijacked} belongs to uid {hostile.NOBODY}" in said, said
+    assert "logging to a fresh private" in said
+    assert not log_dir.startswith(hijacked + "/")
+    for d in (log_dir, os.path.dirname(log_dir)):
+        st = os.lstat(d)
+        assert stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o700, d
+    log = os.path.join(log_dir, "worker.r0.log")
+    assert stat.S_IMODE(os.stat(log).st_mode) == 0o600 and os.path.getsize(log) > 0
+
+
+@needs_root
+def test_a_hijacked_named_log_dir_is_refused(instance: str, tmp_root: str) -> None:
+    """Point 13, MPKV_LOG_DIR: a log root the user named but another user owns is refused, by name, before
+    anything is created; the victim is untouched."""
+    victim, content = _victim(tmp_root)
+    named = os.path.join(tmp_root, "logs")
+    _hijack_logs(named, instance, victim)
+    args = [sys.executable, "-m", "mpkv.cli", "launch", "--name", instance, "--tp", "1"]
+    env = dict(os.environ, MPKV_LOG_DIR=named, TMPDIR=tmp_root)
+    with open(os.path.join(tmp_root, "stderr"), "w+") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        assert proc.stdout is not None
+        try:
+            first = proc.stdout.readline()  # "... ready" had it launched (and logged), "" once it refused and exited
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            code = proc.wait(60)
+            proc.stdout.close()
+        err.seek(0)
+        said = err.read()
+    with open(victim, "rb") as f:
+        assert f.read() == content, "the actors wrote log lines through the planted link"
+    assert (code, first) == (1, ""), said
+    assert f"log directory {named} belongs to uid {hostile.NOBODY}, not to us (uid 0): refusing" in said
+
+
+def test_log_files_are_never_opened_through_a_link(tmp_path: pathlib.Path) -> None:
+    """Point 13, the last line of defence: the actor's log opener refuses a link even in a directory of ours."""
+    from mpkv.actors.entry import private_log_opener
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched")
+    (tmp_path / "worker.r0.log").symlink_to(victim)
+    with pytest.raises(MpkvError, match=r"worker.r0.log cannot be opened: it is a symbolic link"):
+        private_log_opener(str(tmp_path / "worker.r0.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    fd = private_log_opener(str(tmp_path / "new.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.close(fd)
+    assert stat.S_IMODE(os.stat(tmp_path / "new.log").st_mode) == 0o600
+    assert victim.read_bytes() == b"untouched"

@@ -6,9 +6,11 @@ Kept free of torch at import time: the launcher imports this module, and starts 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import random
 import signal
+import stat
 import sys
 import time
 import traceback
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
+from mpkv.errors import MpkvError
 from mpkv.protocol import ActorState, Role, actor_name, actor_slot
 
 if TYPE_CHECKING:
@@ -88,6 +91,24 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def private_log_opener(path: str, flags: int) -> int:
+    """loguru opens (and, at each rotation, reopens) the log file through this: never through a link (O_NOFOLLOW),
+    created 0600, and only a regular file of ours is written. The launcher made the directory private; this
+    holds even when a directory is not what it should be."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+        raise MpkvError(f"log file {path} cannot be opened: {why}; refusing to write to it") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+        os.close(fd)
+        raise MpkvError(f"log file {path} is not a regular file of uid {os.getuid()}: refusing to write to it")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.fchmod(fd, 0o600)  # ours, left readable by an older mpkv: private from now on
+    return fd
+
+
 def actor_main(role: Role, instance: str, rank: int) -> None:
     """Entry point of an actor process (spawned by the launcher)."""
     die_with_parent()
@@ -104,12 +125,13 @@ def actor_main(role: Role, instance: str, rank: int) -> None:
     fmt = "{time:HH:mm:ss.SSS} " + f"{role.name.lower()}:r{rank} " + "{level} {message}"
     logger.add(sys.stderr, level=os.environ.get("MPKV_LOG_LEVEL", "WARNING"), format=fmt)
     inst = Instance.attach(instance)
-    if inst.cfg.log_dir:  # one file per actor, every line with its role and rank; shown by mpkv-top, ctl status
-        logger.add(f"{inst.cfg.log_dir}/{role.name.lower()}.r{rank}.log", level="INFO", format=fmt, rotation="10 MB")
-    logger.info("started: pid {}, instance {} run {}", os.getpid(), instance, inst.registry.run_id)
     actor: Actor | None = None
     code, state, text = 0, S.STOPPED, ""
     try:
+        if inst.cfg.log_dir:  # one file per actor, each line with its role and rank; shown by mpkv-top, ctl status
+            path = f"{inst.cfg.log_dir}/{role.name.lower()}.r{rank}.log"
+            logger.add(path, level="INFO", format=fmt, rotation="10 MB", opener=private_log_opener)
+        logger.info("started: pid {}, instance {} run {}", os.getpid(), instance, inst.registry.run_id)
         fault_point(role, rank, "start")
         actor = role_cls(inst, rank)
         profile_to = os.environ.get("MPKV_PROFILE")  # a developer's switch: cProfile each actor into files
