@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from instances import Launched, prefill_and_verify, verify
 
-from mpkv.blocks import BadBlocks
+from mpkv.blocks import BadBlocks, BadTask
 from mpkv.client import Client, InstanceNotServing, TaskFailed
 from mpkv.controller import CommandRefused, Controller
 from mpkv.errors import AttachError
 from mpkv.naming import list_names
-from mpkv.protocol import ActorState, Role, SwapIn, SwapOut
+from mpkv.protocol import ActorState, Prefill, Role, SwapIn, SwapOut
 
 OWNERS = ["worker", "transfer"]
 
@@ -114,8 +114,11 @@ def test_bad_blocks_are_refused_before_anything_is_copied(instance: str) -> None
         unowned = SwapIn(next(client._seq), np.array([5], dtype=np.int32), np.array([1], dtype=np.int32))
         with pytest.raises(TaskFailed, match=r"host slots \[5\] hold nothing"):
             client.wait(client._submit(Role.TRANSFER, unowned, "raw swap-in"))
+        with pytest.raises(BadTask, match="10 tokens need 2 blocks of 8, got 1"):
+            client.prefill("short", np.arange(10), np.array([4]))
+        short = Prefill(next(client._seq), "short", np.arange(10, dtype=np.int32), np.array([4], dtype=np.int32))
         with pytest.raises(TaskFailed, match="10 tokens need 2 blocks of 8, got 1"):
-            client.wait(client.prefill("short", np.arange(10), np.array([4])))
+            client.wait(client._submit(Role.WORKER, short, "raw prefill"))
         ctl.shutdown()
 
 
