@@ -3,10 +3,61 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
+from mpkv.config import CacheConfig
 from mpkv.errors import MpkvError
+from mpkv.protocol import MAX_WEIGHT_VERSION
+
+
+class UsageError(MpkvError, ValueError):
+    """A flag or a config value the command cannot use; nothing was started or written."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every usage error is one line on stderr (exit 2), as every other error of the command is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# Flag types: argparse turns their ValueError into "argument --x: invalid <name> value: '...'".
+def positive_int(text: str) -> int:
+    v = int(text)
+    if v <= 0:
+        raise ValueError(text)
+    return v
+
+
+def weight_version(text: str) -> int:
+    v = int(text)
+    if not 0 <= v <= MAX_WEIGHT_VERSION:
+        raise ValueError(text)
+    return v
+
+
+def seconds(text: str) -> float:
+    v = float(text)
+    if not 0 < v < math.inf:  # also refuses nan: every wait is bounded, and a deadline in the past is a typo
+        raise ValueError(text)
+    return v
+
+
+def port(text: str) -> int:
+    v = int(text)
+    if not 0 <= v <= 65535:
+        raise ValueError(text)
+    return v
+
+
+positive_int.__name__ = "positive integer"
+weight_version.__name__ = f"weight version (0..{MAX_WEIGHT_VERSION})"
+seconds.__name__ = "positive number of seconds"
+port.__name__ = "port (0: off, else 1024..65535)"
 
 
 def _cleanup(args: argparse.Namespace) -> int:
@@ -31,20 +82,42 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from mpkv.config import CacheConfig
     from mpkv.launcher import Launcher
 
-    base = CacheConfig.from_json(open(args.config).read()) if args.config else CacheConfig()
-    overrides = {k: v for k, v in vars(args).items() if k in base.__dataclass_fields__ and v is not None}
-    cfg = CacheConfig(**(base.__dict__ | overrides))
+    try:
+        base = _config_file(args.config) if args.config else CacheConfig()
+        overrides = {k: v for k, v in vars(args).items() if k in base.__dataclass_fields__ and v is not None}
+        cfg = CacheConfig(**(base.__dict__ | overrides))
+    except ValueError as e:
+        raise UsageError(f"launch {args.name}: {e}") from None
     return Launcher(args.name, cfg, say=lambda line: print(line, flush=True)).run()
 
 
-def _ctl(args: argparse.Namespace) -> int:
-    import json
+def _config_file(path: str) -> CacheConfig:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the config file {path}: {e}") from None
+    try:
+        fields = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"the config file {path} is not JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"the config file {path} must hold a JSON object of CacheConfig fields")
+    return CacheConfig.from_json(text)
 
+
+def _ctl(args: argparse.Namespace) -> int:
     from mpkv.controller import Controller
 
+    for flag, value, action in (
+        ("--weight-version", args.weight_version is not None, "restore"),
+        ("--device-only", args.device_only, "clear"),
+        ("--host-only", args.host_only, "clear"),
+    ):
+        if value and args.action != action:
+            raise UsageError(f"ctl {args.name} {args.action}: {flag} applies to {action} only; nothing was done")
     with Controller(args.name, timeout_s=args.timeout) as ctl:
         if args.action == "status":
             st = ctl.status()
@@ -103,7 +176,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mpkv", description="Multiprocess KV-cache runtime.")
+    p = _Parser(prog="mpkv", description="Multiprocess KV-cache runtime.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     c = sub.add_parser("cleanup", help="remove the shared-memory names of instances whose processes are all dead")
@@ -113,20 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     lp = sub.add_parser("launch", help="start an instance; prints one line when ready; runs until stopped")
     lp.add_argument("--name", required=True)
-    lp.add_argument("--tp", type=int)
+    lp.add_argument("--tp", type=positive_int)
     lp.add_argument("--backend", choices=["cpu", "cuda"])
     lp.add_argument("--config", help="a JSON file of CacheConfig fields; flags override it")
     for flag, typ in (
-        ("layers", int),
-        ("kv-heads", int),
-        ("head-dim", int),
-        ("block-size", int),
+        ("layers", positive_int),
+        ("kv-heads", positive_int),
+        ("head-dim", positive_int),
+        ("block-size", positive_int),
         ("dtype", str),
-        ("device-blocks", int),
-        ("host-blocks", int),
-        ("weight-version", int),
-        ("hidden", int),
-        ("nixl-port", int),
+        ("device-blocks", positive_int),
+        ("host-blocks", positive_int),
+        ("weight-version", weight_version),
+        ("hidden", positive_int),
+        ("vocab", positive_int),
+        ("nixl-port", port),
     ):
         lp.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"))
     lp.add_argument("--pool-owner", choices=["worker", "transfer"], dest="pool_owner")
@@ -141,16 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("ctl", help="control a running instance (the RL transaction)")
     cp.add_argument("name")
     cp.add_argument("action", choices=["status", "pause", "resume", "clear", "restore", "shutdown"])
-    cp.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for every actor (default 60)")
+    cp.add_argument("--timeout", type=seconds, default=60.0, help="seconds to wait for every actor (default 60)")
     cp.add_argument("--json", action="store_true")
-    cp.add_argument("--weight-version", type=int, help="restore: the new weight version (default: unchanged)")
-    cp.add_argument("--device-only", action="store_true", help="clear: only the device tier")
-    cp.add_argument("--host-only", action="store_true", help="clear: only the host tier")
+    cp.add_argument("--weight-version", type=weight_version, help="restore: the new weight version (default: same)")
+    tier = cp.add_mutually_exclusive_group()
+    tier.add_argument("--device-only", action="store_true", help="clear: only the device tier")
+    tier.add_argument("--host-only", action="store_true", help="clear: only the host tier")
     cp.set_defaults(func=_ctl)
 
     dp = sub.add_parser("demo", help="the main job: a TP=2 instance, prefills, swaps, RL cycles, every byte verified")
-    dp.add_argument("--cycles", type=int, default=20)
-    dp.add_argument("--tp", type=int, default=2)
+    dp.add_argument("--cycles", type=positive_int, default=20)
+    dp.add_argument("--tp", type=positive_int, default=2)
     dp.add_argument("--quick", action="store_true", help="a short run")
     dp.set_defaults(func=_demo)
 

@@ -6,7 +6,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING
 
-from mpkv.protocol import PdRole, PoolOwner
+from mpkv.blocks import TOKEN_ID_LIMIT
+from mpkv.protocol import MAX_WEIGHT_VERSION, PdRole, PoolOwner
 
 if TYPE_CHECKING:
     import torch
@@ -50,15 +51,25 @@ class CacheConfig:
             "host_blocks",
             "tp",
             "hidden",
+            "vocab",
         ):
             v = getattr(self, f)
-            if not isinstance(v, int) or v <= 0:
+            if not _is_int(v) or v <= 0:
                 raise ValueError(f"config: {f} must be a positive integer, got {v!r}")
+        if self.vocab > TOKEN_ID_LIMIT:
+            raise ValueError(f"config: vocab must be at most {TOKEN_ID_LIMIT} (token ids are int32), got {self.vocab}")
+        wv = self.weight_version
+        if not _is_int(wv) or not 0 <= wv <= MAX_WEIGHT_VERSION:
+            raise ValueError(f"config: weight_version must be an integer in 0..{MAX_WEIGHT_VERSION}, got {wv!r}")
+        if not _is_int(self.nixl_port):
+            raise ValueError(f"config: nixl_port must be an integer, got {self.nixl_port!r}")
+        if not isinstance(self.log_dir, str):
+            raise ValueError(f"config: log_dir must be a path, got {self.log_dir!r}")
         if self.nixl_port and not 1024 <= self.nixl_port <= 65535 - self.tp:
             raise ValueError(f"config: nixl_port must be 0 (off) or a port in 1024..{65535 - self.tp}")
         if self.kv_heads % self.tp:
             raise ValueError(f"config: kv_heads ({self.kv_heads}) must be divisible by tp ({self.tp})")
-        if self.dtype not in DTYPE_BYTES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPE_BYTES:
             raise ValueError(f"config: dtype {self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
         if self.backend not in ("cpu", "cuda"):
             raise ValueError(f"config: backend must be 'cpu' or 'cuda', got {self.backend!r}")
@@ -112,6 +123,10 @@ class CacheConfig:
         if unknown:
             raise ValueError(f"config: unknown keys {unknown}; known keys are {sorted(known)}")
         return cls(**d)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, never a size here
 
 
 def _named(enum_type: type[PoolOwner] | type[PdRole], value: object, what: str) -> PoolOwner | PdRole:
