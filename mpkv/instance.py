@@ -36,7 +36,7 @@ import time
 import msgspec
 
 from mpkv.config import CacheConfig
-from mpkv.errors import MpkvError
+from mpkv.errors import AttachError, MpkvError
 from mpkv.layout import SegmentKind
 from mpkv.pool import PoolHandle
 from mpkv.protocol import (
@@ -94,7 +94,7 @@ class Instance:
         self.name = registry.instance
         self._owned = owned or []
         self._blobs: dict[str, Segment] = {}
-        self.cfg = CacheConfig.from_json(self._read_record("config", 0, CONFIG_BYTES).decode())
+        self.cfg = self._read_config()
         self.control: SignalArray[Cmd] = SignalArray(self.name_of("control"), Cmd, labels=_control_label)
         self.status: SignalArray[ActorState] = SignalArray(
             self.name_of("status"), ActorState, labels=lambda i: _actor_label(i, self.cfg.tp)
@@ -149,7 +149,22 @@ class Instance:
 
     @classmethod
     def attach(cls, name: str) -> Instance:
-        return cls(Registry.attach(name))
+        reg = Registry.attach(name)
+        try:
+            return cls(reg)
+        except BaseException:
+            reg.close()  # a refused attach keeps nothing mapped
+            raise
+
+    def _read_config(self) -> CacheConfig:
+        raw = self._read_record("config", 0, CONFIG_BYTES)
+        try:
+            return CacheConfig.from_json(raw.decode())
+        except (UnicodeDecodeError, ValueError, TypeError) as e:
+            raise AttachError(
+                f"instance {self.name!r}: its config {self.name_of('config')} is not a config mpkv wrote "
+                f"({type(e).__name__}: {e}); the instance is corrupt: stop it and run `mpkv cleanup`"
+            ) from None
 
     # -- names ---------------------------------------------------------------------------------------------------
     def name_of(self, obj: str) -> str:

@@ -22,10 +22,12 @@ from instances import Launched, prefill_and_verify
 from mpkv import naming
 from mpkv.client import Client
 from mpkv.controller import Controller
-from mpkv.errors import MpkvError, NameTaken
+from mpkv.errors import AttachError, MpkvError, NameTaken
+from mpkv.instance import CONFIG_BYTES
 from mpkv.layout import SegmentKind
 from mpkv.shm.cleanup import cleanup
 from mpkv.shm.registry import Registry
+from mpkv.shm.segment import Segment
 
 needs_root = pytest.mark.skipif(os.getuid() != 0, reason="acting as another user needs root (setuid to 65534)")
 
@@ -236,3 +238,57 @@ def test_log_files_are_never_opened_through_a_link(tmp_path: pathlib.Path) -> No
     os.close(fd)
     assert stat.S_IMODE(os.stat(tmp_path / "new.log").st_mode) == 0o600
     assert victim.read_bytes() == b"untouched"
+
+
+def _ctl_says(instance: str, action: str) -> str:
+    """Run `mpkv ctl NAME ACTION`: it must fail with one clear line, never a traceback."""
+    cmd = [sys.executable, "-m", "mpkv.cli", "ctl", instance, action, "--timeout", "5"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1 and done.stderr.startswith("mpkv: "), done
+    return done.stderr
+
+
+def test_a_link_at_the_registry_name_is_a_clear_error(instance: str, tmp_path: pathlib.Path) -> None:
+    """Point 11: a symbolic link at an instance's registry name (anyone can make one in /dev/shm): ctl status and
+    pause end in a sentence, cleanup leaves the link and its target alone."""
+    target = tmp_path / "target"
+    target.write_bytes(b"x" * 4096)
+    link = naming.shm_path(naming.registry_name(instance))
+    os.symlink(target, link)
+    try:
+        for action in ("status", "pause"):
+            assert "is a symbolic link" in _ctl_says(instance, action)
+        with pytest.raises(AttachError, match=f"instance '{instance}' cannot be attached .*symbolic link"):
+            Registry.attach(instance)
+        report = cleanup(instance=instance)
+        assert report.removed == [] and [n for n, _ in report.untrusted] == [naming.registry_name(instance)]
+        assert os.path.islink(link) and target.read_bytes() == b"x" * 4096
+    finally:
+        os.unlink(link)
+
+
+def test_a_registry_with_a_garbage_payload_is_a_clear_error(instance: str, rng) -> None:
+    """Point 11: a registry whose header is intact but whose payload (run id, entries) is garbage, and a registry
+    that is fine but whose config record is garbage: ctl status and pause say so; nothing is left mapped."""
+    garbage = bytes(rng.randrange(128, 256) for _ in range(4096))  # no valid UTF-8 run id can come out of it
+    seg = Segment.create(naming.registry_name(instance), SegmentKind.REGISTRY, len(garbage))
+    seg.payload[:] = garbage
+    seg.mark_ready()
+    try:
+        for action in ("status", "pause"):
+            assert f"registry {seg.name} of instance '{instance}' is corrupt" in _ctl_says(instance, action)
+    finally:
+        seg.close()
+        seg.unlink()
+    reg = Registry.create(instance)
+    config = reg.create_segment("config", SegmentKind.BLOB, CONFIG_BYTES)
+    config.payload[:4] = (200).to_bytes(4, "little")
+    config.payload[4:204] = garbage[:200]
+    config.mark_ready()
+    try:
+        for action in ("status", "pause"):
+            assert f"its config {config.name} is not a config mpkv wrote" in _ctl_says(instance, action)
+    finally:
+        reg.release(config)
+        reg.destroy()

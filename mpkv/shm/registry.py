@@ -35,8 +35,16 @@ class Registry:
     def __init__(self, instance: str, seg: Segment) -> None:
         self.instance = instance
         self.seg = seg
-        run_id, capacity = layout.REGISTRY_HEAD.unpack_from(seg.payload, 0)
-        self.run_id: str = run_id.rstrip(b"\0").decode()
+        raw_run, capacity = layout.REGISTRY_HEAD.unpack_from(seg.payload, 0)
+        run_id = raw_run.rstrip(b"\0").decode(errors="replace")
+        room = (len(seg.payload) - layout.REGISTRY_HEAD_BYTES) // layout.REGISTRY_ENTRY_BYTES
+        if not naming.is_run_id(run_id) or not 0 < capacity <= room:
+            seg.close()
+            raise AttachError(
+                f"registry {seg.name} of instance {instance!r} is corrupt (run id {run_id!r}, {capacity} entries "
+                f"in room for {room}): not what mpkv writes; stop whatever uses it and run `mpkv cleanup`"
+            )
+        self.run_id: str = run_id
         self.capacity: int = capacity
         self._mine: dict[str, int] = {}  # name -> entry index, for names this process created
 
@@ -51,10 +59,14 @@ class Registry:
 
     @classmethod
     def attach(cls, instance: str) -> Registry:
+        name = naming.registry_name(instance)
         try:
-            seg = Segment.attach(naming.registry_name(instance), SegmentKind.REGISTRY)
+            seg = Segment.attach(name, SegmentKind.REGISTRY)
         except AttachError as e:
-            raise AttachError(f"instance {instance!r} is not running here ({e})") from None
+            there = os.path.lexists(naming.shm_path(name))
+            raise AttachError(
+                f"instance {instance!r} {'cannot be attached' if there else 'is not running here'} ({e})"
+            ) from None
         return cls(instance, seg)
 
     @property
@@ -104,13 +116,16 @@ class Registry:
             pid = _native.load_u64(buf, off + layout.REG_CLAIM)
             if pid == 0:
                 continue
-            state = EntryState(_native.load_u32(buf, off + layout.REG_STATE))
+            state = _native.load_u32(buf, off + layout.REG_STATE)
+            kind = _native.load_u32(buf, off + layout.REG_KIND)
             if state == EntryState.FREE:  # claimed this instant, fields not written yet
                 continue
+            if state not in EntryState._value2member_map_ or kind not in SegmentKind._value2member_map_:
+                continue  # not an entry mpkv wrote (corruption): nothing in it can be trusted
             start = _native.load_u64(buf, off + layout.REG_START)
             name = bytes(buf[off + layout.REG_NAME : off + layout.REG_NAME + layout.REG_NAME_BYTES])
-            kind = SegmentKind(_native.load_u32(buf, off + layout.REG_KIND))
-            out.append(Entry(i, ProcId(int(pid), start), state, kind, name.rstrip(b"\0").decode()))
+            text = name.rstrip(b"\0").decode(errors="replace")
+            out.append(Entry(i, ProcId(int(pid), start), EntryState(state), SegmentKind(kind), text))
         return out
 
     # -- segments of this instance -------------------------------------------------------------------------
