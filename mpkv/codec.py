@@ -35,10 +35,17 @@ def _enc_hook(obj: Any) -> Any:
 def _ext_hook(code: int, data: memoryview) -> Any:
     if code != _ARRAY_EXT:
         raise ProtocolError(f"unknown extension type {code} in a message")
-    ndim, dt, _ = _ARRAY_HEAD.unpack_from(data, 0)
-    shape = struct.unpack_from(f"<{ndim}q", data, _ARRAY_HEAD.size)
-    body = data[_ARRAY_HEAD.size + 8 * ndim :]
-    return np.frombuffer(body, dtype=np.dtype(dt.rstrip(b"\0").decode())).reshape(shape)
+    # Whatever the bytes say (another writer may be buggy), the outcome is an array or a ProtocolError.
+    try:
+        ndim, dt, _ = _ARRAY_HEAD.unpack_from(data, 0)
+        shape = struct.unpack_from(f"<{ndim}q", data, _ARRAY_HEAD.size)
+        dtype = np.dtype(dt.rstrip(b"\0").decode())
+        body = data[_ARRAY_HEAD.size + 8 * ndim :]
+        if dtype.hasobject or min(shape, default=0) < 0:
+            raise ValueError(f"dtype {dtype}, shape {shape}")
+        return np.frombuffer(body, dtype=dtype).reshape(shape)
+    except (ValueError, TypeError, struct.error, UnicodeDecodeError) as e:
+        raise ProtocolError(f"malformed array in a message: {e}") from None
 
 
 class Codec:

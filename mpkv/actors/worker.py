@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from mpkv.actors.entry import jitter
 from mpkv.actors.runtime import Actor, TaskError
-from mpkv.blocks import BadBlocks, check_ids
+from mpkv.blocks import BadBlocks, BadTask, check_ids, check_tokens
 from mpkv.instance import Instance
 from mpkv.model import SyntheticModel
 from mpkv.protocol import Done, PdRole, Prefill, PrefillSend, Progress, Role
@@ -77,19 +76,16 @@ class Worker(Actor):
     def on_new_weights(self, weight_version: int) -> None:
         self.model.load(weight_version)
 
-    def _checked(self, seq: int, request: str, tokens: np.ndarray, blocks: object) -> Prefill:
+    def _checked(self, seq: int, request: str, tokens: object, blocks: object) -> Prefill:
+        """The task as the model may use it, or a TaskError: the client checked it too, but a ring may have
+        another writer, and a bad task must fail itself, never the worker (nor leave the pool half-written)."""
         cfg = self.cfg
         try:
             ids = check_ids(blocks, cfg.device_blocks, "device blocks")
-        except BadBlocks as e:
-            raise TaskError(f"prefill {request!r}: {e}") from None
-        n_tokens = len(tokens)
-        need = -(-n_tokens // cfg.block_size)
-        if n_tokens == 0 or len(ids) != need:
-            raise TaskError(
-                f"prefill {request!r}: {n_tokens} tokens need {need} blocks of {cfg.block_size}, got {len(ids)}"
-            )
-        return Prefill(seq, request, np.asarray(tokens), ids)
+            toks = check_tokens(tokens, cfg.vocab, cfg.block_size, len(ids), f"prefill {request!r:.80}")
+        except BadTask as e:
+            raise TaskError(f"prefill {request!r:.80}: {e}" if isinstance(e, BadBlocks) else str(e)) from None
+        return Prefill(seq, request, toks, ids)
 
     def _forward(self, batch: list[Prefill], on_layer_done: Any) -> None:
         assert self.pool is not None
