@@ -49,3 +49,26 @@ def test_wrong_messages_are_protocol_errors() -> None:
         codec.decode(b"\xc1garbage")
     with pytest.raises(TypeError, match="arrays of dtype object cannot travel"):
         codec.encode(SwapOut(1, np.array([object()]), 1))
+
+
+def test_malformed_arrays_are_protocol_errors() -> None:
+    """Whatever another writer put in an array's bytes, decoding gives an array or a ProtocolError, never
+    another exception (that would take down the actor reading the ring)."""
+    import struct
+
+    from mpkv.protocol import TASK_CODEC
+
+    def ext(ndim: int, dtype: bytes, shape: tuple[int, ...], body: bytes) -> msgspec.msgpack.Ext:
+        return msgspec.msgpack.Ext(
+            1, struct.pack("<B8sB", ndim, dtype, 0) + struct.pack(f"<{len(shape)}q", *shape) + body
+        )
+
+    for bad in (
+        ext(1, b"|O", (1,), b"\0" * 8),  # object arrays would unpickle nothing but crash on use
+        ext(1, b"<i4", (5,), b"\0" * 8),  # shape larger than the body
+        ext(1, b"<i4", (-1,), b"\0" * 8),
+        ext(1, b"zz", (1,), b"\0" * 8),
+        msgspec.msgpack.Ext(1, b"\x01"),
+    ):
+        with pytest.raises(ProtocolError, match="malformed array"):
+            TASK_CODEC.decode(msgspec.msgpack.encode({"type": "SwapOut", "seq": 1, "blocks": bad}))
