@@ -194,6 +194,7 @@ class Client:
                     lease.blocks,
                     lease.slot,
                     lease.gen,
+                    lease.token,
                 )
             )
         dest.check_serving()

@@ -198,7 +198,8 @@ class ReadBlocks(msgspec.Struct, tag=True):
 
 class SendItem(msgspec.Struct):
     """One request of a PD batch: prefill ``tokens`` into ``blocks`` here, ship them into ``dest_blocks`` of the
-    decode instance, under that instance's lease ``lease`` (slot) of generation ``lease_gen``."""
+    decode instance, under that instance's lease ``lease`` (slot) of generation ``lease_gen``. ``lease_token`` is
+    the lease's secret, shown to a remote decode messager with every write (NOTE [ nixl path ])."""
 
     request: str
     tokens: np.ndarray
@@ -206,6 +207,7 @@ class SendItem(msgspec.Struct):
     dest_blocks: np.ndarray
     lease: int
     lease_gen: int
+    lease_token: int = 0
 
 
 class PrefillSend(msgspec.Struct, tag=True):

@@ -148,7 +148,7 @@ class Messager(Actor):
                 raise TaskError(f"send {it.request!r}: {e}") from None
             if len(src) != len(dst):
                 raise TaskError(f"send {it.request!r}: {len(src)} source blocks for {len(dst)} destination blocks")
-            pairs.append((src, dst, (it.lease, it.lease_gen)))
+            pairs.append((src, dst, (it.lease, it.lease_gen, it.lease_token)))
         src_pool = self.pool.tensor
         if not task.layerwise:
             self._wait_layer(self.cfg.layers - 1, link)

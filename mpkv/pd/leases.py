@@ -3,7 +3,12 @@ as a lease, and are readable only once the transfer is complete on every rank.
 
 A lease's state lives in the decode instance's ``leases`` signal array (one slot per lease; value LeaseState,
 epoch = the lease's generation, aux = the decode pool's restore epoch at grant), written only by this
-allocator, so the decode side and mpkv-top see every transfer in flight. A lease is granted against one pool
+allocator, so the decode side and mpkv-top see every transfer in flight. The generation is also the lease's
+check word: ``lease_check`` of a secret token (64 random bits, known only to the engine and the senders it
+gives the lease to), the slot, the pool epoch and the destination blocks. A decode messager receiving a remote
+write recomputes it from what the sender claims: only the lease's token with the lease's own blocks match
+(NOTE [ nixl path ] in mpkv.pd.nixl). 63 bits of a keyed hash of a fresh token: never reused for a slot
+(a late message of an earlier lease is refused), except with probability 2**-63. A lease is granted against one pool
 epoch: once the decode instance clears its pool, every lease of the old epoch is failed and its blocks come
 back (the links dropped the old pool before the clear finished, so nothing can write them any more).
 
@@ -14,8 +19,11 @@ for): completing it then returns that reason, failing or releasing it changes no
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
+import hashlib
+import secrets
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,6 +32,14 @@ from mpkv.handshake import Command, link_must_unmap
 from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, MAX_LEASES, Instance, launcher_slot
 from mpkv.protocol import ActorState, ClearFlags, LeaseState, PdRole, Role, actor_slot
 from mpkv.shm.signals import SignalWriter
+
+
+def lease_check(token: int, slot: int, pool_epoch: int, blocks: Sequence[int] | np.ndarray) -> int:
+    """A lease's generation: a MAC, under its token, of where its KV may go (63 bits, never 0)."""
+    mac = hashlib.blake2b(token.to_bytes(8, "little"), digest_size=8, key=b"mpkv.lease")
+    mac.update(struct.pack("<QQ", slot, pool_epoch))
+    mac.update(np.asarray(blocks, dtype="<i4").tobytes())
+    return (int.from_bytes(mac.digest(), "little") >> 1) or 1
 
 
 class LeaseError(MpkvError):
@@ -42,6 +58,7 @@ class Lease:
     reason: str = ""
     in_use: str = ""  # who may still write or read the blocks (a transfer not settled): release refuses until ""
     retired: str = ""  # why the allocator took the lease back itself (its pool was cleared): settled and released
+    token: int = field(default=0, repr=False)  # the secret a remote sender shows with every write (lease_check)
 
 
 class Allocator:
@@ -55,7 +72,6 @@ class Allocator:
             )
         self.inst = inst
         self._writers: dict[int, SignalWriter[LeaseState]] = {}
-        self._gen = itertools.count(1)
         self.pool_epoch, self.weight_version = self._current_pool()
         self.free: list[int] = list(range(inst.cfg.device_blocks - 1, -1, -1))
         self.leases: dict[int, Lease] = {}  # by slot
@@ -123,15 +139,19 @@ class Allocator:
         if not self._free_slots:
             raise LeaseError(f"lease for {request!r}: {MAX_LEASES} leases are held already in {self.inst.name}")
         slot = self._free_slots.pop()
+        blocks = np.array(self.free[-n_blocks:][::-1], dtype=np.int32)
         try:
             # A generation never reused for a slot, even across allocators: late messages of an old lease are refused.
-            gen = max(next(self._gen), self.inst.leases.read(slot).epoch + 1)
-            lease = Lease(slot, gen, request, np.empty(0, dtype=np.int32), self.pool_epoch, self.weight_version)
+            previous, token, gen = self.inst.leases.read(slot).epoch, 0, 0
+            while gen in (0, previous):
+                token = secrets.randbits(64)
+                gen = lease_check(token, slot, self.pool_epoch, blocks)
+            lease = Lease(slot, gen, request, blocks, self.pool_epoch, self.weight_version, token=token)
             self._write(lease)
         except BaseException:
             self._free_slots.append(slot)
             raise
-        lease.blocks = np.array([self.free.pop() for _ in range(n_blocks)], dtype=np.int32)
+        del self.free[-n_blocks:]
         self.leases[lease.slot] = lease
         return lease
 

@@ -9,16 +9,37 @@ after checking the lease. Per rank:
 
     receiver  decode messager r: agent "mpkv.<decode>.r<r>", listening on nixl_port + r; staging of SLOTS slots
               (a slot = one block's K and V of one layer), split into SENDERS regions: each sender gets its own
-              region at hello and may write nowhere else (regions are kept by agent name, never reassigned).
+              region at hello and may write nowhere else.
     sender    prefill messager r: agent "mpkv.<prefill>.r<r>", listening on its instance's nixl_port + r (the
               receiver fetches its metadata from there), with a staging buffer of its own to write from.
     hello     sender: fetch the receiver's metadata, push its own, notify b"hello"; the receiver answers with
               the sender's staging region and its instance's config (for the geometry check).
     a layer   sender: copy the blocks' K/V into its staging, WRITE them into the receiver's staging with the
-              notification b"w" + header (message id, lease slot, lease generation, layer, destination blocks);
-              the receiver checks the lease (GRANTED, that generation, granted on the pool it maps now), copies
-              staging -> pool, answers b"ok <id>" or b"no <id> <reason>". One message in flight per sender.
-Every wait has a deadline and names the agent it waited for. Nothing here is a protocol of its own beyond that
+              notification b"w" + header (message id, lease slot, generation and token, the lease's destination
+              blocks, which of them this write fills, layer); the receiver checks it (below), copies staging ->
+              pool, answers b"ok <id>" or b"no <id> <reason>". One message in flight per sender.
+    bye       a sender that closes its link notifies b"bye": its region is free for another sender at once.
+
+Which writes land. A lease's generation is lease_check(token, slot, pool epoch, blocks) (mpkv.pd.leases): a
+keyed hash under a secret 64-bit token that the engine draws at grant and hands only to the prefill instance
+that ships the lease. The allocator alone writes it, into the lease's slot of the decode instance's ``leases``
+array (0600, same user), so the receiver needs no other object: it lands a write only if that slot is GRANTED
+at the header's generation on the pool it maps now, and lease_check of the header's token and blocks over that
+slot and epoch gives that generation back. Nobody without the token can name a lease (64 unguessable bits, not
+the small slot and generation alone), and the token's holder can write only the lease's own blocks, in range.
+
+Regions come back. A sender's region is freed at its bye, and one idle for REGION_IDLE_S (a sender that went
+away without a bye: killed, its host gone) is reclaimed when a new sender finds no free region; the receiver
+then notifies the old owner b"bye" and forgets its metadata. A one-sided write cannot be revoked, so the sender
+keeps to half that time: a link idle for REGION_IDLE_S / 2 says hello again before it writes (the receiver
+answers with the region it still holds, or a new one), so it never writes into a region that was reclaimed.
+
+What NIXL does not protect. The transport itself is not authenticated or encrypted: anyone who can reach the
+agents' ports can connect, push metadata and write into the staging region it is given (never into the pool
+or another sender's region), and anyone who can see the traffic sees tokens, which the next write of that
+lease until it is settled. Run the cross-host path on a trusted network only. The receiver's checks keep a stray or
+buggy sender from landing bytes outside a lease it was given; they are not a defence against a network attacker.
+Every wait has a deadline and names the agent it waited for. Nothing here is a protocol of its own beyond the
 header: NIXL moves the bytes and delivers the notifications.
 """
 
@@ -26,8 +47,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,12 +58,14 @@ import torch
 
 from mpkv.config import CacheConfig
 from mpkv.errors import MpkvError
+from mpkv.pd.leases import lease_check
 from mpkv.protocol import LeaseState
 
 SLOTS = 256
 SENDERS = 4  # a receiver's staging is split into SENDERS regions of SLOTS // SENDERS slots, one per sender
 REGION = SLOTS // SENDERS
 REPLY_TIMEOUT_S = 30.0
+REGION_IDLE_S = float(os.environ.get("MPKV_NIXL_REGION_IDLE_S", "300"))  # a silent sender's region may go
 
 
 class NixlUnavailable(MpkvError):
@@ -99,6 +124,12 @@ class Endpoint:
         self.agent.deregister_memory(self.reg)
 
 
+@dataclass
+class Region:
+    first: int  # its first staging slot
+    last_active: float  # when its sender's last message came
+
+
 class Receiver:
     """The decode messager's side. ``poll`` answers hellos and lands staged layers; call it often."""
 
@@ -106,67 +137,113 @@ class Receiver:
         self.cfg, self.leases, self.ep = cfg, leases, endpoint
         self.agent = endpoint.agent
         self._hellos: set[str] = set()
-        self._regions: dict[str, int] = {}  # sender agent -> first slot of its staging region
+        self._regions: dict[str, Region] = {}  # sender agent -> its staging region
         self.last_active = 0.0
 
     def poll(self, pool: torch.Tensor | None, pool_epoch: int) -> None:
         for peer, msgs in self.agent.get_new_notifs().items():
             self.last_active = time.monotonic()
             for msg in msgs:
+                if peer in self._regions:
+                    self._regions[peer].last_active = self.last_active
                 if msg == b"hello":
                     self._hellos.add(peer)
+                elif msg == b"bye":
+                    self._forget(peer)
                 elif msg.startswith(b"w"):
                     self._land(peer, msg[1:], pool, pool_epoch)
         for peer in list(self._hellos):
             if self.agent.check_remote_metadata(peer):  # its pushed metadata has arrived: we can answer
                 self._hellos.discard(peer)
-                self.agent.send_notif(peer, b"hi" + json.dumps(self._region_for(peer)).encode())
+                answer = self._region_for(peer)
+                self._reply(peer, b"hi" + json.dumps(answer).encode())
+                if "error" in answer:  # refused: it holds nothing here, and may try again later
+                    self._forget(peer)
+
+    def _reply(self, peer: str, msg: bytes) -> None:
+        try:
+            self.agent.send_notif(peer, msg)
+        except Exception:  # the bindings' own types: a peer that went away (or never pushed metadata)
+            pass  # gets no answer
+
+    def _forget(self, peer: str) -> None:
+        """The sender said bye, or its region was reclaimed: free the region, drop its metadata."""
+        self._hellos.discard(peer)
+        self._regions.pop(peer, None)
+        try:
+            self.agent.remove_remote_agent(peer)
+        except Exception:  # the bindings' own types: already unknown to the agent
+            pass
 
     def _region_for(self, peer: str) -> dict[str, Any]:
         """Each sender writes only into its own region: two senders never overwrite each other's staged bytes."""
         if peer not in self._regions:
-            taken = set(self._regions.values())
+            taken = {r.first for r in self._regions.values()}
             free = [r * REGION for r in range(SENDERS) if r * REGION not in taken]
             if not free:
-                return {"error": f"{self.ep.name} already serves {SENDERS} senders: {sorted(self._regions)}"}
-            self._regions[peer] = free[0]
-        first = self._regions[peer]
+                free = self._reclaim()
+            if not free:
+                now = time.monotonic()
+                busy = ", ".join(f"{p} (idle {now - r.last_active:.0f} s)" for p, r in self._regions.items())
+                return {
+                    "error": f"{self.ep.name} already serves {SENDERS} senders: {busy}; a region is freed when "
+                    f"its sender closes, or after {REGION_IDLE_S:g} s without a message from it"
+                }
+            self._regions[peer] = Region(free[0], time.monotonic())
+        first = self._regions[peer].first
         addr = self.ep.addr + first * self.ep.slot_bytes
         return {"addr": addr, "slot": first, "slots": REGION, "config": json.loads(self.cfg.to_json())}
 
+    def _reclaim(self) -> list[int]:
+        """The region of the sender silent the longest, if longer than REGION_IDLE_S (its sender re-hellos after
+        half that, so it never writes there again unannounced); told with a bye, in case it is still there."""
+        peer, region = min(self._regions.items(), key=lambda kv: kv[1].last_active)
+        if time.monotonic() - region.last_active < REGION_IDLE_S:
+            return []
+        self._reply(peer, b"bye")
+        self._forget(peer)
+        return [region.first]
+
     def _land(self, peer: str, raw: bytes, pool: torch.Tensor | None, pool_epoch: int) -> None:
+        msg_id: object = "?"
         try:
             h = json.loads(raw)
+            msg_id = int(h["id"])
             why = self._check(peer, h, pool, pool_epoch)
-        except (ValueError, KeyError, TypeError, IndexError) as e:
-            self.agent.send_notif(peer, f"no ? malformed header: {type(e).__name__}: {e}".encode())
+        except Exception as e:  # whatever a peer sent: refused, never fatal to this messager
+            self._reply(peer, f"no {msg_id} malformed header, refused: {type(e).__name__}: {e}"[:512].encode())
             return
         if not why:
             assert pool is not None
-            dst = torch.as_tensor(np.asarray(h["dst"], dtype=np.int64))
+            dst = torch.as_tensor(np.asarray(h["blocks"][h["first"] : h["first"] + h["n"]], dtype=np.int64))
             staged = self.ep.staging[h["slot"] : h["slot"] + len(dst)]
             pool[h["layer"], :, dst] = staged.transpose(0, 1)
-        reply = f"ok {h['id']}" if not why else f"no {h['id']} {why}"
-        self.agent.send_notif(peer, reply.encode())
+        self._reply(peer, (f"ok {msg_id}" if not why else f"no {msg_id} {why}").encode())
 
     def _check(self, peer: str, h: dict[str, Any], pool: torch.Tensor | None, pool_epoch: int) -> str:
-        """Why the staged layer of header ``h`` may not land, or ""."""
-        first = self._regions.get(peer)
-        n = len(h["dst"])
-        if first is None or not first <= h["slot"] <= h["slot"] + n <= first + REGION:
-            return f"slots {h['slot']}..{h['slot'] + n} are not in the staging region of {peer}"
-        if not 0 <= h["layer"] < self.cfg.layers or not 0 <= h["lease"] < self.leases.nslots:
-            return f"layer {h['layer']} or lease {h['lease']} out of range"
-        lease = self.leases.read(h["lease"])
+        """Why the staged layer of header ``h`` may not land, or "" (NOTE [ nixl path ]: which writes land)."""
+        region = self._regions.get(peer)
+        first, n, slot, blocks = int(h["first"]), int(h["n"]), int(h["slot"]), h["blocks"]
+        layer, i, gen, token = int(h["layer"]), int(h["lease"]), int(h["gen"]), int(h["token"])
+        if not isinstance(blocks, list) or not blocks or not all(type(b) is int for b in blocks):
+            raise TypeError("blocks must be a non-empty list of integers")
+        if region is None or not region.first <= slot <= slot + n <= region.first + REGION:
+            return f"slots {slot}..{slot + n} are not in the staging region of {peer}"
+        if not 0 <= layer < self.cfg.layers or not 0 <= i < self.leases.nslots:
+            return f"layer {layer} or lease {i} out of range"
+        if n <= 0 or first < 0 or first + n > len(blocks):
+            return f"blocks {first}..{first + n} of a lease of {len(blocks)} blocks"
+        if min(blocks) < 0 or max(blocks) >= self.cfg.device_blocks:
+            return f"destination blocks {blocks[:8]} out of range 0..{self.cfg.device_blocks - 1}"
+        lease = self.leases.read(i)
         if pool is None:
             return "the decode pool is cleared"
-        if lease.value != LeaseState.GRANTED or lease.epoch != h["gen"]:
-            return f"lease {h['lease']} is {lease.value.name} at generation {lease.epoch}, not GRANTED at {h['gen']}"
+        if lease.value != LeaseState.GRANTED or lease.epoch != gen:
+            return f"lease {i} is {lease.value.name} at generation {lease.epoch}, not GRANTED at {gen}"
         if lease.aux != pool_epoch:
-            return f"lease {h['lease']} was granted on the pool of epoch {lease.aux}; the pool now is of {pool_epoch}"
-        dst = h["dst"]
-        if n == 0 or min(dst) < 0 or max(dst) >= self.cfg.device_blocks:
-            return f"destination blocks {dst[:8]} out of range 0..{self.cfg.device_blocks - 1}"
+            return f"lease {i} was granted on the pool of epoch {lease.aux}; the pool now is of {pool_epoch}"
+        if not 0 <= token < 1 << 64 or lease_check(token, i, pool_epoch, blocks) != lease.epoch:
+            return f"the token or the destination blocks are not those of lease {i}: refused"
         return ""
 
 
@@ -193,12 +270,22 @@ class NixlLink:
         self.remote: dict[str, Any] | None = None
         self.dest_blocks = 0
         self._id = 0
+        self._heard = 0.0  # when the receiver last answered us
 
     # -- the Link interface used by the messager ---------------------------------------------------------------------
     def open(self) -> NixlLink:
-        if self.remote is None:
-            self._hello()
+        self._fresh_region()
         return self
+
+    def _fresh_region(self) -> None:
+        """Hello (again) unless the receiver answered us within REGION_IDLE_S / 2: it may reclaim a region idle
+        for REGION_IDLE_S, and a write into a reclaimed region could overwrite another sender's staged bytes."""
+        if self.remote is not None and time.monotonic() - self._heard < REGION_IDLE_S / 2:
+            return
+        if self.remote is not None:
+            self.remote = None
+            self.agent.remove_remote_agent(self.peer)
+        self._hello()
 
     def poll(self) -> str:
         return ""
@@ -213,7 +300,11 @@ class NixlLink:
         deadline = time.monotonic() + REPLY_TIMEOUT_S
         while time.monotonic() < deadline:
             for msg in self.agent.get_new_notifs().get(self.peer, []):
+                if msg == b"bye" and self.remote is not None:  # it reclaimed our region: hello before writing
+                    self._heard = 0.0
+                    raise MpkvError(f"{self.peer} reclaimed this sender's staging region while waiting for {what}")
                 if accept(msg):
+                    self._heard = time.monotonic()
                     return bytes(msg)
             time.sleep(0.0002)  # polling NIXL (no progress thread): a bounded poll, not a synchronization
         raise MpkvError(
@@ -222,6 +313,16 @@ class NixlLink:
         )
 
     def _hello(self) -> None:
+        try:
+            self._handshake()
+        except BaseException:
+            try:  # not open: forget the receiver, so that a later hello starts afresh
+                self.agent.remove_remote_agent(self.peer)
+            except Exception:  # the bindings' own types: its metadata never came
+                pass
+            raise
+
+    def _handshake(self) -> None:
         self.agent.fetch_remote_metadata(self.peer, self.host, self.port)
         self.agent.send_local_metadata(self.host, self.port)
         deadline = time.monotonic() + REPLY_TIMEOUT_S
@@ -243,40 +344,59 @@ class NixlLink:
 
     # -- the Transport interface -----------------------------------------------------------------------------------
     def write_layer(
-        self, layer: int, src: torch.Tensor, src_blocks: np.ndarray, dst_blocks: np.ndarray, lease: tuple[int, int]
+        self,
+        layer: int,
+        src: torch.Tensor,
+        src_blocks: np.ndarray,
+        dst_blocks: np.ndarray,
+        lease: tuple[int, int, int],
     ) -> None:
+        self._fresh_region()
         assert self.remote is not None
         region = self.remote["slots"]
         for i in range(0, len(src_blocks), region):
-            s, d = src_blocks[i : i + region], dst_blocks[i : i + region]
+            self._fresh_region()
+            assert self.remote is not None
+            s = src_blocks[i : i + region]
             n = len(s)
             self.ep.staging[:n] = src[layer, :, torch.as_tensor(s)].transpose(0, 1)
-            self._id += 1
-            header: dict[str, Any] = {"id": self._id, "lease": lease[0], "gen": lease[1], "layer": layer}
-            header["slot"] = self.remote["slot"]
-            header["dst"] = [int(x) for x in d]
-            nbytes = n * self.ep.slot_bytes
-            local = self.agent.get_xfer_descs([(self.ep.addr, nbytes, 0)], "DRAM")
-            remote = self.agent.get_xfer_descs([(self.remote["addr"], nbytes, 0)], "DRAM")
-            handle = self.agent.initialize_xfer("WRITE", local, remote, self.peer, b"w" + json.dumps(header).encode())
-            state = self.agent.transfer(handle)
-            deadline = time.monotonic() + REPLY_TIMEOUT_S
-            while state == "PROC" and time.monotonic() < deadline:
-                time.sleep(0.00005)  # pacing a bounded poll of NIXL (no progress thread), yielding the core
-                state = self.agent.check_xfer_state(handle)
-            if state == "PROC":  # still in flight: its handle is left to NIXL rather than released under it
-                raise MpkvError(f"NIXL write to {self.peer} still in flight after {REPLY_TIMEOUT_S:g} s")
-            self.agent.release_xfer_handle(handle)
-            if state != "DONE":
-                raise MpkvError(f"NIXL write to {self.peer} ended in state {state}")
-            want = f"{self._id}".encode()
-            reply = self._wait_notif("acknowledgement", lambda m, want=want: m.split(b" ")[1] == want)
-            if reply.startswith(b"no"):
-                raise MpkvError(f"{self.peer} refused layer {layer}: {reply.split(b' ', 2)[2].decode()}")
+            header: dict[str, Any] = {"lease": lease[0], "gen": lease[1], "token": lease[2], "layer": layer}
+            header |= {"slot": self.remote["slot"], "blocks": [int(x) for x in dst_blocks], "first": i, "n": n}
+            self.write_staged(n, header)
+
+    def write_staged(self, n: int, header: dict[str, Any]) -> None:
+        """WRITE the first ``n`` slots of our staging into our region of the receiver's, with ``header``; return
+        once the receiver landed them, or raise with its reason."""
+        assert self.remote is not None
+        self._id += 1
+        header = {**header, "id": self._id}
+        nbytes = n * self.ep.slot_bytes
+        local = self.agent.get_xfer_descs([(self.ep.addr, nbytes, 0)], "DRAM")
+        remote = self.agent.get_xfer_descs([(self.remote["addr"], nbytes, 0)], "DRAM")
+        handle = self.agent.initialize_xfer("WRITE", local, remote, self.peer, b"w" + json.dumps(header).encode())
+        state = self.agent.transfer(handle)
+        deadline = time.monotonic() + REPLY_TIMEOUT_S
+        while state == "PROC" and time.monotonic() < deadline:
+            time.sleep(0.00005)  # pacing a bounded poll of NIXL (no progress thread), yielding the core
+            state = self.agent.check_xfer_state(handle)
+        if state == "PROC":  # still in flight: its handle is left to NIXL rather than released under it
+            raise MpkvError(f"NIXL write to {self.peer} still in flight after {REPLY_TIMEOUT_S:g} s")
+        self.agent.release_xfer_handle(handle)
+        if state != "DONE":
+            raise MpkvError(f"NIXL write to {self.peer} ended in state {state}")
+        want = f"{self._id}".encode()
+        reply = self._wait_notif("acknowledgement", lambda m, want=want: m.split(b" ")[1:2] == [want])
+        if reply.startswith(b"no"):
+            raise MpkvError(f"{self.peer} refused layer {header.get('layer')}: {reply.split(b' ', 2)[2].decode()}")
 
     def flush(self) -> None:
         """Every write was acknowledged before write_layer returned."""
 
     def close(self) -> None:
+        """Say bye (the receiver frees our region at once), then forget the receiver."""
         if self.remote is not None:
-            self.agent.remove_remote_agent(self.peer)
+            self.remote = None
+            try:
+                self.agent.send_notif(self.peer, b"bye")
+            finally:
+                self.agent.remove_remote_agent(self.peer)

@@ -16,10 +16,15 @@ from mpkv.pool.copy import copy_blocks
 
 class Transport(Protocol):
     def write_layer(
-        self, layer: int, src: torch.Tensor, src_blocks: np.ndarray, dst_blocks: np.ndarray, lease: tuple[int, int]
+        self,
+        layer: int,
+        src: torch.Tensor,
+        src_blocks: np.ndarray,
+        dst_blocks: np.ndarray,
+        lease: tuple[int, int, int],
     ) -> None:
-        """Queue (or do) the copy of layer ``layer``'s K and V of ``src_blocks`` into ``dst_blocks``, which
-        ``lease`` (slot, generation) of the decode instance holds."""
+        """Queue (or do) the copy of layer ``layer``'s K and V of ``src_blocks`` into ``dst_blocks``: every
+        block of ``lease`` (slot, generation, token) of the decode instance, in order."""
         ...
 
     def flush(self) -> None:
@@ -36,7 +41,12 @@ class SameHost:
         self.dst = dst
 
     def write_layer(
-        self, layer: int, src: torch.Tensor, src_blocks: np.ndarray, dst_blocks: np.ndarray, lease: tuple[int, int]
+        self,
+        layer: int,
+        src: torch.Tensor,
+        src_blocks: np.ndarray,
+        dst_blocks: np.ndarray,
+        lease: tuple[int, int, int],
     ) -> None:
         # The lease is the engine's to check here: this process maps the pool under the links protocol.
         copy_blocks(self.dst[layer : layer + 1], dst_blocks, src[layer : layer + 1], src_blocks)
