@@ -15,10 +15,22 @@ from typing import Any
 
 from mpkv import status
 from mpkv.errors import MpkvError, PeerDied, WaitTimeout
-from mpkv.handshake import Command, check_command
+from mpkv.handshake import check_command
 from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot
-from mpkv.protocol import ACK_OF, ROLES, ActorState, ClearFlags, Cmd, WaitKind, actor_name, actor_slot, pack_slots
+from mpkv.protocol import (
+    ACK_OF,
+    MAX_WEIGHT_VERSION,
+    ROLES,
+    ActorState,
+    ClearFlags,
+    Cmd,
+    WaitKind,
+    actor_name,
+    actor_slot,
+    pack_slots,
+)
 from mpkv.shm.signals import Signal, SignalWriter
+from mpkv.shm.waiting import check_timeout
 
 S = ActorState
 
@@ -82,10 +94,10 @@ class Controller:
         return res
 
     def restore(self, weight_version: int | None = None, timeout_s: float | None = None) -> StepResult:
-        wv = self.weight_version if weight_version is None else int(weight_version)
-        if wv < 0:
-            raise CommandRefused(f"weight version must be >= 0, got {wv}")
-        return self._step(Cmd.RESTORE, wv, timeout_s)
+        wv = self.weight_version if weight_version is None else weight_version
+        if isinstance(wv, bool) or not isinstance(wv, int) or not 0 <= wv <= MAX_WEIGHT_VERSION:
+            raise CommandRefused(f"a weight version is an integer from 0 to {MAX_WEIGHT_VERSION}, got {wv!r}")
+        return self._step(Cmd.RESTORE, int(wv), timeout_s)
 
     def resume(self, timeout_s: float | None = None) -> StepResult:
         return self._step(Cmd.RESUME, 0, timeout_s)
@@ -96,10 +108,8 @@ class Controller:
     # -- state ----------------------------------------------------------------------------------------------
     @property
     def weight_version(self) -> int:
-        return status.weight_version(self.inst)
-
-    def _cleared(self) -> ClearFlags:
-        return status.cleared(self.inst)
+        """The weight version of the KV in the pools (a RESTORE counts once every actor acknowledged it)."""
+        return status.settled(self.inst)[3]
 
     def status(self) -> dict[str, Any]:
         return status.instance_status(self.inst)
@@ -115,23 +125,26 @@ class Controller:
 
     # -- one step ---------------------------------------------------------------------------------------------
     def _step(self, kind: Cmd, aux: int, timeout_s: float | None) -> StepResult:
-        last_sig = self.inst.control.read(CONTROL_COMMAND)
-        last = Command(last_sig.value, last_sig.epoch, last_sig.aux)
-        refusal = check_command(kind, aux, last, self._cleared(), self.weight_version)
+        wait_s = check_timeout(self.timeout_s if timeout_s is None else timeout_s)
+        last, done, cleared, weight_version = status.settled(self.inst)
+        refusal = check_command(kind, aux, last, cleared, weight_version, done)
         if refusal is not None:
             if refusal.already:
                 return StepResult(kind.name, last.epoch, already=True, message=refusal.message)
             raise CommandRefused(f"{kind.name.lower()} refused for instance {self.name}: {refusal.message}")
         cmd_w, ledger_w, _ = self._claim()
+        if (cleared, weight_version) != (status.cleared(self.inst), status.weight_version(self.inst)):
+            # The last RESTORE was acknowledged after its controller gave up waiting: record it now.
+            ledger_w.write(Cmd.RESTORE, last.epoch, weight_version << 2)
         epoch = last.epoch + 1
         if kind == Cmd.CLEAR:
             # Counted as cleared from the moment it is asked for: if the step fails or times out and the actors
             # finish it later, the instance must still refuse to resume until a restore (never a cleared pool
             # that looks ready).
-            ledger_w.write(kind, epoch, self.weight_version << 2 | int(self._cleared() | ClearFlags(aux)))
+            ledger_w.write(kind, epoch, weight_version << 2 | int(cleared | ClearFlags(aux)))
         t0 = time.perf_counter()
         cmd_w.write(kind, epoch, aux)
-        acks = self._wait_acks(kind, epoch, timeout_s or self.timeout_s)
+        acks = self._wait_acks(kind, epoch, wait_s)
         res = StepResult(kind.name, epoch, latency_s=time.perf_counter() - t0)
         if kind == Cmd.CLEAR:
             res.released_bytes = {name: sig.aux for name, sig in acks.items()}

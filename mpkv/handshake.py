@@ -25,6 +25,13 @@ waiting for ``cache_ready_signal == 0``) has no counterpart here. Freeing happen
 owner's FREE) and detaching in exactly one place (the attacher's DETACH), on every path, including shutdown
 and failure (the runtime detaches in ``finally`` before it publishes FAILED).
 
+A step the controller gave up on (it failed or timed out) is not over for the actors: they go on with the command
+word they see. So the controller admits its next command on what the actors acknowledged (``step_done``), not on
+what it asked for: until every actor acknowledged, the only ways out are retrying the step, a full clear or a
+shutdown (``check_command``). An actor that still maps a pool of another weight version when it sees RESTORE
+fails by name instead of serving that pool under the new version (``_bring_up``): a controller in another language
+that skips these rules cannot make stale KV look fresh.
+
 The runtime (``mpkv.actors.runtime``) reads the command and statuses from shared memory, calls ``decide``,
 performs the action, then publishes ``Decision.publish``. ``tests/test_handshake_model.py`` explores every
 interleaving of a controller, an owner and up to three attachers through these same functions, with a crash
@@ -85,6 +92,7 @@ class View:
     cmd: Command
     is_owner: bool
     mapped: bool  # this actor holds views of the device pool now
+    pool_version: int  # ... and the weight version that pool was allocated for (meaningless when not mapped)
     owns_host: bool  # this actor owns a host pool
     host_live: bool  # ... and it is allocated now
     peers: Sequence[Status | None]
@@ -130,6 +138,14 @@ def decide(v: View) -> Decision:
 
 
 def _bring_up(v: View, e: int, target: ActorState) -> Decision:
+    if v.mapped and v.cmd.kind == Cmd.RESTORE and v.pool_version != v.cmd.aux:
+        # Only a controller that skipped an unfinished CLEAR can get here (``check_command`` refuses that): serving
+        # the old pool under the new version's name would break I7, so refuse, by name, before touching anything.
+        return Decision(
+            Act.FAIL,
+            reason=f"RESTORE@{e} to weight version {v.cmd.aux} while this actor still maps the device pool of weight "
+            f"version {v.pool_version}: the device clear before it never completed here",
+        )
     if v.is_owner:
         if not v.mapped:
             return Decision(Act.ALLOCATE, Status(S.PUBLISHED, e))
@@ -191,12 +207,57 @@ class Refusal:
     already: bool = False
 
 
-def check_command(kind: Cmd, aux: int, last: Command, cleared: ClearFlags, weight_version: int) -> Refusal | None:
-    """Pure admission rules for a new command, given the last command issued, what is cleared now (since the
-    last restore) and the weight version the KV in the pools belongs to."""
-    paused = last.kind in (Cmd.PAUSE, Cmd.CLEAR, Cmd.RESTORE)
+def step_done(cmd: Command, statuses: Sequence[Status | None]) -> bool:
+    """Every actor (of every rank) acknowledged ``cmd``. The controller's next command is admitted on this, not on
+    what it asked for before: a step that failed or timed out is not done until the actors say so."""
+    target = ACK_OF[cmd.kind]
+
+    def acked(s: Status | None) -> bool:
+        if s is None or s.state == S.FAILED:
+            return False
+        # A stopped actor has exited: it acknowledged a retried SHUTDOWN already.
+        return s.at_least(target, cmd.epoch) or (cmd.kind == Cmd.SHUTDOWN and s.state == S.STOPPED)
+
+    return all(acked(s) for s in statuses)
+
+
+def settled_ledger(cmd: Command, done: bool, cleared: ClearFlags, weight_version: int) -> tuple[ClearFlags, int]:
+    """What is cleared and which weight version the pools hold, once a RESTORE's acknowledgements are counted
+    (the controller that issued it may have given up waiting before they all came)."""
+    if cmd.kind == Cmd.RESTORE and done:
+        return ClearFlags(0), cmd.aux
+    return cleared, weight_version
+
+
+def check_command(
+    kind: Cmd, aux: int, last: Command, cleared: ClearFlags, weight_version: int, done: bool = True
+) -> Refusal | None:
+    """Pure admission rules for a new command, given the last command issued, whether every actor acknowledged it
+    (``step_done``), what is cleared now (since the last restore, counted from the moment a clear is asked for)
+    and the weight version the KV in the pools belongs to (``settled_ledger``).
+
+    A step that is not done (it failed or timed out, and the actors have not caught up) leaves the instance in
+    between: its only ways out are retrying that very step, a full clear (after a clear or a restore) or a
+    shutdown. Anything else could run over memory the actors still hold: a RESTORE after an unfinished CLEAR would
+    find the old pools mapped and keep serving them under the new weight version."""
     if last.kind == Cmd.SHUTDOWN:
+        if kind == Cmd.SHUTDOWN:
+            return Refusal("already shut down", already=True) if done else None
         return Refusal("the instance is shutting down")
+    if not done:
+        full_clear = kind == Cmd.CLEAR and ClearFlags(aux) == ClearFlags.DEVICE | ClearFlags.HOST
+        if kind == Cmd.SHUTDOWN or (kind, aux) == (last.kind, last.aux):
+            return None
+        if full_clear and last.kind in (Cmd.CLEAR, Cmd.RESTORE):
+            return None
+        ways = f"retry {last.kind.name.lower()}"
+        if last.kind in (Cmd.CLEAR, Cmd.RESTORE):
+            ways += ", clear both tiers"
+        return Refusal(
+            f"the last step, {last.kind.name}@{last.epoch}, was not acknowledged by every actor (it failed or timed "
+            f"out): {ways} or shut down"
+        )
+    paused = last.kind in (Cmd.PAUSE, Cmd.CLEAR, Cmd.RESTORE)
     if kind == Cmd.PAUSE and paused:
         return Refusal("already paused", already=True)
     if kind == Cmd.RESUME:

@@ -8,13 +8,15 @@ import json
 import time
 from typing import Any
 
+from mpkv.handshake import Command, Status, settled_ledger, step_done
 from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot, launcher_slot
-from mpkv.protocol import ROLES, ActorState, ClearFlags, actor_slot
+from mpkv.protocol import ACK_OF, ROLES, ActorState, ClearFlags, actor_name, actor_slot
 from mpkv.shm.signals import Signal
 
 
 def weight_version(inst: Instance) -> int:
-    """The weight version the KV in the pools belongs to (the controller's ledger; the config's before any)."""
+    """The weight version the KV in the pools belongs to, as the controller's ledger records it (the config's
+    before any); ``settled`` counts a RESTORE acknowledged after its controller gave up waiting."""
     ledger = inst.control.read(CONTROL_LEDGER)
     return ledger.aux >> 2 if ledger.seq else inst.cfg.weight_version
 
@@ -23,6 +25,37 @@ def cleared(inst: Instance) -> ClearFlags:
     """The tiers cleared since the last restore (the ledger: counted from the moment a clear is asked for)."""
     ledger = inst.control.read(CONTROL_LEDGER)
     return ClearFlags(ledger.aux & 3) if ledger.seq else ClearFlags(0)
+
+
+def actor_statuses(inst: Instance) -> list[Status | None]:
+    """Every actor's acknowledged state, rank-major (None: its process died), as ``handshake.step_done`` takes it."""
+    out: list[Status | None] = []
+    for rank in range(inst.cfg.tp):
+        for role in ROLES:
+            sig = inst.status.read(actor_slot(role, rank))
+            out.append(Status(sig.value, sig.epoch) if sig.seq == 0 or sig.writer.alive() else None)
+    return out
+
+
+def settled(inst: Instance) -> tuple[Command, bool, ClearFlags, int]:
+    """The last command, whether every actor acknowledged it, what is cleared and the weight version, with a late
+    RESTORE counted (``handshake.settled_ledger``)."""
+    sig = inst.control.read(CONTROL_COMMAND)
+    cmd = Command(sig.value, sig.epoch, sig.aux)
+    done = step_done(cmd, actor_statuses(inst))
+    return (cmd, done, *settled_ledger(cmd, done, cleared(inst), weight_version(inst)))
+
+
+def pending_actors(inst: Instance, cmd: Command) -> list[str]:
+    """The actors that have not acknowledged ``cmd`` yet (dead or FAILED ones included)."""
+    target = ACK_OF[cmd.kind]
+    out = []
+    for rank in range(inst.cfg.tp):
+        for role in ROLES:
+            sig = inst.status.read(actor_slot(role, rank))
+            if sig.value == ActorState.FAILED or not sig.at_least(target, cmd.epoch):
+                out.append(f"{actor_name(role, rank)} ({sig.value.name}@{sig.epoch})")
+    return out
 
 
 def actor_entry(role: str, rank: int, sig: Signal[ActorState], now_ns: int, error: str) -> dict[str, Any]:
@@ -41,7 +74,7 @@ def actor_entry(role: str, rank: int, sig: Signal[ActorState], now_ns: int, erro
 
 def instance_status(inst: Instance) -> dict[str, Any]:
     cfg = inst.cfg
-    cmd = inst.control.read(CONTROL_COMMAND)
+    cmd, done, tiers, version = settled(inst)
     now = time.monotonic_ns()
     actors = []
     for rank in range(cfg.tp):
@@ -53,9 +86,12 @@ def instance_status(inst: Instance) -> dict[str, Any]:
         "instance": inst.name,
         "run_id": inst.registry.run_id,
         "config": json.loads(cfg.to_json()),
-        "command": {"kind": cmd.value.name, "epoch": cmd.epoch, "aux": cmd.aux},
-        "weight_version": weight_version(inst),
-        "cleared": [f.name for f in ClearFlags if f in cleared(inst)],
+        "command": {"kind": cmd.kind.name, "epoch": cmd.epoch, "aux": cmd.aux},
+        # A step the controller gave up on (failed, timed out) and the actors have not finished: only a retry of
+        # that step, a full clear or a shutdown is admitted (handshake.check_command).
+        "step": {"done": done, "pending": [] if done else pending_actors(inst, cmd)},
+        "weight_version": version,
+        "cleared": [f.name for f in ClearFlags if f in tiers],
         "launcher": actor_entry("launcher", -1, inst.status.read(launcher_slot(cfg.tp)), now, ""),
         "controller_waiting_for": inst.waiting_for(controller_wait_slot(cfg.tp)),
         "actors": actors,

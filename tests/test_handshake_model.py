@@ -20,7 +20,18 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from mpkv.handshake import Act, Command, Status, View, check_command, decide, link_may_map, link_must_unmap
+from mpkv.handshake import (
+    Act,
+    Command,
+    Status,
+    View,
+    check_command,
+    decide,
+    link_may_map,
+    link_must_unmap,
+    settled_ledger,
+    step_done,
+)
 from mpkv.protocol import ACK_OF, ActorState, ClearFlags, Cmd
 
 S = ActorState
@@ -40,9 +51,11 @@ SCRIPT = (
 @dataclass(frozen=True)
 class Actor:
     status: Status
+    rank: int = 0
     alive: bool = True
     mapped: bool = False
     gen: int = 0  # generation of the pool it maps
+    version: int = 1  # the weight version it serves (adopted with the pool it maps)
     owns_host: bool = False
     host_live: bool = False
     link: bool = False  # a link: not spawned by the instance, not acknowledged to the controller
@@ -51,56 +64,80 @@ class Actor:
 
 
 @dataclass(frozen=True)
+class Pool:
+    live: bool = False
+    gen: int = 0
+    version: int = 0
+
+
+@dataclass(frozen=True)
 class World:
-    step: int  # index into SCRIPT of the command being waited for; -1 = start-up
+    step: int  # commands issued so far (SCRIPT: index of the command being waited for); -1 = start-up
     cmd: Command
-    actors: tuple[Actor, ...]  # [0] is the owner
-    pool_live: bool = False
-    pool_gen: int = 0
+    actors: tuple[Actor, ...]  # per rank: [owner, attachers...]; links last (they map rank 0's pool)
+    pools: tuple[Pool, ...]  # per rank
+    per_rank: int  # actors per rank (owner + attachers)
     crashes: int = 0
+    timeouts: int = 0  # steps the controller gave up on
     end: str = ""  # "" running, "done", or "error: ..."
-    cleared: int = 0
+    cleared: int = 0  # the controller's ledger
     weight_version: int = 1
 
 
 ANNOUNCE_FIRST = True  # the links protocol; a sanity test turns it off and expects a use-after-free
 
 
+def set_actor(w: World, i: int, a: Actor, **changes: object) -> World:
+    return replace(w, actors=w.actors[:i] + (a,) + w.actors[i + 1 :], **changes)  # type: ignore[arg-type]
+
+
+def set_pool(w: World, rank: int, pool: Pool) -> tuple[Pool, ...]:
+    return w.pools[:rank] + (pool,) + w.pools[rank + 1 :]
+
+
 def link_step(w: World, i: int) -> World:
     """Link i's next step, if any: announce, check-and-map, or let go (the same rules as mpkv.pd.link.Link).
     With ANNOUNCE_FIRST off it checks first and announces only when it maps (the broken order)."""
-    a, owner = w.actors[i], w.actors[0]
+    a, owner, pool = w.actors[i], w.actors[0], w.pools[0]
     owner_status = owner.status if owner.alive and owner.status.state != S.FAILED else None
+    mapped = replace(a, mapped=True, gen=pool.gen, announced=False, status=Status(S.READY, w.cmd.epoch))
     new = a
     if a.mapped and link_must_unmap(w.cmd):
         new = replace(a, mapped=False, status=Status(S.STOPPED, w.cmd.epoch))
     elif a.announced and ANNOUNCE_FIRST:  # announced earlier: check now, then map or stand down
         if link_may_map(w.cmd, owner_status):
-            if not w.pool_live:
+            if not pool.live:
                 raise Violation(f"link {i} mapped a freed pool")
-            new = replace(a, mapped=True, gen=w.pool_gen, announced=False, status=Status(S.READY, w.cmd.epoch))
+            new = mapped
         else:
             new = replace(a, announced=False, status=Status(S.STOPPED, w.cmd.epoch))
     elif a.announced:  # checked earlier: map and announce now, whatever happened since
-        if not w.pool_live:
+        if not pool.live:
             raise Violation(f"link {i} mapped a freed pool")
-        new = replace(a, mapped=True, gen=w.pool_gen, announced=False, status=Status(S.READY, w.cmd.epoch))
+        new = mapped
     elif not a.mapped and a.opens_left:
         if ANNOUNCE_FIRST:
             new = replace(a, announced=True, opens_left=a.opens_left - 1, status=Status(S.BOOTING, w.cmd.epoch))
         elif link_may_map(w.cmd, owner_status):
             new = replace(a, announced=True, opens_left=a.opens_left - 1)
-    return w if new == a else replace(w, actors=w.actors[:i] + (new,) + w.actors[i + 1 :])
+    return w if new == a else set_actor(w, i, new)
+
+
+def peer_indexes(w: World, i: int) -> tuple[int, ...]:
+    """The actors whose statuses actor i's View carries, in order: an owner's attachers (rank 0's: and links),
+    an attacher's owner."""
+    rank, base = w.actors[i].rank, w.actors[i].rank * w.per_rank
+    if i != base:
+        return (base,)
+    links = tuple(j for j, a in enumerate(w.actors) if a.link) if rank == 0 else ()
+    return tuple(range(base + 1, base + w.per_rank)) + links
 
 
 def view(w: World, i: int) -> View:
     a = w.actors[i]
-    if i == 0:
-        peers = tuple(p.status if p.alive else None for p in w.actors[1:])
-    else:
-        owner = w.actors[0]
-        peers = (owner.status if owner.alive else None,)
-    return View(a.status, w.cmd, i == 0, a.mapped, a.owns_host, a.host_live, peers)
+    peers = tuple(w.actors[j].status if w.actors[j].alive else None for j in peer_indexes(w, i))
+    is_owner = i == a.rank * w.per_rank
+    return View(a.status, w.cmd, is_owner, a.mapped, a.version, a.owns_host, a.host_live, peers)
 
 
 class Violation(AssertionError):
@@ -114,24 +151,27 @@ def apply(w: World, i: int) -> tuple[World, tuple[int, ...]]:
         return link_step(w, i), ()
     d = decide(view(w, i))
     if d.action == Act.WAIT:
-        return w, tuple((0 if i else j + 1) for j in d.waiting_for)
-    pool_live, pool_gen = w.pool_live, w.pool_gen
+        peers = peer_indexes(w, i)
+        return w, tuple(peers[j] for j in d.waiting_for)
+    pool = w.pools[a.rank]
     new = a
     if d.action == Act.ALLOCATE:
-        if pool_live:
-            raise Violation(f"owner allocated a second pool while generation {pool_gen} is live (a leak)")
-        pool_live, pool_gen = True, pool_gen + 1
-        new = replace(a, mapped=True, gen=pool_gen)
+        if pool.live:
+            raise Violation(f"owner of rank {a.rank} allocated a second pool while gen {pool.gen} is live (a leak)")
+        version = w.cmd.aux if w.cmd.kind == Cmd.RESTORE else a.version
+        pool = Pool(True, pool.gen + 1, version)
+        new = replace(a, mapped=True, gen=pool.gen, version=version)
     elif d.action == Act.FREE:
-        for j, p in enumerate(w.actors[1:], 1):
+        for j in peer_indexes(w, i):
+            p = w.actors[j]
             if p.alive and p.mapped:
                 raise Violation(f"owner freed the pool while {'link' if p.link else 'attacher'} {j} still maps it")
-        pool_live = False
+        pool = replace(pool, live=False)
         new = replace(a, mapped=False)
     elif d.action == Act.ATTACH:
-        if not pool_live:
+        if not pool.live:
             raise Violation(f"attacher {i} attached to a freed pool")
-        new = replace(a, mapped=True, gen=pool_gen)
+        new = replace(a, mapped=True, gen=pool.gen, version=pool.version)
     elif d.action == Act.DETACH:
         new = replace(a, mapped=False)
     elif d.action == Act.RELEASE_HOST:
@@ -140,50 +180,98 @@ def apply(w: World, i: int) -> tuple[World, tuple[int, ...]]:
         new = replace(a, host_live=True)
     elif d.action == Act.FAIL:
         assert d.reason, "a failure must carry its reason"
+        if not w.crashes:
+            raise Violation(f"actor {i} failed although nothing crashed: {d.reason}")
         new = replace(a, mapped=False, status=Status(S.FAILED, a.status.epoch))  # runtime detaches in finally
     if d.publish is not None and d.action != Act.FAIL:
         assert d.publish != a.status or new != a, f"actor {i} took a step that changes nothing: {d}"
         new = replace(new, status=d.publish)
-    actors = w.actors[:i] + (new,) + w.actors[i + 1 :]
-    return replace(w, actors=actors, pool_live=pool_live, pool_gen=pool_gen), ()
+        check_version(w, i, new)
+    return set_actor(w, i, new, pools=set_pool(w, a.rank, pool)), ()
 
 
-def controller(w: World) -> tuple[World | None, tuple[int, ...]]:
-    """The controller's next step (None: nothing to do yet) and whom it waits for."""
+def check_version(w: World, i: int, a: Actor) -> None:
+    """I7: an actor that acknowledges a RESTORE serves the restored weight version; one that resumes serves the
+    version the controller's ledger holds (the last restore every actor acknowledged)."""
+    if w.cmd.kind == Cmd.RESTORE and a.status.state == S.RESTORED and a.version != w.cmd.aux:
+        raise Violation(f"actor {i} acknowledged RESTORE of version {w.cmd.aux} serving version {a.version}")
+    if w.cmd.kind == Cmd.RESUME and a.status.state == S.READY and a.version != w.weight_version:
+        raise Violation(f"actor {i} resumed serving version {a.version}; the last restore was {w.weight_version}")
+
+
+BOTH_TIERS = ClearFlags.DEVICE | ClearFlags.HOST
+ALPHABET = (
+    (Cmd.PAUSE, 0),
+    (Cmd.RESUME, 0),
+    (Cmd.CLEAR, int(ClearFlags.DEVICE)),
+    (Cmd.CLEAR, int(ClearFlags.HOST)),
+    (Cmd.CLEAR, int(BOTH_TIERS)),
+    (Cmd.RESTORE, None),  # the version the pools hold now
+    (Cmd.RESTORE, +1),  # a new one
+    (Cmd.SHUTDOWN, 0),
+)
+
+
+def controller(w: World, free: int, max_timeouts: int) -> tuple[list[World], tuple[int, ...]]:
+    """The controller's possible next steps and whom it waits for. It runs ``step_done``, ``settled_ledger`` and
+    ``check_command`` as the real one does. With ``free`` > 0 it issues, up to ``free`` times, any command its API
+    admits (then a shutdown); it may also give up on a step that is not done (up to ``max_timeouts`` times) and go
+    on with any admitted command, as a trainer whose call timed out would. With ``free`` == 0 it follows SCRIPT."""
     bad = [i for i, a in enumerate(w.actors) if not a.link and (not a.alive or a.status.state == S.FAILED)]
     if bad:
         who = ", ".join(f"actor {i} ({'dead' if not w.actors[i].alive else 'FAILED'})" for i in bad)
-        return replace(w, end=f"error: {who} during {w.cmd.kind.name}@{w.cmd.epoch}"), ()
+        return [replace(w, end=f"error: {who} during {w.cmd.kind.name}@{w.cmd.epoch}")], ()
+    statuses = [a.status for a in w.actors if not a.link]
+    done = step_done(w.cmd, statuses)
+    if done and w.cmd.kind == Cmd.SHUTDOWN:
+        return [replace(w, end="done")], ()
     target = ACK_OF[w.cmd.kind]
     waiting = tuple(i for i, a in enumerate(w.actors) if not a.link and not a.status.at_least(target, w.cmd.epoch))
-    if waiting:
-        return None, waiting
-    if w.cmd.kind == Cmd.SHUTDOWN:
-        return replace(w, end="done"), ()
-    kind, aux = SCRIPT[w.step + 1]
-    refusal = check_command(kind, aux, w.cmd, ClearFlags(w.cleared), w.weight_version)
-    assert refusal is None, f"the script's {kind.name} was refused: {refusal.message}"
-    cleared, wv = w.cleared, w.weight_version
-    if kind == Cmd.CLEAR:
-        cleared |= aux
-    if kind == Cmd.RESTORE:
-        cleared, wv = 0, aux
-    return replace(w, step=w.step + 1, cmd=Command(kind, w.cmd.epoch + 1, aux), cleared=cleared, weight_version=wv), ()
+    gives_up = not done and w.timeouts < max_timeouts
+    if not done and not gives_up:
+        return [], waiting
+    cleared, wv = settled_ledger(w.cmd, done, ClearFlags(w.cleared), w.weight_version)
+    if done and w.cmd.kind == Cmd.RESTORE:
+        stale = [i for i, a in enumerate(w.actors) if not a.link and a.version != w.cmd.aux]
+        if stale:
+            raise Violation(f"RESTORE of version {w.cmd.aux} acknowledged, but actors {stale} serve older versions")
+    if not free:
+        choices: tuple[tuple[Cmd, int | None], ...] = (SCRIPT[w.step + 1],)
+    else:
+        choices = ALPHABET if w.step < free else ((Cmd.SHUTDOWN, 0),)
+    out = []
+    for kind, arg in choices:
+        aux = wv + (arg or 0) if kind == Cmd.RESTORE and free else int(arg or 0)
+        refusal = check_command(kind, aux, w.cmd, cleared, wv, done)
+        if refusal is not None:
+            assert free or refusal.already is False, f"the script's {kind.name} was refused: {refusal.message}"
+            continue
+        new_cleared = cleared | ClearFlags(aux) if kind == Cmd.CLEAR else cleared
+        out.append(
+            replace(
+                w,
+                step=w.step + 1,
+                cmd=Command(kind, w.cmd.epoch + 1, aux),
+                cleared=int(new_cleared),
+                weight_version=wv,
+                timeouts=w.timeouts + (not done),
+            )
+        )
+    assert out or not done, f"the controller has no admissible command in {w}"
+    return out, waiting
 
 
 def check_state(w: World) -> None:
     for i, a in enumerate(w.actors):
-        if a.alive and a.mapped and not (w.pool_live and a.gen == w.pool_gen):
-            raise Violation(f"actor {i} maps pool generation {a.gen}, live={w.pool_live} gen={w.pool_gen}: stale view")
+        pool = w.pools[a.rank]
+        if a.alive and a.mapped and not (pool.live and a.gen == pool.gen):
+            raise Violation(f"actor {i} maps pool gen {a.gen}, live={pool.live} gen={pool.gen}: stale view")
 
 
-def successors(w: World, max_crashes: int) -> tuple[list[World], dict[int, tuple[int, ...]]]:
-    out: list[World] = []
+def successors(w: World, max_crashes: int, free: int, max_timeouts: int) -> tuple[list[World], dict[int, tuple]]:
     waits: dict[int, tuple[int, ...]] = {}
-    ctl, ctl_waits = controller(w)
-    if ctl is not None:
-        out.append(ctl)
-    else:
+    out, ctl_waits = controller(w, free, max_timeouts)
+    if ctl_waits:
         waits[-1] = ctl_waits
     for i, a in enumerate(w.actors):
         if not a.alive:
@@ -194,8 +282,7 @@ def successors(w: World, max_crashes: int) -> tuple[list[World], dict[int, tuple
         elif on:
             waits[i] = on
         if w.crashes < max_crashes:
-            dead = replace(a, alive=False, mapped=False)
-            out.append(replace(w, actors=w.actors[:i] + (dead,) + w.actors[i + 1 :], crashes=w.crashes + 1))
+            out.append(set_actor(w, i, replace(a, alive=False, mapped=False), crashes=w.crashes + 1))
     return out, waits
 
 
@@ -216,12 +303,24 @@ def assert_acyclic(waits: dict[int, tuple[int, ...]], w: World) -> None:
         visit(n, [])
 
 
-def explore(n_attachers: int, owner_has_host: bool, max_crashes: int = 1, n_links: int = 0, opens: int = 2) -> int:
-    actors = [Actor(Status(S.BOOTING, 0)) for _ in range(n_attachers + 1)]
+def explore(
+    n_attachers: int,
+    owner_has_host: bool,
+    max_crashes: int = 1,
+    n_links: int = 0,
+    opens: int = 2,
+    tp: int = 1,
+    free: int = 0,
+    max_timeouts: int = 0,
+) -> int:
+    actors = []
+    for rank in range(tp):
+        per_rank = [Actor(Status(S.BOOTING, 0), rank=rank) for _ in range(n_attachers + 1)]
+        host_holder = 0 if owner_has_host else 1
+        per_rank[host_holder] = replace(per_rank[host_holder], owns_host=True)
+        actors += per_rank
     actors += [Actor(Status(S.STOPPED, 0), link=True, opens_left=opens) for _ in range(n_links)]
-    host_holder = 0 if owner_has_host else 1
-    actors[host_holder] = replace(actors[host_holder], owns_host=True)
-    start = World(step=-1, cmd=Command(Cmd.NONE, 0), actors=tuple(actors))
+    start = World(-1, Command(Cmd.NONE, 0), tuple(actors), (Pool(),) * tp, per_rank=n_attachers + 1)
     seen = {start: 0}
     edges: dict[World, list[World]] = {}
     todo = deque([start])
@@ -236,7 +335,7 @@ def explore(n_attachers: int, owner_has_host: bool, max_crashes: int = 1, n_link
                 assert "dead" in w.end or "FAILED" in w.end, w.end
             edges[w] = []
             continue
-        nexts, waits = successors(w, max_crashes)
+        nexts, waits = successors(w, max_crashes, free, max_timeouts)
         if not nexts:
             raise Violation(f"deadlock: nothing can happen in {w}; waits: {waits}")
         assert_acyclic(waits, w)
@@ -338,3 +437,69 @@ def test_a_link_that_checks_before_announcing_is_caught() -> None:
             explore(1, owner_has_host=False, max_crashes=0, n_links=1)
     finally:
         globals()["ANNOUNCE_FIRST"] = True
+
+
+@pytest.mark.parametrize(
+    ("tp", "n_attachers", "free", "max_crashes"),
+    [
+        (1, 1, 3, 0),
+        (1, 2, 3, 0),
+        (1, 3, 2, 0),
+        (2, 1, 2, 0),
+        (1, 1, 3, 1),
+        pytest.param(2, 2, 2, 0, marks=pytest.mark.slow),
+        pytest.param(2, 3, 2, 0, marks=pytest.mark.slow),
+    ],
+)
+def test_a_controller_that_gives_up_on_a_step(tp: int, n_attachers: int, free: int, max_crashes: int) -> None:
+    """The controller may time out of any step at any moment and then issue any command its API admits (``free``
+    commands, then a shutdown), as a trainer whose call timed out would: still no use after free and no stale view;
+    no actor fails unless something crashed; and I7: once every actor acknowledged a RESTORE, every actor serves
+    that weight version, and an actor resumes only with the version of the last acknowledged restore."""
+    n = explore(n_attachers, owner_has_host=False, max_crashes=max_crashes, tp=tp, free=free, max_timeouts=1)
+    print(
+        f"[model] tp={tp}, owner + {n_attachers} attachers per rank, {free} commands of any kind, the controller "
+        f"giving up on one step, {max_crashes} crash: {n} states explored, no violation"
+    )
+    assert n > 1000
+
+
+def test_admitting_on_what_was_asked_is_caught() -> None:
+    """Sanity check: the old admission rule (the next command checked against what the controller asked for, not
+    what the actors acknowledged) lets a RESTORE run over a CLEAR that timed out. The checker must see it, through
+    the actor that refuses to serve its old pool under the new version."""
+    original = check_command
+
+    def on_the_ledger_only(kind: Cmd, aux: int, last: Command, cleared: ClearFlags, wv: int, done: bool = True):  # type: ignore[no-untyped-def]
+        return original(kind, aux, last, cleared, wv)
+
+    globals()["check_command"] = on_the_ledger_only
+    try:
+        with pytest.raises(Violation, match="failed although nothing crashed: RESTORE@.* still maps"):
+            explore(1, owner_has_host=False, max_crashes=0, free=3, max_timeouts=1)
+    finally:
+        globals()["check_command"] = original
+
+
+def test_serving_the_old_pool_under_a_new_version_is_caught() -> None:
+    """Sanity check of the I7 assertions: with the old admission rule and actors that keep a mapped pool at RESTORE
+    whatever its version (the reproduced bug), an actor acknowledges the restore serving the old weights."""
+    import dataclasses
+
+    import mpkv.handshake as hs
+
+    original_decide, original_check = hs.decide, check_command
+
+    def keeps_its_pool(v: View) -> hs.Decision:
+        return original_decide(dataclasses.replace(v, pool_version=v.cmd.aux if v.cmd.kind == Cmd.RESTORE else 0))
+
+    globals()["decide"] = keeps_its_pool
+    globals()["check_command"] = lambda kind, aux, last, cleared, wv, done=True: original_check(
+        kind, aux, last, cleared, wv
+    )
+    try:
+        with pytest.raises(Violation, match="serving version|serve older versions"):
+            explore(1, owner_has_host=False, max_crashes=0, free=3, max_timeouts=1)
+    finally:
+        globals()["decide"] = original_decide
+        globals()["check_command"] = original_check

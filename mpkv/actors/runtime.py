@@ -164,7 +164,10 @@ class Actor:
 
     def _view(self, cmd: Command, check_alive: bool = False) -> View:
         peers = tuple(self._peer_status(i, check_alive)[0] for i in range(len(self.peers)))
-        return View(self.status, cmd, self.is_owner, self.pool is not None, self.owns_host(), self.host_live(), peers)
+        mapped = self.pool is not None  # a mapped pool's weight version is the one adopted with it (``_adopt``)
+        return View(
+            self.status, cmd, self.is_owner, mapped, self.weight_version, self.owns_host(), self.host_live(), peers
+        )
 
     def _decide(self, cmd: Command) -> Decision:
         """``decide`` on what the slots say; only when that means waiting for a peer, check (reading /proc)
@@ -288,10 +291,14 @@ class Actor:
             self.pool_epoch = cmd.epoch
             self._adopt(wv)
         elif d.action == Act.ATTACH:
+            # The owner acknowledged PUBLISHED@e, so its handle is the pool it maps now: allocated at this restore,
+            # or at an earlier try of it that timed out (a retried RESTORE keeps that pool), never a freed one.
             handle = self.inst.read_handle(self.rank)
-            if handle.epoch != cmd.epoch:
+            wv = cmd.aux if cmd.kind == Cmd.RESTORE else self.weight_version
+            if handle.epoch > cmd.epoch or handle.weight_version != wv:
                 raise ProtocolError(
-                    f"{self.name}: owner published the pool of epoch {handle.epoch}, expected {cmd.epoch}"
+                    f"{self.name}: owner published the pool of epoch {handle.epoch} for weight version "
+                    f"{handle.weight_version}; expected one of epoch <= {cmd.epoch} for weight version {wv}"
                 )
             self.pool = attach_device_pool(self.cfg, handle, int(self.role))
             self.pool_epoch = handle.epoch
