@@ -46,7 +46,8 @@ class SyntheticModel:
         if weight_version == self.weight_version:
             return
         c = self.cfg
-        g = torch.Generator().manual_seed((1_000_003 * weight_version + 17) % 2**64)  # odd factor: no two versions collide
+        # An odd factor modulo 2**64: no two weight versions share a seed.
+        g = torch.Generator().manual_seed((1_000_003 * weight_version + 17) % 2**64)
         scale = c.hidden**-0.5
         cols = slice(self.rank * c.heads_per_rank * c.head_dim, (self.rank + 1) * c.heads_per_rank * c.head_dim)
         full = c.kv_heads * c.head_dim
