@@ -238,9 +238,23 @@ class Instance:
             read_sync_record(self._blob("handles"), rank, HANDLE_RECORD_BYTES), type=PoolHandle
         )
 
+    def launcher_gone(self) -> str:
+        """Why the launcher no longer supervises this instance ("launcher pid N died (...)"), or "" while it does.
+        Its actors die with it (parent-death signals), so a failure it caused must name it first, not them."""
+        sig = self.status.read(launcher_slot(self.cfg.tp))
+        if sig.value in (ActorState.STOPPED, ActorState.FAILED):
+            return f"launcher pid {sig.writer.pid} {'stopped the instance' if sig.value == ActorState.STOPPED else 'failed'}"
+        if sig.seq and not sig.writer.alive():
+            return f"launcher pid {sig.writer.pid} died ({sig.writer.state()}); its actors exited with it"
+        return ""
+
     def culprits(self) -> str:
-        """Who broke the instance: actors that FAILED (with their error's first line) or died without stopping.
-        Once one is gone the launcher stops the others (they show STOPPED): those are named last, if at all."""
+        """Who broke the instance: a launcher that died (its actors die with it), actors that FAILED (with their
+        error's first line) or died without stopping. Once one is gone the launcher stops the others (they show
+        STOPPED): those are named last, if at all."""
+        launcher = self.launcher_gone()
+        if launcher.endswith("exited with it"):
+            return launcher
         culprits, stopped = [], []
         for rank in range(self.cfg.tp):
             for role in ROLES:

@@ -113,6 +113,30 @@ def test_kill_the_launcher(instance: str) -> None:
     assert report.removed and not report.live_instances
 
 
+@pytest.mark.parametrize("waiter", ["controller", "client"])
+def test_a_killed_launcher_is_named_first(instance: str, waiter: str) -> None:
+    """kill -9 of the launcher while a step (or a task) waits on its actors: they die with it (parent-death signal),
+    and the failing call says the launcher died, not merely that every actor is a zombie."""
+    fault = "transfer:1:CLEAR:hang" if waiter == "controller" else "transfer:0:task:hang"
+    inst = Launched(instance, tp=2, fault=fault)
+    with inst, Controller(instance) as ctl, Client(instance) as client:
+        launcher = inst.proc.pid
+        if waiter == "controller":
+            ctl.pause()
+            epoch = ctl.inst.control.read(0).epoch + 1
+            killer = threading.Thread(target=_kill_when_hung, args=(ctl, launcher, epoch))
+            killer.start()
+            with pytest.raises(StepFailed, match=rf"CLEAR@{epoch} failed: launcher pid {launcher} died .*exited with"):
+                ctl.clear(timeout_s=DEADLINE_S)
+            killer.join()
+        else:
+            ticket = client.swap_out(np.array([1], dtype=np.int32))
+            os.kill(launcher, signal.SIGKILL)
+            with pytest.raises(PeerDied, match=rf"lost: launcher pid {launcher} died .*exited with it"):
+                client.wait(ticket, timeout_s=DEADLINE_S)
+    cleanup(instance=instance)
+
+
 def test_waits_are_published_for_the_wait_for_graph(instance: str) -> None:
     """A stuck attacher during CLEAR: its owner publishes that it waits for it, the controller that it waits for
     the owner's acknowledgement; the step fails at its deadline naming the one that did not acknowledge."""

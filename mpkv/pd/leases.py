@@ -29,7 +29,7 @@ import numpy as np
 
 from mpkv.errors import MpkvError
 from mpkv.handshake import Command, link_must_unmap
-from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, MAX_LEASES, Instance, launcher_slot
+from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, MAX_LEASES, Instance
 from mpkv.protocol import ActorState, ClearFlags, LeaseState, PdRole, Role, actor_slot
 from mpkv.shm.signals import SignalWriter
 
@@ -94,9 +94,8 @@ class Allocator:
         ledger = self.inst.control.read(CONTROL_LEDGER)
         if ledger.seq and ClearFlags(ledger.aux & 3) & ClearFlags.DEVICE:
             return "the decode pool is cleared"
-        launcher = self.inst.status.read(launcher_slot(self.inst.cfg.tp))
-        if launcher.value in (ActorState.STOPPED, ActorState.FAILED) or not launcher.writer.alive():
-            return f"the decode instance is gone (its launcher is {launcher.writer.describe()})"
+        if launcher := self.inst.launcher_gone():
+            return f"the decode instance is gone ({launcher})"
         for rank in range(self.inst.cfg.tp):  # the owners hold the pools
             owner = self.inst.status.read(actor_slot(Role(int(self.inst.cfg.pool_owner)), rank))
             if owner.value == ActorState.FAILED or not owner.writer.alive():

@@ -26,7 +26,7 @@ from mpkv import _native
 from mpkv.config import CacheConfig
 from mpkv.errors import AttachError, MpkvError
 from mpkv.handshake import Command, Status, link_may_map, link_must_unmap
-from mpkv.instance import CONTROL_COMMAND, MAX_LINKS, Instance, launcher_slot
+from mpkv.instance import CONTROL_COMMAND, MAX_LINKS, Instance
 from mpkv.pd.transport import SameHost, Transport
 from mpkv.pool import AttachedPool, attach_device_pool
 from mpkv.protocol import ActorState, Cmd, PdRole, Role, actor_slot
@@ -129,10 +129,8 @@ class Link:
 
     def gone(self) -> str:
         """Why the decode instance is no longer there (its launcher stopped or died), or ""."""
-        sig = self.inst.status.read(launcher_slot(self.inst.cfg.tp))
-        if sig.value in (S.STOPPED, S.FAILED) or (sig.seq and not sig.writer.alive()):
-            return f"decode instance {self.dest!r} is gone (its launcher is {sig.writer.describe()})"
-        return ""
+        launcher = self.inst.launcher_gone()
+        return f"decode instance {self.dest!r} is gone ({launcher})" if launcher else ""
 
     def broken(self) -> str:
         """Why what was shipped so far may not have landed in a live pool (cleared, owner dead, instance gone)."""
