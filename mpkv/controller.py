@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +56,11 @@ class StepResult:
     shm_released_bytes: int = 0  # /dev/shm usage before minus after (cpu backend), as the controller measured it
 
 
+def _release_claims(writers: tuple[SignalWriter[Any], ...]) -> None:
+    for w in writers:
+        w.release()
+
+
 def shm_used_bytes() -> int:
     st = os.statvfs("/dev/shm")
     return (st.f_blocks - st.f_bfree) * st.f_frsize
@@ -64,6 +71,7 @@ class Controller:
         self.inst = Instance.attach(name)
         self.name, self.timeout_s, self.cfg = name, timeout_s, self.inst.cfg
         self._writers: tuple[SignalWriter[Cmd], SignalWriter[Cmd], SignalWriter[WaitKind]] | None = None
+        self._release: Callable[[], object] = lambda: None
 
     def _claim(self) -> tuple[SignalWriter[Cmd], SignalWriter[Cmd], SignalWriter[WaitKind]]:
         """Become the one writer of the command block, at the first command (``status`` needs no claim)."""
@@ -73,6 +81,8 @@ class Controller:
                 self.inst.control.writer(CONTROL_LEDGER),
                 self.inst.waits.writer(controller_wait_slot(self.cfg.tp)),
             )
+            # Also when the Controller is dropped without close(): the claims must not outlive their holder.
+            self._release = weakref.finalize(self, _release_claims, self._writers)
         return self._writers
 
     # -- the RL transaction ---------------------------------------------------------------------------------
@@ -115,6 +125,9 @@ class Controller:
         return status.instance_status(self.inst)
 
     def close(self) -> None:
+        """Give up the command block (another controller, e.g. `mpkv ctl` in a shell, may then drive the instance)
+        and unmap the instance. A controller that is never closed holds the block until its process exits."""
+        self._release()
         self.inst.close()
 
     def __enter__(self) -> Controller:

@@ -271,3 +271,15 @@ def swap_traffic(instance: str, seed: int, conn: Connection) -> None:
         return counts
 
     report(conn, body)
+
+
+def trainer_that_closes(instance: str, close: bool, conn: Connection) -> None:
+    """A trainer: pauses the instance, then closes its Controller (or not) and lives on until told to exit."""
+    from mpkv.controller import Controller
+
+    ctl = Controller(instance)
+    ctl.pause()
+    if close:
+        ctl.close()
+    conn.send("paused")
+    conn.recv()  # live on, holding (or not) the command block, until the test is done

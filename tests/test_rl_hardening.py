@@ -7,11 +7,14 @@ import os
 import signal
 
 import numpy as np
+import procs
 import pytest
+from helpers import Child
 from instances import Launched, prefill_and_verify, verify
 
 from mpkv.client import Client
 from mpkv.controller import CommandRefused, Controller, StepFailed
+from mpkv.errors import AttachError
 from mpkv.protocol import ActorState, Role, actor_slot
 
 
@@ -80,3 +83,25 @@ def test_a_restore_that_timed_out_is_retried_or_cleared(instance: str) -> None:
         assert ctl.weight_version == 5
         ctl.resume()
         prefill_and_verify(client, np_rng, blocks, 5)
+
+
+@pytest.mark.parametrize("close", [True, False], ids=["closed", "open"])
+def test_a_closed_controller_hands_the_instance_over(instance: str, close: bool) -> None:
+    """A trainer that closed its Controller no longer locks out `mpkv ctl` from another shell; one that keeps it
+    open does, and the refusal names the trainer's pid."""
+    with Launched(instance, tp=1):
+        trainer = Child(procs.trainer_that_closes, instance, close)
+        try:
+            assert trainer.recv(60) == "paused"
+            with Controller(instance) as shell:
+                if close:
+                    shell.resume()
+                else:
+                    with pytest.raises(AttachError, match=rf"is written by pid {trainer.pid}"):
+                        shell.resume()
+        finally:
+            trainer.conn.send("exit")
+            trainer.join(30)
+        with Controller(instance) as shell:  # a trainer that exited never holds the block
+            shell.pause()
+            shell.resume()
