@@ -72,6 +72,17 @@ class Codec:
             raise ProtocolError(f"message is not valid MessagePack: {e}") from None
 
 
+def peek_seq(raw: bytes | memoryview) -> int | None:
+    """The ``seq`` field of a message that did not decode as its lane's types, if it has one: so that whoever
+    cannot use a message can still fail it by its number rather than die or drop it silently."""
+    try:
+        msg = msgspec.msgpack.decode(raw, ext_hook=lambda code, data: None)
+    except (msgspec.DecodeError, ValueError, TypeError):
+        return None
+    seq = msg.get("seq") if isinstance(msg, dict) else None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63 else None
+
+
 def _union(types: tuple[type[msgspec.Struct], ...]) -> Any:
     out: Any = types[0]
     for t in types[1:]:

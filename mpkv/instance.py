@@ -243,7 +243,8 @@ class Instance:
         Its actors die with it (parent-death signals), so a failure it caused must name it first, not them."""
         sig = self.status.read(launcher_slot(self.cfg.tp))
         if sig.value in (ActorState.STOPPED, ActorState.FAILED):
-            return f"launcher pid {sig.writer.pid} {'stopped the instance' if sig.value == ActorState.STOPPED else 'failed'}"
+            what = "stopped the instance" if sig.value == ActorState.STOPPED else "failed"
+            return f"launcher pid {sig.writer.pid} {what}"
         if sig.seq and not sig.writer.alive():
             return f"launcher pid {sig.writer.pid} died ({sig.writer.state()}); its actors exited with it"
         return ""

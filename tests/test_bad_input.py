@@ -143,6 +143,8 @@ def test_bad_tasks_fail_themselves_not_the_actors(instance: str) -> None:
             (Role.WORKER, Prefill(next(seq), "x", np.array([1]), np.array([0.0, 1.0])), "device blocks must be"),
             (Role.TRANSFER, SwapOut(next(seq), np.array([[1, 2]], dtype=np.int32)), "device blocks must be a 1-D"),
             (Role.TRANSFER, SwapIn(next(seq), np.array([1.0]), np.array([1])), "host slots must be a 1-D"),
+            # Not even decodable as a task (the request's name is not a str): failed by its number on every rank.
+            (Role.WORKER, Prefill(next(seq), 123, np.array([1]), np.array([0])), "cannot be decoded: .*Expected `str`"),  # type: ignore[arg-type]
         ]
         for role, task, reason in raw:
             with pytest.raises(TaskFailed, match=f"failed on 2 of 2 ranks: rank 0: .*{reason}"):

@@ -22,6 +22,7 @@ from loguru import logger
 
 from mpkv import _native, layout
 from mpkv.actors.entry import fault_point
+from mpkv.codec import peek_seq
 from mpkv.errors import MpkvError, ProtocolError
 from mpkv.handshake import IDLE, Act, Command, Decision, Status, View, decide
 from mpkv.instance import CONTROL_COMMAND, MAX_LINKS, TASK_ROLES, Instance
@@ -352,7 +353,11 @@ class Actor:
         if raw is None:
             return False
         self.task_pos = pos
-        task = TASK_CODEC.decode(raw)
+        try:
+            task = TASK_CODEC.decode(raw)
+        except ProtocolError as e:
+            # Every reader of the ring sees the same bytes, so every rank fails this task alike; the actor lives on.
+            return self._refuse_undecodable(bytes(raw), e)
         if isinstance(task, self.ignores):
             return True
         fault_point(self.role, self.rank, "task")
@@ -381,6 +386,15 @@ class Actor:
             )
         self.done.put(reply, timeout_s=PEER_TIMEOUT_S)
         self._last_task = time.monotonic()
+        return True
+
+    def _refuse_undecodable(self, raw: bytes, error: ProtocolError) -> bool:
+        seq = peek_seq(raw)
+        logger.error("{}: task {} at ring position {} cannot be used: {}", self.name, seq, self.task_pos, error)
+        if seq is not None:
+            assert self.done is not None
+            done = Done(seq, self.rank, error=f"{self.name}: task {seq} cannot be decoded: {error}")
+            self.done.put(DONE_CODEC.encode(done), timeout_s=PEER_TIMEOUT_S)
         return True
 
     # -- teardown --------------------------------------------------------------------------------------------
