@@ -26,7 +26,7 @@ import numpy as np
 
 from mpkv.blocks import BadBlocks, BadTask, check_flag, check_ids, check_request, check_tokens
 from mpkv.errors import MpkvError, PeerDied, WaitTimeout
-from mpkv.instance import CONTROL_COMMAND, TASK_ROLES, Instance
+from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, TASK_ROLES, Instance
 from mpkv.pd.leases import Allocator, Lease, LeaseError
 from mpkv.protocol import (
     DONE_CODEC,
@@ -265,18 +265,27 @@ class Client:
         raise TransferFailed(f"{ticket.what} (task {ticket.seq}) failed: {'; '.join(reasons + late)}{extra}", dones)
 
     def _submit(self, role: Role, task: Prefill | SwapOut | SwapIn | ReadBlocks | PrefillSend, what: str) -> Ticket:
-        self.check_serving()
-        self._tasks[role].put(TASK_CODEC.encode(task), timeout_s=60)
+        ring = self._tasks[role]
+        with ring.gated():  # the check and the put, as one step for a PAUSE or SHUTDOWN (NOTE [ submission gate ])
+            self.check_serving()
+            ring.put(TASK_CODEC.encode(task), timeout_s=60)
         return Ticket(role, task.seq, what)
 
     def check_serving(self) -> None:
-        """Refuse early when the instance is paused, cleared or broken."""
+        """Refuse early when the instance is paused, cleared or broken, or a pause or shutdown is being issued."""
         cmd = self.inst.control.read(CONTROL_COMMAND)
         if cmd.value not in (Cmd.NONE, Cmd.RESUME):
             raise InstanceNotServing(
                 f"instance {self.name} is not serving: the controller's last command is {cmd.value.name} "
                 f"(epoch {cmd.epoch}); tasks are refused until resume"
             )
+        for slot in CONTROL_FENCE.values():
+            fence = self.inst.control.read(slot)
+            if fence.value != Cmd.NONE and fence.epoch > cmd.epoch:
+                raise InstanceNotServing(
+                    f"instance {self.name} is not serving: the controller is issuing {fence.value.name} "
+                    f"(epoch {fence.epoch}); tasks are refused until resume"
+                )
         for rank in range(self.cfg.tp):
             for role in ROLES:
                 sig = self.inst.status.read(actor_slot(role, rank))

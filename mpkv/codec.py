@@ -72,15 +72,18 @@ class Codec:
             raise ProtocolError(f"message is not valid MessagePack: {e}") from None
 
 
-def peek_seq(raw: bytes | memoryview) -> int | None:
-    """The ``seq`` field of a message that did not decode as its lane's types, if it has one: so that whoever
-    cannot use a message can still fail it by its number rather than die or drop it silently."""
+def peek(raw: bytes | memoryview) -> tuple[int | None, str]:
+    """The ``seq`` field and the type tag of a message that did not decode as its lane's types, as far as they can
+    be read: so that whoever cannot use a message can still fail it by its number rather than die or drop it."""
     try:
         msg = msgspec.msgpack.decode(raw, ext_hook=lambda code, data: None)
     except (msgspec.DecodeError, ValueError, TypeError):
-        return None
-    seq = msg.get("seq") if isinstance(msg, dict) else None
-    return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63 else None
+        return None, ""
+    if not isinstance(msg, dict):
+        return None, ""
+    seq, tag = msg.get("seq"), msg.get("type")
+    ok = isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63
+    return (seq if ok else None), (tag if isinstance(tag, str) else "")
 
 
 def _union(types: tuple[type[msgspec.Struct], ...]) -> Any:

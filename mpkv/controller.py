@@ -8,6 +8,7 @@ The byte-level protocol, for trainers in other languages: docs/control-block.md.
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 import weakref
@@ -17,8 +18,16 @@ from typing import Any
 
 from mpkv import status
 from mpkv.errors import MpkvError, PeerDied, WaitTimeout
-from mpkv.handshake import check_command
-from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot
+from mpkv.handshake import Command, check_command
+from mpkv.instance import (
+    CONTROL_COMMAND,
+    CONTROL_FENCE,
+    CONTROL_LEDGER,
+    FENCE_CLOSING,
+    Instance,
+    controller_wait_slot,
+)
+from mpkv.layout import SegmentKind
 from mpkv.protocol import (
     ACK_OF,
     MAX_WEIGHT_VERSION,
@@ -26,11 +35,14 @@ from mpkv.protocol import (
     ActorState,
     ClearFlags,
     Cmd,
+    Role,
     WaitKind,
     actor_name,
     actor_slot,
     pack_slots,
 )
+from mpkv.shm.ring import quiesce
+from mpkv.shm.segment import Segment
 from mpkv.shm.signals import Signal, SignalWriter
 from mpkv.shm.waiting import check_timeout
 
@@ -72,18 +84,40 @@ class Controller:
         self.name, self.timeout_s, self.cfg = name, timeout_s, self.inst.cfg
         self._writers: tuple[SignalWriter[Cmd], SignalWriter[Cmd], SignalWriter[WaitKind]] | None = None
         self._release: Callable[[], object] = lambda: None
+        self._fences: dict[Role, SignalWriter[Cmd]] = {}
 
     def _claim(self) -> tuple[SignalWriter[Cmd], SignalWriter[Cmd], SignalWriter[WaitKind]]:
         """Become the one writer of the command block, at the first command (``status`` needs no claim)."""
         if self._writers is None:
             self._writers = (
-                self.inst.control.writer(CONTROL_COMMAND),
+                # A command word torn by a controller killed mid-write is repaired as a PAUSE at a new epoch: it
+                # drains, never frees and never serves (its zero member, NONE, would read as "run").
+                self.inst.control.writer(CONTROL_COMMAND, lambda epoch, aux: (Cmd.PAUSE, epoch + 1, 0)),
                 self.inst.control.writer(CONTROL_LEDGER),
                 self.inst.waits.writer(controller_wait_slot(self.cfg.tp)),
             )
+            self._fences = {role: self.inst.control.writer(slot) for role, slot in CONTROL_FENCE.items()}
             # Also when the Controller is dropped without close(): the claims must not outlive their holder.
-            self._release = weakref.finalize(self, _release_claims, self._writers)
+            self._release = weakref.finalize(self, _release_claims, (*self._writers, *self._fences.values()))
         return self._writers
+
+    def _close_rings(self, kind: Cmd, epoch: int, last: Command, deadline: float) -> None:
+        """Before a PAUSE or SHUTDOWN: find, per task ring, the position every reader drains up to, and publish it
+        (NOTE [ submission gate ] in mpkv.shm.ring). Clients refuse new tasks from the first write on."""
+        for w in self._fences.values():
+            w.write(kind, epoch, FENCE_CLOSING)
+        for role, w in self._fences.items():
+            seg = Segment.attach(self.inst.task_ring(role), SegmentKind.RING)
+            try:
+                what = f"the client to finish putting a task into tasks.{role.name.lower()} before {kind.name}@{epoch}"
+                pos = quiesce(seg, what=what, timeout_s=max(1e-3, deadline - time.monotonic()))
+            except WaitTimeout as e:
+                for fence in self._fences.values():  # not issued: clients may submit again
+                    fence.write(Cmd.NONE, last.epoch, 0)
+                raise StepFailed(f"{kind.name}@{epoch} was not issued: {e}") from None
+            finally:
+                seg.close()
+            w.write(kind, epoch, pos)
 
     # -- the RL transaction ---------------------------------------------------------------------------------
     def pause(self, timeout_s: float | None = None) -> StepResult:
@@ -104,10 +138,15 @@ class Controller:
         return res
 
     def restore(self, weight_version: int | None = None, timeout_s: float | None = None) -> StepResult:
-        wv = self.weight_version if weight_version is None else weight_version
-        if isinstance(wv, bool) or not isinstance(wv, int) or not 0 <= wv <= MAX_WEIGHT_VERSION:
-            raise CommandRefused(f"a weight version is an integer from 0 to {MAX_WEIGHT_VERSION}, got {wv!r}")
-        return self._step(Cmd.RESTORE, int(wv), timeout_s)
+        try:
+            wv = self.weight_version if weight_version is None else operator.index(weight_version)
+        except TypeError:
+            wv = -1
+        if isinstance(weight_version, bool) or not 0 <= wv <= MAX_WEIGHT_VERSION:
+            raise CommandRefused(
+                f"a weight version is an integer from 0 to {MAX_WEIGHT_VERSION}, got {weight_version!r}"
+            )
+        return self._step(Cmd.RESTORE, wv, timeout_s)
 
     def resume(self, timeout_s: float | None = None) -> StepResult:
         return self._step(Cmd.RESUME, 0, timeout_s)
@@ -139,13 +178,13 @@ class Controller:
     # -- one step ---------------------------------------------------------------------------------------------
     def _step(self, kind: Cmd, aux: int, timeout_s: float | None) -> StepResult:
         wait_s = check_timeout(self.timeout_s if timeout_s is None else timeout_s)
+        cmd_w, ledger_w, _ = self._claim()  # before reading the block: a claim repairs a slot torn by a dead writer
         last, done, cleared, weight_version = status.settled(self.inst)
         refusal = check_command(kind, aux, last, cleared, weight_version, done)
         if refusal is not None:
             if refusal.already:
                 return StepResult(kind.name, last.epoch, already=True, message=refusal.message)
             raise CommandRefused(f"{kind.name.lower()} refused for instance {self.name}: {refusal.message}")
-        cmd_w, ledger_w, _ = self._claim()
         if (cleared, weight_version) != (status.cleared(self.inst), status.weight_version(self.inst)):
             # The last RESTORE was acknowledged after its controller gave up waiting: record it now.
             ledger_w.write(Cmd.RESTORE, last.epoch, weight_version << 2)
@@ -156,6 +195,8 @@ class Controller:
             # that looks ready).
             ledger_w.write(kind, epoch, weight_version << 2 | int(cleared | ClearFlags(aux)))
         t0 = time.perf_counter()
+        if kind in (Cmd.PAUSE, Cmd.SHUTDOWN):
+            self._close_rings(kind, epoch, last, time.monotonic() + wait_s)
         cmd_w.write(kind, epoch, aux)
         acks = self._wait_acks(kind, epoch, wait_s)
         res = StepResult(kind.name, epoch, latency_s=time.perf_counter() - t0)

@@ -250,6 +250,8 @@ def check_command(
             return None
         if full_clear and last.kind in (Cmd.CLEAR, Cmd.RESTORE):
             return None
+        if last.kind == Cmd.NONE:
+            return Refusal("the instance is still starting (not every actor is READY yet): wait, or shut it down")
         ways = f"retry {last.kind.name.lower()}"
         if last.kind in (Cmd.CLEAR, Cmd.RESTORE):
             ways += ", clear both tiers"

@@ -4,7 +4,10 @@
     config              blob      launcher (once, before ready)      everyone
     control             signals   the controller: slot 0 = command (Cmd, epoch, aux),
                                   slot 1 = ledger (last completed CLEAR/RESTORE; aux = weight version << 2
-                                  | ClearFlags cleared since the last restore)
+                                  | ClearFlags cleared since the last restore),
+                                  slots 2, 3 = the drain fences of tasks.worker, tasks.transfer (the PAUSE or
+                                  SHUTDOWN, its epoch; aux = the ring position every reader drains up to;
+                                  FENCE_CLOSING while it is being found: NOTE [ submission gate ], shm.ring)
     status              signals   slot actor_slot(role, rank): that actor only;    controller, peers, mpkv-top
                                   last slot: the launcher
     waits               signals   slot actor_slot(...): what that actor waits for (WaitKind; epoch = since,
@@ -71,6 +74,8 @@ MAX_LINKS = 4  # prefill instances that may ship into one decode instance at onc
 MAX_LEASES = 1024  # transfers in flight into one decode instance
 _LEN = struct.Struct("<I")
 CONTROL_COMMAND, CONTROL_LEDGER = 0, 1
+CONTROL_FENCE = {Role.WORKER: 2, Role.TRANSFER: 3}  # per task ring: where a PAUSE or SHUTDOWN drains up to
+FENCE_CLOSING = 2**64 - 1  # a fence's aux while the controller waits for the ring's writer to finish a put
 
 
 def status_slot_count(tp: int) -> int:
@@ -116,7 +121,7 @@ class Instance:
             _write_record(blob, 0, CONFIG_BYTES, cfg.to_json().encode())
             blob.mark_ready()
             owned.append(blob)
-            owned.append(create_signals(reg, "control", 2))
+            owned.append(create_signals(reg, "control", 2 + len(CONTROL_FENCE)))
             owned.append(create_signals(reg, "status", status_slot_count(tp)))
             owned.append(create_signals(reg, "waits", status_slot_count(tp) + 1))
             owned.append(create_signals(reg, "usage", tp))
@@ -344,7 +349,9 @@ def _write_record(seg: Segment, index: int, size: int, raw: bytes) -> None:
 
 
 def _control_label(i: int) -> str:
-    return {CONTROL_COMMAND: "the command word", CONTROL_LEDGER: "the controller's ledger"}.get(i, f"slot {i}")
+    fences = {slot: f"the drain fence of tasks.{role.name.lower()}" for role, slot in CONTROL_FENCE.items()}
+    labels = {CONTROL_COMMAND: "the command word", CONTROL_LEDGER: "the controller's ledger", **fences}
+    return labels.get(i, f"slot {i}")
 
 
 def _actor_label(i: int, tp: int) -> str:

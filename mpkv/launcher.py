@@ -29,7 +29,7 @@ from mpkv.errors import MpkvError
 from mpkv.instance import CONTROL_COMMAND, Instance, launcher_slot
 from mpkv.protocol import ROLES, ActorState, Cmd, Role, actor_name, actor_slot
 from mpkv.shm.cleanup import cleanup
-from mpkv.shm.signals import SignalWriter
+from mpkv.shm.signals import SignalWriter, TornSlot
 
 S = ActorState
 GRACE_S = 5.0
@@ -194,6 +194,7 @@ class Launcher:
 
     def _supervise(self, inst: Instance, me: SignalWriter[ActorState]) -> int:
         shutdown_deadline: float | None = None
+        last_cmd = inst.control.read(CONTROL_COMMAND)
         while True:
             alive = [p for p in self.procs.values() if p.exitcode is None]
             if self._stop_signal is not None:
@@ -201,7 +202,11 @@ class Launcher:
                     f"mpkv: instance {self.name}: {signal.Signals(self._stop_signal).name} received, shutting down"
                 )
                 return 0
-            cmd = inst.control.read(CONTROL_COMMAND)
+            try:
+                cmd = inst.control.read(CONTROL_COMMAND)
+            except TornSlot:  # a controller died writing it: that command never happened (the next one repairs it)
+                cmd = last_cmd
+            last_cmd = cmd
             dead = [(k, p) for k, p in self.procs.items() if p.exitcode is not None]
             if cmd.value == Cmd.SHUTDOWN:
                 shutdown_deadline = shutdown_deadline or time.monotonic() + SHUTDOWN_GRACE_S

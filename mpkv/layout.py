@@ -27,7 +27,7 @@ A ring has one writer and ``nreaders`` readers (1 for SPSC lanes; N for broadcas
 each endpoint owns two lines, so no two processes ever write the same cache line::
 
     line 0            params (creator, immutable): capacity u64 @0, nreaders u32 @8, max_payload u32 @12
-    line 1            writer position  u64          (writer only)
+    line 1            writer position  u64 @0 | gate u64 @8   (writer only; NOTE [ submission gate ], mpkv.shm.ring)
     line 2            writer meta                   (writer only)
     line 3 + 2i       reader i position u64         (reader i only)
     line 4 + 2i       reader i meta                 (reader i only)
@@ -171,6 +171,10 @@ def ring_header_bytes(nreaders: int) -> int:
 
 def ring_writer_pos(base: int) -> int:
     return base + 1 * LINE_BYTES
+
+
+def ring_writer_gate(base: int) -> int:
+    return base + 1 * LINE_BYTES + 8
 
 
 def ring_writer_meta(base: int) -> int:

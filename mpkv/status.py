@@ -11,7 +11,7 @@ from typing import Any
 from mpkv.handshake import Command, Status, settled_ledger, step_done
 from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot, launcher_slot
 from mpkv.protocol import ACK_OF, ROLES, ActorState, ClearFlags, actor_name, actor_slot
-from mpkv.shm.signals import Signal
+from mpkv.shm.signals import Signal, TornSlot
 
 
 def weight_version(inst: Instance) -> int:
@@ -32,8 +32,14 @@ def actor_statuses(inst: Instance) -> list[Status | None]:
     out: list[Status | None] = []
     for rank in range(inst.cfg.tp):
         for role in ROLES:
-            sig = inst.status.read(actor_slot(role, rank))
-            out.append(Status(sig.value, sig.epoch) if sig.seq == 0 or sig.writer.alive() else None)
+            try:
+                sig = inst.status.read(actor_slot(role, rank))
+            except TornSlot:  # its writer died mid-write
+                out.append(None)
+                continue
+            alive = sig.seq == 0 or sig.writer.alive()
+            # An actor that stopped has exited: it acknowledged SHUTDOWN, and that stays true.
+            out.append(Status(sig.value, sig.epoch) if alive or sig.value == ActorState.STOPPED else None)
     return out
 
 

@@ -283,3 +283,46 @@ def trainer_that_closes(instance: str, close: bool, conn: Connection) -> None:
         ctl.close()
     conn.send("paused")
     conn.recv()  # live on, holding (or not) the command block, until the test is done
+
+
+def client_held_between_check_and_put(instance: str, conn: Connection) -> None:
+    """A client whose prefill is held after its serving check and before its put, until the test says go."""
+    import numpy as np
+
+    from mpkv.client import Client
+
+    def body() -> list[int]:
+        with Client(instance) as client:
+            check = client.check_serving
+
+            def held() -> None:
+                check()
+                conn.send("checked")
+                assert conn.recv() == "go"
+
+            client.check_serving = held  # type: ignore[method-assign]
+            ticket = client.prefill("late", np.arange(8, dtype=np.int32), np.array([0], dtype=np.int32))
+            return [d.rank for d in client.wait(ticket, timeout_s=60)]
+
+    report(conn, body)
+
+
+def controller_dies_writing_a_command(instance: str, conn: Connection) -> None:
+    """A controller issues PAUSE, then is killed between the two sequence stores of its next command (CLEAR): the
+    command word is left odd, holding the new value with the old epoch."""
+    import os
+    import signal as signals
+
+    from mpkv import _native
+    from mpkv.controller import Controller
+    from mpkv.instance import CONTROL_COMMAND
+    from mpkv.protocol import Cmd
+
+    ctl = Controller(instance)
+    ctl.pause()
+    buf, off = ctl.inst.control.seg.buf, ctl.inst.control._off(CONTROL_COMMAND)
+    conn.send("dying")
+    conn.close()
+    _native.store_u64(buf, off, _native.load_u64(buf, off) + 1)  # the first sequence store: odd
+    _native.store_u64(buf, off + 8, int(Cmd.CLEAR))
+    os.kill(os.getpid(), signals.SIGKILL)

@@ -90,6 +90,9 @@ def test_forged_writes_are_refused_and_land_nothing(instance: str, rng) -> None:
                     "another lease's blocks": header(target, region, blocks=[int(b) for b in other.blocks]),
                     "blocks past the lease's end": header(target, region, first=1, n=n),
                     "no token": {k: v for k, v in header(target, region).items() if k != "token"},
+                    # The lease's own token, numbers that are not integers: used to crash the decode messager.
+                    "numbers as strings": {**header(target, region), "first": "0"},
+                    "numbers as floats": {**header(target, region), "layer": 0.0},
                 }
                 for what, h in forged.items():
                     state, text = ask(conn, "write", 0, h["n"], h, FILL)

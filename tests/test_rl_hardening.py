@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import procs
@@ -15,7 +19,8 @@ from instances import Launched, prefill_and_verify, verify
 from mpkv.client import Client
 from mpkv.controller import CommandRefused, Controller, StepFailed
 from mpkv.errors import AttachError
-from mpkv.protocol import ActorState, Role, actor_slot
+from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, FENCE_CLOSING
+from mpkv.protocol import ActorState, Cmd, Role, actor_slot
 
 
 def _pid(ctl: Controller, role: Role, rank: int) -> int:
@@ -105,3 +110,69 @@ def test_a_closed_controller_hands_the_instance_over(instance: str, close: bool)
         with Controller(instance) as shell:  # a trainer that exited never holds the block
             shell.pause()
             shell.resume()
+
+
+def test_a_task_put_while_a_shutdown_is_issued_is_served_by_every_rank_or_none(instance: str) -> None:
+    """The race of a client's check-then-put with a SHUTDOWN: the client checked that the instance serves, then
+    (held here) puts its task while the shutdown is being issued. Rank 0 used to drain an empty ring and stop, and
+    rank 1 to serve the task alone. Now the controller waits for the put to land before it issues the command, and
+    every rank drains exactly up to the same ring position: both serve the task, and the shutdown is clean."""
+    with Launched(instance, tp=2) as inst, Controller(instance) as ctl:
+        client = Child(procs.client_held_between_check_and_put, instance)
+        assert client.recv(60) == "checked"
+        epoch = ctl.inst.control.read(CONTROL_COMMAND).epoch + 1
+        shutdown = threading.Thread(target=ctl.shutdown, kwargs={"timeout_s": 60})
+        shutdown.start()
+        fence = ctl.inst.control.wait(
+            CONTROL_FENCE[Role.WORKER], lambda s: s.epoch == epoch, what="the worker ring's fence", timeout_s=60
+        )
+        assert fence.aux == FENCE_CLOSING, "the fence was published while a put was between its check and its store"
+        assert ctl.inst.control.read(CONTROL_COMMAND).epoch < epoch, "SHUTDOWN was issued while a put was in flight"
+        client.conn.send("go")
+        assert client.result(60) == [0, 1]
+        shutdown.join(60)
+        assert ctl.inst.control.read(CONTROL_COMMAND).epoch == epoch
+        for rank in range(2):
+            for role in (Role.WORKER, Role.TRANSFER, Role.MESSAGER):
+                assert ctl.inst.status.read(actor_slot(role, rank)).value == ActorState.STOPPED
+        assert inst.exit_code() == 0
+
+
+def test_a_controller_killed_mid_write_of_a_command_takes_nothing_down(instance: str) -> None:
+    """A command word torn by a controller killed between its two sequence stores: the actors keep acting on the
+    last command they read (they used to fail on the torn read, taking the instance down), and the next controller
+    repairs the word as a PAUSE at a new epoch (never NONE, which actors read as "run") and goes on."""
+    np_rng = np.random.default_rng(3)
+    with Launched(instance, tp=2), Client(instance) as client:
+        dying = Child(procs.controller_dies_writing_a_command, instance)
+        assert dying.recv(60) == "dying"
+        dying.join(30)
+        assert dying.proc.exitcode == -signal.SIGKILL
+        torn_ns = time.monotonic_ns()
+        with Controller(instance) as ctl:
+            # Every actor publishes its heartbeat after a pass of its loop that re-read the (changed) command word.
+            for slot in range(6):
+                ctl.inst.status.wait(slot, lambda s: s.timestamp_ns > torn_ns, what="a heartbeat", timeout_s=30)
+            ctl.pause()  # claims (repairs) first; then a PAUSE, as the repair left one unacknowledged
+            cmd = ctl.inst.control.read(CONTROL_COMMAND)
+            assert cmd.value == Cmd.PAUSE and cmd.epoch >= 3, cmd
+            ctl.resume()
+            for entry in ctl.status()["actors"]:
+                assert entry["alive"] and entry["state"] == "READY", entry
+        prefill_and_verify(client, np_rng, np.arange(2, dtype=np.int32), 1)
+
+
+def test_two_controllers_of_one_process_hold_the_block_until_both_closed(instance: str) -> None:
+    """The claim on the command block is per process: closing one of two Controllers of a trainer must not let
+    another process become a second writer while the other Controller still writes."""
+    shell = [sys.executable, "-m", "mpkv.cli", "ctl", instance, "resume"]
+    with Launched(instance, tp=1):
+        first, second = Controller(instance), Controller(instance)
+        first.pause()
+        second.pause()  # already paused: it holds the block too
+        first.close()
+        out = subprocess.run(shell, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "is written by pid" in out.stderr, out.stderr
+        second.close()
+        out = subprocess.run(shell, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr

@@ -22,10 +22,10 @@ from loguru import logger
 
 from mpkv import _native, layout
 from mpkv.actors.entry import fault_point
-from mpkv.codec import peek_seq
+from mpkv.codec import peek
 from mpkv.errors import MpkvError, ProtocolError
 from mpkv.handshake import IDLE, Act, Command, Decision, Status, View, decide
-from mpkv.instance import CONTROL_COMMAND, MAX_LINKS, TASK_ROLES, Instance
+from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, FENCE_CLOSING, MAX_LINKS, TASK_ROLES, Instance
 from mpkv.pd.link import LINK_SHARE_BASE
 from mpkv.pool import AttachedPool, OwnedPool, allocate_device_pool, attach_device_pool
 from mpkv.protocol import (
@@ -44,7 +44,7 @@ from mpkv.protocol import (
     pack_slots,
 )
 from mpkv.shm.ring import RingReader, RingWriter
-from mpkv.shm.signals import Signal, SignalArray, SignalWriter
+from mpkv.shm.signals import Signal, SignalArray, SignalWriter, TornSlot
 from mpkv.shm.waiting import SPIN_S
 
 HEARTBEAT_S = 0.5
@@ -79,6 +79,7 @@ class Actor:
             self.device = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
         self.released_bytes = 0
         self.status: Status = Status(S.BOOTING, 0)
+        self._last_command = Command(Cmd.NONE, 0)
         self._status_w: SignalWriter[ActorState] = inst.status.writer(self.slot)
         self._wait_w: SignalWriter[WaitKind] = inst.waits.writer(self.slot)
         self._waiting: tuple[WaitKind, int] = (WaitKind.NONE, 0)
@@ -88,8 +89,9 @@ class Actor:
         self.done: RingWriter | None = None
         self.task_pos = 0  # the ring position of the task being served: the same on every reader of the ring
         prefill = self.cfg.pd_role == PdRole.PREFILL
+        self.ring_role = Role.WORKER if self.role == Role.MESSAGER else self.role  # the task ring it reads, if any
         if self.role in TASK_ROLES or (prefill and self.role == Role.MESSAGER):
-            ring_role = Role.WORKER if self.role == Role.MESSAGER else self.role
+            ring_role = self.ring_role
             label = f"{self.role.name.lower()}:r{rank}"
             self.tasks = RingReader(inst.task_ring(ring_role), inst.task_reader(self.role, rank), label=label)
             self.done = RingWriter(inst.done_ring(self.role, rank), label=label)
@@ -150,7 +152,11 @@ class Actor:
 
     def _peer_status(self, i: int, check_alive: bool) -> tuple[Status | None, Signal[ActorState]]:
         array, slot = self.peers[i]
-        sig = array.read(slot)
+        try:
+            sig = array.read(slot)
+        except TornSlot:  # its writer died mid-write: a dead peer (it dropped its mapping with its process)
+            who = array.claimant(slot)
+            return None, Signal(S.BOOTING, 0, who, 0, 0, 1)
         if sig.seq == 0:
             if array is not self.inst.status:
                 return Status(S.STOPPED, 0), sig  # a link never held: it maps nothing
@@ -160,8 +166,12 @@ class Actor:
         return Status(sig.value, sig.epoch), sig
 
     def _command(self) -> Command:
-        sig = self.inst.control.read(CONTROL_COMMAND)
-        return Command(sig.value, sig.epoch, sig.aux)
+        try:
+            sig = self.inst.control.read(CONTROL_COMMAND)
+        except TornSlot:  # the controller died writing it: that command never happened; the next one repairs it
+            return self._last_command
+        self._last_command = Command(sig.value, sig.epoch, sig.aux)
+        return self._last_command
 
     def _view(self, cmd: Command, check_alive: bool = False) -> View:
         peers = tuple(self._peer_status(i, check_alive)[0] for i in range(len(self.peers)))
@@ -313,14 +323,32 @@ class Actor:
         elif d.action == Act.RESTORE_HOST:
             self.restore_host(cmd.epoch)
         elif d.action == Act.DRAIN:
-            while self._serve_one():
-                pass
+            self._drain(cmd)
         assert d.publish is not None
         if d.publish != self.status:  # an unchanged status would only wake its waiters for nothing
             self._publish(d.publish)
         # Logged once done (mpkv-top shows the last few): a step that hangs or fails half-way never shows here.
         to = f"{d.publish.state.name}@{d.publish.epoch}"
         logger.info("transition {} {}@{}: {} -> {}", self.name, cmd.kind.name, cmd.epoch, d.action.name, to)
+
+    def _drain(self, cmd: Command) -> None:
+        """Serve every task of the ring below the command's drain fence, and none beyond: every reader of the ring
+        (the same role on every rank; on a prefill instance the messagers too) serves exactly the same tasks
+        before it pauses or stops (NOTE [ submission gate ] in mpkv.shm.ring)."""
+        if self.tasks is None:
+            return
+        fence = self.inst.control.read(CONTROL_FENCE[self.ring_role])
+        if (fence.value, fence.epoch) != (cmd.kind, cmd.epoch) or fence.aux == FENCE_CLOSING:
+            # A controller that publishes no fence (docs/control-block.md makes it optional): what is there now.
+            while self._serve_one():
+                pass
+            return
+        while self.tasks.position < fence.aux:
+            if not self._serve_one():
+                raise ProtocolError(
+                    f"{self.name}: {cmd.kind.name}@{cmd.epoch} drains tasks up to ring position {fence.aux}, but the "
+                    f"ring ends at {self.tasks.position}"
+                )
 
     def _adopt(self, weight_version: int) -> None:
         if weight_version != self.weight_version or self.status.state == S.BOOTING:
@@ -389,9 +417,9 @@ class Actor:
         return True
 
     def _refuse_undecodable(self, raw: bytes, error: ProtocolError) -> bool:
-        seq = peek_seq(raw)
+        seq, tag = peek(raw)
         logger.error("{}: task {} at ring position {} cannot be used: {}", self.name, seq, self.task_pos, error)
-        if seq is not None:
+        if seq is not None and tag not in {t.__name__ for t in self.ignores}:  # another role's task: it answers
             assert self.done is not None
             done = Done(seq, self.rank, error=f"{self.name}: task {seq} cannot be decoded: {error}")
             self.done.put(DONE_CODEC.encode(done), timeout_s=PEER_TIMEOUT_S)

@@ -223,8 +223,11 @@ class Receiver:
     def _check(self, peer: str, h: dict[str, Any], pool: torch.Tensor | None, pool_epoch: int) -> str:
         """Why the staged layer of header ``h`` may not land, or "" (NOTE [ nixl path ]: which writes land)."""
         region = self._regions.get(peer)
-        first, n, slot, blocks = int(h["first"]), int(h["n"]), int(h["slot"]), h["blocks"]
-        layer, i, gen, token = int(h["layer"]), int(h["lease"]), int(h["gen"]), int(h["token"])
+        numbers = ("first", "n", "slot", "layer", "lease", "gen", "token")
+        if not all(type(h[k]) is int for k in numbers):  # what lands below indexes with these very values
+            raise TypeError(f"{', '.join(numbers)} must be integers")
+        first, n, slot, blocks = h["first"], h["n"], h["slot"], h["blocks"]
+        layer, i, gen, token = h["layer"], h["lease"], h["gen"], h["token"]
         if not isinstance(blocks, list) or not blocks or not all(type(b) is int for b in blocks):
             raise TypeError("blocks must be a non-empty list of integers")
         if region is None or not region.first <= slot <= slot + n <= region.first + REGION:

@@ -14,14 +14,15 @@ process ever holds it (NOTE [ endpoint claim ] in mpkv.layout).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
 
 from mpkv import _native, layout
-from mpkv.errors import AttachError, MessageTooLarge, ProtocolError, WaitTimeout
+from mpkv.errors import AttachError, MessageTooLarge, PeerDied, ProtocolError, WaitTimeout
 from mpkv.layout import EndpointState, SegmentKind
 from mpkv.shm.proc import ProcId
 from mpkv.shm.registry import Registry
@@ -229,6 +230,18 @@ class RingWriter(_Endpoint):
             self._block(rec, what, self._laggards, _left(deadline, timeout_s, what))
             done += self._port.try_put_records(raw, rec, done)
 
+    @contextlib.contextmanager
+    def gated(self) -> Iterator[None]:
+        """The writer's side of NOTE [ submission gate ]: check the condition, then write, inside this block."""
+        buf, gate = self.seg.buf, layout.ring_writer_gate(_BASE)
+        _native.store_u64(buf, gate, 1)
+        _native.fence()
+        try:
+            yield
+        finally:
+            _native.store_u64(buf, gate, 0)
+            _native.futex_wake(buf, gate)
+
     def _laggards(self) -> list[Peer]:
         """The readers holding space the writer needs: the slowest first."""
         buf = self.seg.buf
@@ -240,6 +253,43 @@ class RingWriter(_Endpoint):
             for i, p in enumerate(positions)
             if p == lowest
         ]
+
+
+# NOTE [ submission gate ]
+# A writer that checks a condition before it writes ("the instance still serves") races with whoever changes that
+# condition ("pause"): the check passes, the condition changes, readers act on it (drain what is in the ring, stop),
+# and only then the message lands, behind some readers' backs but not others'. The gate closes that race with
+# Dekker's handshake on two words, each with one writer:
+#     writer (``RingWriter.gated``): gate := 1; full fence; check the condition; write; gate := 0; wake the gate
+#     closer (``quiesce``):          publish the new condition; full fence; wait until gate == 0; read the position
+# With full fences on both sides at least one sees the other's store: either the writer sees the new condition and
+# writes nothing, or the closer waits for its write to land. So the position ``quiesce`` returns is final: every
+# message written before the condition changed lies below it, and none will follow until the condition changes
+# back. Readers that drain up to that position therefore all serve exactly the same messages (mpkv.controller
+# publishes it per task ring before a PAUSE or SHUTDOWN; mpkv.actors.runtime drains up to it).
+
+
+def quiesce(seg: Segment, *, what: str, timeout_s: float) -> int:
+    """The closer's side of NOTE [ submission gate ]: call after publishing the new condition. Waits (bounded;
+    the ring's writer is named if it dies or does not finish) until no write is between its check and its store,
+    then returns the writer's position."""
+    buf, gate = seg.buf, layout.ring_writer_gate(_BASE)
+    _native.fence()
+
+    def step(slice_s: float, spin_s: float) -> bool:
+        return _native.load_u64(buf, gate) == 0 or _native.wait_word_change(buf, gate, 1, -1, spin_s, slice_s) == 0
+
+    def peers() -> list[Peer]:
+        meta = layout.ring_writer_meta(_BASE)
+        pid = _native.load_u64(buf, meta + layout.META_PID) & 0xFFFFFFFF
+        holder = ProcId(int(pid), _native.load_u64(buf, meta + layout.META_START)) if pid else None
+        return [Peer(f"the writer of ring {seg.name}", holder, lambda: "between its check and its write")]
+
+    try:
+        wait_until(step, what=what, timeout_s=timeout_s, peers=peers)
+    except PeerDied:
+        pass  # a dead writer writes no more: its position is final as it is (a new writer passes the gate again)
+    return int(_native.load_u64(buf, layout.ring_writer_pos(_BASE)))
 
 
 class RingReader(_Endpoint):

@@ -60,6 +60,12 @@ def create_signals(registry: Registry, obj: str, nslots: int) -> Segment:
     return seg
 
 
+class TornSlot(PeerDied):
+    """A slot's writer died between its two sequence stores: the slot holds no valid record until a new writer
+    takes it over (and repairs it). Readers that can act without it (keep the last record they read, count the
+    writer as dead) catch this; others see a PeerDied naming the writer."""
+
+
 class SignalArray(Generic[E]):
     """A view of a signal array; ``values`` is the IntEnum its slots hold."""
 
@@ -102,7 +108,7 @@ class SignalArray(Generic[E]):
             seq = _native.load_u64(self.seg.buf, off)
             where = f"{self._labels(slot)} of {self.name}"
             if not who.alive():
-                raise PeerDied(
+                raise TornSlot(
                     f"{where} was left mid-write (sequence {seq}) by its writer {who.describe()}: it died between "
                     f"its two sequence stores. The slot is repaired when a new writer takes it over "
                     f"(SignalWriter); until then it has no valid record"
@@ -125,8 +131,8 @@ class SignalArray(Generic[E]):
             _native.load_u64(buf, off + layout.SIGNAL_WRITER_START),
         )
 
-    def writer(self, slot: int) -> SignalWriter[E]:
-        return SignalWriter(self, slot)
+    def writer(self, slot: int, repair: Callable[[int, int], tuple[E, int, int]] | None = None) -> SignalWriter[E]:
+        return SignalWriter(self, slot, repair)
 
     def wait(
         self,
@@ -166,14 +172,21 @@ class SignalArray(Generic[E]):
 class SignalWriter(Generic[E]):
     """The one writer of one slot (NOTE [ signal slot ] in mpkv.layout)."""
 
-    def __init__(self, array: SignalArray[E], slot: int) -> None:
+    def __init__(
+        self, array: SignalArray[E], slot: int, repair: Callable[[int, int], tuple[E, int, int]] | None = None
+    ) -> None:
+        """``repair(epoch, aux)`` -> (value, epoch, aux): the record a slot torn by a dead writer gets (by default
+        the zero member at the epoch and aux found there). A slot whose zero member means something to act on
+        picks a safer one (the command word: PAUSE at a new epoch, never NONE, which reads as "run")."""
         self.array = array
         self.slot = slot
         self._off = array._off(slot)
         self._me = ProcId.me()
         self._claim_word = claim_word(self._me)
+        self._released = False
         self._claim()
-        self._repair()
+        _HOLDERS[(array.name, slot)] = _HOLDERS.get((array.name, slot), 0) + 1
+        self._repair(repair)
 
     def _claim(self) -> None:
         # Compare-and-swap our pid and start time into the claim word: of two processes claiming at once, one
@@ -194,15 +207,19 @@ class SignalWriter(Generic[E]):
             if _native.cas_u64(buf, claim, held, self._claim_word)[0]:
                 return
 
-    def _repair(self) -> None:
+    def _repair(self, repair: Callable[[int, int], tuple[E, int, int]] | None) -> None:
         """A slot left odd by a writer that died mid-write gets a whole record of ours, and readers are woken
-        (NOTE [ torn signal slot ]): the zero member at the epoch found there, aux as found."""
+        (NOTE [ torn signal slot ])."""
         buf = self.array.seg.buf
         if not _native.load_u64(buf, self._off) & 1:
             return
         epoch = _native.load_u64(buf, self._off + layout.SIGNAL_EPOCH)
         aux = _native.load_u64(buf, self._off + layout.SIGNAL_AUX)
-        self._publish(0, epoch, aux)
+        if repair is None:
+            self._publish(0, epoch, aux)
+        else:
+            value, epoch, aux = repair(epoch, aux)
+            self._publish(int(value), epoch, aux)
 
     def write(self, value: E, epoch: int, aux: int = 0) -> None:
         if not isinstance(value, self.array.values):
@@ -215,9 +232,21 @@ class SignalWriter(Generic[E]):
         _native.futex_wake(self.array.seg.buf, self._off)
 
     def release(self) -> None:
-        """Give the slot up, so that another process may become its writer. Idempotent; a no-op when we do not
-        hold it (never did, gave it up already, or it was taken over after a fork)."""
-        _native.cas_u64(self.array.seg.buf, self._off + layout.SIGNAL_CLAIM, self._claim_word, 0)
+        """Give the slot up, so that another process may become its writer, once no other writer of this process
+        holds it (two Controllers in one process share the claim). Idempotent; a no-op when we do not hold it
+        (never did, gave it up already, or it was taken over after a fork)."""
+        if self._released:
+            return
+        self._released = True
+        key = (self.array.name, self.slot)
+        _HOLDERS[key] -= 1
+        if _HOLDERS[key] == 0:
+            del _HOLDERS[key]
+            _native.cas_u64(self.array.seg.buf, self._off + layout.SIGNAL_CLAIM, self._claim_word, 0)
+
+
+# How many live SignalWriters of this process hold each (array, slot): the claim word is per process.
+_HOLDERS: dict[tuple[str, int], int] = {}
 
 
 _U32 = 0xFFFFFFFF

@@ -8,6 +8,8 @@ activity; on a dead peer it raises ``PeerDied`` the same way.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -46,8 +48,8 @@ class Peer:
 
 
 def check_timeout(timeout_s: float) -> float:
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) or not 0 < timeout_s < math.inf:
+        raise ValueError(f"timeout_s must be a positive, finite number of seconds, got {timeout_s!r}")
     return float(timeout_s)
 
 
