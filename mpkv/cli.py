@@ -129,6 +129,11 @@ def _ctl(args: argparse.Namespace) -> int:
                     f"{st['command']['epoch']}, weight version {st['weight_version']}, cleared {st['cleared']}, "
                     f"logs {st['config']['log_dir'] or '-'}"
                 )
+                if not st["step"]["done"]:
+                    print(
+                        f"  step {st['command']['kind']}@{st['command']['epoch']} not acknowledged by "
+                        f"{', '.join(st['step']['pending'])}: only a retry of it, a full clear or shutdown is admitted"
+                    )
                 for a in [st["launcher"], *st["actors"]]:
                     hb = "-" if a["heartbeat_age_s"] is None else f"{a['heartbeat_age_s']:.1f}s"
                     rank = "" if a["rank"] < 0 else f"r{a['rank']}"

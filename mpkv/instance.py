@@ -25,8 +25,9 @@
     links               signals   slot j * tp + r: link j of rank r, written by the prefill messager r that
                                   holds it (an attacher of this instance's rank-r pool from outside)
     leases              signals   slot i: lease i (protocol.LeaseState), written by this instance's allocator
-    pool.dev.r<r>.e<E>  pool      rank r's pool owner, per restore epoch E
-    pool.host.r<r>.e<E> pool      rank r's transfer manager
+    pool.dev.r<r>.e<E>.<random>   pool   rank r's pool owner, per restore epoch E (the random part: nobody
+                                         can guess the next name; PoolHandle carries it to the attachers)
+    pool.host.r<r>.e<E>.<random>  pool   rank r's transfer manager
 
 The command block (control) is documented for other languages in docs/control-block.md.
 """
