@@ -1,8 +1,10 @@
 """A NIXL sender in a child process (spawn), driven by the test over a Pipe: the prefill side's sender code
 (mpkv.pd.nixl), with headers the test chooses, so the decode side's checks can be shown refusing forgeries.
 
-Commands: ("hello", k) opens sender k's link; ("write", k, n, header, fill) fills the first n staging slots
-with ``fill`` and writes them under ``header``; ("close", k) says bye; ("exit",). Each answers ("ok", None) or
+Commands: ("hello", k) opens sender k's link; ("write", k, n, header, fill[, restage]) fills the first n staging
+slots with ``fill`` and writes them under ``header`` with the digest of those bytes (unless ``header`` names one),
+and with ``restage``, fills them with that after the digest was taken, as if a stale write of an earlier owner of
+the region had come in over them; ("close", k) says bye; ("exit",). Each answers ("ok", None) or
 ("refused", message).
 """
 
@@ -14,7 +16,7 @@ from typing import Any
 
 from mpkv.config import CacheConfig
 from mpkv.errors import MpkvError
-from mpkv.pd.nixl import Endpoint, NixlLink
+from mpkv.pd.nixl import Endpoint, NixlLink, digest
 
 
 def sender(conn: Connection, decode: str, port: int, cfg_json: str, prefix: str, first_port: int) -> None:
@@ -35,8 +37,11 @@ def sender(conn: Connection, decode: str, port: int, cfg_json: str, prefix: str,
                     links[k] = NixlLink(f"nixl://127.0.0.1:{port}/{decode}", 0, cfg, endpoints[k])
                     links[k].open()
                 elif cmd[0] == "write":
-                    _, _, n, header, fill = cmd
+                    _, _, n, header, fill, *restage = cmd
                     endpoints[k].staging[:n] = fill
+                    header = {"digest": digest(endpoints[k].staging[:n])} | header
+                    if restage:
+                        endpoints[k].staging[:n] = restage[0]
                     links[k].write_staged(n, header)
                 elif cmd[0] == "close":
                     links.pop(k).close()

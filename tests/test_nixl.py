@@ -27,6 +27,7 @@ pytest.importorskip("nixl_cu12", reason="NIXL is an optional extra: pip install 
 
 PD = dict(layers=3, device_blocks=96)
 FILL = 7.0  # what the test's sender stages: no pool byte holds it before
+STALE = -3.0  # what a stale write of an earlier owner of the region leaves in staging
 
 
 @contextmanager
@@ -93,6 +94,8 @@ def test_forged_writes_are_refused_and_land_nothing(instance: str, rng) -> None:
                     # The lease's own token, numbers that are not integers: used to crash the decode messager.
                     "numbers as strings": {**header(target, region), "first": "0"},
                     "numbers as floats": {**header(target, region), "layer": 0.0},
+                    "a digest of other bytes": header(target, region, digest="0" * 32),
+                    "a digest that is not a string": header(target, region, digest=7),
                 }
                 for what, h in forged.items():
                     state, text = ask(conn, "write", 0, h["n"], h, FILL)
@@ -109,6 +112,36 @@ def test_forged_writes_are_refused_and_land_nothing(instance: str, rng) -> None:
             for b in good.blocks.tolist():
                 want[0, :, b * d.cfg.block_size : (b + 1) * d.cfg.block_size] = FILL
             assert torch.equal(after[0].view(torch.uint8), want.view(torch.uint8)), "rank 0's pool changed elsewhere"
+            assert torch.equal(after[1].view(torch.uint8), before[1].view(torch.uint8)), "rank 1's pool changed"
+        finally:
+            d.close()
+
+
+def test_a_stale_write_under_a_valid_header_is_refused_and_lands_nothing(instance: str, rng) -> None:
+    """A sender whose staged bytes were overwritten after it hashed them (what a stalled earlier owner of its
+    region does with a late one-sided write) is refused: the header is the lease's own, the bytes are not those it
+    vouches for, and not one byte of the pool changes. The same lease's next write, with its own bytes, lands."""
+    port = 20000 + rng.randrange(20000)
+    with Launched(f"{instance}d", role="decode", nixl_port=port, **PD) as dec:
+        d = Client(dec.name)
+        try:
+            before = pool_bytes(d)
+            lease = d.allocate("target", 24)
+            with peer(dec, port, d.cfg.to_json(), port + 100) as conn:
+                state, region = ask(conn, "hello", 0)
+                assert state == "ok", region
+                n = len(lease.blocks)
+                state, text = ask(conn, "write", 0, n, header(lease, region, layer=1), FILL, STALE)
+                assert state == "refused", f"a stale write under the lease's header landed ({text})"
+                assert "digest differs" in text and "nothing landed" in text, text
+                state, text = ask(conn, "write", 0, n, header(lease, region), FILL)
+                assert state == "ok", f"the lease's own bytes were refused after the stale write: {text}"
+            assert d.allocator.complete([lease]) == "" and lease.state == LeaseState.COMPLETE
+            after = pool_bytes(d)
+            want = before[0].clone()  # layer 0 of the lease from the good write; layer 1 as it was
+            for b in lease.blocks.tolist():
+                want[0, :, b * d.cfg.block_size : (b + 1) * d.cfg.block_size] = FILL
+            assert torch.equal(after[0].view(torch.uint8), want.view(torch.uint8)), "rank 0's pool: stale bytes landed"
             assert torch.equal(after[1].view(torch.uint8), before[1].view(torch.uint8)), "rank 1's pool changed"
         finally:
             d.close()
