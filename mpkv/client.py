@@ -212,17 +212,20 @@ class Client:
 
         The messagers are waited for first: once each reported (or died), nothing writes the destination blocks
         any more. If one has not reported by the deadline, the leases fail but stay *in use* (release refuses)
-        and the batch is not settled: the source blocks are still in use too. Call wait_send again to settle."""
+        and the batch is not settled: the source blocks are still in use too. Call wait_send again to settle.
+        ``timeout_s`` bounds the whole call: every rank is waited for to the same deadline."""
         timeout_s = self._check_wait(ticket, timeout_s, send=True)
         assert ticket.dest is not None, "wait_send takes the ticket of a send"
+        deadline = time.monotonic() + timeout_s
         got = self._sends.setdefault(ticket.seq, {})  # (role, rank) -> its completion, or None: it died
         late: list[str] = []
         for role in (*ticket.also, ticket.role):
             for r in range(self.cfg.tp):
                 if (role, r) in got:
                     continue
-                try:
-                    got[(role, r)] = self._wait_rank(ticket, role, r, timeout_s)
+                try:  # past the deadline, a rank that reported is still collected; one that did not is late
+                    self._collect(ticket, role, r, deadline, timeout_s)
+                    got[(role, r)] = self._early[(role, r)].pop(ticket.seq)
                 except PeerDied as e:  # a dead process writes nothing any more: settled, and failed
                     got[(role, r)] = Done(ticket.seq, r, error=str(e))
                 except MpkvError as e:
@@ -323,19 +326,18 @@ class Client:
         key = (role, rank)
         early, ring = self._early[key], self._done[key]
         while ticket.seq not in early:
-            raw = ring.try_get()
+            left = deadline - time.monotonic()
             try:
-                if raw is None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise WaitTimeout("its completion ring is empty")
-                    raw = ring.get(timeout_s=left)
+                # Past the deadline (one for all the ranks of the caller's wait, which an earlier rank may have
+                # used up), only a glance: what is in the ring is still read, and a writer that died still named.
+                raw = ring.get(timeout_s=max(left, 1e-6))
             except PeerDied as e:
                 raise PeerDied(f"{ticket.what} (task {ticket.seq}) lost: {self.inst.culprits()}. ({e})") from None
             except WaitTimeout as e:
+                why = "its completion ring was still empty, past the one deadline of this wait" if left <= 0 else e
                 raise WaitTimeout(
                     f"{ticket.what} (task {ticket.seq}): no completion from {role.name.lower()} r{rank} within "
-                    f"{timeout_s:g} s ({e}); the completions read so far are kept: wait again to collect them"
+                    f"{timeout_s:g} s ({why}); the completions read so far are kept: wait again to collect them"
                 ) from None
             done = DONE_CODEC.decode(raw)
             if done.seq >> 32 == self._session:  # else: an earlier client's, dropped

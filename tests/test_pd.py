@@ -352,6 +352,32 @@ def test_a_transfer_that_times_out_keeps_its_blocks_until_settled(instance: str,
         eng.close()
 
 
+def test_wait_send_waits_for_all_ranks_to_one_deadline(instance: str, rng) -> None:
+    """wait_send's timeout bounds the whole call, not each rank: with worker r1 stuck (and the messagers waiting
+    for it), only the first rank that has not reported is waited for; by then the one deadline has passed, so
+    every later one is only glanced at, and the failure says so. (Each rank used to get a full timeout of its own:
+    up to 2 * tp timeouts in all.)"""
+    gen = np.random.default_rng(rng.randrange(2**32))
+    with pd_pair(instance, prefill_env={"MPKV_FAULT": "worker:1:task:hang"}) as (p, d):
+        eng = Engine(p.name, d.name, gen)
+        batch = [eng.request("stuck.0")]
+        ticket = eng.p.send(eng.d, batch)
+        with pytest.raises(TransferFailed, match="still in use") as err:
+            eng.p.wait_send(ticket, timeout_s=1)
+        text = str(err.value)
+        late = text.count("within 1 s")
+        assert late >= 2, f"fewer than two ranks late, nothing to show: {text}"
+        assert text.count("timed out after") == 1, f"more than one rank was waited for on its own: {text}"
+        assert text.count("past the one deadline of this wait") == late - 1, text
+        os.kill(pid_of(p, "worker:r1"), signal.SIGKILL)  # the stuck worker goes: the batch can settle now
+        with pytest.raises(TransferFailed) as err:
+            eng.p.wait_send(ticket, timeout_s=50)
+        assert "still in use" not in str(err.value), err.value
+        eng.d.allocator.release(batch[0][3])
+        assert p.exit_code() == 1
+        eng.close()
+
+
 def test_an_exception_on_one_rank_fails_the_batch_not_the_instance(instance: str, rng) -> None:
     """An unexpected exception while shipping on one rank (injected on messager r1 at every batch) fails that
     batch with the exception named; the ranks still meet at every barrier, so the next batch is handled alike."""
