@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpkv.blocks import BadBlocks, BadTask, check_flag, check_ids, check_request, check_tokens
+from mpkv.blocks import BadBlocks, BadRequest, BadTask, check_flag, check_ids, check_request, check_tokens
 from mpkv.errors import MpkvError, PeerDied, WaitTimeout
 from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, TASK_ROLES, Instance
 from mpkv.pd.leases import Allocator, Lease, LeaseError
@@ -171,26 +171,36 @@ class Client:
                 f"instance {self.name} is a {self.cfg.pd_role.name.lower()} instance; send from a "
                 "prefill instance (mpkv launch --role prefill)"
             )
-        if not batch:
-            raise ValueError("an empty batch")
+        layerwise = check_flag(layerwise, "layerwise")
+        if not isinstance(dest, Client) or not isinstance(via, str):
+            raise BadRequest(f"send takes a decode Client and a str via, got {type(dest).__name__}, {via!r}")
+        if not isinstance(batch, (list, tuple)) or not batch:
+            raise BadTask(f"a batch is a non-empty list of (request, tokens, source blocks, lease), got {batch!r:.80}")
+        if len({id(item[3]) for item in batch if isinstance(item, tuple) and len(item) == 4}) < len(batch):
+            raise BadTask("every item of a batch needs a lease of its own (a lease is written by one transfer)")
         items = []
         dest.allocator.sync()  # a lease of a decode pool cleared since is retired now, and refused below
-        for request, tokens, blocks, lease in batch:
-            check_ids(blocks, self.cfg.device_blocks, "source blocks")
+        for item in batch:
+            if not isinstance(item, tuple) or len(item) != 4 or not isinstance(item[3], Lease):
+                raise BadTask(f"a batch item is (request, tokens, source blocks, lease), got {item!r:.80}")
+            request, tokens, blocks, lease = item
+            request = check_request(request)
+            ids = self._ids(blocks, self.cfg.device_blocks, f"send {request!r}: source blocks")
+            tokens = check_tokens(tokens, self.cfg.vocab, self.cfg.block_size, len(ids), f"send {request!r}")
             if dest.allocator.leases.get(lease.slot) is not lease or lease.state != LeaseState.GRANTED:
                 raise LeaseError(
                     f"send {request!r}: lease {lease.slot} is not a lease in flight granted by {dest.name} "
                     f"({lease.retired or lease.state.name}); allocate a new one"
                 )
-            if len(lease.blocks) != len(blocks):
+            if len(lease.blocks) != len(ids):
                 raise LeaseError(
-                    f"send {request!r}: {len(blocks)} source blocks for a lease of {len(lease.blocks)} blocks"
+                    f"send {request!r}: {len(ids)} source blocks for a lease of {len(lease.blocks)} blocks"
                 )
             items.append(
                 SendItem(
                     request,
-                    np.asarray(tokens, dtype=np.int32),
-                    np.asarray(blocks, dtype=np.int32),
+                    tokens,
+                    ids,
                     lease.blocks,
                     lease.slot,
                     lease.gen,
@@ -313,11 +323,6 @@ class Client:
                 f"{ticket.what} (task {ticket.seq}) failed on {len(bad)} of {len(dones)} ranks: {reasons}", dones
             )
         return dones
-
-    def _wait_rank(self, ticket: Ticket, role: Role, rank: int, timeout_s: float) -> Done:
-        """One rank's completion of ``ticket``, taken out: the caller keeps it from now on."""
-        self._collect(ticket, role, rank, time.monotonic() + timeout_s, timeout_s)
-        return self._early[(role, rank)].pop(ticket.seq)
 
     def _collect(self, ticket: Ticket, role: Role, rank: int, deadline: float, timeout_s: float) -> None:
         """Read (role, rank)'s completion ring until ``ticket``'s completion is in ``_early``. Every completion

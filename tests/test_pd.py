@@ -14,6 +14,7 @@ import pytest
 import torch
 from instances import Launched
 
+from mpkv.blocks import BadTask
 from mpkv.client import Client, TransferFailed
 from mpkv.controller import Controller
 from mpkv.instance import Instance
@@ -102,6 +103,19 @@ def test_layerwise_transfer_lands_every_byte(instance: str, rng) -> None:
     gen = np.random.default_rng(rng.randrange(2**32))
     with pd_pair(instance) as (p, d):
         eng = Engine(p.name, d.name, gen)
+        # Bad sends are refused before the ring (the same checks as prefill); the good ones below still land.
+        name, tokens, src, lease = eng.request("bad")
+        for bad, error in [
+            ([(name, tokens, src, lease), (name, tokens, src, lease)], "a lease of its own"),
+            ([(name, tokens.astype(np.float64), src, lease)], "cast whole numbers"),
+            ([(7, tokens, src, lease)], "must be a str"),
+            ([(name, tokens, src.astype(np.float64), lease)], "source blocks must be"),
+            ([(name, tokens, src, "lease")], "a batch item is"),
+        ]:
+            with pytest.raises(BadTask, match=error):
+                eng.p.send(eng.d, bad)  # type: ignore[arg-type]
+        eng.d.allocator.fail(lease, "never sent")  # nothing was shipped into it: its blocks come back
+        eng.done_with([(name, tokens, src, lease)])
         for i in range(6):
             batch = [eng.request(f"b{i}.{j}") for j in range(1 + i % 3)]
             with pytest.raises(LeaseError, match="GRANTED"):
