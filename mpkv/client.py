@@ -19,6 +19,7 @@ import itertools
 import math
 import numbers
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 
@@ -84,6 +85,7 @@ class Client:
         self.inst = Instance.attach(name)
         self.name, self.cfg = name, self.inst.cfg
         self._tasks: dict[Role, RingWriter] = {}
+        self._submitting = threading.Lock()
         self._done: dict[tuple[Role, int], RingReader] = {}
         self._early: dict[tuple[Role, int], dict[int, Done]] = {}
         self._allocator: Allocator | None = None
@@ -176,14 +178,14 @@ class Client:
             raise BadRequest(f"send takes a decode Client and a str via, got {type(dest).__name__}, {via!r}")
         if not isinstance(batch, (list, tuple)) or not batch:
             raise BadTask(f"a batch is a non-empty list of (request, tokens, source blocks, lease), got {batch!r:.80}")
-        if len({id(item[3]) for item in batch if isinstance(item, tuple) and len(item) == 4}) < len(batch):
-            raise BadTask("every item of a batch needs a lease of its own (a lease is written by one transfer)")
-        items = []
-        dest.allocator.sync()  # a lease of a decode pool cleared since is retired now, and refused below
         for item in batch:
             if not isinstance(item, tuple) or len(item) != 4 or not isinstance(item[3], Lease):
                 raise BadTask(f"a batch item is (request, tokens, source blocks, lease), got {item!r:.80}")
-            request, tokens, blocks, lease = item
+        if len({id(item[3]) for item in batch}) < len(batch):
+            raise BadTask("every item of a batch needs a lease of its own (a lease is written by one transfer)")
+        items = []
+        dest.allocator.sync()  # a lease of a decode pool cleared since is retired now, and refused below
+        for request, tokens, blocks, lease in batch:
             request = check_request(request)
             ids = self._ids(blocks, self.cfg.device_blocks, f"send {request!r}: source blocks")
             tokens = check_tokens(tokens, self.cfg.vocab, self.cfg.block_size, len(ids), f"send {request!r}")
@@ -279,7 +281,9 @@ class Client:
 
     def _submit(self, role: Role, task: Prefill | SwapOut | SwapIn | ReadBlocks | PrefillSend, what: str) -> Ticket:
         ring = self._tasks[role]
-        with ring.gated():  # the check and the put, as one step for a PAUSE or SHUTDOWN (NOTE [ submission gate ])
+        # The check and the put, as one step for a PAUSE or SHUTDOWN (NOTE [ submission gate ]); the gate is a flag,
+        # so one thread at a time passes it.
+        with self._submitting, ring.gated():
             self.check_serving()
             ring.put(TASK_CODEC.encode(task), timeout_s=60)
         return Ticket(role, task.seq, what)
@@ -294,7 +298,8 @@ class Client:
             )
         for slot in CONTROL_FENCE.values():
             fence = self.inst.control.read(slot)
-            if fence.value != Cmd.NONE and fence.epoch > cmd.epoch:
+            # A controller that died while closing the rings left its fence: it issues nothing any more.
+            if fence.value != Cmd.NONE and fence.epoch > cmd.epoch and self.inst.control.claimant(slot).alive():
                 raise InstanceNotServing(
                     f"instance {self.name} is not serving: the controller is issuing {fence.value.name} "
                     f"(epoch {fence.epoch}); tasks are refused until resume"

@@ -89,14 +89,19 @@ class Controller:
     def _claim(self) -> tuple[SignalWriter[Cmd], SignalWriter[Cmd], SignalWriter[WaitKind]]:
         """Become the one writer of the command block, at the first command (``status`` needs no claim)."""
         if self._writers is None:
-            self._writers = (
+            claimed: list[SignalWriter[Any]] = []
+            try:
                 # A command word torn by a controller killed mid-write is repaired as a PAUSE at a new epoch: it
                 # drains, never frees and never serves (its zero member, NONE, would read as "run").
-                self.inst.control.writer(CONTROL_COMMAND, lambda epoch, aux: (Cmd.PAUSE, epoch + 1, 0)),
-                self.inst.control.writer(CONTROL_LEDGER),
-                self.inst.waits.writer(controller_wait_slot(self.cfg.tp)),
-            )
-            self._fences = {role: self.inst.control.writer(slot) for role, slot in CONTROL_FENCE.items()}
+                claimed.append(self.inst.control.writer(CONTROL_COMMAND, lambda epoch, aux: (Cmd.PAUSE, epoch + 1, 0)))
+                claimed.append(self.inst.control.writer(CONTROL_LEDGER))
+                claimed.append(self.inst.waits.writer(controller_wait_slot(self.cfg.tp)))
+                fences = {role: self.inst.control.writer(slot) for role, slot in CONTROL_FENCE.items()}
+            except BaseException:
+                _release_claims(tuple(claimed))  # all of the block or nothing
+                raise
+            self._writers = (claimed[0], claimed[1], claimed[2])
+            self._fences = fences
             # Also when the Controller is dropped without close(): the claims must not outlive their holder.
             self._release = weakref.finalize(self, _release_claims, (*self._writers, *self._fences.values()))
         return self._writers
@@ -111,10 +116,12 @@ class Controller:
             try:
                 what = f"the client to finish putting a task into tasks.{role.name.lower()} before {kind.name}@{epoch}"
                 pos = quiesce(seg, what=what, timeout_s=max(1e-3, deadline - time.monotonic()))
-            except WaitTimeout as e:
-                for fence in self._fences.values():  # not issued: clients may submit again
+            except BaseException as e:  # not issued (timed out, interrupted): clients may submit again
+                for fence in self._fences.values():
                     fence.write(Cmd.NONE, last.epoch, 0)
-                raise StepFailed(f"{kind.name}@{epoch} was not issued: {e}") from None
+                if isinstance(e, WaitTimeout):
+                    raise StepFailed(f"{kind.name}@{epoch} was not issued: {e}") from None
+                raise
             finally:
                 seg.close()
             w.write(kind, epoch, pos)
@@ -186,19 +193,18 @@ class Controller:
                 return StepResult(kind.name, last.epoch, already=True, message=refusal.message)
             raise CommandRefused(f"{kind.name.lower()} refused for instance {self.name}: {refusal.message}")
         if (cleared, weight_version) != (status.cleared(self.inst), status.weight_version(self.inst)):
-            # The last RESTORE was acknowledged after its controller gave up waiting: record it now.
-            ledger_w.write(Cmd.RESTORE, last.epoch, weight_version << 2)
+            # What the last command settled (a CLEAR issued, a RESTORE acknowledged after its controller gave up
+            # waiting, or either by a controller that died before it wrote the ledger): record it now.
+            ledger_w.write(last.kind, last.epoch, weight_version << 2 | int(cleared))
         epoch = last.epoch + 1
-        if kind == Cmd.CLEAR:
-            # Counted as cleared from the moment it is asked for: if the step fails or times out and the actors
-            # finish it later, the instance must still refuse to resume until a restore (never a cleared pool
-            # that looks ready).
-            ledger_w.write(kind, epoch, weight_version << 2 | int(cleared | ClearFlags(aux)))
         t0 = time.perf_counter()
+        deadline = time.monotonic() + wait_s
         if kind in (Cmd.PAUSE, Cmd.SHUTDOWN):
-            self._close_rings(kind, epoch, last, time.monotonic() + wait_s)
+            self._close_rings(kind, epoch, last, deadline)
         cmd_w.write(kind, epoch, aux)
-        acks = self._wait_acks(kind, epoch, wait_s)
+        if kind == Cmd.CLEAR:  # after the command (settled_ledger counts the command word itself from now on)
+            ledger_w.write(kind, epoch, weight_version << 2 | int(cleared | ClearFlags(aux)))
+        acks = self._wait_acks(kind, epoch, max(1e-3, deadline - time.monotonic()))
         res = StepResult(kind.name, epoch, latency_s=time.perf_counter() - t0)
         if kind == Cmd.CLEAR:
             res.released_bytes = {name: sig.aux for name, sig in acks.items()}

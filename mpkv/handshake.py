@@ -222,8 +222,13 @@ def step_done(cmd: Command, statuses: Sequence[Status | None]) -> bool:
 
 
 def settled_ledger(cmd: Command, done: bool, cleared: ClearFlags, weight_version: int) -> tuple[ClearFlags, int]:
-    """What is cleared and which weight version the pools hold, once a RESTORE's acknowledgements are counted
-    (the controller that issued it may have given up waiting before they all came)."""
+    """What is cleared and which weight version the pools hold, given the controller's ledger and its last command:
+    a CLEAR counts from the moment it is in the command word (done or not: never a cleared pool that looks ready),
+    a RESTORE once every actor acknowledged it (its controller may have given up waiting before they all had). The
+    command word, not the ledger, is what the actors act on: a controller that died between writing one and the
+    other cannot make the ledger claim a clear that was never issued."""
+    if cmd.kind == Cmd.CLEAR:
+        return cleared | cmd.flags, weight_version
     if cmd.kind == Cmd.RESTORE and done:
         return ClearFlags(0), cmd.aux
     return cleared, weight_version

@@ -247,7 +247,7 @@ class Instance:
     def launcher_gone(self) -> str:
         """Why the launcher no longer supervises this instance ("launcher pid N died (...)"), or "" while it does.
         Its actors die with it (parent-death signals), so a failure it caused must name it first, not them."""
-        sig = self.status.read(launcher_slot(self.cfg.tp))
+        sig = self.status.read_or_dead(launcher_slot(self.cfg.tp))
         if sig.value in (ActorState.STOPPED, ActorState.FAILED):
             what = "stopped the instance" if sig.value == ActorState.STOPPED else "failed"
             return f"launcher pid {sig.writer.pid} {what}"
@@ -266,7 +266,7 @@ class Instance:
         for rank in range(self.cfg.tp):
             for role in ROLES:
                 slot, who = actor_slot(role, rank), actor_name(role, rank)
-                sig = self.status.read(slot)
+                sig = self.status.read_or_dead(slot)
                 if sig.value == ActorState.FAILED:
                     err = self.read_error(slot).strip().splitlines()
                     culprits.append(f"{who} (pid {sig.writer.pid}) FAILED: {err[0] if err else 'no error recorded'}")
@@ -300,7 +300,7 @@ class Instance:
         hops, seen = [], set()
         while slot not in seen:
             seen.add(slot)
-            sig = self.status.read(slot)
+            sig = self.status.read_or_dead(slot)
             who = _actor_label(slot, self.cfg.tp).removeprefix("status of ")
             state = f"{who} ({sig.writer.describe()}; {sig.value.name}@{sig.epoch})"
             wait = self.waiting_for(slot)

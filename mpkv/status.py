@@ -11,7 +11,7 @@ from typing import Any
 from mpkv.handshake import Command, Status, settled_ledger, step_done
 from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot, launcher_slot
 from mpkv.protocol import ACK_OF, ROLES, ActorState, ClearFlags, actor_name, actor_slot
-from mpkv.shm.signals import Signal, TornSlot
+from mpkv.shm.signals import Signal
 
 
 def weight_version(inst: Instance) -> int:
@@ -32,11 +32,7 @@ def actor_statuses(inst: Instance) -> list[Status | None]:
     out: list[Status | None] = []
     for rank in range(inst.cfg.tp):
         for role in ROLES:
-            try:
-                sig = inst.status.read(actor_slot(role, rank))
-            except TornSlot:  # its writer died mid-write
-                out.append(None)
-                continue
+            sig = inst.status.read_or_dead(actor_slot(role, rank))
             alive = sig.seq == 0 or sig.writer.alive()
             # An actor that stopped has exited: it acknowledged SHUTDOWN, and that stays true.
             out.append(Status(sig.value, sig.epoch) if alive or sig.value == ActorState.STOPPED else None)
@@ -58,7 +54,7 @@ def pending_actors(inst: Instance, cmd: Command) -> list[str]:
     out = []
     for rank in range(inst.cfg.tp):
         for role in ROLES:
-            sig = inst.status.read(actor_slot(role, rank))
+            sig = inst.status.read_or_dead(actor_slot(role, rank))
             if sig.value == ActorState.FAILED or not sig.at_least(target, cmd.epoch):
                 out.append(f"{actor_name(role, rank)} ({sig.value.name}@{sig.epoch})")
     return out
@@ -86,7 +82,7 @@ def instance_status(inst: Instance) -> dict[str, Any]:
     for rank in range(cfg.tp):
         for role in ROLES:
             slot = actor_slot(role, rank)
-            entry = actor_entry(role.name.lower(), rank, inst.status.read(slot), now, inst.read_error(slot))
+            entry = actor_entry(role.name.lower(), rank, inst.status.read_or_dead(slot), now, inst.read_error(slot))
             actors.append(entry | {"waiting_for": inst.waiting_for(slot)})
     return {
         "instance": inst.name,
@@ -98,7 +94,7 @@ def instance_status(inst: Instance) -> dict[str, Any]:
         "step": {"done": done, "pending": [] if done else pending_actors(inst, cmd)},
         "weight_version": version,
         "cleared": [f.name for f in ClearFlags if f in tiers],
-        "launcher": actor_entry("launcher", -1, inst.status.read(launcher_slot(cfg.tp)), now, ""),
+        "launcher": actor_entry("launcher", -1, inst.status.read_or_dead(launcher_slot(cfg.tp)), now, ""),
         "controller_waiting_for": inst.waiting_for(controller_wait_slot(cfg.tp)),
         "actors": actors,
     }

@@ -326,3 +326,20 @@ def controller_dies_writing_a_command(instance: str, conn: Connection) -> None:
     _native.store_u64(buf, off, _native.load_u64(buf, off) + 1)  # the first sequence store: odd
     _native.store_u64(buf, off + 8, int(Cmd.CLEAR))
     os.kill(os.getpid(), signals.SIGKILL)
+
+
+def controller_dies_closing_the_rings(instance: str, conn: Connection) -> None:
+    """A controller that published its closing drain fences for a PAUSE and was killed before it issued it."""
+    import os
+    import signal as signals
+
+    from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, FENCE_CLOSING, Instance
+    from mpkv.protocol import Cmd
+
+    inst = Instance.attach(instance)
+    epoch = inst.control.read(CONTROL_COMMAND).epoch + 1
+    for slot in CONTROL_FENCE.values():
+        inst.control.writer(slot).write(Cmd.PAUSE, epoch, FENCE_CLOSING)
+    conn.send("dying")
+    conn.close()
+    os.kill(os.getpid(), signals.SIGKILL)

@@ -194,3 +194,13 @@ def die_writing_handle(blob: str, conn: Connection) -> None:
     _native.store_u64(seg.buf, off, _native.load_u64(seg.buf, off) + 1)  # as write_sync_record does first
     seg.buf[off + 24 : off + 34] = b"\xff" * 10  # some bytes of the next handle
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_inside_the_gate(ring: str, conn: Connection) -> None:
+    """Become the ring's writer, enter its submission gate (as a client between its check and its put), and die
+    there by SIGKILL: the gate word stays shut."""
+    writer = RingWriter(ring, label="gated")
+    with writer.gated():
+        conn.send("inside")
+        conn.close()
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -503,3 +503,17 @@ def test_serving_the_old_pool_under_a_new_version_is_caught() -> None:
     finally:
         globals()["decide"] = original_decide
         globals()["check_command"] = original_check
+
+
+def test_a_clear_counts_from_the_command_word_not_the_ledger() -> None:
+    """A controller that died after writing CLEAR into the command word but before its ledger: what the admission
+    rules see is still "cleared" (resume refused, no false "already cleared" over live pools); and a RESTORE counts
+    only once every actor acknowledged it."""
+    clear = Command(Cmd.CLEAR, 5, int(ClearFlags.DEVICE))
+    cleared, wv = settled_ledger(clear, False, ClearFlags(0), 7)
+    assert (cleared, wv) == (ClearFlags.DEVICE, 7)
+    refusal = check_command(Cmd.RESUME, 0, clear, cleared, wv, done=True)
+    assert refusal is not None and "cleared" in refusal.message and not refusal.already
+    restore = Command(Cmd.RESTORE, 6, 8)
+    assert settled_ledger(restore, False, ClearFlags.DEVICE, 7) == (ClearFlags.DEVICE, 7)
+    assert settled_ledger(restore, True, ClearFlags.DEVICE, 7) == (ClearFlags(0), 8)

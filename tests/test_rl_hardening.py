@@ -160,6 +160,11 @@ def test_a_controller_killed_mid_write_of_a_command_takes_nothing_down(instance:
             for entry in ctl.status()["actors"]:
                 assert entry["alive"] and entry["state"] == "READY", entry
         prefill_and_verify(client, np_rng, np.arange(2, dtype=np.int32), 1)
+        # A controller killed after closing the rings for a pause, before it issued it: clients go on submitting.
+        dying = Child(procs.controller_dies_closing_the_rings, instance)
+        assert dying.recv(60) == "dying"
+        dying.join(30)
+        prefill_and_verify(client, np_rng, np.arange(2, dtype=np.int32), 1)
 
 
 def test_two_controllers_of_one_process_hold_the_block_until_both_closed(instance: str) -> None:

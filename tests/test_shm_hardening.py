@@ -23,7 +23,7 @@ from mpkv.pool import PoolHandle
 from mpkv.shm.proc import ProcId
 from mpkv.shm.records import read_sync_record, write_sync_record
 from mpkv.shm.registry import Registry
-from mpkv.shm.ring import create_ring
+from mpkv.shm.ring import RingWriter, create_ring, quiesce
 from mpkv.shm.segment import Segment
 from mpkv.shm.signals import SignalArray, create_signals
 
@@ -239,4 +239,23 @@ def test_a_handle_record_left_mid_write_names_its_dead_writer(registry: Registry
         assert read_sync_record(seg, 1, HANDLE_RECORD_BYTES) == b""  # refused: nothing written
     finally:
         dying.join(10)
+    registry.release(seg)
+
+
+def test_a_writer_killed_inside_the_gate_does_not_shut_it_for_good(registry: Registry) -> None:
+    """NOTE [ submission gate ]: a client SIGKILLed between its check and its put leaves the gate shut. A closer
+    must not wait on it: not while the dead writer holds the slot, nor once a new writer took the slot over (and
+    idles), nor once that one closed."""
+    seg = create_ring(registry, "ring", 1 << 12)
+    dying = Child(shm_children.die_inside_the_gate, seg.name)
+    assert dying.recv(60) == "inside"
+    dying.proc.join(60)
+    assert dying.proc.exitcode == -signal.SIGKILL
+    assert quiesce(seg, what="the dead writer", timeout_s=30) == 0
+    successor = RingWriter(seg.name, label="successor")  # takes the dead writer's slot over, and idles
+    assert quiesce(seg, what="the idle successor", timeout_s=30) == 0
+    successor.put(b"x")
+    successor.close()
+    assert quiesce(seg, what="nobody", timeout_s=30) > 0
+    dying.join(10)
     registry.release(seg)

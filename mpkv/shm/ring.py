@@ -199,6 +199,17 @@ class RingWriter(_Endpoint):
 
     def __init__(self, name: str, *, label: str = "") -> None:
         super().__init__(name, -1, label)
+        self._ungate()  # a writer killed inside the gate left it shut: we hold the slot now, and are not inside
+
+    def _ungate(self) -> None:
+        buf, gate = self.seg.buf, layout.ring_writer_gate(_BASE)
+        _native.store_u64(buf, gate, 0)
+        _native.futex_wake(buf, gate)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._ungate()
+        super().close()
 
     def put(self, data: bytes | memoryview, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """Write one message; block while the ring is full, up to ``timeout_s``."""
@@ -239,8 +250,7 @@ class RingWriter(_Endpoint):
         try:
             yield
         finally:
-            _native.store_u64(buf, gate, 0)
-            _native.futex_wake(buf, gate)
+            self._ungate()
 
     def _laggards(self) -> list[Peer]:
         """The readers holding space the writer needs: the slowest first."""
@@ -282,8 +292,12 @@ def quiesce(seg: Segment, *, what: str, timeout_s: float) -> int:
     def peers() -> list[Peer]:
         meta = layout.ring_writer_meta(_BASE)
         pid = _native.load_u64(buf, meta + layout.META_PID) & 0xFFFFFFFF
-        holder = ProcId(int(pid), _native.load_u64(buf, meta + layout.META_START)) if pid else None
-        return [Peer(f"the writer of ring {seg.name}", holder, lambda: "between its check and its write")]
+        holder = ProcId(int(pid), _native.load_u64(buf, meta + layout.META_START))
+
+        def gone() -> str | None:  # no writer holds the slot: nobody is inside the gate (a new one resets it)
+            return None if pid else "gone (no writer holds the ring)"
+
+        return [Peer(f"the writer of ring {seg.name}", holder, lambda: "between its check and its write", gone)]
 
     try:
         wait_until(step, what=what, timeout_s=timeout_s, peers=peers)

@@ -14,6 +14,7 @@ wait in mpkv they are bounded, check the writer's liveness, and name it on failu
 from __future__ import annotations
 
 import enum
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,6 +95,15 @@ class SignalArray(Generic[E]):
                 f"(written by pid {pid})"
             ) from None
         return Signal(typed, epoch, ProcId(pid, start), ts, aux, seq)
+
+    def read_or_dead(self, slot: int) -> Signal[E]:
+        """``read``, except that a slot torn by a writer that died mid-write reads as a record of that dead writer
+        (the zero member at the epoch found there): for readers that report, rather than act on, the slot."""
+        try:
+            return self.read(slot)
+        except TornSlot:
+            epoch = _native.load_u64(self.seg.buf, self._off(slot) + layout.SIGNAL_EPOCH)
+            return Signal(self.values(0), epoch, self.claimant(slot), 0, 0, 1)
 
     def _read_words(self, slot: int) -> tuple[int, ...]:
         """The slot's words of one write. A slot left mid-write (NOTE [ torn signal slot ] in mpkv.layout) is
@@ -235,7 +245,7 @@ class SignalWriter(Generic[E]):
         """Give the slot up, so that another process may become its writer, once no other writer of this process
         holds it (two Controllers in one process share the claim). Idempotent; a no-op when we do not hold it
         (never did, gave it up already, or it was taken over after a fork)."""
-        if self._released:
+        if self._released or os.getpid() != self._me.pid:  # a forked child never held the parent's claim
             return
         self._released = True
         key = (self.array.name, self.slot)
