@@ -204,7 +204,7 @@ class Controller:
         cmd_w.write(kind, epoch, aux)
         if kind == Cmd.CLEAR:  # after the command (settled_ledger counts the command word itself from now on)
             ledger_w.write(kind, epoch, weight_version << 2 | int(cleared | ClearFlags(aux)))
-        acks = self._wait_acks(kind, epoch, max(1e-3, deadline - time.monotonic()))
+        acks = self._wait_acks(kind, epoch, wait_s, deadline)
         res = StepResult(kind.name, epoch, latency_s=time.perf_counter() - t0)
         if kind == Cmd.CLEAR:
             res.released_bytes = {name: sig.aux for name, sig in acks.items()}
@@ -212,10 +212,11 @@ class Controller:
             ledger_w.write(kind, epoch, aux << 2)
         return res
 
-    def _wait_acks(self, kind: Cmd, epoch: int, timeout_s: float) -> dict[str, Signal[ActorState]]:
+    def _wait_acks(self, kind: Cmd, epoch: int, timeout_s: float, deadline: float) -> dict[str, Signal[ActorState]]:
+        """Every actor's acknowledgement of ``kind``@``epoch`` by ``deadline`` (the step's: ``timeout_s`` after it
+        began)."""
         target = ACK_OF[kind]
         wait_w = self._claim()[2]
-        deadline = time.monotonic() + timeout_s
         step = f"{kind.name}@{epoch}"
         acks: dict[str, Signal[ActorState]] = {}
         for rank in range(self.cfg.tp):

@@ -447,8 +447,6 @@ def test_a_link_that_checks_before_announcing_is_caught() -> None:
         (1, 3, 2, 0),
         (2, 1, 2, 0),
         (1, 1, 3, 1),
-        pytest.param(2, 2, 2, 0, marks=pytest.mark.slow),
-        pytest.param(2, 3, 2, 0, marks=pytest.mark.slow),
     ],
 )
 def test_a_controller_that_gives_up_on_a_step(tp: int, n_attachers: int, free: int, max_crashes: int) -> None:
