@@ -1,12 +1,12 @@
 """`mpkv.Client`: the engine's side of an instance: submit tasks, collect every rank's completion.
 
-Tasks go through one broadcast ring per role, read by every rank in the same order (DESIGN I4: the task stream
+Tasks go through one broadcast ring per role, read by every rank in the same order (invariant I4: the task stream
 is the only thing that decides what ranks do). A task is complete when every rank reported; it succeeded only if
 every rank succeeded: a task that failed on one rank is failed, with each rank's reason. While the instance is
 paused or cleared, new tasks are refused here, with the reason; tasks that raced with a pause are finished or
 failed explicitly by the actors.
 
-Prefill/decode (DESIGN 6): the engine holds a request until the decode instance granted its destination blocks
+Prefill/decode: the engine holds a request until the decode instance granted its destination blocks
 (``decode.allocate``: a lease), then sends it in a batch it fixes (``prefill.send(decode, batch)``): one task
 that every prefill worker runs and every prefill messager ships, layer by layer. ``wait_send`` completes the
 leases only if every worker and every messager of every rank succeeded; otherwise it fails them with each

@@ -2,7 +2,7 @@
 
 NOTE [ clear handshake ]
 The controller writes one command word (``Cmd``, epoch, aux). Every actor of every rank acknowledges in its own
-status slot with the same epoch; nobody else writes there (DESIGN I1). Per rank one role owns the device pool
+status slot with the same epoch; nobody else writes there (invariant I1). Per rank one role owns the device pool
 (``PoolOwner``); the other two attach to it. The rules, per command at epoch e:
 
     start-up   owner: allocate, publish handle -> PUBLISHED@0 -> READY@0

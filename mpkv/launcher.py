@@ -137,7 +137,7 @@ class Launcher:
         return code
 
     def _log_dir(self) -> str:
-        """<root>/<instance>, every level ours and 0700: logs hold request ids and errors (DESIGN I8). The default
+        """<root>/<instance>, every level ours and 0700: logs hold request ids and errors (invariant I8). The default
         root (<tmp>/mpkv-logs.u<uid>) sits in a world-writable directory where another user may have made it
         first: then a fresh private root is used instead, and said. A root the user named (MPKV_LOG_DIR) that is
         not private is refused: the user asked for that place."""

@@ -103,7 +103,7 @@ class HostTier(enum.IntEnum):
 
 class WaitKind(enum.IntEnum):
     """What a process is waiting for, published in its wait record (mpkv.instance, object ``waits``) so that
-    an inspector can draw the wait-for graph (DESIGN I2). ``aux`` says on whom: up to four status slots,
+    an inspector can draw the wait-for graph (invariant I2). ``aux`` says on whom: up to four status slots,
     packed by ``pack_slots``."""
 
     NONE = 0  # running, not waiting

@@ -2,7 +2,7 @@
 instance's pool layer by layer as its worker finishes each layer.
 
 It reads the workers' task ring (as reader tp + rank), so it sees exactly the batches the workers run, in the
-same order, with the same ring positions (DESIGN I4: nothing here is decided from local timing). For each
+same order, with the same ring positions (invariant I4: nothing here is decided from local timing). For each
 PrefillSend batch:
   1. map the decode pool of rank r through a link (mpkv.pd.link), if not mapped yet;
   2. for l in layers: wait until the worker's progress passes layer l of this batch, then copy layer l of

@@ -229,7 +229,7 @@ class Actor:
             self._sleep(snap, d, min(0.05 if d.waiting_for else HEARTBEAT_S, self.max_sleep_s()))
 
     def _note_wait(self, kind: WaitKind, on: int) -> None:
-        """Publish what we wait for (DESIGN I2), only when it changes: the record's epoch is the wait's start."""
+        """Publish what we wait for (invariant I2), only when it changes: the record's epoch is the wait's start."""
         if (kind, on) != self._waiting:
             self._waiting = (kind, on)
             self._wait_w.write(kind, time.monotonic_ns(), on)

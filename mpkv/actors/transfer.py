@@ -1,7 +1,7 @@
 """The cache-transfer manager: swaps blocks between its rank's device pool and its own host pool.
 
 Host slots are allocated here (the client never names a free slot), and every slot carries the weight version
-of the KV it holds: a swap-in of KV from another weight version is refused (DESIGN I7), and adopting a new
+of the KV it holds: a swap-in of KV from another weight version is refused (invariant I7), and adopting a new
 weight version drops every older entry.
 """
 

@@ -53,7 +53,7 @@ class Lease:
     request: str
     blocks: np.ndarray  # int32 destination block ids, in order
     pool_epoch: int
-    weight_version: int  # the decode instance's weights: KV of any other version is refused (DESIGN I7)
+    weight_version: int  # the decode instance's weights: KV of any other version is refused (invariant I7)
     state: LeaseState = LeaseState.GRANTED
     reason: str = ""
     in_use: str = ""  # who may still write or read the blocks (a transfer not settled): release refuses until ""

@@ -3,7 +3,7 @@
 Byte map: NOTE [ barrier layout ] in mpkv.layout. Each rank writes only its own line pair: the key for this
 generation, then (release) its ``arrived_gen``. A rank then waits until every rank's ``arrived_gen`` reached
 the generation, comparing keys as they arrive: the first rank seen with another key ends the wait at once
-with an error naming both ranks and both keys (DESIGN I4). A dead rank is named within a liveness slice;
+with an error naming both ranks and both keys (invariant I4). A dead rank is named within a liveness slice;
 a late one at the deadline, with the generation it last reached.
 
 Keys are (sequence number, tag): the engine's task sequence number and a request id or batch id. Two ranks

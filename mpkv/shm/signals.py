@@ -8,7 +8,7 @@ records its pid and start time in the claim word; another live process trying to
 name to its readers and repaired by its next writer (NOTE [ torn signal slot ] in mpkv.layout).
 
 Waits are on monotone predicates ("value >= READY at epoch >= 7"), never on "value == 0", and like every
-wait in mpkv they are bounded, check the writer's liveness, and name it on failure (DESIGN I2).
+wait in mpkv they are bounded, check the writer's liveness, and name it on failure (invariant I2).
 """
 
 from __future__ import annotations
