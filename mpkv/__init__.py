@@ -1,6 +1,7 @@
 """mpkv: a multiprocess KV-cache runtime for LLM serving and RL rollouts.
 
-Public names only: ``Controller`` (the RL trainer's handle), ``Client`` (the engine's), and the errors.
+Public names only: ``Controller`` (the RL trainer's handle), ``Client`` (the engine's), and every error mpkv
+raises (all defined in ``mpkv.errors``).
 The shared-memory core lives in ``mpkv.shm``; layouts in ``mpkv.layout``; names in ``mpkv.naming``.
 """
 
@@ -9,31 +10,61 @@ import warnings
 # pynvml 13 is a shim over nvidia-ml-py that warns each time torch.cuda imports it; the warning is not ours to act on.
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
 
-from mpkv.client import Client, InstanceNotServing, TaskFailed  # noqa: E402
-from mpkv.controller import CommandRefused, Controller, StepFailed  # noqa: E402
+from mpkv.client import Client  # noqa: E402
+from mpkv.controller import Controller  # noqa: E402
 from mpkv.errors import (  # noqa: E402
     AttachError,
+    BadBlocks,
+    BadName,
+    BadRequest,
+    BadTask,
+    BadTicket,
+    CommandRefused,
+    InstanceNotServing,
+    LaunchError,
+    LeaseError,
+    LinkError,
     MessageTooLarge,
     MpkvError,
     NameTaken,
+    NixlUnavailable,
+    NotOurs,
     PeerDied,
     ProtocolError,
+    StepFailed,
+    TaskFailed,
+    TornSlot,
+    TransferFailed,
+    UnsafeDir,
     WaitTimeout,
 )
 
 __all__ = [
     "AttachError",
+    "BadBlocks",
+    "BadName",
+    "BadRequest",
+    "BadTask",
+    "BadTicket",
     "Client",
     "CommandRefused",
     "Controller",
     "InstanceNotServing",
+    "LaunchError",
+    "LeaseError",
+    "LinkError",
     "MessageTooLarge",
     "MpkvError",
     "NameTaken",
+    "NixlUnavailable",
+    "NotOurs",
     "PeerDied",
     "ProtocolError",
     "StepFailed",
     "TaskFailed",
+    "TornSlot",
+    "TransferFailed",
+    "UnsafeDir",
     "WaitTimeout",
 ]
 __version__ = "0.1.0"

@@ -7,22 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpkv.errors import MpkvError
+from mpkv.errors import BadBlocks, BadRequest, BadTask, MpkvError  # noqa: F401 (re-exported)
 
 MAX_REQUEST_CHARS = 256  # a request's name travels in every task and completion, and shows in errors and logs
 TOKEN_ID_LIMIT = 2**31  # token ids travel as int32
-
-
-class BadTask(MpkvError, ValueError):
-    """A task's arguments cannot be used; nothing was submitted (or, in an actor, the task failed)."""
-
-
-class BadBlocks(BadTask):
-    """Block or slot ids that cannot be used; nothing was copied."""
-
-
-class BadRequest(BadTask, TypeError):
-    """An argument of the wrong type (a request name that is not a str, a flag that is not a bool)."""
 
 
 def int_array(values: object, what: str, error: type[BadTask] = BadTask) -> np.ndarray:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mpkv.blocks import BadBlocks, BadRequest, BadTask, check_flag, check_ids, check_request, check_tokens
-from mpkv.errors import MpkvError, PeerDied, WaitTimeout
+from mpkv.errors import BadTicket, InstanceNotServing, MpkvError, PeerDied, TaskFailed, TransferFailed, WaitTimeout
 from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, TASK_ROLES, Instance
 from mpkv.pd.leases import Allocator, Lease, LeaseError
 from mpkv.protocol import (
@@ -48,26 +48,6 @@ from mpkv.protocol import (
     actor_slot,
 )
 from mpkv.shm.ring import RingReader, RingWriter
-
-
-class InstanceNotServing(MpkvError):
-    """The instance is paused, cleared or failed: the task was not submitted."""
-
-
-class TaskFailed(MpkvError):
-    """A task failed on at least one rank; the message lists each failing rank's reason."""
-
-    def __init__(self, message: str, dones: list[Done]) -> None:
-        super().__init__(message)
-        self.dones = dones
-
-
-class BadTicket(MpkvError, TypeError):
-    """What was waited for is not a ticket of this client; nothing was read."""
-
-
-class TransferFailed(TaskFailed):
-    """A PD batch failed on at least one rank (worker or messager); its leases were failed, with the reasons."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mpkv import status
-from mpkv.errors import MpkvError, PeerDied, WaitTimeout
+from mpkv.errors import CommandRefused, MpkvError, PeerDied, StepFailed, WaitTimeout  # noqa: F401 (re-exported)
 from mpkv.handshake import Command, check_command
 from mpkv.instance import (
     CONTROL_COMMAND,
@@ -47,14 +47,6 @@ from mpkv.shm.signals import Signal, SignalWriter
 from mpkv.shm.waiting import check_timeout
 
 S = ActorState
-
-
-class CommandRefused(MpkvError):
-    """The command makes no sense in the instance's state (e.g. restore before clear); nothing was changed."""
-
-
-class StepFailed(MpkvError):
-    """An actor failed or died during a step; the message names it, its rank and the step."""
 
 
 @dataclass

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mpkv.protocol import Done
+
 
 class MpkvError(Exception):
     """Base of every mpkv error."""
@@ -29,3 +34,81 @@ class ProtocolError(MpkvError):
 
 class MessageTooLarge(MpkvError, ValueError):
     """A message is larger than the ring can ever hold; nothing was written."""
+
+
+class BadName(MpkvError, ValueError):
+    """An instance or object name that mpkv cannot use."""
+
+
+class TornSlot(PeerDied):
+    """A slot's writer died between its two sequence stores: the slot holds no valid record until a new writer
+    takes it over (and repairs it). Readers that can act without it (keep the last record they read, count the
+    writer as dead) catch this; others see a PeerDied naming the writer."""
+
+
+class NotOurs(AttachError):
+    """A file in our name space that we must not trust: not a regular file, another user's, or not 0600."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path} {reason}")
+        self.reason = reason
+
+
+class CommandRefused(MpkvError):
+    """The command makes no sense in the instance's state (e.g. restore before clear); nothing was changed."""
+
+
+class StepFailed(MpkvError):
+    """An actor failed or died during a step; the message names it, its rank and the step."""
+
+
+class InstanceNotServing(MpkvError):
+    """The instance is paused, cleared or failed: the task was not submitted."""
+
+
+class TaskFailed(MpkvError):
+    """A task failed on at least one rank; the message lists each failing rank's reason."""
+
+    def __init__(self, message: str, dones: list[Done]) -> None:
+        super().__init__(message)
+        self.dones = dones
+
+
+class BadTicket(MpkvError, TypeError):
+    """What was waited for is not a ticket of this client; nothing was read."""
+
+
+class TransferFailed(TaskFailed):
+    """A PD batch failed on at least one rank (worker or messager); its leases were failed, with the reasons."""
+
+
+class LaunchError(MpkvError):
+    """The instance could not start, or an actor died: the message names it."""
+
+
+class UnsafeDir(MpkvError):
+    """A directory we would write into is not private to us; the message is "<path> <what is wrong>"."""
+
+
+class LeaseError(MpkvError):
+    """A lease cannot be granted or used: no free blocks, a block still in flight, a lease of a cleared pool."""
+
+
+class LinkError(MpkvError):
+    """The decode instance cannot take KV from this link now; the message says why."""
+
+
+class NixlUnavailable(MpkvError):
+    """NIXL is not installed (pip install 'mpkv[nixl]'), or could not start an agent."""
+
+
+class BadTask(MpkvError, ValueError):
+    """A task's arguments cannot be used; nothing was submitted (or, in an actor, the task failed)."""
+
+
+class BadBlocks(BadTask):
+    """Block or slot ids that cannot be used; nothing was copied."""
+
+
+class BadRequest(BadTask, TypeError):
+    """An argument of the wrong type (a request name that is not a str, a flag that is not a bool)."""

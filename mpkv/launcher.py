@@ -25,7 +25,7 @@ from loguru import logger
 
 from mpkv.actors.entry import actor_main, set_process_title
 from mpkv.config import CacheConfig
-from mpkv.errors import MpkvError
+from mpkv.errors import LaunchError, MpkvError, UnsafeDir  # noqa: F401 (re-exported)
 from mpkv.instance import CONTROL_COMMAND, Instance, launcher_slot
 from mpkv.protocol import ROLES, ActorState, Cmd, Role, actor_name, actor_slot
 from mpkv.shm.cleanup import cleanup
@@ -34,14 +34,6 @@ from mpkv.shm.signals import SignalWriter, TornSlot
 S = ActorState
 GRACE_S = 5.0
 SHUTDOWN_GRACE_S = 60.0
-
-
-class LaunchError(MpkvError):
-    """The instance could not start, or an actor died: the message names it."""
-
-
-class UnsafeDir(MpkvError):
-    """A directory we would write into is not private to us; the message is "<path> <what is wrong>"."""
 
 
 def open_private_dir(path: str, dir_fd: int | None = None) -> int:

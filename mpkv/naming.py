@@ -22,16 +22,14 @@ import re
 import secrets
 
 from mpkv import layout
-from mpkv.errors import MpkvError
+from mpkv.errors import (
+    BadName,
+)
 
 PREFIX = "mpkv"
 SHM_DIR = "/dev/shm"
 _INSTANCE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
 _OBJECT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
-
-
-class BadName(MpkvError, ValueError):
-    """An instance or object name that mpkv cannot use."""
 
 
 def check_instance(instance: str) -> str:

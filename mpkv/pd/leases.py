@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mpkv.errors import MpkvError
+from mpkv.errors import (
+    LeaseError,
+)
 from mpkv.handshake import Command, link_must_unmap
 from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, MAX_LEASES, Instance
 from mpkv.protocol import ActorState, ClearFlags, LeaseState, PdRole, Role, actor_slot
@@ -40,10 +42,6 @@ def lease_check(token: int, slot: int, pool_epoch: int, blocks: Sequence[int] | 
     mac.update(struct.pack("<QQ", slot, pool_epoch))
     mac.update(np.asarray(blocks, dtype="<i4").tobytes())
     return (int.from_bytes(mac.digest(), "little") >> 1) or 1
-
-
-class LeaseError(MpkvError):
-    """A lease cannot be granted or used: no free blocks, a block still in flight, a lease of a cleared pool."""
 
 
 @dataclass

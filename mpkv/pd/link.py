@@ -24,7 +24,10 @@ from typing import Any
 
 from mpkv import _native
 from mpkv.config import CacheConfig
-from mpkv.errors import AttachError, MpkvError
+from mpkv.errors import (
+    AttachError,
+    LinkError,
+)
 from mpkv.handshake import Command, Status, link_may_map, link_must_unmap
 from mpkv.instance import CONTROL_COMMAND, MAX_LINKS, Instance
 from mpkv.pd.transport import SameHost, Transport
@@ -34,10 +37,6 @@ from mpkv.shm.signals import SignalWriter
 
 S = ActorState
 LINK_SHARE_BASE = 100  # cuda: the share of link j is exported under key LINK_SHARE_BASE + j
-
-
-class LinkError(MpkvError):
-    """The decode instance cannot take KV from this link now; the message says why."""
 
 
 def compatible(src: CacheConfig, dst: CacheConfig) -> str:

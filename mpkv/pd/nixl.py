@@ -73,7 +73,10 @@ import numpy as np
 import torch
 
 from mpkv.config import CacheConfig
-from mpkv.errors import MpkvError
+from mpkv.errors import (
+    MpkvError,
+    NixlUnavailable,
+)
 from mpkv.pd.leases import lease_check
 from mpkv.protocol import LeaseState
 
@@ -83,10 +86,6 @@ REGION = SLOTS // SENDERS
 REPLY_TIMEOUT_S = 30.0
 REGION_IDLE_S = float(os.environ.get("MPKV_NIXL_REGION_IDLE_S", "300"))  # a silent sender's region may go
 DIGEST_SIZE = 16  # bytes of SHA-256 over a write's staged bytes that its header carries (NOTE [ nixl path ])
-
-
-class NixlUnavailable(MpkvError):
-    """NIXL is not installed (pip install 'mpkv[nixl]'), or could not start an agent."""
 
 
 def load_nixl() -> Any:

@@ -18,7 +18,11 @@ import weakref
 import posix_ipc
 
 from mpkv import _native, layout, naming
-from mpkv.errors import AttachError, NameTaken
+from mpkv.errors import (
+    AttachError,
+    NameTaken,
+    NotOurs,
+)
 from mpkv.layout import SegmentKind
 from mpkv.shm.proc import ProcId
 
@@ -176,14 +180,6 @@ def _check_header(name: str, h: tuple, kind: SegmentKind, file_bytes: int, paylo
         raise AttachError(f"segment {name} holds {held} payload bytes, expected {payload_bytes}")
     if uid != os.getuid():
         raise AttachError(f"segment {name} was created by uid {uid}, not by us (uid {os.getuid()})")
-
-
-class NotOurs(AttachError):
-    """A file in our name space that we must not trust: not a regular file, another user's, or not 0600."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path} {reason}")
-        self.reason = reason
 
 
 def private_file_problem(st: os.stat_result) -> str | None:

@@ -21,7 +21,12 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from mpkv import _native, layout
-from mpkv.errors import AttachError, PeerDied, ProtocolError
+from mpkv.errors import (
+    AttachError,
+    PeerDied,
+    ProtocolError,
+    TornSlot,
+)
 from mpkv.layout import SegmentKind
 from mpkv.shm.proc import ProcId
 from mpkv.shm.registry import Registry
@@ -59,12 +64,6 @@ def create_signals(registry: Registry, obj: str, nslots: int) -> Segment:
     _native.store_u64(seg.buf, _BASE, nslots)
     seg.mark_ready()
     return seg
-
-
-class TornSlot(PeerDied):
-    """A slot's writer died between its two sequence stores: the slot holds no valid record until a new writer
-    takes it over (and repairs it). Readers that can act without it (keep the last record they read, count the
-    writer as dead) catch this; others see a PeerDied naming the writer."""
 
 
 class SignalArray(Generic[E]):
