@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from mpkv.config import CacheConfig
 from mpkv.errors import MpkvError
@@ -18,8 +20,23 @@ class UsageError(MpkvError, ValueError):
     """A flag or a config value the command cannot use; nothing was started or written."""
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the help names it already (flags whose default comes from
+    CacheConfig or the config file say so in their own words)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
     """Every usage error is one line on stderr (exit 2), as every other error of the command is."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
@@ -145,7 +162,7 @@ def _ctl(args: argparse.Namespace) -> int:
                         f"  {a['role']:9} {rank:3} pid {a['pid']:<8} {a['state'] + '@' + str(a['epoch']):12} "
                         f"heartbeat {hb:>6}  {'alive' if a['alive'] else 'DEAD ':5}  {waits:24} {a['error']}".rstrip()
                     )
-            return 0
+            return _health(st)
         if args.action == "clear":
             res = ctl.clear(device=not args.host_only, host=not args.device_only)
         elif args.action == "restore":
@@ -168,6 +185,20 @@ def _ctl(args: argparse.Namespace) -> int:
         return 0
 
 
+def _health(st: dict[str, Any]) -> int:
+    """The exit code of `ctl status`: 1 when the launcher or an actor is dead or FAILED, so that a script can
+    test the instance's health without parsing the status (printed in full either way); the culprits on stderr."""
+    sick = [
+        f"{a['role']}{'' if a['rank'] < 0 else ' r' + str(a['rank'])} (pid {a['pid']}) is "
+        + ("FAILED" if a["state"] == "FAILED" else "dead")
+        for a in [st["launcher"], *st["actors"]]
+        if a["state"] == "FAILED" or not a["alive"]
+    ]
+    if sick:
+        print(f"mpkv: instance {st['instance']} is not healthy: {'; '.join(sick)}", file=sys.stderr)
+    return 1 if sick else 0
+
+
 def _top(args: argparse.Namespace) -> int:
     from mpkv import top
 
@@ -180,20 +211,40 @@ def _demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mpkv")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from mpkv import __version__
+
+        return __version__
+
+
+def _from_config(field: str) -> str:
+    """The help of a launch flag whose default is CacheConfig's (it is None to argparse: unset flags do not
+    override the config file)."""
+    value = getattr(CacheConfig(), field)
+    shown = value.name.lower() if hasattr(value, "name") else value
+    return f"(default: the config file's, else {shown})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mpkv", description="Multiprocess KV-cache runtime.")
+    p.add_argument("--version", action="version", version=f"mpkv {_version()}", help="print the version and exit")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     c = sub.add_parser("cleanup", help="remove the shared-memory names of instances whose processes are all dead")
     c.add_argument("--dry-run", action="store_true", help="only print what would be removed")
-    c.add_argument("--name", help="only this instance")
+    c.add_argument("--name", help="only this instance (default: every dead instance of this user)")
     c.set_defaults(func=_cleanup)
 
     lp = sub.add_parser("launch", help="start an instance; prints one line when ready; runs until stopped")
-    lp.add_argument("--name", required=True)
-    lp.add_argument("--tp", type=positive_int)
-    lp.add_argument("--backend", choices=["cpu", "cuda"])
-    lp.add_argument("--config", help="a JSON file of CacheConfig fields; flags override it")
+    lp.add_argument("--name", required=True, help="the instance name (required; no default)")
+    lp.add_argument("--tp", type=positive_int, help=_from_config("tp"))
+    lp.add_argument("--backend", choices=["cpu", "cuda"], help=_from_config("backend"))
+    lp.add_argument("--config", help="a JSON file of CacheConfig fields; flags override it (default: none)")
     for flag, typ in (
         ("layers", positive_int),
         ("kv-heads", positive_int),
@@ -207,21 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
         ("vocab", positive_int),
         ("nixl-port", port),
     ):
-        lp.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"))
-    lp.add_argument("--pool-owner", choices=["worker", "transfer"], dest="pool_owner")
+        lp.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"), help=_from_config(flag.replace("-", "_")))
+    lp.add_argument("--pool-owner", choices=["worker", "transfer"], dest="pool_owner", help=_from_config("pool_owner"))
     lp.add_argument(
         "--role",
         choices=["mixed", "prefill", "decode"],
         dest="pd_role",
-        help="PD disaggregation: a prefill instance ships KV into a decode instance's pool (default: mixed)",
+        help="PD disaggregation: a prefill instance ships KV into a decode instance's pool " + _from_config("pd_role"),
     )
     lp.set_defaults(func=_launch)
 
     cp = sub.add_parser("ctl", help="control a running instance (the RL transaction)")
-    cp.add_argument("name")
+    cp.add_argument("name", help="the instance")
     cp.add_argument("action", choices=["status", "pause", "resume", "clear", "restore", "shutdown"])
-    cp.add_argument("--timeout", type=seconds, default=60.0, help="seconds to wait for every actor (default 60)")
-    cp.add_argument("--json", action="store_true")
+    cp.add_argument("--timeout", type=seconds, default=60.0, help="seconds to wait for every actor")
+    cp.add_argument("--json", action="store_true", help="print the result as JSON")
     cp.add_argument("--weight-version", type=weight_version, help="restore: the new weight version (default: same)")
     tier = cp.add_mutually_exclusive_group()
     tier.add_argument("--device-only", action="store_true", help="clear: only the device tier")
@@ -229,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.set_defaults(func=_ctl)
 
     dp = sub.add_parser("demo", help="the main job: a TP=2 instance, prefills, swaps, RL cycles, every byte verified")
-    dp.add_argument("--cycles", type=positive_int, default=20)
-    dp.add_argument("--tp", type=positive_int, default=2)
+    dp.add_argument("--cycles", type=positive_int, default=20, help="RL cycles to run")
+    dp.add_argument("--tp", type=positive_int, default=2, help="tensor-parallel ranks")
     dp.add_argument("--quick", action="store_true", help="a short run")
     dp.set_defaults(func=_demo)
 
@@ -247,13 +298,34 @@ def build_parser() -> argparse.ArgumentParser:
         "prefill alone vs send-after-prefill",
     )
     b.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run, not for the record)")
-    b.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
+    b.add_argument("--json", metavar="FILE", help="also write the raw results as JSON (default: not written)")
     b.set_defaults(func=_bench)
     return p
 
 
+def quiet_on_broken_pipe(run: Callable[[], int]) -> int:
+    """Run a command whose output may go to a reader that leaves early (`| head -1`): stop quietly, as a Unix tool
+    killed by SIGPIPE would, with its exit code 141 (128 + SIGPIPE). Python ignores SIGPIPE, so the lost reader
+    shows as BrokenPipeError: on a write, or on the flush here (output is buffered into a pipe). Stdout then points
+    at /dev/null, so the interpreter's own flush at exit does not raise it again. Teardown in ``finally`` blocks
+    and context managers has run on the way out."""
+    try:
+        code = run()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return quiet_on_broken_pipe(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except MpkvError as e:

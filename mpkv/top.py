@@ -24,6 +24,7 @@ import tty
 from typing import Any
 
 from mpkv import _native, layout, naming
+from mpkv.cli import DefaultsHelpFormatter, quiet_on_broken_pipe
 from mpkv.errors import AttachError, MpkvError
 from mpkv.instance import MAX_LEASES, MAX_LINKS, Instance
 from mpkv.layout import SegmentKind
@@ -332,23 +333,31 @@ def live(name: str | None, interval_s: float) -> int:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
+def _once(name: str | None, as_json: bool) -> int:
+    snap = snapshot(name)
+    if as_json:
+        print(json.dumps(snap, indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(render(snap))
+    return 1 if name and snap["instances"][0].get("state") == "vanished" else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mpkv-top", description="Watch mpkv instances: every actor, wait and queue.")
+    p = argparse.ArgumentParser(
+        prog="mpkv-top",
+        description="Watch mpkv instances: every actor, wait and queue.",
+        formatter_class=DefaultsHelpFormatter,
+    )
     p.add_argument("name", nargs="?", help="one instance (default: every instance of this user)")
     p.add_argument("--once", action="store_true", help="print one snapshot and exit")
     p.add_argument("--json", action="store_true", help="with --once: the snapshot as JSON (schema mpkv-top/1)")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     args = p.parse_args(argv)
     read_only_process()
     if args.once or args.json:
-        snap = snapshot(args.name)
-        if args.json:
-            print(json.dumps(snap, indent=2))
-        else:
-            from rich.console import Console
-
-            Console().print(render(snap))
-        return 1 if args.name and snap["instances"][0].get("state") == "vanished" else 0
+        return quiet_on_broken_pipe(lambda: _once(args.name, args.json))
     if args.interval <= 0:
         p.error("--interval must be positive")
     return live(args.name, args.interval)

@@ -1,0 +1,117 @@
+"""`mpkv` and `mpkv-top` behave like well-made Unix tools: --version, every flag's default in its help, a health
+exit code for `ctl status`, and a quiet end when the reader of their output leaves (`| head -1`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+from instances import Launched
+
+DEADLINE_S = 60.0
+MPKV = [sys.executable, "-m", "mpkv.cli"]
+TOP = [sys.executable, "-m", "mpkv.top"]
+
+
+def run(args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=DEADLINE_S, **kw)  # type: ignore[call-overload]
+
+
+def actor_pids(ready_line: str) -> dict[str, int]:
+    """``worker:r0=123 transfer:r0=124 ...`` from the launcher's ready line."""
+    return {m[1]: int(m[2]) for m in re.finditer(r"(\w+:r\d+)=(\d+)", ready_line)}
+
+
+def wait_exited(pid: int) -> None:
+    """Bounded: a pidfd becomes readable once the process has exited (a zombie counts)."""
+    fd = os.pidfd_open(pid)
+    try:
+        ready, _, _ = select.select([fd], [], [], DEADLINE_S)
+        assert ready, f"pid {pid} still running {DEADLINE_S:g} s after SIGKILL"
+    finally:
+        os.close(fd)
+
+
+def test_version_prints_the_installed_version() -> None:
+    out = run([*MPKV, "--version"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"mpkv {version('mpkv')}\n"
+
+
+def _option_entries(help_text: str) -> dict[str, str]:
+    """Each option of an argparse help, with its help text joined across the wrapped lines."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in help_text.splitlines():
+        m = re.match(r"^  (-[-\w]+)", line)
+        if m:
+            current = m[1]
+            entries[current] = line
+        elif current and line.startswith("    "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["cleanup"], ["launch"], ["ctl"], ["demo"], ["bench"], "mpkv-top"],
+    ids=lambda c: " ".join(c) if isinstance(c, list) else c,
+)
+def test_every_flag_help_shows_its_default(command: list[str] | str) -> None:
+    out = run(TOP + ["--help"] if command == "mpkv-top" else [*MPKV, *command, "--help"])
+    assert out.returncode == 0, out.stderr
+    entries = {k: v for k, v in _option_entries(out.stdout).items() if k not in ("-h", "--version")}
+    assert entries or command == [], out.stdout
+    missing = [k for k, text in entries.items() if "(default: " not in text and "(required" not in text]
+    assert not missing, f"flags whose help does not show the default: {missing}\n{out.stdout}"
+
+
+def test_ctl_status_exits_1_when_an_actor_is_dead(instance: str) -> None:
+    with Launched(instance, tp=1) as inst:
+        pids = actor_pids(inst.lines[-1])
+        healthy = run([*MPKV, "ctl", instance, "status"])
+        assert healthy.returncode == 0 and healthy.stderr == "", healthy.stderr
+        # The launcher, stopped, cannot tear the instance down yet: the dead actor stays in the status.
+        inst.proc.send_signal(signal.SIGSTOP)
+        try:
+            os.kill(pids["transfer:r0"], signal.SIGKILL)
+            wait_exited(pids["transfer:r0"])
+            out = run([*MPKV, "ctl", instance, "status"])
+            as_json = run([*MPKV, "ctl", instance, "status", "--json"])
+        finally:
+            inst.proc.send_signal(signal.SIGCONT)
+        assert out.returncode == 1, (out.stdout, out.stderr)
+        assert "DEAD" in out.stdout and f"instance {instance} run" in out.stdout, out.stdout
+        assert f"transfer r0 (pid {pids['transfer:r0']}) is dead" in out.stderr, out.stderr
+        assert as_json.returncode == 1
+        dead = [a for a in json.loads(as_json.stdout)["actors"] if not a["alive"]]
+        assert [(a["role"], a["rank"]) for a in dead] == [("transfer", 0)]
+        assert inst.exit_code() == 1  # the launcher, resumed, sees the dead actor and tears down
+
+
+def test_a_reader_that_leaves_ends_the_output_quietly(instance: str) -> None:
+    with Launched(instance, tp=1):
+        for cmd in ([*TOP, "--once", "--json"], [*MPKV, "ctl", instance, "status", "--json"]):
+            # A reader gone before the first write: the write must fail, so the outcome does not depend on timing.
+            r, w = os.pipe()
+            os.close(r)
+            try:
+                out = subprocess.run(cmd, stdout=w, stderr=subprocess.PIPE, text=True, timeout=DEADLINE_S)
+            finally:
+                os.close(w)
+            assert (out.returncode, out.stderr) == (141, ""), (cmd, out.returncode, out.stderr)
+            # And through a real `| head -1`, which may leave at any point of the output.
+            line = " ".join(cmd)
+            piped = run(["bash", "-c", f"set -o pipefail; {line} | head -1; echo codes ${{PIPESTATUS[*]}}"])
+            assert piped.stderr == "", (cmd, piped.stderr)
+            first, codes = piped.stdout.splitlines()
+            assert first == "{" and codes in ("codes 0 0", "codes 141 0"), (cmd, piped.stdout)
