@@ -34,6 +34,7 @@ from mpkv.shm.signals import SignalWriter, TornSlot
 S = ActorState
 GRACE_S = 5.0
 SHUTDOWN_GRACE_S = 60.0
+INTERRUPTED = 128 + signal.SIGINT  # the exit code of `mpkv launch` stopped by Ctrl-C, as a shell reports it
 
 
 def open_private_dir(path: str, dir_fd: int | None = None) -> int:
@@ -60,6 +61,25 @@ def open_private_dir(path: str, dir_fd: int | None = None) -> int:
         os.close(fd)
         raise UnsafeDir(f"{path} {problem}")
     return fd
+
+
+def _start_forkserver_deaf_to_sigint() -> None:
+    """Ctrl-C sends SIGINT to the whole foreground process group: the actors too, where it would raise
+    KeyboardInterrupt in the middle of their work. The launcher alone answers it, by the ordered shutdown. So the
+    forkserver is started with SIGINT ignored: exec keeps an ignored signal ignored, and the forkserver hands its
+    own disposition on to every actor it forks. SIGINT is blocked meanwhile, so that one arriving in between
+    stays pending for the launcher's handler, which is back in place before the unblock."""
+    from multiprocessing import forkserver
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, handler)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _exit_words(code: int | None) -> str:
@@ -99,6 +119,7 @@ class Launcher:
             # (no parent threads or state leak into children, unlike plain fork; seconds faster than spawn).
             ctx = mp.get_context("forkserver")
             ctx.set_forkserver_preload(["mpkv.actors.forkserver_preload"])
+            _start_forkserver_deaf_to_sigint()
             for rank in range(self.cfg.tp):
                 for role in ROLES:
                     p = ctx.Process(
@@ -121,7 +142,7 @@ class Launcher:
             self.say(f"mpkv: instance {self.name}: {e}")
             code = 1
         finally:
-            me.write(S.STOPPED if code == 0 else S.FAILED, 0)
+            me.write(S.STOPPED if code in (0, INTERRUPTED) else S.FAILED, 0)
             self._stop_all()
             inst.destroy()
             for s, h in old.items():
@@ -193,7 +214,9 @@ class Launcher:
                 self.say(
                     f"mpkv: instance {self.name}: {signal.Signals(self._stop_signal).name} received, shutting down"
                 )
-                return 0
+                # SIGTERM is the ordinary way to stop a service (exit 0); Ctrl-C exits as an interrupted
+                # command does in a shell (130), so that a script running `mpkv launch` sees it was interrupted.
+                return INTERRUPTED if self._stop_signal == signal.SIGINT else 0
             try:
                 cmd = inst.control.read(CONTROL_COMMAND)
             except TornSlot:  # a controller died writing it: that command never happened (the next one repairs it)

@@ -13,7 +13,9 @@ import sys
 from importlib.metadata import version
 
 import pytest
-from instances import Launched
+from instances import SMALL, Launched
+
+from mpkv.naming import list_names
 
 DEADLINE_S = 60.0
 MPKV = [sys.executable, "-m", "mpkv.cli"]
@@ -115,3 +117,27 @@ def test_a_reader_that_leaves_ends_the_output_quietly(instance: str) -> None:
             assert piped.stderr == "", (cmd, piped.stderr)
             first, codes = piped.stdout.splitlines()
             assert first == "{" and codes in ("codes 0 0", "codes 141 0"), (cmd, piped.stdout)
+
+
+def test_ctrl_c_after_ready_tears_down_quietly_and_exits_130(instance: str) -> None:
+    # Ctrl-C at a terminal signals the whole foreground process group: the launcher, its forkserver and actors.
+    # The launcher leads a group of its own here, so that the test can signal all of it as a terminal would.
+    args = [*MPKV, "launch", "--name", instance, "--tp", "1"]
+    for k, v in SMALL.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], DEADLINE_S)
+        line = proc.stdout.readline() if ready else ""
+        assert " ready (" in line, (line, proc.poll())
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=DEADLINE_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=DEADLINE_S)
+    assert "SIGINT received, shutting down" in out, out
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert not [n for n in list_names() if instance in n], "names left behind after Ctrl-C"
