@@ -2,7 +2,8 @@
 
 It maps every segment read-only (``segment.read_only_process``: a write would fault), never takes a claim, never
 waits on an instance's words, and treats an instance that appears, vanishes or is half torn down while it looks
-as data ("vanished", "stale"), not as an error. Other users' segments are refused by the attach checks.
+as data ("vanished", "stale"; a booting one is "starting"), not as an error. Other users' segments are refused
+by the attach checks.
 
 The snapshot (``--once --json``) is versioned: SCHEMA below, documented in docs/mpkv-top.md. Its per-instance
 part is `mpkv ctl status --json` (one function, mpkv.status) plus queues, pools, transfers and problems.
@@ -106,6 +107,14 @@ def _transfers(inst: Instance) -> dict[str, Any]:
     return out
 
 
+def _instance_state(launcher: dict[str, Any]) -> str:
+    """live: the launcher is alive and READY; starting: it is alive and still BOOTING (it turns READY once every
+    actor is READY@0); stale: anything else (the launcher dead, stopping or FAILED)."""
+    if launcher["alive"] and launcher["state"] in ("READY", "BOOTING"):
+        return "live" if launcher["state"] == "READY" else "starting"
+    return "stale"
+
+
 def instance_snapshot(name: str) -> dict[str, Any]:
     """One instance as data; never raises for an instance that vanished or is half torn down."""
     try:
@@ -127,7 +136,7 @@ def instance_snapshot(name: str) -> dict[str, Any]:
         }
         entry["log_dir"] = cfg.log_dir
         launcher = entry["launcher"]
-        entry["state"] = "live" if launcher["alive"] and launcher["state"] == "READY" else "stale"
+        entry["state"] = _instance_state(launcher)
         try:
             entry["queues"] = _ring_depths(inst)
             entry["transfers"] = _transfers(inst)
@@ -302,7 +311,8 @@ def render(snap: dict[str, Any], prev: dict[str, Any] | None = None) -> Any:
             rows.append(Text(f"PROBLEM {pr['kind']}: {pr['message']}", style="bold red"))
         for line in recent_transitions(e.get("log_dir", ""), 4):
             rows.append(Text(line.replace(" INFO transition ", " "), style="dim", no_wrap=True, overflow="ellipsis"))
-        title = Text(f"{e['instance']} [{e['state']}]", style="bold" if e["state"] == "live" else "bold yellow")
+        look = {"live": "bold", "starting": "bold cyan"}.get(e["state"], "bold yellow")
+        title = Text(f"{e['instance']} [{e['state']}]", style=look)
         parts.append(Panel(Group(*rows), title=title, title_align="left"))
     return Group(*parts)
 

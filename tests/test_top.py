@@ -202,3 +202,20 @@ def test_problems_from_the_wait_for_graph() -> None:
     }
     kinds = {p["kind"] for p in problems(cyclic)}
     assert kinds == {"cycle"}, problems(cyclic)
+
+
+def test_a_booting_instance_shows_as_starting(instance: str) -> None:
+    inst = Launched(instance, tp=1, fault="worker:0:start:hang")  # never READY: the launcher stays BOOTING
+    try:
+
+        def attached() -> dict | None:  # type: ignore[type-arg]
+            mine = [e for e in top_json()["instances"] if e["instance"] == instance]
+            return mine[0] if mine and mine[0]["state"] != "vanished" else None
+
+        entry = until("the booting instance", attached)
+        assert isinstance(entry, dict)
+        assert entry["launcher"]["state"] == "BOOTING" and entry["launcher"]["alive"], entry["launcher"]
+        assert entry["state"] == "starting", entry
+    finally:
+        inst.__exit__()
+    assert inst.proc.returncode == 1 and any("interrupted by SIGTERM during start" in line for line in inst.lines)
