@@ -97,7 +97,7 @@ class Launcher:
         self._stop_signal: int | None = None
 
     def run(self, ready_timeout_s: float = 120.0) -> int:
-        set_process_title(f"mpkv::launch:{self.name}"[:15])
+        set_process_title(f"mpkv::launch:{self.name}")
         stale = cleanup(instance=self.name)
         if stale.removed:
             logger.warning("reclaimed {} names of a dead earlier run of {}", len(stale.removed), self.name)

@@ -141,3 +141,32 @@ def test_ctrl_c_after_ready_tears_down_quietly_and_exits_130(instance: str) -> N
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert proc.returncode == 130, (proc.returncode, err)
     assert not [n for n in list_names() if instance in n], "names left behind after Ctrl-C"
+
+
+def _proc(pid: int, what: str) -> str:
+    with open(f"/proc/{pid}/{what}", "rb") as f:
+        return f.read().decode().rstrip("\n")
+
+
+def test_processes_carry_full_titles(instance: str) -> None:
+    with Launched(instance, tp=1) as inst:
+        pids = actor_pids(inst.lines[-1])
+        assert set(pids) == {"worker:r0", "transfer:r0", "messager:r0"}, inst.lines
+        for who, pid in pids.items():
+            title = f"mpkv::{who} {instance}"
+            assert _proc(pid, "cmdline").rstrip("\0") == title
+            assert _proc(pid, "comm") == title[:15]  # the kernel's limit for the name top shows
+        assert _proc(inst.proc.pid, "cmdline").rstrip("\0") == f"mpkv::launch:{instance}"
+
+
+def test_without_setproctitle_the_comm_name_still_is_set() -> None:
+    code = (
+        "import sys; sys.modules['setproctitle'] = None\n"  # the import fails, as where it is not installed
+        "from mpkv.actors.entry import set_process_title\n"
+        "set_process_title('mpkv::transfer:r1 someinstance')\n"
+        "print(open('/proc/self/comm').read().strip()); print(open('/proc/self/cmdline').read())"
+    )
+    out = run([sys.executable, "-c", code])
+    assert out.returncode == 0, out.stderr
+    comm, cmdline = out.stdout.split("\n", 1)
+    assert comm == "mpkv::transfer:" and "-c" in cmdline.split("\0"), out.stdout

@@ -74,7 +74,15 @@ jitter = _Jitter()
 
 
 def set_process_title(title: str) -> None:
-    """Name the process (``mpkv::worker:r0`` shows in ps, top and /proc/PID/comm, up to 15 characters)."""
+    """Name the process: the whole title (``mpkv::worker:r0 <instance>``) as its command line in ps and
+    /proc/PID/cmdline, through setproctitle where it is installed, and its first 15 characters (the kernel's
+    limit) as the name top and /proc/PID/comm show, which needs nothing but prctl."""
+    try:
+        from setproctitle import setproctitle
+    except ImportError:  # the comm name alone still tells the actors apart
+        pass
+    else:
+        setproctitle(title)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(15, title.encode()[:15], 0, 0, 0)  # PR_SET_NAME
@@ -118,7 +126,7 @@ def actor_main(role: Role, instance: str, rank: int) -> None:
     from mpkv.instance import Instance
 
     role_cls = ROLE_CLASSES[role]
-    set_process_title(f"mpkv::{role.name.lower()}:r{rank}")
+    set_process_title(f"mpkv::{role.name.lower()}:r{rank} {instance}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(1)
     logger.remove()
