@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpkv import topology
 from mpkv.blocks import BadBlocks, BadRequest, BadTask, check_flag, check_ids, check_request, check_tokens
 from mpkv.errors import BadTicket, InstanceNotServing, MpkvError, PeerDied, TaskFailed, TransferFailed, WaitTimeout
 from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, TASK_ROLES, Instance
@@ -73,7 +74,7 @@ class Client:
         try:
             for role in TASK_ROLES:
                 self._tasks[role] = RingWriter(self.inst.task_ring(role), label="client")
-            done_roles = (*TASK_ROLES, Role.MESSAGER) if self.cfg.pd_role == PdRole.PREFILL else TASK_ROLES
+            done_roles = tuple(r for r in ROLES if topology.reads_tasks(self.cfg, r))  # each of those answers
             for role in done_roles:
                 for r in range(self.cfg.tp):
                     reader = RingReader(self.inst.done_ring(role, r), 0, label="client")

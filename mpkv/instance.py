@@ -50,7 +50,6 @@ from mpkv.protocol import (
     Cmd,
     HostTier,
     LeaseState,
-    PdRole,
     Progress,
     Role,
     WaitKind,
@@ -64,32 +63,28 @@ from mpkv.shm.registry import Registry
 from mpkv.shm.ring import create_ring
 from mpkv.shm.segment import Segment
 from mpkv.shm.signals import SignalArray, create_signals
+from mpkv.topology import (  # noqa: F401 (the instance's shape, re-exported for its users)
+    CONFIG_BYTES,
+    CONTROL_COMMAND,
+    CONTROL_FENCE,
+    CONTROL_LEDGER,
+    DONE_RING_BYTES,
+    ERROR_RECORD_BYTES,
+    HANDLE_RECORD_BYTES,
+    MAX_LEASES,
+    MAX_LINKS,
+    TASK_RING_BYTES,
+    TASK_ROLES,
+    Topology,
+    controller_wait_slot,
+    launcher_slot,
+    link_slot,
+    status_slot_count,
+    task_reader,
+)
 
-ERROR_RECORD_BYTES = 4096
-HANDLE_RECORD_BYTES = 1048  # a handle of up to 1024 bytes after the 24-byte header of a synchronised record
-CONFIG_BYTES = 4096
-TASK_RING_BYTES = 1 << 20
-DONE_RING_BYTES = 1 << 23  # a ReadBlocks completion carries a request's KV
-TASK_ROLES = (Role.WORKER, Role.TRANSFER)
-MAX_LINKS = 4  # prefill instances that may ship into one decode instance at once
-MAX_LEASES = 1024  # transfers in flight into one decode instance
 _LEN = struct.Struct("<I")
-CONTROL_COMMAND, CONTROL_LEDGER = 0, 1
-CONTROL_FENCE = {Role.WORKER: 2, Role.TRANSFER: 3}  # per task ring: where a PAUSE or SHUTDOWN drains up to
 FENCE_CLOSING = 2**64 - 1  # a fence's aux while the controller waits for the ring's writer to finish a put
-
-
-def status_slot_count(tp: int) -> int:
-    return len(ROLES) * tp + 1
-
-
-def launcher_slot(tp: int) -> int:
-    return len(ROLES) * tp
-
-
-def controller_wait_slot(tp: int) -> int:
-    """The controller's record in ``waits`` (it has no status slot: its state is the command word)."""
-    return len(ROLES) * tp + 1
 
 
 class Instance:
@@ -114,38 +109,23 @@ class Instance:
 
     @classmethod
     def create(cls, name: str, cfg: CacheConfig) -> Instance:
+        """Make every object ``Topology.of(cfg)`` lists (the launcher); all or nothing."""
         reg = Registry.create(name)
         owned: list[Segment] = []
         try:
-            tp = cfg.tp
-            blob = reg.create_segment("config", SegmentKind.BLOB, CONFIG_BYTES)
-            _write_record(blob, 0, CONFIG_BYTES, cfg.to_json().encode())
-            blob.mark_ready()
-            owned.append(blob)
-            owned.append(create_signals(reg, "control", 2 + len(CONTROL_FENCE)))
-            owned.append(create_signals(reg, "status", status_slot_count(tp)))
-            owned.append(create_signals(reg, "waits", status_slot_count(tp) + 1))
-            owned.append(create_signals(reg, "usage", tp))
-            for obj, size in (
-                ("errors", ERROR_RECORD_BYTES * status_slot_count(tp)),
-                ("handles", HANDLE_RECORD_BYTES * tp),
-            ):
-                seg = reg.create_segment(obj, SegmentKind.BLOB, size)
-                seg.mark_ready()
-                owned.append(seg)
-            prefill = cfg.pd_role == PdRole.PREFILL
-            for role in TASK_ROLES:
-                readers = 2 * tp if prefill and role == Role.WORKER else tp
-                owned.append(create_ring(reg, f"tasks.{role.name.lower()}", TASK_RING_BYTES, nreaders=readers))
-            for role in (*TASK_ROLES, Role.MESSAGER) if prefill else TASK_ROLES:
-                for r in range(tp):
-                    owned.append(create_ring(reg, f"done.{role.name.lower()}.r{r}", DONE_RING_BYTES))
-            if prefill:
-                owned.append(create_signals(reg, "progress", tp))
-                owned.append(create_barrier(reg, "sendbar", tp))
-            if cfg.pd_role == PdRole.DECODE:
-                owned.append(create_signals(reg, "links", MAX_LINKS * tp))
-                owned.append(create_signals(reg, "leases", MAX_LEASES))
+            for o in Topology.of(cfg).objects:
+                if o.kind == SegmentKind.SIGNALS:
+                    owned.append(create_signals(reg, o.obj, o.count))
+                elif o.kind == SegmentKind.RING:
+                    owned.append(create_ring(reg, o.obj, o.record_bytes, nreaders=o.count))
+                elif o.kind == SegmentKind.BARRIER:
+                    owned.append(create_barrier(reg, o.obj, o.count))
+                else:
+                    seg = reg.create_segment(o.obj, SegmentKind.BLOB, o.record_bytes * o.count)
+                    owned.append(seg)
+                    if o.obj == "config":
+                        _write_record(seg, 0, CONFIG_BYTES, cfg.to_json().encode())
+                    seg.mark_ready()
             return cls(reg, owned)
         except BaseException:
             for seg in owned:
@@ -183,11 +163,11 @@ class Instance:
         return self.name_of(f"done.{role.name.lower()}.r{rank}")
 
     def task_reader(self, role: Role, rank: int) -> int:
-        """The reader index of (role, rank) in the task ring it reads: a prefill messager reads the workers'."""
-        return self.cfg.tp + rank if role == Role.MESSAGER else rank
+        """The reader index of (role, rank) in the task ring it reads (``topology.task_reader``)."""
+        return task_reader(self.cfg.tp, role, rank)
 
     def link_slot(self, link: int, rank: int) -> int:
-        return link * self.cfg.tp + rank
+        return link_slot(self.cfg.tp, link, rank)
 
     # -- the PD objects, mapped on first use ------------------------------------------------------------------------
     @property

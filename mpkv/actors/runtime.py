@@ -20,18 +20,17 @@ from typing import Any, ClassVar
 import torch
 from loguru import logger
 
-from mpkv import _native, layout
+from mpkv import _native, layout, topology
 from mpkv.actors.entry import fault_point
 from mpkv.codec import peek
 from mpkv.errors import MpkvError, ProtocolError
 from mpkv.handshake import IDLE, Act, Command, Decision, Status, View, decide
-from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, FENCE_CLOSING, MAX_LINKS, TASK_ROLES, Instance
+from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, FENCE_CLOSING, MAX_LINKS, Instance
 from mpkv.pd.link import LINK_SHARE_BASE
 from mpkv.pool import AttachedPool, OwnedPool, allocate_device_pool, attach_device_pool
 from mpkv.protocol import (
     DONE_CODEC,
     LINK_WAIT_BASE,
-    ROLES,
     TASK_CODEC,
     ActorState,
     Cmd,
@@ -68,9 +67,9 @@ class Actor:
         self.inst, self.rank, self.cfg = inst, rank, inst.cfg
         self.name = actor_name(self.role, rank)
         self.slot = actor_slot(self.role, rank)
-        self.is_owner = int(self.cfg.pool_owner) == int(self.role)
-        self.owner_role = Role(int(self.cfg.pool_owner))
-        self.attacher_roles = [r for r in ROLES if r != self.owner_role]
+        self.owner_role = topology.pool_owner(self.cfg)
+        self.is_owner = self.owner_role == self.role
+        self.attacher_roles = list(topology.pool_attachers(self.cfg))
         self.pool: OwnedPool | AttachedPool | None = None
         self.pool_epoch = 0  # the restore epoch of the pool mapped now (its handle's)
         self.weight_version = self.cfg.weight_version
@@ -88,12 +87,10 @@ class Actor:
         self.tasks: RingReader | None = None
         self.done: RingWriter | None = None
         self.task_pos = 0  # the ring position of the task being served: the same on every reader of the ring
-        prefill = self.cfg.pd_role == PdRole.PREFILL
-        self.ring_role = Role.WORKER if self.role == Role.MESSAGER else self.role  # the task ring it reads, if any
-        if self.role in TASK_ROLES or (prefill and self.role == Role.MESSAGER):
-            ring_role = self.ring_role
+        self.ring_role = topology.task_ring_of(self.role)  # the task ring it reads, if any
+        if topology.reads_tasks(self.cfg, self.role):
             label = f"{self.role.name.lower()}:r{rank}"
-            self.tasks = RingReader(inst.task_ring(ring_role), inst.task_reader(self.role, rank), label=label)
+            self.tasks = RingReader(inst.task_ring(self.ring_role), inst.task_reader(self.role, rank), label=label)
             self.done = RingWriter(inst.done_ring(self.role, rank), label=label)
         # The status slots this actor's handshake depends on: the owner's attachers (and, on a decode instance,
         # the links into its pool), or an attacher's owner.

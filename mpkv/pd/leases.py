@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mpkv import topology
 from mpkv.errors import (
     LeaseError,
 )
 from mpkv.handshake import Command, link_must_unmap
 from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, MAX_LEASES, Instance
-from mpkv.protocol import ActorState, ClearFlags, LeaseState, PdRole, Role, actor_slot
+from mpkv.protocol import ActorState, ClearFlags, LeaseState, PdRole, actor_slot
 from mpkv.shm.signals import SignalWriter
 
 
@@ -95,7 +96,7 @@ class Allocator:
         if launcher := self.inst.launcher_gone():
             return f"the decode instance is gone ({launcher})"
         for rank in range(self.inst.cfg.tp):  # the owners hold the pools
-            owner = self.inst.status.read(actor_slot(Role(int(self.inst.cfg.pool_owner)), rank))
+            owner = self.inst.status.read(actor_slot(topology.pool_owner(self.inst.cfg), rank))
             if owner.value == ActorState.FAILED or not owner.writer.alive():
                 return f"the decode pool owner of rank {rank} is {owner.writer.describe()} ({owner.value.name})"
         return ""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpkv import _native
+from mpkv import _native, topology
 from mpkv.config import CacheConfig
 from mpkv.errors import (
     AttachError,
@@ -32,7 +32,7 @@ from mpkv.handshake import Command, Status, link_may_map, link_must_unmap
 from mpkv.instance import CONTROL_COMMAND, MAX_LINKS, Instance
 from mpkv.pd.transport import SameHost, Transport
 from mpkv.pool import AttachedPool, attach_device_pool
-from mpkv.protocol import ActorState, Cmd, PdRole, Role, actor_slot
+from mpkv.protocol import ActorState, Cmd, PdRole, actor_slot
 from mpkv.shm.signals import SignalWriter
 
 S = ActorState
@@ -60,7 +60,7 @@ class Link:
             if why:
                 raise LinkError(f"cannot ship KV into instance {dest!r}: {why}")
             self.dest, self.rank = dest, rank
-            self.owner_slot = actor_slot(Role(int(self.inst.cfg.pool_owner)), rank)
+            self.owner_slot = actor_slot(topology.pool_owner(self.inst.cfg), rank)
             self.index, self.writer = self._claim()
         except BaseException:
             self.inst.close()

@@ -1,0 +1,167 @@
+"""The shape of an instance, as data: every shared object, its size, the one writer of each of its words and its
+readers. Pure (no I/O), like ``mpkv.handshake``: ``Instance.create`` makes exactly what ``Topology.of`` lists, the
+processes find their slots and reader indexes here, and ``tests/test_topology.py`` checks the table itself for
+every role and tensor-parallel degree: one writer per word (invariant I1), dense and distinct reader indexes.
+
+Writers and readers are named as ``mpkv-top`` and the errors name them: ``worker r0``, ``transfer r1``,
+``messager r0``, ``launcher``, ``controller``, ``client`` (the engine's ``mpkv.Client``, the one writer of the
+task rings), ``allocator`` (a decode instance's ``mpkv.Client``, the one writer of its leases), ``link j rR`` (the
+prefill messager of rank R that holds link slot j of this decode instance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mpkv.config import CacheConfig
+from mpkv.layout import SegmentKind
+from mpkv.protocol import ROLES, PdRole, Role, actor_name, actor_slot
+
+ERROR_RECORD_BYTES = 4096
+HANDLE_RECORD_BYTES = 1048  # a handle of up to 1024 bytes after the 24-byte header of a synchronised record
+CONFIG_BYTES = 4096
+TASK_RING_BYTES = 1 << 20
+DONE_RING_BYTES = 1 << 23  # a ReadBlocks completion carries a request's KV
+TASK_ROLES = (Role.WORKER, Role.TRANSFER)
+MAX_LINKS = 4  # prefill instances that may ship into one decode instance at once
+MAX_LEASES = 1024  # transfers in flight into one decode instance
+CONTROL_COMMAND, CONTROL_LEDGER = 0, 1
+CONTROL_FENCE = {Role.WORKER: 2, Role.TRANSFER: 3}  # per task ring: where a PAUSE or SHUTDOWN drains up to
+
+
+@dataclass(frozen=True)
+class SharedObject:
+    """One named object of an instance. ``writers[i]`` is the one writer of slot (signals), record (blob) or, for
+    a ring, the ring (one entry); ``readers[i]`` is ring reader i. ``record_bytes``: a blob's record size, a ring's
+    capacity, 0 for signals and barriers."""
+
+    obj: str
+    kind: SegmentKind
+    writers: tuple[str, ...]
+    readers: tuple[str, ...] = ()
+    record_bytes: int = 0
+
+    @property
+    def count(self) -> int:
+        """Slots (signals), records (blob) or ranks (barrier); a ring's readers."""
+        return len(self.readers) if self.kind == SegmentKind.RING else len(self.writers)
+
+
+# -- slot arithmetic -------------------------------------------------------------------------------------------
+
+
+def status_slot_count(tp: int) -> int:
+    """Every actor's status slot, then the launcher's."""
+    return len(ROLES) * tp + 1
+
+
+def launcher_slot(tp: int) -> int:
+    return len(ROLES) * tp
+
+
+def controller_wait_slot(tp: int) -> int:
+    """The controller's record in ``waits`` (it has no status slot: its state is the command word)."""
+    return len(ROLES) * tp + 1
+
+
+def link_slot(tp: int, link: int, rank: int) -> int:
+    """Link ``link`` into rank ``rank``'s pool of a decode instance."""
+    return link * tp + rank
+
+
+def task_ring_of(role: Role) -> Role:
+    """The task ring an actor reads: its own role's; a prefill messager reads the workers' (one task stream)."""
+    return Role.WORKER if role == Role.MESSAGER else role
+
+
+def task_reader(tp: int, role: Role, rank: int) -> int:
+    """The reader index of (role, rank) in the task ring it reads: the messagers after the workers."""
+    return tp + rank if role == Role.MESSAGER else rank
+
+
+def reads_tasks(cfg: CacheConfig, role: Role) -> bool:
+    """Whether actors of ``role`` read a task ring (a messager only on a prefill instance)."""
+    return role in TASK_ROLES or (role == Role.MESSAGER and cfg.pd_role == PdRole.PREFILL)
+
+
+def pool_owner(cfg: CacheConfig) -> Role:
+    return Role(int(cfg.pool_owner))
+
+
+def pool_attachers(cfg: CacheConfig) -> tuple[Role, ...]:
+    owner = pool_owner(cfg)
+    return tuple(r for r in ROLES if r != owner)
+
+
+# -- the table ---------------------------------------------------------------------------------------------------
+
+
+class Topology:
+    """Every shared object of an instance of configuration ``cfg``, in creation order."""
+
+    def __init__(self, cfg: CacheConfig, objects: tuple[SharedObject, ...]) -> None:
+        self.cfg, self.objects = cfg, objects
+        self._by_name = {o.obj: o for o in objects}
+
+    def __getitem__(self, obj: str) -> SharedObject:
+        return self._by_name[obj]
+
+    def __contains__(self, obj: str) -> bool:
+        return obj in self._by_name
+
+    @classmethod
+    def of(cls, cfg: CacheConfig) -> Topology:
+        tp = cfg.tp
+        actors = tuple(actor_name(role, rank) for rank in range(tp) for role in ROLES)
+        assert all(actors[actor_slot(role, rank)] == actor_name(role, rank) for rank in range(tp) for role in ROLES)
+        objects = [
+            SharedObject("config", SegmentKind.BLOB, ("launcher",), record_bytes=CONFIG_BYTES),
+            SharedObject("control", SegmentKind.SIGNALS, ("controller",) * (2 + len(CONTROL_FENCE))),
+            SharedObject("status", SegmentKind.SIGNALS, (*actors, "launcher")),
+            SharedObject("waits", SegmentKind.SIGNALS, (*actors, "launcher", "controller")),
+            SharedObject("usage", SegmentKind.SIGNALS, tuple(f"transfer r{r}" for r in range(tp))),
+            SharedObject("errors", SegmentKind.BLOB, (*actors, "launcher"), record_bytes=ERROR_RECORD_BYTES),
+            SharedObject(
+                "handles",
+                SegmentKind.BLOB,
+                tuple(actor_name(pool_owner(cfg), r) for r in range(tp)),
+                record_bytes=HANDLE_RECORD_BYTES,
+            ),
+        ]
+        for ring_role in TASK_ROLES:
+            readers = [
+                (task_reader(tp, role, rank), actor_name(role, rank))
+                for role in ROLES
+                if reads_tasks(cfg, role) and task_ring_of(role) == ring_role
+                for rank in range(tp)
+            ]
+            objects.append(
+                SharedObject(
+                    f"tasks.{ring_role.name.lower()}",
+                    SegmentKind.RING,
+                    ("client",),
+                    tuple(name for _, name in sorted(readers)),
+                    TASK_RING_BYTES,
+                )
+            )
+        for role in ROLES:
+            if reads_tasks(cfg, role):
+                for rank in range(tp):
+                    objects.append(
+                        SharedObject(
+                            f"done.{role.name.lower()}.r{rank}",
+                            SegmentKind.RING,
+                            (actor_name(role, rank),),
+                            ("client",),
+                            DONE_RING_BYTES,
+                        )
+                    )
+        if cfg.pd_role == PdRole.PREFILL:
+            objects.append(SharedObject("progress", SegmentKind.SIGNALS, tuple(f"worker r{r}" for r in range(tp))))
+            objects.append(SharedObject("sendbar", SegmentKind.BARRIER, tuple(f"messager r{r}" for r in range(tp))))
+        if cfg.pd_role == PdRole.DECODE:
+            links = tuple(f"link {j} r{r}" for j in range(MAX_LINKS) for r in range(tp))
+            assert all(links[link_slot(tp, j, r)] == f"link {j} r{r}" for j in range(MAX_LINKS) for r in range(tp))
+            objects.append(SharedObject("links", SegmentKind.SIGNALS, links))
+            objects.append(SharedObject("leases", SegmentKind.SIGNALS, ("allocator",) * MAX_LEASES))
+        return cls(cfg, tuple(objects))
