@@ -50,6 +50,8 @@ from mpkv.protocol import (
 )
 from mpkv.shm.ring import RingReader, RingWriter
 
+SUBMIT_LOCK_S = 120.0  # a put may block 60 s on a full ring: twice that is a submission that hangs
+
 
 @dataclass(frozen=True)
 class Ticket:
@@ -264,9 +266,14 @@ class Client:
         ring = self._tasks[role]
         # The check and the put, as one step for a PAUSE or SHUTDOWN (NOTE [ submission gate ]); the gate is a flag,
         # so one thread at a time passes it.
-        with self._submitting, ring.gated():
-            self.check_serving()
-            ring.put(TASK_CODEC.encode(task), timeout_s=60)
+        if not self._submitting.acquire(timeout=SUBMIT_LOCK_S):
+            raise MpkvError(f"client of {self.name}: another thread's submission did not end in {SUBMIT_LOCK_S:g} s")
+        try:
+            with ring.gated():
+                self.check_serving()
+                ring.put(TASK_CODEC.encode(task), timeout_s=60)
+        finally:
+            self._submitting.release()
         return Ticket(role, task.seq, what)
 
     def check_serving(self) -> None:
@@ -278,9 +285,10 @@ class Client:
                 f"(epoch {cmd.epoch}); tasks are refused until resume"
             )
         for slot in CONTROL_FENCE.values():
-            fence = self.inst.control.read(slot)
-            # A controller that died while closing the rings left its fence: it issues nothing any more.
-            if fence.value != Cmd.NONE and fence.epoch > cmd.epoch and self.inst.control.claimant(slot).alive():
+            fence = self.inst.control.read_or_dead(slot)
+            # A controller that died while closing the rings left its fence: it issues nothing any more (judged by
+            # the fence's own writer: a later controller's claim does not revive it).
+            if fence.value != Cmd.NONE and fence.epoch > cmd.epoch and fence.writer.alive():
                 raise InstanceNotServing(
                     f"instance {self.name} is not serving: the controller is issuing {fence.value.name} "
                     f"(epoch {fence.epoch}); tasks are refused until resume"
@@ -354,9 +362,15 @@ class Client:
         return seconds
 
     def close(self) -> None:
-        for port in [*self._tasks.values(), *self._done.values()]:
-            port.close()
-        self.inst.close()
+        # Not while another thread is between its check and its put (closing ungates the ring).
+        if not self._submitting.acquire(timeout=SUBMIT_LOCK_S):
+            raise MpkvError(f"client of {self.name}: a submission in another thread did not end in {SUBMIT_LOCK_S:g} s")
+        try:
+            for port in [*self._tasks.values(), *self._done.values()]:
+                port.close()
+            self.inst.close()
+        finally:
+            self._submitting.release()
 
     def __enter__(self) -> Client:
         return self

@@ -88,12 +88,19 @@ class Controller:
                 claimed.append(self.inst.control.writer(CONTROL_COMMAND, lambda epoch, aux: (Cmd.PAUSE, epoch + 1, 0)))
                 claimed.append(self.inst.control.writer(CONTROL_LEDGER))
                 claimed.append(self.inst.waits.writer(controller_wait_slot(self.cfg.tp)))
-                fences = {role: self.inst.control.writer(slot) for role, slot in CONTROL_FENCE.items()}
+                fences = {}
+                for role, slot in CONTROL_FENCE.items():
+                    fences[role] = self.inst.control.writer(slot)
+                    claimed.append(fences[role])
             except BaseException:
                 _release_claims(tuple(claimed))  # all of the block or nothing
                 raise
             self._writers = (claimed[0], claimed[1], claimed[2])
             self._fences = fences
+            cmd = self.inst.control.read(CONTROL_COMMAND)
+            for fence in fences.values():  # one a dead controller left while closing: it issued nothing
+                if fence.array.read_or_dead(fence.slot).epoch > cmd.epoch:
+                    fence.write(Cmd.NONE, cmd.epoch, 0)
             # Also when the Controller is dropped without close(): the claims must not outlive their holder.
             self._release = weakref.finalize(self, _release_claims, (*self._writers, *self._fences.values()))
         return self._writers
@@ -101,22 +108,25 @@ class Controller:
     def _close_rings(self, kind: Cmd, epoch: int, last: Command, deadline: float) -> None:
         """Before a PAUSE or SHUTDOWN: find, per task ring, the position every reader drains up to, and publish it
         (NOTE [ submission gate ] in mpkv.shm.ring). Clients refuse new tasks from the first write on."""
-        for w in self._fences.values():
-            w.write(kind, epoch, FENCE_CLOSING)
+        positions: dict[Role, int] = {}
+        try:
+            for w in self._fences.values():
+                w.write(kind, epoch, FENCE_CLOSING)
+            for role in self._fences:
+                seg = Segment.attach(self.inst.task_ring(role), SegmentKind.RING)
+                try:
+                    what = f"the client to finish a put into tasks.{role.name.lower()} before {kind.name}@{epoch}"
+                    positions[role] = quiesce(seg, what=what, timeout_s=max(1e-3, deadline - time.monotonic()))
+                finally:
+                    seg.close()
+        except BaseException as e:  # not issued (timed out, interrupted): clients may submit again
+            for fence in self._fences.values():
+                fence.write(Cmd.NONE, last.epoch, 0)
+            if isinstance(e, WaitTimeout):
+                raise StepFailed(f"{kind.name}@{epoch} was not issued: {e}") from None
+            raise
         for role, w in self._fences.items():
-            seg = Segment.attach(self.inst.task_ring(role), SegmentKind.RING)
-            try:
-                what = f"the client to finish putting a task into tasks.{role.name.lower()} before {kind.name}@{epoch}"
-                pos = quiesce(seg, what=what, timeout_s=max(1e-3, deadline - time.monotonic()))
-            except BaseException as e:  # not issued (timed out, interrupted): clients may submit again
-                for fence in self._fences.values():
-                    fence.write(Cmd.NONE, last.epoch, 0)
-                if isinstance(e, WaitTimeout):
-                    raise StepFailed(f"{kind.name}@{epoch} was not issued: {e}") from None
-                raise
-            finally:
-                seg.close()
-            w.write(kind, epoch, pos)
+            w.write(kind, epoch, positions[role])
 
     # -- the RL transaction ---------------------------------------------------------------------------------
     def pause(self, timeout_s: float | None = None) -> StepResult:
@@ -211,27 +221,30 @@ class Controller:
         wait_w = self._claim()[2]
         step = f"{kind.name}@{epoch}"
         acks: dict[str, Signal[ActorState]] = {}
-        for rank in range(self.cfg.tp):
-            for role in ROLES:
-                slot, who = actor_slot(role, rank), actor_name(role, rank)
-                wait_w.write(WaitKind.ACKS, time.monotonic_ns(), pack_slots([slot]))
-                try:
-                    sig = self.inst.status.wait(
-                        slot,
-                        lambda s: s.value in (S.FAILED, S.STOPPED) or s.at_least(target, epoch),
-                        what=f"{who} to acknowledge {step} ({target.name})",
-                        timeout_s=max(1e-3, deadline - time.monotonic()),
-                    )
-                except PeerDied:
-                    raise StepFailed(f"{step} failed: {self.inst.culprits()}") from None
-                except WaitTimeout:
-                    raise StepFailed(
-                        f"{step} failed: {who} did not acknowledge within {timeout_s:g} s: {self.inst.wait_chain(slot)}"
-                    ) from None
-                if sig.value == S.FAILED or (sig.value == S.STOPPED and kind != Cmd.SHUTDOWN):
-                    raise StepFailed(f"{step} failed: {self.inst.culprits()}")
-                acks[who] = sig
-        wait_w.write(WaitKind.NONE, time.monotonic_ns(), 0)
+        try:
+            for rank in range(self.cfg.tp):
+                for role in ROLES:
+                    slot, who = actor_slot(role, rank), actor_name(role, rank)
+                    wait_w.write(WaitKind.ACKS, time.monotonic_ns(), pack_slots([slot]))
+                    try:
+                        sig = self.inst.status.wait(
+                            slot,
+                            lambda s: s.value in (S.FAILED, S.STOPPED) or s.at_least(target, epoch),
+                            what=f"{who} to acknowledge {step} ({target.name})",
+                            timeout_s=max(1e-3, deadline - time.monotonic()),
+                        )
+                    except PeerDied:
+                        raise StepFailed(f"{step} failed: {self.inst.culprits()}") from None
+                    except WaitTimeout:
+                        chain = self.inst.wait_chain(slot)
+                        raise StepFailed(
+                            f"{step} failed: {who} did not acknowledge within {timeout_s:g} s: {chain}"
+                        ) from None
+                    if sig.value == S.FAILED or (sig.value == S.STOPPED and kind != Cmd.SHUTDOWN):
+                        raise StepFailed(f"{step} failed: {self.inst.culprits()}")
+                    acks[who] = sig
+        finally:  # the wait is over, however it ended
+            wait_w.write(WaitKind.NONE, time.monotonic_ns(), 0)
         return acks
 
     def _check_unmapped(self) -> None:

@@ -165,6 +165,9 @@ def test_a_controller_killed_mid_write_of_a_command_takes_nothing_down(instance:
         assert dying.recv(60) == "dying"
         dying.join(30)
         prefill_and_verify(client, np_rng, np.arange(2, dtype=np.int32), 1)
+        with Controller(instance) as next_controller:  # its claim must not revive the dead controller's fences
+            assert next_controller.resume().already
+            prefill_and_verify(client, np_rng, np.arange(2, dtype=np.int32), 1)
 
 
 def test_two_controllers_of_one_process_hold_the_block_until_both_closed(instance: str) -> None:
