@@ -195,7 +195,11 @@ class SignalWriter(Generic[E]):
         self._released = False
         self._claim()
         _HOLDERS[(array.name, slot)] = _HOLDERS.get((array.name, slot), 0) + 1
-        self._repair(repair)
+        try:
+            self._repair(repair)
+        except BaseException:
+            self.release()
+            raise
 
     def _claim(self) -> None:
         # Compare-and-swap our pid and start time into the claim word: of two processes claiming at once, one
