@@ -78,9 +78,10 @@ port.__name__ = "port (0: off, else 1024..65535)"
 
 
 def _cleanup(args: argparse.Namespace) -> int:
-    from mpkv.shm.cleanup import cleanup
+    from mpkv.shm.cleanup import cleanup, cleanup_log_dirs
 
     report = cleanup(dry_run=args.dry_run, instance=args.name)
+    cleanup_log_dirs(report, dry_run=args.dry_run, instance=args.name)
     for line in report.lines(args.dry_run):
         print(line)
     return 0
@@ -235,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mpkv {_version()}", help="print the version and exit")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("cleanup", help="remove the shared-memory names of instances whose processes are all dead")
+    c = sub.add_parser(
+        "cleanup", help="remove the shared-memory names and log directories of instances whose processes are all dead"
+    )
     c.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     c.add_argument("--name", help="only this instance (default: every dead instance of this user)")
     c.set_defaults(func=_cleanup)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 from instances import SMALL, Launched
@@ -170,3 +171,32 @@ def test_without_setproctitle_the_comm_name_still_is_set() -> None:
     assert out.returncode == 0, out.stderr
     comm, cmdline = out.stdout.split("\n", 1)
     assert comm == "mpkv::transfer:" and "-c" in cmdline.split("\0"), out.stdout
+
+
+def test_cleanup_removes_the_log_directories_of_gone_instances_only(instance: str, tmp_path: Path) -> None:
+    root = tmp_path / "logs"
+    env = {"MPKV_LOG_DIR": str(root)}
+    gone, link = f"{instance}g", f"{instance}l"
+    with Launched(gone, tp=1, env=env):
+        pass  # stopped by SIGTERM: its names go, its log directory stays behind
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("not a log")
+    (root / link).symlink_to(victim, target_is_directory=True)
+
+    def cleanup(*args: str) -> str:
+        out = run([*MPKV, "cleanup", *args], env=os.environ | env)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    with Launched(instance, tp=1, env=env):
+        assert (root / gone).is_dir() and (root / instance).is_dir()
+        assert f"would remove log directory {root / gone}" in cleanup("--dry-run", "--name", gone)
+        assert (root / gone).is_dir()
+        said = cleanup("--name", instance)
+        assert "log directory" not in said and (root / instance).is_dir(), said
+        said = cleanup("--name", link)
+        assert f"left alone {root / link}: it is a symbolic link or not a directory" in said, said
+        assert (root / link).is_symlink() and (victim / "keep").read_text() == "not a log"
+        assert f"removed log directory {root / gone}" in cleanup("--name", gone)
+        assert not (root / gone).exists() and (root / instance).is_dir()

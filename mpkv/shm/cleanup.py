@@ -9,8 +9,12 @@ under our name prefix that another user created (or links, or files not 0600): t
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import shutil
+import stat
+import tempfile
 from dataclasses import dataclass, field
 
 from mpkv import layout, naming
@@ -27,6 +31,7 @@ class CleanupReport:
     foreign: list[str] = field(default_factory=list)  # our prefix, but no mpkv header: left alone
     untrusted: list[tuple[str, str]] = field(default_factory=list)  # (name, why): not ours to judge, left alone
     refused: list[tuple[str, str, str]] = field(default_factory=list)  # (entry, registry, its run's prefix)
+    log_dirs: list[str] = field(default_factory=list)  # log directories of instances that are gone
 
     def lines(self, dry_run: bool) -> list[str]:
         verb = "would remove" if dry_run else "removed"
@@ -39,6 +44,7 @@ class CleanupReport:
             "a registry lists only its own instance's names"
             for entry, reg, prefix in self.refused
         ]
+        out += [f"{verb} log directory {d}" for d in self.log_dirs]
         if not out:
             out.append("nothing to clean up")
         return out
@@ -167,3 +173,92 @@ def cleanup(dry_run: bool = False, instance: str | None = None) -> CleanupReport
                 continue  # a new run of the instance took the name since we looked: it is live, keep it
             unlink_if_exists(name)
     return report
+
+
+# -- log directories: <root>/<instance>, made by the launcher (mpkv.launcher.Launcher._log_dir) --------------------
+LAUNCHER_TITLE = "mpkv::launch:"  # mpkv.launcher sets it before it makes the log directory
+
+
+def _launchers() -> tuple[set[str], list[str]]:
+    """The instance names of this user's running launchers, from their titles; and where only the comm name is
+    set (no setproctitle), the first characters of a name: such a prefix keeps every directory it begins."""
+    names, prefixes = set(), []
+    for pid in (e for e in os.listdir("/proc") if e.isdigit()):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+            with open(f"/proc/{pid}/comm", "rb") as f:
+                comm = f.read().decode(errors="replace").rstrip("\n")
+        except OSError:  # gone meanwhile
+            continue
+        if title.startswith(LAUNCHER_TITLE):
+            names.add(title[len(LAUNCHER_TITLE) :])
+        elif comm.startswith(LAUNCHER_TITLE):
+            prefixes.append(comm[len(LAUNCHER_TITLE) :])
+    return names, prefixes
+
+
+def cleanup_log_dirs(report: CleanupReport, dry_run: bool = False, instance: str | None = None) -> None:
+    """Remove the log directories of instances that are gone: no name of theirs left in /dev/shm (after
+    ``cleanup``; in a dry run, none but those it would remove) and no launcher of theirs running (a launcher makes
+    its log directory just before its names). Only the root the launcher uses (MPKV_LOG_DIR, else
+    <tmp>/mpkv-logs.u<uid>) is looked at, and only when it is ours and private: then no one else can swap an entry
+    in it, and each directory is judged opened without following a link; a link or another user's entry is left
+    alone and said."""
+    root = os.environ.get("MPKV_LOG_DIR") or os.path.join(tempfile.gettempdir(), f"mpkv-logs.u{os.getuid()}")
+    try:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        report.untrusted.append(
+            (root, "is a symbolic link or not a directory" if e.errno == errno.ELOOP else e.strerror or str(e))
+        )
+        return
+    try:
+        st = os.fstat(root_fd)
+        if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            report.untrusted.append(
+                (root, f"is not private to us (uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})")
+            )
+            return
+        removed = set(report.removed)
+        busy = {naming.instance_of(n) for n in naming.list_names() if n not in removed}
+        busy |= set(report.live_instances)
+        launching, prefixes = _launchers()
+        busy |= launching
+        for name in sorted(os.listdir(root_fd)):
+            if instance is not None and name != instance:
+                continue
+            if name in busy or any(name.startswith(p) for p in prefixes):
+                continue
+            path = os.path.join(root, name)
+            why = _not_ours(name, root_fd)
+            if why:
+                report.untrusted.append((path, why))
+                continue
+            report.log_dirs.append(path)
+            if not dry_run:
+                shutil.rmtree(name, dir_fd=root_fd)  # fd-based: it never follows a link inside either
+    finally:
+        os.close(root_fd)
+
+
+def _not_ours(name: str, root_fd: int) -> str | None:
+    """Why the entry ``name`` of the log root is not a directory of ours to remove, or None."""
+    try:
+        naming.check_instance(name)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+    except naming.BadName:
+        return "is not named as an instance"
+    except OSError as e:
+        return (
+            "is a symbolic link or not a directory" if e.errno in (errno.ELOOP, errno.ENOTDIR) else e.strerror or str(e)
+        )
+    try:
+        uid = os.fstat(fd).st_uid
+    finally:
+        os.close(fd)
+    return None if uid == os.getuid() else f"belongs to uid {uid}"
