@@ -18,7 +18,7 @@ from typing import Any
 
 from mpkv import status
 from mpkv.errors import CommandRefused, MpkvError, PeerDied, StepFailed, WaitTimeout  # noqa: F401 (re-exported)
-from mpkv.handshake import Command, check_command
+from mpkv.handshake import Command, check_command, step_done
 from mpkv.instance import (
     CONTROL_COMMAND,
     CONTROL_FENCE,
@@ -188,13 +188,13 @@ class Controller:
     def _step(self, kind: Cmd, aux: int, timeout_s: float | None) -> StepResult:
         wait_s = check_timeout(self.timeout_s if timeout_s is None else timeout_s)
         cmd_w, ledger_w, _ = self._claim()  # before reading the block: a claim repairs a slot torn by a dead writer
-        last, done, cleared, weight_version = status.settled(self.inst)
-        refusal = check_command(kind, aux, last, cleared, weight_version, done)
+        last, statuses, cleared, weight_version = status.settled(self.inst)
+        refusal = check_command(kind, aux, last, cleared, weight_version, step_done(last, statuses))
         if refusal is not None:
             if refusal.already:
                 return StepResult(kind.name, last.epoch, already=True, message=refusal.message)
             raise CommandRefused(f"{kind.name.lower()} refused for instance {self.name}: {refusal.message}")
-        if (cleared, weight_version) != (status.cleared(self.inst), status.weight_version(self.inst)):
+        if (cleared, weight_version) != status.ledger(self.inst):
             # What the last command settled (a CLEAR issued, a RESTORE acknowledged after its controller gave up
             # waiting, or either by a controller that died before it wrote the ledger): record it now.
             ledger_w.write(last.kind, last.epoch, weight_version << 2 | int(cleared))

@@ -207,18 +207,18 @@ class Refusal:
     already: bool = False
 
 
+def acknowledged(cmd: Command, s: Status | None) -> bool:
+    """One actor (None: dead) acknowledged ``cmd``. A stopped actor has exited: it acknowledged a retried SHUTDOWN
+    already."""
+    if s is None or s.state == S.FAILED:
+        return False
+    return s.at_least(ACK_OF[cmd.kind], cmd.epoch) or (cmd.kind == Cmd.SHUTDOWN and s.state == S.STOPPED)
+
+
 def step_done(cmd: Command, statuses: Sequence[Status | None]) -> bool:
     """Every actor (of every rank) acknowledged ``cmd``. The controller's next command is admitted on this, not on
     what it asked for before: a step that failed or timed out is not done until the actors say so."""
-    target = ACK_OF[cmd.kind]
-
-    def acked(s: Status | None) -> bool:
-        if s is None or s.state == S.FAILED:
-            return False
-        # A stopped actor has exited: it acknowledged a retried SHUTDOWN already.
-        return s.at_least(target, cmd.epoch) or (cmd.kind == Cmd.SHUTDOWN and s.state == S.STOPPED)
-
-    return all(acked(s) for s in statuses)
+    return all(acknowledged(cmd, s) for s in statuses)
 
 
 def settled_ledger(cmd: Command, done: bool, cleared: ClearFlags, weight_version: int) -> tuple[ClearFlags, int]:

@@ -8,23 +8,17 @@ import json
 import time
 from typing import Any
 
-from mpkv.handshake import Command, Status, settled_ledger, step_done
+from mpkv.handshake import Command, Status, acknowledged, settled_ledger, step_done
 from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot, launcher_slot
-from mpkv.protocol import ACK_OF, ROLES, ActorState, ClearFlags, actor_name, actor_slot
+from mpkv.protocol import ROLES, ActorState, ClearFlags, actor_name, actor_slot
 from mpkv.shm.signals import Signal
 
 
-def weight_version(inst: Instance) -> int:
-    """The weight version the KV in the pools belongs to, as the controller's ledger records it (the config's
-    before any); ``settled`` counts a RESTORE acknowledged after its controller gave up waiting."""
-    ledger = inst.control.read(CONTROL_LEDGER)
-    return ledger.aux >> 2 if ledger.seq else inst.cfg.weight_version
-
-
-def cleared(inst: Instance) -> ClearFlags:
-    """The tiers cleared since the last restore (the ledger: counted from the moment a clear is asked for)."""
-    ledger = inst.control.read(CONTROL_LEDGER)
-    return ClearFlags(ledger.aux & 3) if ledger.seq else ClearFlags(0)
+def ledger(inst: Instance) -> tuple[ClearFlags, int]:
+    """What the controller's ledger records: the tiers cleared since the last restore, and the weight version the
+    KV in the pools belongs to (the config's before any). ``settled`` counts what the last command did since."""
+    sig = inst.control.read(CONTROL_LEDGER)
+    return (ClearFlags(sig.aux & 3), sig.aux >> 2) if sig.seq else (ClearFlags(0), inst.cfg.weight_version)
 
 
 def actor_statuses(inst: Instance) -> list[Status | None]:
@@ -39,25 +33,23 @@ def actor_statuses(inst: Instance) -> list[Status | None]:
     return out
 
 
-def settled(inst: Instance) -> tuple[Command, bool, ClearFlags, int]:
-    """The last command, whether every actor acknowledged it, what is cleared and the weight version, with a late
-    RESTORE counted (``handshake.settled_ledger``)."""
+def settled(inst: Instance) -> tuple[Command, list[Status | None], ClearFlags, int]:
+    """The last command, every actor's status, what is cleared and the weight version, with what the last command
+    did counted (``handshake.settled_ledger``); ``step_done(cmd, statuses)`` says whether it is acknowledged."""
     sig = inst.control.read(CONTROL_COMMAND)
     cmd = Command(sig.value, sig.epoch, sig.aux)
-    done = step_done(cmd, actor_statuses(inst))
-    return (cmd, done, *settled_ledger(cmd, done, cleared(inst), weight_version(inst)))
+    statuses = actor_statuses(inst)
+    return (cmd, statuses, *settled_ledger(cmd, step_done(cmd, statuses), *ledger(inst)))
 
 
-def pending_actors(inst: Instance, cmd: Command) -> list[str]:
-    """The actors that have not acknowledged ``cmd`` yet (dead or FAILED ones included)."""
-    target = ACK_OF[cmd.kind]
-    out = []
-    for rank in range(inst.cfg.tp):
-        for role in ROLES:
-            sig = inst.status.read_or_dead(actor_slot(role, rank))
-            if sig.value == ActorState.FAILED or not sig.at_least(target, cmd.epoch):
-                out.append(f"{actor_name(role, rank)} ({sig.value.name}@{sig.epoch})")
-    return out
+def pending(cmd: Command, statuses: list[Status | None], tp: int) -> list[str]:
+    """The actors (rank-major, as ``actor_statuses``) that have not acknowledged ``cmd``: dead, FAILED or behind."""
+    names = [actor_name(role, rank) for rank in range(tp) for role in ROLES]
+    return [
+        f"{name} ({'dead' if s is None else f'{s.state.name}@{s.epoch}'})"
+        for name, s in zip(names, statuses, strict=True)
+        if not acknowledged(cmd, s)
+    ]
 
 
 def actor_entry(role: str, rank: int, sig: Signal[ActorState], now_ns: int, error: str) -> dict[str, Any]:
@@ -76,7 +68,8 @@ def actor_entry(role: str, rank: int, sig: Signal[ActorState], now_ns: int, erro
 
 def instance_status(inst: Instance) -> dict[str, Any]:
     cfg = inst.cfg
-    cmd, done, tiers, version = settled(inst)
+    cmd, statuses, tiers, version = settled(inst)
+    waiting = pending(cmd, statuses, cfg.tp)
     now = time.monotonic_ns()
     actors = []
     for rank in range(cfg.tp):
@@ -91,7 +84,7 @@ def instance_status(inst: Instance) -> dict[str, Any]:
         "command": {"kind": cmd.kind.name, "epoch": cmd.epoch, "aux": cmd.aux},
         # A step the controller gave up on (failed, timed out) and the actors have not finished: only a retry of
         # that step, a full clear or a shutdown is admitted (handshake.check_command).
-        "step": {"done": done, "pending": [] if done else pending_actors(inst, cmd)},
+        "step": {"done": not waiting, "pending": waiting},
         "weight_version": version,
         "cleared": [f.name for f in ClearFlags if f in tiers],
         "launcher": actor_entry("launcher", -1, inst.status.read_or_dead(launcher_slot(cfg.tp)), now, ""),
