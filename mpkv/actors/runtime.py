@@ -149,11 +149,7 @@ class Actor:
 
     def _peer_status(self, i: int, check_alive: bool) -> tuple[Status | None, Signal[ActorState]]:
         array, slot = self.peers[i]
-        try:
-            sig = array.read(slot)
-        except TornSlot:  # its writer died mid-write: a dead peer (it dropped its mapping with its process)
-            who = array.claimant(slot)
-            return None, Signal(S.BOOTING, 0, who, 0, 0, 1)
+        sig = array.read_or_dead(slot)  # torn by a writer that died mid-write: that dead writer, as any dead peer
         if sig.seq == 0:
             if array is not self.inst.status:
                 return Status(S.STOPPED, 0), sig  # a link never held: it maps nothing
