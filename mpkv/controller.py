@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mpkv import status
+from mpkv import naming, status
 from mpkv.errors import CommandRefused, MpkvError, PeerDied, StepFailed, WaitTimeout  # noqa: F401 (re-exported)
 from mpkv.handshake import Command, check_command, step_done
 from mpkv.instance import (
@@ -251,7 +251,7 @@ class Controller:
         """After a clear, no actor may still map a device pool of this instance (the memory would not be free)."""
         if self.cfg.backend != "cpu":
             return
-        prefix = self.inst.name_of("pool.dev").lstrip("/")
+        prefix = self.inst.name_of(naming.DEVICE_POOL).lstrip("/")
         for rank in range(self.cfg.tp):
             for role in ROLES:
                 pid = self.inst.status.read(actor_slot(role, rank)).writer.pid

@@ -15,7 +15,6 @@ import multiprocessing as mp
 import os
 import signal
 import stat
-import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.connection import wait as wait_sentinels
@@ -23,6 +22,7 @@ from multiprocessing.process import BaseProcess
 
 from loguru import logger
 
+from mpkv import naming
 from mpkv.actors.entry import actor_main, set_process_title
 from mpkv.config import CacheConfig
 from mpkv.errors import LaunchError, MpkvError, UnsafeDir  # noqa: F401 (re-exported)
@@ -97,7 +97,7 @@ class Launcher:
         self._stop_signal: int | None = None
 
     def run(self, ready_timeout_s: float = 120.0) -> int:
-        set_process_title(f"mpkv::launch:{self.name}")
+        set_process_title(naming.launcher_title(self.name))
         stale = cleanup(instance=self.name)
         if stale.removed:
             logger.warning("reclaimed {} names of a dead earlier run of {}", len(stale.removed), self.name)
@@ -125,7 +125,7 @@ class Launcher:
                     p = ctx.Process(
                         target=actor_main,
                         args=(role, self.name, rank),
-                        name=f"mpkv::{role.name.lower()}:r{rank}",
+                        name=naming.actor_title(role.name.lower(), rank, self.name),
                     )
                     p.start()
                     self.procs[(role, rank)] = p
@@ -155,7 +155,7 @@ class Launcher:
         first: then a fresh private root is used instead, and said. A root the user named (MPKV_LOG_DIR) that is
         not private is refused: the user asked for that place."""
         named = os.environ.get("MPKV_LOG_DIR")
-        root = named or os.path.join(tempfile.gettempdir(), f"mpkv-logs.u{os.getuid()}")
+        root = naming.log_root()
         if named:
             os.makedirs(os.path.dirname(os.path.abspath(named)), mode=0o700, exist_ok=True)
         try:
@@ -165,7 +165,7 @@ class Launcher:
                 raise LaunchError(
                     f"log directory {e}: refusing to log there; fix it, or set MPKV_LOG_DIR to a directory of yours"
                 ) from None
-            fresh = tempfile.mkdtemp(prefix=f"mpkv-logs.u{os.getuid()}.")  # 0700, created O_EXCL
+            fresh = naming.fresh_log_root()  # 0700, created O_EXCL
             self.say(f"mpkv: instance {self.name}: log directory {e}; logging to a fresh private {fresh} instead")
             root, root_fd = fresh, open_private_dir(fresh)
         try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import tempfile
 
 from mpkv import layout
 from mpkv.errors import (
@@ -106,3 +107,63 @@ def instance_of(name: str) -> str | None:
 
 def is_registry(name: str) -> bool:
     return name.endswith(".registry") and instance_of(name) is not None
+
+
+# -- the objects of a run: the last part of their names (object_name makes the full name) --------------------------
+# Their shape (size, writers, readers) is mpkv.topology's table; only their names are spelled here.
+
+CONFIG, CONTROL, STATUS, WAITS = "config", "control", "status", "waits"
+USAGE, ERRORS, HANDLES = "usage", "errors", "handles"
+PROGRESS, SENDBAR = "progress", "sendbar"  # prefill instances
+LINKS, LEASES = "links", "leases"  # decode instances
+DEVICE_POOL, HOST_POOL = "pool.dev", "pool.host"  # the stem of every pool's name (controller: "still mapped?")
+
+
+def task_ring(role: str) -> str:
+    """The task ring read by the actors of ``role`` (lower-case role name: ``worker``, ``transfer``)."""
+    return f"tasks.{role}"
+
+
+def done_ring(role: str, rank: int) -> str:
+    """The completion ring written by actor (``role``, ``rank``) and read by the client."""
+    return f"done.{role}.r{rank}"
+
+
+def device_pool(rank: int, epoch: int) -> str:
+    """Rank ``rank``'s device pool of restore epoch ``epoch`` (its owner appends ``unique``'s random part)."""
+    return f"{DEVICE_POOL}.r{rank}.e{epoch}"
+
+
+def host_pool(rank: int, epoch: int) -> str:
+    return f"{HOST_POOL}.r{rank}.e{epoch}"
+
+
+# -- names outside /dev/shm: process titles, log files, NIXL agents --------------------------------------------------
+
+
+def actor_title(role: str, rank: int, instance: str) -> str:
+    """What ``ps`` shows for an actor (``mpkv::transfer:r1 inst0``); its first 15 bytes are the comm name."""
+    return f"mpkv::{role}:r{rank} {instance}"
+
+
+def launcher_title(instance: str) -> str:
+    return f"mpkv::launch:{instance}"
+
+
+def log_root() -> str:
+    """Where launchers make one log directory per instance: $MPKV_LOG_DIR, or a private per-user directory."""
+    return os.environ.get("MPKV_LOG_DIR") or os.path.join(tempfile.gettempdir(), f"mpkv-logs.u{os.getuid()}")
+
+
+def fresh_log_root() -> str:
+    """A new private (0700, O_EXCL) log directory, for when the usual root cannot be trusted."""
+    return tempfile.mkdtemp(prefix=f"mpkv-logs.u{os.getuid()}.")
+
+
+def actor_log(log_dir: str, role: str, rank: int) -> str:
+    return os.path.join(log_dir, f"{role}.r{rank}.log")
+
+
+def nixl_agent(instance: str, rank: int) -> str:
+    """The NIXL agent of an instance's rank: peers on other hosts find it by this name."""
+    return f"mpkv.{instance}.r{rank}"

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
+from mpkv import naming
 from mpkv.errors import MpkvError
 from mpkv.protocol import ActorState, Role, actor_name, actor_slot
 
@@ -126,7 +127,7 @@ def actor_main(role: Role, instance: str, rank: int) -> None:
     from mpkv.instance import Instance
 
     role_cls = ROLE_CLASSES[role]
-    set_process_title(f"mpkv::{role.name.lower()}:r{rank} {instance}")
+    set_process_title(naming.actor_title(role.name.lower(), rank, instance))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(1)
     logger.remove()
@@ -137,7 +138,7 @@ def actor_main(role: Role, instance: str, rank: int) -> None:
     code, state, text = 0, S.STOPPED, ""
     try:
         if inst.cfg.log_dir:  # one file per actor, each line with its role and rank; shown by mpkv-top, ctl status
-            path = f"{inst.cfg.log_dir}/{role.name.lower()}.r{rank}.log"
+            path = naming.actor_log(inst.cfg.log_dir, role.name.lower(), rank)
             logger.add(path, level="INFO", format=fmt, rotation="10 MB", opener=private_log_opener)
         logger.info("started: pid {}, instance {} run {}", os.getpid(), instance, inst.registry.run_id)
         fault_point(role, rank, "start")

@@ -72,6 +72,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mpkv import naming
 from mpkv.config import CacheConfig
 from mpkv.errors import (
     MpkvError,
@@ -108,7 +109,7 @@ def load_nixl() -> Any:
 
 
 def agent_name(instance: str, rank: int) -> str:
-    return f"mpkv.{instance}.r{rank}"
+    return naming.nixl_agent(instance, rank)
 
 
 def _agent(name: str, port: int) -> Any:

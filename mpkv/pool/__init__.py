@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
+from mpkv import naming
 from mpkv.config import CacheConfig
 from mpkv.shm.registry import Registry
 
@@ -61,7 +62,7 @@ def allocate_device_pool(
         return cuda.CudaPool(cfg, rank, epoch, weight_version, attachers)
     from mpkv.pool import cpu
 
-    return cpu.ShmPool(registry, cfg, f"pool.dev.r{rank}.e{epoch}", cfg.device_blocks, rank, epoch, weight_version)
+    return cpu.ShmPool(registry, cfg, naming.device_pool(rank, epoch), cfg.device_blocks, rank, epoch, weight_version)
 
 
 def allocate_host_pool(registry: Registry, cfg: CacheConfig, rank: int, epoch: int, weight_version: int) -> OwnedPool:
@@ -71,7 +72,7 @@ def allocate_host_pool(registry: Registry, cfg: CacheConfig, rank: int, epoch: i
         return cuda.PinnedHostPool(cfg, rank, epoch, weight_version)
     from mpkv.pool import cpu
 
-    return cpu.ShmPool(registry, cfg, f"pool.host.r{rank}.e{epoch}", cfg.host_blocks, rank, epoch, weight_version)
+    return cpu.ShmPool(registry, cfg, naming.host_pool(rank, epoch), cfg.host_blocks, rank, epoch, weight_version)
 
 
 def attach_device_pool(cfg: CacheConfig, handle: PoolHandle, role: int = 0) -> AttachedPool:

@@ -14,7 +14,6 @@ import mmap
 import os
 import shutil
 import stat
-import tempfile
 from dataclasses import dataclass, field
 
 from mpkv import layout, naming
@@ -207,7 +206,7 @@ def cleanup_log_dirs(report: CleanupReport, dry_run: bool = False, instance: str
     <tmp>/mpkv-logs.u<uid>) is looked at, and only when it is ours and private: then no one else can swap an entry
     in it, and each directory is judged opened without following a link; a link or another user's entry is left
     alone and said."""
-    root = os.environ.get("MPKV_LOG_DIR") or os.path.join(tempfile.gettempdir(), f"mpkv-logs.u{os.getuid()}")
+    root = naming.log_root()
     try:
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
