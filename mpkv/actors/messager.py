@@ -21,7 +21,6 @@ import os
 import time
 from typing import Any, ClassVar
 
-from mpkv import _native
 from mpkv.actors.entry import fault_point, jitter
 from mpkv.actors.runtime import PEER_TIMEOUT_S, Actor, TaskError
 from mpkv.blocks import BadBlocks, check_ids
@@ -31,7 +30,7 @@ from mpkv.pd.link import Link
 from mpkv.pd.nixl import Endpoint, NixlLink, Receiver
 from mpkv.protocol import ActorState, Done, PdRole, Prefill, PrefillSend, Role, WaitKind, actor_slot, pack_slots
 from mpkv.shm.barrier import Barrier, BarrierKey
-from mpkv.shm.waiting import Peer, wait_until
+from mpkv.shm.waiting import Peer, WakeSet, Word, wait_until
 
 
 def batch_key(task: PrefillSend) -> BarrierKey:
@@ -73,7 +72,7 @@ class Messager(Actor):
                 self.receiver = Receiver(self.nixl, inst.cfg, inst.leases)
 
     # -- links: watched while idle, so a decode instance's clear never waits for our next batch ----------------------
-    def extra_words(self) -> list[tuple[Any, int]]:
+    def extra_words(self) -> list[Word]:
         return [link.command_word for link in self.links.values() if link.command_word is not None]
 
     def max_sleep_s(self) -> float:
@@ -171,7 +170,6 @@ class Messager(Actor):
         PEER_TIMEOUT_S, the worker's liveness checked every slice). The decode side's clear ends it at once,
         a dead or FAILED worker or a broken link within a slice, each with the reason."""
         progress, pos = self.inst.progress, self.task_pos
-        off = progress._off(self.rank)
         worker = actor_slot(Role.WORKER, self.rank)
 
         def shipping_stops(why: str) -> TaskError:
@@ -179,11 +177,11 @@ class Messager(Actor):
 
         def step(slice_s: float, spin_s: float) -> bool:
             # The words we may sleep on, read before the state they guard: a change in between still wakes us.
-            pbuf = progress.seg.buf
-            words: list[tuple[Any, int, int]] = [(pbuf, off, _native.load_u64(pbuf, off) & 0xFFFFFFFF)]
+            wake = WakeSet()
+            wake.add(progress.word(self.rank))
             if link.command_word is not None:
-                buf, cmd_off = link.command_word
-                words.append((buf, cmd_off, _native.load_u64(buf, cmd_off) & 0xFFFFFFFF))
+                wake.add(link.command_word)
+            wake.snapshot()
             sig = progress.read(self.rank)
             if sig.epoch > pos or (sig.epoch == pos and sig.aux > layer):
                 return True
@@ -191,7 +189,7 @@ class Messager(Actor):
             if why:
                 raise shipping_stops(why)
             if slice_s > 0:
-                _native.wait_any(words, slice_s)
+                wake.sleep(slice_s)
             return False
 
         def peers() -> list[Peer]:

@@ -15,17 +15,17 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from loguru import logger
 
-from mpkv import _native, layout, topology
+from mpkv import topology
 from mpkv.actors.entry import fault_point
 from mpkv.codec import peek
 from mpkv.errors import MpkvError, ProtocolError
 from mpkv.handshake import IDLE, Act, Command, Decision, Status, View, decide
-from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, FENCE_CLOSING, MAX_LINKS, Instance
+from mpkv.instance import CONTROL_COMMAND, FENCE_CLOSING, MAX_LINKS, Instance
 from mpkv.pd.link import LINK_SHARE_BASE
 from mpkv.pool import AttachedPool, OwnedPool, allocate_device_pool, attach_device_pool
 from mpkv.protocol import (
@@ -44,7 +44,7 @@ from mpkv.protocol import (
 )
 from mpkv.shm.ring import RingReader, RingWriter
 from mpkv.shm.signals import Signal, SignalArray, SignalWriter, TornSlot
-from mpkv.shm.waiting import SPIN_S
+from mpkv.shm.waiting import SPIN_S, WakeSet, Word
 
 HEARTBEAT_S = 0.5
 PEER_TIMEOUT_S = float(os.environ.get("MPKV_PEER_TIMEOUT_S", "60"))
@@ -87,20 +87,16 @@ class Actor:
         self.tasks: RingReader | None = None
         self.done: RingWriter | None = None
         self.task_pos = 0  # the ring position of the task being served: the same on every reader of the ring
-        self.ring_role = topology.task_ring_of(self.role)  # the task ring it reads, if any
-        if topology.reads_tasks(self.cfg, self.role):
+        ends = inst.topology.actor(self.role, rank)  # its rings, its reader index, the peers of its handshake
+        if ends.tasks is not None and ends.done is not None:
             label = f"{self.role.name.lower()}:r{rank}"
-            self.tasks = RingReader(inst.task_ring(self.ring_role), inst.task_reader(self.role, rank), label=label)
-            self.done = RingWriter(inst.done_ring(self.role, rank), label=label)
-        # The status slots this actor's handshake depends on: the owner's attachers (and, on a decode instance,
-        # the links into its pool), or an attacher's owner.
-        self.peers: list[tuple[SignalArray[ActorState], int]]
-        if self.is_owner:
-            self.peers = [(inst.status, actor_slot(r, rank)) for r in self.attacher_roles]
-            if self.cfg.pd_role == PdRole.DECODE:
-                self.peers += [(inst.links, inst.link_slot(j, rank)) for j in range(MAX_LINKS)]
-        else:
-            self.peers = [(inst.status, actor_slot(self.owner_role, rank))]
+            self.tasks = RingReader(inst.name_of(ends.tasks), ends.reader, label=label)
+            self.done = RingWriter(inst.name_of(ends.done), label=label)
+        self.fence_slot = ends.fence  # where the controller says how far this ring drains (PAUSE, SHUTDOWN)
+        # The slots this actor's handshake depends on: the owner's attachers (and, on a decode instance, the
+        # links into its pool), or an attacher's owner.
+        self.peers: list[tuple[SignalArray[ActorState], int]] = [(inst.status, slot) for slot in ends.peers]
+        self.peers += [(inst.links, slot) for slot in ends.links]
         self._publish(self.status)
 
     # -- hooks for roles --------------------------------------------------------------------------------------------
@@ -119,7 +115,7 @@ class Actor:
     def on_task_end(self, task: object) -> None:
         """Called after every task this actor served, whatever its outcome (the worker ends its progress)."""
 
-    def extra_words(self) -> list[tuple[Any, int]]:
+    def extra_words(self) -> list[Word]:
         """Futex words outside this instance whose change needs this actor's attention (a messager's links)."""
         return []
 
@@ -187,9 +183,10 @@ class Actor:
         idle_on: int | None = None  # the command word's value when we last decided there was nothing to do
         while True:
             self.reap()
-            snap = self._snapshot()  # before reading anything the decision depends on: no change can be missed
+            wake = self._wake_set()
+            command_word = wake.snapshot()[0]  # before reading anything the decision depends on: no change missed
             self.poll()  # after the snapshot too: a change it misses still wakes the sleep below
-            if idle_on is not None and snap[0][2] == idle_on:
+            if idle_on is not None and command_word == idle_on:
                 d = IDLE  # nothing changed that an idle decision depends on: serve tasks without re-deciding
             else:
                 cmd = self._command()
@@ -198,7 +195,7 @@ class Actor:
                     waiting_since, idle_on = None, None
                     self._act(d, cmd)
                     continue
-                idle_on = None if d.waiting_for else snap[0][2]
+                idle_on = None if d.waiting_for else command_word
             if self.status.state == S.STOPPED:
                 return
             if self._serve_one() or self._linger():
@@ -219,7 +216,7 @@ class Actor:
                 self._note_wait(WaitKind.PEERS, pack_slots([self._wait_code(i) for i in d.waiting_for[:4]]))
             else:
                 self._note_wait(WaitKind.COMMAND, 0)
-            self._sleep(snap, d, min(0.05 if d.waiting_for else HEARTBEAT_S, self.max_sleep_s()))
+            self._sleep(wake, d, min(0.05 if d.waiting_for else HEARTBEAT_S, self.max_sleep_s()))
 
     def _note_wait(self, kind: WaitKind, on: int) -> None:
         """Publish what we wait for (invariant I2), only when it changes: the record's epoch is the wait's start."""
@@ -237,45 +234,27 @@ class Actor:
         for i in d.waiting_for:
             array, slot = self.peers[i]
             _, sig = self._peer_status(i, check_alive=False)
-            out.append(f"{array._labels(slot)} [{sig.writer.describe()}; {sig.value.name}@{sig.epoch}]")
+            out.append(f"{array.label(slot)} [{sig.writer.describe()}; {sig.value.name}@{sig.epoch}]")
         return "; ".join(out)
 
-    def _snapshot(self) -> list[tuple[Any, int, int]]:
-        """The futex words that can change our decision, with their values now:
-        [command, peers..., extra words..., tasks]."""
-        words: list[tuple[Any, int, int]] = []
-        ctl = self.inst.control.seg.buf
-        off = self.inst.control._off(CONTROL_COMMAND)
-        words.append((ctl, off, _native.load_u64(ctl, off) & 0xFFFFFFFF))
+    def _wake_set(self) -> WakeSet:
+        """The futex words that can change our decision, by index: [command, peers..., extra words..., tasks]."""
+        wake = WakeSet()
+        wake.add(self.inst.control.word(CONTROL_COMMAND))
         for array, slot in self.peers:
-            buf, off = array.seg.buf, array._off(slot)
-            words.append((buf, off, _native.load_u64(buf, off) & 0xFFFFFFFF))
-        for buf, off in self.extra_words():
-            words.append((buf, off, _native.load_u64(buf, off) & 0xFFFFFFFF))
+            wake.add(array.word(slot))
+        for word in self.extra_words():
+            wake.add(word)
         if self.tasks is not None:
-            tbuf, wpos = self.tasks.seg.buf, layout.ring_writer_pos(layout.SEGMENT_HEADER_BYTES)
-            words.append((tbuf, wpos, _native.load_u64(tbuf, wpos) & 0xFFFFFFFF))
-        return words
+            wake.add(self.tasks.wake_word())
+        return wake
 
-    def _sleep(self, snap: list[tuple[Any, int, int]], d: Decision, timeout_s: float) -> None:
-        """Sleep until the command, a waited-for peer or the task ring changes from ``snap`` (or timeout_s).
-        Signal writers always wake their word; the ring's writer wakes only readers whose sleeping flag is set,
-        so set ours, fence, and re-check the ring before sleeping (eventcount)."""
-        extra = snap[1 + len(self.peers) : len(snap) - (self.tasks is not None)]
-        words = [snap[0]] + [snap[1 + i] for i in d.waiting_for] + extra
-        flag = -1
-        if self.tasks is not None:
-            words.append(snap[-1])
-            tbuf = self.tasks.seg.buf
-            flag = layout.ring_reader_meta(layout.SEGMENT_HEADER_BYTES, self.tasks.index) + layout.META_SLEEPING
-            _native.store_u32(tbuf, flag, 1)
-            _native.fence()
-            if _native.load_u64(tbuf, layout.ring_writer_pos(layout.SEGMENT_HEADER_BYTES)) != self.tasks.position:
-                _native.store_u32(tbuf, flag, 0)
-                return
-        _native.wait_any(words, timeout_s)
-        if flag >= 0:
-            _native.store_u32(self.tasks.seg.buf, flag, 0)  # type: ignore[union-attr]
+    def _sleep(self, wake: WakeSet, d: Decision, timeout_s: float) -> None:
+        """Sleep until the command, a waited-for peer, an extra word or the task ring changes from the snapshot
+        (or timeout_s). Peers we do not wait for are left out: their heartbeats would only wake us."""
+        npeers = len(self.peers)
+        among = [0, *(1 + i for i in d.waiting_for), *range(1 + npeers, len(wake))]
+        wake.sleep(timeout_s, among)
 
     def _act(self, d: Decision, cmd: Command) -> None:
         self._note_wait(WaitKind.NONE, 0)
@@ -330,7 +309,7 @@ class Actor:
         before it pauses or stops (NOTE [ submission gate ] in mpkv.shm.ring)."""
         if self.tasks is None:
             return
-        fence = self.inst.control.read(CONTROL_FENCE[self.ring_role])
+        fence = self.inst.control.read(self.fence_slot)
         if (fence.value, fence.epoch) != (cmd.kind, cmd.epoch) or fence.aux == FENCE_CLOSING:
             # A controller that publishes no fence (docs/control-block.md makes it optional): what is there now.
             while self._serve_one():

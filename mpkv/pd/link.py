@@ -20,8 +20,6 @@ blind. Pools are new shm names per restore epoch, so a link can never map a late
 
 from __future__ import annotations
 
-from typing import Any
-
 from mpkv import _native, topology
 from mpkv.config import CacheConfig
 from mpkv.errors import (
@@ -34,6 +32,7 @@ from mpkv.pd.transport import SameHost, Transport
 from mpkv.pool import AttachedPool, attach_device_pool
 from mpkv.protocol import ActorState, Cmd, PdRole, actor_slot
 from mpkv.shm.signals import SignalWriter
+from mpkv.shm.waiting import Word
 
 S = ActorState
 LINK_SHARE_BASE = 100  # cuda: the share of link j is exported under key LINK_SHARE_BASE + j
@@ -82,9 +81,9 @@ class Link:
         )
 
     @property
-    def command_word(self) -> tuple[Any, int]:
-        """(buffer, offset) of the decode instance's command word: sleep on it to notice a clear at once."""
-        return self.inst.control.seg.buf, self.inst.control._off(CONTROL_COMMAND)
+    def command_word(self) -> Word:
+        """The decode instance's command word: sleep on it (``WakeSet``) to notice a clear at once."""
+        return self.inst.control.word(CONTROL_COMMAND)
 
     def command(self) -> Command:
         sig = self.inst.control.read(CONTROL_COMMAND)

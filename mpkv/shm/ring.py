@@ -27,7 +27,7 @@ from mpkv.layout import EndpointState, SegmentKind
 from mpkv.shm.proc import ProcId
 from mpkv.shm.registry import Registry
 from mpkv.shm.segment import Segment
-from mpkv.shm.waiting import DEFAULT_TIMEOUT_S, Peer, wait_until
+from mpkv.shm.waiting import DEFAULT_TIMEOUT_S, Peer, Word, wait_until
 
 _BASE = layout.SEGMENT_HEADER_BYTES  # the ring header starts right after the segment header
 # The C hot path has its own copy of these offsets: the two must agree (an ABI, checked at import).
@@ -314,6 +314,17 @@ class RingReader(_Endpoint):
             raise ValueError(f"reader index must be >= 0, got {index}")
         super().__init__(name, index, label)
         self.index = index
+        self._wake = _WriterPosition(self)
+
+    def wake_word(self) -> _WriterPosition:
+        """This reader's eventcount on the writer's position, for a ``WakeSet`` that sleeps on the ring together
+        with other words: a put wakes it only while it is armed (the sleeping flag raised)."""
+        return self._wake
+
+    @property
+    def sleeping(self) -> bool:
+        """Whether this reader's sleeping flag is raised (the writer then wakes it on every put)."""
+        return bool(_native.load_u32(self.seg.buf, self._meta + layout.META_SLEEPING))
 
     def try_get(self) -> bytes | None:
         return self._port.try_get()
@@ -360,3 +371,27 @@ class RingReader(_Endpoint):
 
     def _wait_readable(self, timeout_s: float) -> None:
         self._block(0, f"reading from an empty ring (reader {self.index})", lambda: [self._peer(-1)], timeout_s)
+
+
+class _WriterPosition:
+    """A reader's eventcount on the writer position (NOTE [ ring layout ] in mpkv.layout): the writer wakes only
+    readers whose sleeping flag is set, so a sleeper raises its flag, fences, and looks at the position once more
+    before it sleeps; a put that came before the flag was visible is seen there, one after it wakes the sleep."""
+
+    def __init__(self, reader: RingReader) -> None:
+        self._reader = reader
+        self.word = Word(reader.seg.buf, layout.ring_writer_pos(_BASE))
+        self._flag = reader._meta + layout.META_SLEEPING
+
+    def arm(self) -> bool:
+        """Raise the flag; False (flag lowered again) when there is something to read already."""
+        buf = self._reader.seg.buf
+        _native.store_u32(buf, self._flag, 1)
+        _native.fence()
+        if _native.load_u64(buf, self.word.off) != self._reader.position:
+            _native.store_u32(buf, self._flag, 0)
+            return False
+        return True
+
+    def disarm(self) -> None:
+        _native.store_u32(self._reader.seg.buf, self._flag, 0)

@@ -31,7 +31,7 @@ from mpkv.layout import SegmentKind
 from mpkv.shm.proc import ProcId
 from mpkv.shm.registry import Registry
 from mpkv.shm.segment import Segment
-from mpkv.shm.waiting import DEFAULT_TIMEOUT_S, Peer, wait_until
+from mpkv.shm.waiting import DEFAULT_TIMEOUT_S, Peer, Word, wait_until
 
 E = TypeVar("E", bound=enum.IntEnum)
 _BASE = layout.SEGMENT_HEADER_BYTES
@@ -82,6 +82,14 @@ class SignalArray(Generic[E]):
         if not 0 <= slot < self.nslots:
             raise IndexError(f"signal array {self.name} has {self.nslots} slots; there is no slot {slot}")
         return _SLOTS + slot * layout.SIGNAL_SLOT_BYTES
+
+    def label(self, slot: int) -> str:
+        """What a person calls the slot ('status of worker r1'), for messages."""
+        return self._labels(slot)
+
+    def word(self, slot: int) -> Word:
+        """The slot's futex word (its sequence word): every write wakes whoever sleeps on it (``WakeSet``)."""
+        return Word(self.seg.buf, self._off(slot))
 
     def read(self, slot: int) -> Signal[E]:
         seq, value, epoch, pid, start, ts, aux = self._read_words(slot)
@@ -214,7 +222,7 @@ class SignalWriter(Generic[E]):
             holder = claimant_of(held)
             if holder is not None and holder.pid != self._me.pid and holder.alive():
                 raise AttachError(
-                    f"{self.array._labels(self.slot)} of {self.array.name} is written by {holder.describe()}; "
+                    f"{self.array.label(self.slot)} of {self.array.name} is written by {holder.describe()}; "
                     f"pid {self._me.pid} may not write it too (it may once that process gave the slot up or died)"
                 )
             if _native.cas_u64(buf, claim, held, self._claim_word)[0]:

@@ -1,9 +1,23 @@
-"""Bounded, explained waits. Every blocking call in mpkv ends up in ``wait_until``.
+"""Bounded, explained waits, and the one way to sleep on several shared words at once.
 
-A wait sleeps in slices of at most ``LIVENESS_SLICE_S`` (in C, on a futex, GIL released); between slices it
-checks that the peers it depends on are alive, so a dead peer is noticed within a slice even long before the
-deadline. On expiry it raises ``WaitTimeout`` naming what it waited for and each peer's pid, state and last
-activity; on a dead peer it raises ``PeerDied`` the same way.
+``wait_until`` is the one bounded wait: it sleeps in slices of at most ``LIVENESS_SLICE_S`` (in C, on a futex,
+GIL released); between slices it checks that the peers it depends on are alive, so a dead peer is noticed within
+a slice even long before the deadline. On expiry it raises ``WaitTimeout`` naming what it waited for and each
+peer's pid, state and last activity; on a dead peer it raises ``PeerDied`` the same way. Every blocking call in
+mpkv goes through it (signal waits, ring waits, barriers, the submission gate, a messager's layer wait, the
+launcher's ready wait, a NIXL link's replies), except these loops, each bounded in its own way:
+
+  - an actor's main loop (mpkv.actors.runtime ``Actor.run``): it never returns while the instance serves, so it
+    has no deadline of its own; each pass sleeps at most a heartbeat (``WakeSet.sleep``), and a wait for a peer
+    inside it ends after PEER_TIMEOUT_S with FAILED naming that peer (invariant I2), judged from the pass's
+    decision, not from one call;
+  - the launcher's supervision loop (mpkv.launcher ``_supervise``): it waits on its actors' process sentinels,
+    which wake it the moment one exits, for as long as the instance runs; a SHUTDOWN has its own grace period;
+  - a torn-slot read (``SignalArray._read_words``): a seqlock retry bounded by TORN_LIMIT_S, naming the writer.
+
+``WakeSet`` is how a loop sleeps on many futex words at once (futex_waitv): the words come from their owners'
+public methods (``SignalArray.word``, ``RingReader.wake_word``), ``snapshot`` reads their values *before* the
+caller reads the state they guard, and ``sleep`` returns at once if any changed since, so no change is missed.
 """
 
 from __future__ import annotations
@@ -12,9 +26,11 @@ import math
 import numbers
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
+from mpkv import _native
 from mpkv.errors import PeerDied, WaitTimeout
 from mpkv.shm.proc import ProcId
 
@@ -84,3 +100,91 @@ def wait_until(
                 return
             named = "; ".join(p.describe() for p in peers()) or "no peer recorded"
             raise WaitTimeout(f"timed out after {timeout_s:g} s {what}; waiting for {named}")
+
+
+# What ``WakeSet.sleep`` returns besides the index of the word that woke it.
+TIMED_OUT = -1
+CHANGED = -2  # a word no longer held its snapshot value when the sleep began: nothing to sleep for
+_U32 = 0xFFFFFFFF
+MAX_WORDS = 32  # futex_waitv takes at most 32 words
+
+
+@dataclass(frozen=True)
+class Word:
+    """A futex word in shared memory: the low 32 bits of the u64 at ``off`` of ``buf``, whose writer wakes its
+    sleepers after every store (a signal slot's sequence word, a command word)."""
+
+    buf: Any
+    off: int
+
+    def load(self) -> int:
+        return int(_native.load_u64(self.buf, self.off)) & _U32
+
+
+class Eventcount(Protocol):
+    """A word whose writer wakes only sleepers that raised a flag first (a ring's writer position: NOTE [ ring
+    layout ] in mpkv.layout). ``arm`` raises the flag, fences and re-checks: False when what the sleeper waits for
+    is already there (the flag is lowered again: nothing to sleep for); ``disarm`` lowers it after the sleep."""
+
+    @property
+    def word(self) -> Word: ...
+
+    def arm(self) -> bool: ...
+
+    def disarm(self) -> None: ...
+
+
+class WakeSet:
+    """Words whose change needs a loop's attention, slept on together. In this order, every pass:
+    ``add`` the words, ``snapshot`` (before reading the state they guard), decide, then ``sleep``: a change
+    after the snapshot, even one made before the sleep began, ends the sleep at once."""
+
+    def __init__(self) -> None:
+        self._words: list[Word] = []
+        self._counts: dict[int, Eventcount] = {}  # index -> the eventcount whose word it is
+        self._values: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self._words)
+
+    def add(self, word: Word | Eventcount) -> int:
+        """Add a word (or an eventcount's word); returns its index, which ``sleep`` reports when it wakes us."""
+        if len(self._words) >= MAX_WORDS:
+            raise ValueError(f"a WakeSet sleeps on at most {MAX_WORDS} words (futex_waitv); this one is full")
+        i = len(self._words)
+        if isinstance(word, Word):
+            self._words.append(word)
+        else:
+            self._words.append(word.word)
+            self._counts[i] = word
+        self._values = None  # a snapshot covers every word or none
+        return i
+
+    def snapshot(self) -> tuple[int, ...]:
+        """Read every word now (take it before reading what the words guard); returns the values, by index."""
+        self._values = [w.load() for w in self._words]
+        return tuple(self._values)
+
+    def sleep(self, timeout_s: float, among: Iterable[int] | None = None) -> int:
+        """Sleep until a word (of ``among``, by index; all by default) differs from the snapshot, or
+        ``timeout_s``. Returns the index of the word that woke us (or any index after a signal: callers re-check
+        anyway), ``CHANGED`` when one differed already, or ``TIMED_OUT``. The eventcounts slept on are armed
+        first and disarmed after, however the sleep ends."""
+        if self._values is None:
+            raise RuntimeError("WakeSet.sleep needs a snapshot of every word first (call snapshot() after add())")
+        chosen = list(range(len(self._words))) if among is None else list(among)
+        if not chosen:
+            raise ValueError("WakeSet.sleep was given no word to sleep on")
+        armed: list[Eventcount] = []
+        try:
+            for i in chosen:
+                if i in self._counts:
+                    if not self._counts[i].arm():
+                        return CHANGED
+                    armed.append(self._counts[i])
+            words = [(self._words[i].buf, self._words[i].off, self._values[i]) for i in chosen]
+            rc = int(_native.wait_any(words, timeout_s))
+            return chosen[rc] if rc >= 0 else rc
+        finally:
+            for count in armed:
+                count.disarm()
