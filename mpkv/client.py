@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mpkv import topology
 from mpkv.blocks import BadBlocks, BadRequest, BadTask, check_flag, check_ids, check_request, check_tokens
 from mpkv.errors import BadTicket, InstanceNotServing, MpkvError, PeerDied, TaskFailed, TransferFailed, WaitTimeout
 from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, TASK_ROLES, Instance
@@ -76,14 +75,12 @@ class Client:
         try:
             for role in TASK_ROLES:
                 self._tasks[role] = RingWriter(self.inst.task_ring(role), label="client")
-            done_roles = tuple(r for r in ROLES if topology.reads_tasks(self.cfg, r))  # each of those answers
-            for role in done_roles:
-                for r in range(self.cfg.tp):
-                    reader = RingReader(self.inst.done_ring(role, r), 0, label="client")
-                    while reader.try_get() is not None:  # completions of an earlier client's tasks
-                        pass
-                    self._done[(role, r)] = reader
-                    self._early[(role, r)] = {}
+            for (role, r), ring in self.inst.topology.done_rings().items():  # every actor that answers tasks
+                reader = RingReader(self.inst.name_of(ring.obj), 0, label="client")
+                while reader.try_get() is not None:  # completions of an earlier client's tasks
+                    pass
+                self._done[(role, r)] = reader
+                self._early[(role, r)] = {}
         except BaseException:
             self.close()
             raise

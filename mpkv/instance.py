@@ -39,6 +39,7 @@ import time
 
 import msgspec
 
+from mpkv import naming
 from mpkv.config import CacheConfig
 from mpkv.errors import AttachError, MpkvError
 from mpkv.layout import SegmentKind
@@ -80,7 +81,6 @@ from mpkv.topology import (  # noqa: F401 (the instance's shape, re-exported for
     launcher_slot,
     link_slot,
     status_slot_count,
-    task_reader,
 )
 
 _LEN = struct.Struct("<I")
@@ -96,16 +96,19 @@ class Instance:
         self._owned = owned or []
         self._blobs: dict[str, Segment] = {}
         self.cfg = self._read_config()
-        self.control: SignalArray[Cmd] = SignalArray(self.name_of("control"), Cmd, labels=_control_label)
+        self.topology = Topology.of(self.cfg)
+        self.control: SignalArray[Cmd] = SignalArray(self.name_of(naming.CONTROL), Cmd, labels=_control_label)
         self.status: SignalArray[ActorState] = SignalArray(
-            self.name_of("status"), ActorState, labels=lambda i: _actor_label(i, self.cfg.tp)
+            self.name_of(naming.STATUS), ActorState, labels=lambda i: _actor_label(i, self.cfg.tp)
         )
-        self.waits: SignalArray[WaitKind] = SignalArray(self.name_of("waits"), WaitKind)
-        self._blob("errors")  # mapped now: failure reports must work after the launcher unlinked the names
+        self.waits: SignalArray[WaitKind] = SignalArray(self.name_of(naming.WAITS), WaitKind)
+        self._blob(naming.ERRORS)  # mapped now: failure reports must work after the launcher unlinked the names
         self._progress: SignalArray[Progress] | None = None
         self._links: SignalArray[ActorState] | None = None
         self._leases: SignalArray[LeaseState] | None = None
-        self.usage: SignalArray[HostTier] = SignalArray(self.name_of("usage"), HostTier, labels=lambda r: f"host r{r}")
+        self.usage: SignalArray[HostTier] = SignalArray(
+            self.name_of(naming.USAGE), HostTier, labels=lambda r: f"host r{r}"
+        )
 
     @classmethod
     def create(cls, name: str, cfg: CacheConfig) -> Instance:
@@ -123,7 +126,7 @@ class Instance:
                 else:
                     seg = reg.create_segment(o.obj, SegmentKind.BLOB, o.record_bytes * o.count)
                     owned.append(seg)
-                    if o.obj == "config":
+                    if o.obj == naming.CONFIG:
                         _write_record(seg, 0, CONFIG_BYTES, cfg.to_json().encode())
                     seg.mark_ready()
             return cls(reg, owned)
@@ -143,12 +146,12 @@ class Instance:
             raise
 
     def _read_config(self) -> CacheConfig:
-        raw = self._read_record("config", 0, CONFIG_BYTES)
+        raw = self._read_record(naming.CONFIG, 0, CONFIG_BYTES)
         try:
             return CacheConfig.from_json(raw.decode())
         except (UnicodeDecodeError, ValueError, TypeError) as e:
             raise AttachError(
-                f"instance {self.name!r}: its config {self.name_of('config')} is not a config mpkv wrote "
+                f"instance {self.name!r}: its config {self.name_of(naming.CONFIG)} is not a config mpkv wrote "
                 f"({type(e).__name__}: {e}); the instance is corrupt: stop it and run `mpkv cleanup`"
             ) from None
 
@@ -157,14 +160,7 @@ class Instance:
         return self.registry.name_of(obj)
 
     def task_ring(self, role: Role) -> str:
-        return self.name_of(f"tasks.{role.name.lower()}")
-
-    def done_ring(self, role: Role, rank: int) -> str:
-        return self.name_of(f"done.{role.name.lower()}.r{rank}")
-
-    def task_reader(self, role: Role, rank: int) -> int:
-        """The reader index of (role, rank) in the task ring it reads (``topology.task_reader``)."""
-        return task_reader(self.cfg.tp, role, rank)
+        return self.name_of(self.topology.task_ring(role).obj)
 
     def link_slot(self, link: int, rank: int) -> int:
         return link_slot(self.cfg.tp, link, rank)
@@ -174,7 +170,7 @@ class Instance:
     def progress(self) -> SignalArray[Progress]:
         if self._progress is None:
             self._progress = SignalArray(
-                self.name_of("progress"), Progress, labels=lambda r: f"progress of worker r{r}"
+                self.name_of(naming.PROGRESS), Progress, labels=lambda r: f"progress of worker r{r}"
             )
         return self._progress
 
@@ -183,14 +179,14 @@ class Instance:
         if self._links is None:
             tp = self.cfg.tp
             self._links = SignalArray(
-                self.name_of("links"), ActorState, labels=lambda i: f"link {i // tp} into rank {i % tp}"
+                self.name_of(naming.LINKS), ActorState, labels=lambda i: f"link {i // tp} into rank {i % tp}"
             )
         return self._links
 
     @property
     def leases(self) -> SignalArray[LeaseState]:
         if self._leases is None:
-            self._leases = SignalArray(self.name_of("leases"), LeaseState, labels=lambda i: f"lease {i}")
+            self._leases = SignalArray(self.name_of(naming.LEASES), LeaseState, labels=lambda i: f"lease {i}")
         return self._leases
 
     # -- records -------------------------------------------------------------------------------------------------
@@ -209,19 +205,19 @@ class Instance:
 
     def write_error(self, role: Role, rank: int, text: str) -> None:
         raw = text.encode(errors="replace")[: ERROR_RECORD_BYTES - _LEN.size]
-        _write_record(self._blob("errors"), actor_slot(role, rank), ERROR_RECORD_BYTES, raw)
+        _write_record(self._blob(naming.ERRORS), actor_slot(role, rank), ERROR_RECORD_BYTES, raw)
 
     def read_error(self, slot: int) -> str:
-        return self._read_record("errors", slot, ERROR_RECORD_BYTES).decode(errors="replace")
+        return self._read_record(naming.ERRORS, slot, ERROR_RECORD_BYTES).decode(errors="replace")
 
     def write_handle(self, rank: int, handle: PoolHandle) -> None:
-        write_sync_record(self._blob("handles"), rank, HANDLE_RECORD_BYTES, msgspec.msgpack.encode(handle))
+        write_sync_record(self._blob(naming.HANDLES), rank, HANDLE_RECORD_BYTES, msgspec.msgpack.encode(handle))
 
     def read_handle(self, rank: int) -> PoolHandle:
         """The handle of one write (NOTE [ synchronised record ] in mpkv.shm.records): a read during a restore
         never pairs fields of the new handle with the old one's, e.g. the new epoch with the old weight version."""
         return msgspec.msgpack.decode(
-            read_sync_record(self._blob("handles"), rank, HANDLE_RECORD_BYTES), type=PoolHandle
+            read_sync_record(self._blob(naming.HANDLES), rank, HANDLE_RECORD_BYTES), type=PoolHandle
         )
 
     def launcher_gone(self) -> str:

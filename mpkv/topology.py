@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mpkv import naming
 from mpkv.config import CacheConfig
 from mpkv.layout import SegmentKind
 from mpkv.protocol import ROLES, PdRole, Role, actor_name, actor_slot
@@ -93,6 +94,25 @@ def pool_attachers(cfg: CacheConfig) -> tuple[Role, ...]:
     return tuple(r for r in ROLES if r != owner)
 
 
+@dataclass(frozen=True)
+class Endpoints:
+    """Where one actor sits in its instance's objects, read off the table:
+    - ``slot``: its slot in ``status``, ``waits`` and ``errors``;
+    - ``tasks``, ``reader``, ``fence``, ``done``: the task ring it reads, its reader index there, the ``control``
+      slot of that ring's drain fence, the completion ring it writes (None, -1, -1, None: it reads no tasks);
+    - ``peers``: the status slots its handshake waits on (a pool owner's attachers, an attacher's owner);
+    - ``links``: for a decode instance's pool owner, the link slots into its pool."""
+
+    name: str
+    slot: int
+    tasks: str | None
+    reader: int
+    fence: int
+    done: str | None
+    peers: tuple[int, ...]
+    links: tuple[int, ...]
+
+
 # -- the table ---------------------------------------------------------------------------------------------------
 
 
@@ -109,20 +129,57 @@ class Topology:
     def __contains__(self, obj: str) -> bool:
         return obj in self._by_name
 
+    def rings(self) -> tuple[SharedObject, ...]:
+        return tuple(o for o in self.objects if o.kind == SegmentKind.RING)
+
+    def task_ring(self, role: Role) -> SharedObject:
+        """The ring the client writes ``role``'s tasks to."""
+        return self[naming.task_ring(role.name.lower())]
+
+    def done_rings(self) -> dict[tuple[Role, int], SharedObject]:
+        """The completion ring of every actor that answers tasks, by (role, rank): what the client reads."""
+        return {
+            (role, rank): self[naming.done_ring(role.name.lower(), rank)]
+            for role in ROLES
+            if reads_tasks(self.cfg, role)
+            for rank in range(self.cfg.tp)
+        }
+
+    def actor(self, role: Role, rank: int) -> Endpoints:
+        me, tp = actor_name(role, rank), self.cfg.tp
+        tasks = next((o for o in self.rings() if me in o.readers), None)
+        done = next((o for o in self.rings() if o.writers == (me,)), None)
+        owner = pool_owner(self.cfg)
+        if role == owner:
+            peers = tuple(actor_slot(r, rank) for r in pool_attachers(self.cfg))
+            links = tuple(link_slot(tp, j, rank) for j in range(MAX_LINKS)) if naming.LINKS in self else ()
+        else:
+            peers, links = (actor_slot(owner, rank),), ()
+        return Endpoints(
+            name=me,
+            slot=actor_slot(role, rank),
+            tasks=tasks.obj if tasks else None,
+            reader=tasks.readers.index(me) if tasks else -1,
+            fence=CONTROL_FENCE[task_ring_of(role)] if tasks else -1,
+            done=done.obj if done else None,
+            peers=peers,
+            links=links,
+        )
+
     @classmethod
     def of(cls, cfg: CacheConfig) -> Topology:
         tp = cfg.tp
         actors = tuple(actor_name(role, rank) for rank in range(tp) for role in ROLES)
         assert all(actors[actor_slot(role, rank)] == actor_name(role, rank) for rank in range(tp) for role in ROLES)
         objects = [
-            SharedObject("config", SegmentKind.BLOB, ("launcher",), record_bytes=CONFIG_BYTES),
-            SharedObject("control", SegmentKind.SIGNALS, ("controller",) * (2 + len(CONTROL_FENCE))),
-            SharedObject("status", SegmentKind.SIGNALS, (*actors, "launcher")),
-            SharedObject("waits", SegmentKind.SIGNALS, (*actors, "launcher", "controller")),
-            SharedObject("usage", SegmentKind.SIGNALS, tuple(f"transfer r{r}" for r in range(tp))),
-            SharedObject("errors", SegmentKind.BLOB, (*actors, "launcher"), record_bytes=ERROR_RECORD_BYTES),
+            SharedObject(naming.CONFIG, SegmentKind.BLOB, ("launcher",), record_bytes=CONFIG_BYTES),
+            SharedObject(naming.CONTROL, SegmentKind.SIGNALS, ("controller",) * (2 + len(CONTROL_FENCE))),
+            SharedObject(naming.STATUS, SegmentKind.SIGNALS, (*actors, "launcher")),
+            SharedObject(naming.WAITS, SegmentKind.SIGNALS, (*actors, "launcher", "controller")),
+            SharedObject(naming.USAGE, SegmentKind.SIGNALS, tuple(actor_name(Role.TRANSFER, r) for r in range(tp))),
+            SharedObject(naming.ERRORS, SegmentKind.BLOB, (*actors, "launcher"), record_bytes=ERROR_RECORD_BYTES),
             SharedObject(
-                "handles",
+                naming.HANDLES,
                 SegmentKind.BLOB,
                 tuple(actor_name(pool_owner(cfg), r) for r in range(tp)),
                 record_bytes=HANDLE_RECORD_BYTES,
@@ -137,7 +194,7 @@ class Topology:
             ]
             objects.append(
                 SharedObject(
-                    f"tasks.{ring_role.name.lower()}",
+                    naming.task_ring(ring_role.name.lower()),
                     SegmentKind.RING,
                     ("client",),
                     tuple(name for _, name in sorted(readers)),
@@ -149,7 +206,7 @@ class Topology:
                 for rank in range(tp):
                     objects.append(
                         SharedObject(
-                            f"done.{role.name.lower()}.r{rank}",
+                            naming.done_ring(role.name.lower(), rank),
                             SegmentKind.RING,
                             (actor_name(role, rank),),
                             ("client",),
@@ -157,11 +214,14 @@ class Topology:
                         )
                     )
         if cfg.pd_role == PdRole.PREFILL:
-            objects.append(SharedObject("progress", SegmentKind.SIGNALS, tuple(f"worker r{r}" for r in range(tp))))
-            objects.append(SharedObject("sendbar", SegmentKind.BARRIER, tuple(f"messager r{r}" for r in range(tp))))
+            workers, messagers = (
+                tuple(actor_name(role, r) for r in range(tp)) for role in (Role.WORKER, Role.MESSAGER)
+            )
+            objects.append(SharedObject(naming.PROGRESS, SegmentKind.SIGNALS, workers))
+            objects.append(SharedObject(naming.SENDBAR, SegmentKind.BARRIER, messagers))
         if cfg.pd_role == PdRole.DECODE:
             links = tuple(f"link {j} r{r}" for j in range(MAX_LINKS) for r in range(tp))
             assert all(links[link_slot(tp, j, r)] == f"link {j} r{r}" for j in range(MAX_LINKS) for r in range(tp))
-            objects.append(SharedObject("links", SegmentKind.SIGNALS, links))
-            objects.append(SharedObject("leases", SegmentKind.SIGNALS, ("allocator",) * MAX_LEASES))
+            objects.append(SharedObject(naming.LINKS, SegmentKind.SIGNALS, links))
+            objects.append(SharedObject(naming.LEASES, SegmentKind.SIGNALS, ("allocator",) * MAX_LEASES))
         return cls(cfg, tuple(objects))

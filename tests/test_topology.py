@@ -71,3 +71,40 @@ def test_every_word_has_one_writer_and_readers_are_dense(cfg: CacheConfig) -> No
     else:
         assert "links" not in topo and "leases" not in topo
     assert ("sendbar" in topo) == ("progress" in topo) == (cfg.pd_role == PdRole.PREFILL)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_id)
+def test_each_actor_finds_its_endpoints_in_the_table(cfg: CacheConfig) -> None:
+    """What an actor and the client open (Topology.actor, Topology.done_rings) is read off the same table: every
+    ring reader and every completion ring belongs to exactly one actor, and the handshake's peers are each
+    other's: an owner waits on its rank's attachers, each attacher on its rank's owner."""
+    topo = Topology.of(cfg)
+    readers_seen: set[tuple[str, int]] = set()
+    done_seen: set[str] = set()
+    owner = topology.pool_owner(cfg)
+    for role in ROLES:
+        for rank in range(cfg.tp):
+            ends = topo.actor(role, rank)
+            assert ends.name == actor_name(role, rank) and ends.slot == actor_slot(role, rank)
+            if ends.tasks is None:
+                assert ends.done is None and not topology.reads_tasks(cfg, role)
+            else:
+                assert topo[ends.tasks].readers[ends.reader] == ends.name
+                assert ends.done is not None and topo[ends.done].writers == (ends.name,)
+                assert topo["control"].writers[ends.fence] == "controller" and ends.fence >= 2
+                readers_seen.add((ends.tasks, ends.reader))
+                done_seen.add(ends.done)
+            if role == owner:
+                assert sorted(ends.peers) == sorted(actor_slot(r, rank) for r in topology.pool_attachers(cfg))
+                links = topo["links"].writers if "links" in topo else ()
+                into_me = [f"link {j} r{rank}" for j in range(topology.MAX_LINKS)] if links else []
+                assert [links[s] for s in ends.links] == into_me
+            else:
+                assert ends.peers == (actor_slot(owner, rank),) and ends.links == ()
+    every_reader = {(o.obj, i) for o in topo.rings() if o.writers == ("client",) for i in range(len(o.readers))}
+    assert readers_seen == every_reader, "a task ring reader no actor takes, or one taken twice"
+    assert (
+        done_seen
+        == {o.obj for o in topo.done_rings().values()}
+        == {o.obj for o in topo.rings() if o.readers == ("client",)}
+    )
