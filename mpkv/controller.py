@@ -45,6 +45,7 @@ from mpkv.shm.ring import quiesce
 from mpkv.shm.segment import Segment
 from mpkv.shm.signals import Signal, SignalWriter
 from mpkv.shm.waiting import check_timeout
+from mpkv.topology import pack_ledger
 
 S = ActorState
 
@@ -197,7 +198,7 @@ class Controller:
         if (cleared, weight_version) != status.ledger(self.inst):
             # What the last command settled (a CLEAR issued, a RESTORE acknowledged after its controller gave up
             # waiting, or either by a controller that died before it wrote the ledger): record it now.
-            ledger_w.write(last.kind, last.epoch, weight_version << 2 | int(cleared))
+            ledger_w.write(last.kind, last.epoch, pack_ledger(weight_version, cleared))
         epoch = last.epoch + 1
         t0 = time.perf_counter()
         deadline = time.monotonic() + wait_s
@@ -205,13 +206,13 @@ class Controller:
             self._close_rings(kind, epoch, last, deadline)
         cmd_w.write(kind, epoch, aux)
         if kind == Cmd.CLEAR:  # after the command (settled_ledger counts the command word itself from now on)
-            ledger_w.write(kind, epoch, weight_version << 2 | int(cleared | ClearFlags(aux)))
+            ledger_w.write(kind, epoch, pack_ledger(weight_version, cleared | ClearFlags(aux)))
         acks = self._wait_acks(kind, epoch, wait_s, deadline)
         res = StepResult(kind.name, epoch, latency_s=time.perf_counter() - t0)
         if kind == Cmd.CLEAR:
             res.released_bytes = {name: sig.aux for name, sig in acks.items()}
         elif kind == Cmd.RESTORE:
-            ledger_w.write(kind, epoch, aux << 2)
+            ledger_w.write(kind, epoch, pack_ledger(aux, ClearFlags(0)))
         return res
 
     def _wait_acks(self, kind: Cmd, epoch: int, timeout_s: float, deadline: float) -> dict[str, Signal[ActorState]]:

@@ -31,8 +31,9 @@ class PoolOwner(enum.IntEnum):
 
 MAX_WEIGHT_VERSION = 2**61 - 1
 """The largest weight version (0 <= v <= MAX_WEIGHT_VERSION). The controller's ledger packs ``version << 2 | cleared``
-into one u64 aux word (mpkv.status), so 2**62 - 1 is the hard ceiling; one bit is kept in reserve. Every place that
-accepts a weight version from outside (config, CLI, Controller.restore) checks against this one constant."""
+into one u64 aux word (mpkv.topology.pack_ledger), so 2**62 - 1 is the hard ceiling; one bit is kept in reserve.
+Every place that accepts a weight version from outside (config, CLI, Controller.restore) checks against this one
+constant."""
 
 
 class Cmd(enum.IntEnum):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from mpkv import naming
 from mpkv.config import CacheConfig
 from mpkv.layout import SegmentKind
-from mpkv.protocol import ROLES, PdRole, Role, actor_name, actor_slot
+from mpkv.protocol import ROLES, ClearFlags, PdRole, Role, actor_name, actor_slot
 
 ERROR_RECORD_BYTES = 4096
 HANDLE_RECORD_BYTES = 1048  # a handle of up to 1024 bytes after the 24-byte header of a synchronised record
@@ -46,6 +46,19 @@ class SharedObject:
     def count(self) -> int:
         """Slots (signals), records (blob) or ranks (barrier); a ring's readers."""
         return len(self.readers) if self.kind == SegmentKind.RING else len(self.writers)
+
+
+# -- the ledger (control slot CONTROL_LEDGER): its aux word packs the weight version and the cleared tiers ----------
+
+
+def pack_ledger(weight_version: int, cleared: ClearFlags) -> int:
+    """``weight_version << 2 | cleared`` (protocol.MAX_WEIGHT_VERSION keeps it inside a u64)."""
+    return weight_version << 2 | int(cleared)
+
+
+def unpack_ledger(aux: int) -> tuple[ClearFlags, int]:
+    """The tiers cleared since the last restore, and the weight version the KV in the pools belongs to."""
+    return ClearFlags(aux & 3), aux >> 2
 
 
 # -- slot arithmetic -------------------------------------------------------------------------------------------

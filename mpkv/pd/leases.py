@@ -91,7 +91,7 @@ class Allocator:
         if link_must_unmap(Command(cmd.value, cmd.epoch, cmd.aux)):
             return f"the decode instance is {cmd.value.name.lower()}ing its pool (epoch {cmd.epoch})"
         ledger = self.inst.control.read(CONTROL_LEDGER)
-        if ledger.seq and ClearFlags(ledger.aux & 3) & ClearFlags.DEVICE:
+        if ledger.seq and topology.unpack_ledger(ledger.aux)[0] & ClearFlags.DEVICE:
             return "the decode pool is cleared"
         if launcher := self.inst.launcher_gone():
             return f"the decode instance is gone ({launcher})"
