@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import procs
 import pytest
-from conftest import SESSION
 from helpers import Child
 
 from mpkv import naming
@@ -25,9 +24,9 @@ from mpkv.shm.ring import RingReader, RingWriter
 DEADLINE_S = 60.0  # far beyond what detection needs: it only catches a hang
 
 
-def _shm() -> set[str]:
-    # Only this test session's names: other programs and test sessions come and go in /dev/shm meanwhile.
-    mine = naming.user_prefix() + "t" + SESSION
+def _shm(instance: str) -> set[str]:
+    # Only this test's instance's names: other programs, tests and sessions come and go in /dev/shm meanwhile.
+    mine = naming.user_prefix() + instance + "."
     return {e for e in os.listdir(naming.SHM_DIR) if e.startswith(mine)}
 
 
@@ -45,11 +44,11 @@ def _kill_owner_and_clean(owner: Child, instance: str, before: set[str]) -> None
     report = cleanup(instance=instance)
     assert report.live_instances == []
     assert len(report.removed) == 4  # registry, ring, barrier, signals
-    assert _shm() == before, f"cleanup left {_shm() - before}"
+    assert _shm(instance) == before, f"cleanup left {_shm(instance) - before}"
 
 
 def test_kill_writer_mid_stream(instance: str, rng: random.Random) -> None:
-    before = _shm()
+    before = _shm(instance)
     owner, names, writer = _instance_with(procs.endless_writer, instance)
     kill_after_s = rng.uniform(0.0, 0.5)
     expected = 0
@@ -60,34 +59,31 @@ def test_kill_writer_mid_stream(instance: str, rng: random.Random) -> None:
             assert msg == procs.message(0, expected, 64)
             expected += 1
         writer.kill()
-        t0 = time.monotonic()
+        # PeerDied, not WaitTimeout: the death is noticed, not the deadline reached.
         with pytest.raises(PeerDied, match=rf"the writer 'doomed-writer' of ring .* is dead.*pid {writer.pid}"):
             while True:  # whatever it published before dying is still delivered, intact and in order
                 msg = r.get(timeout_s=DEADLINE_S)
                 assert struct.unpack_from("<Q", msg)[0] == expected
                 expected += 1
-        assert time.monotonic() - t0 < DEADLINE_S / 2
     _kill_owner_and_clean(owner, instance, before)
 
 
 def test_kill_reader_while_writer_waits(instance: str, rng: random.Random) -> None:
-    before = _shm()
+    before = _shm(instance)
     owner, names, reader = _instance_with(procs.endless_reader, instance)
     with RingWriter(names["ring"]) as w:
         n = rng.randrange(0, 5000)
         for i in range(n):
             w.put(procs.message(0, i, 64), timeout_s=DEADLINE_S)
         reader.kill()
-        t0 = time.monotonic()
         with pytest.raises(PeerDied, match=rf"reader 0 'doomed-reader' of ring .* is dead.*pid {reader.pid}"):
             for i in range(n, n + 10_000):  # 64 KiB ring: it fills long before this
                 w.put(procs.message(0, i, 64), timeout_s=DEADLINE_S)
-        assert time.monotonic() - t0 < DEADLINE_S / 2
     _kill_owner_and_clean(owner, instance, before)
 
 
 def test_kill_barrier_member(instance: str, rng: random.Random) -> None:
-    before = _shm()
+    before = _shm(instance)
     owner = Child(procs.instance_owner, instance)
     names = owner.recv(30)
     victim_rank = rng.randrange(1, 3)
@@ -113,19 +109,19 @@ def test_kill_barrier_member(instance: str, rng: random.Random) -> None:
 def test_cleanup_never_touches_a_live_instance(instance: str) -> None:
     owner = Child(procs.instance_owner, instance)
     names = owner.recv(30)
-    before = _shm()
+    before = _shm(instance)
     for dry in (True, False):
-        report = cleanup(dry_run=dry)
+        report = cleanup(instance=instance, dry_run=dry)  # another program's dead instances are not ours to clean
         assert instance in report.live_instances
         assert not any(instance in n for n in report.removed)
-    assert _shm() == before
+    assert _shm(instance) == before
     owner.conn.send("stop")  # a clean owner shutdown unlinks everything itself
     owner.join(30)
-    assert not any(n.lstrip("/") in _shm() for n in names.values())
+    assert not any(n.lstrip("/") in _shm(instance) for n in names.values())
 
 
 def test_cleanup_command_dry_run_then_real(instance: str) -> None:
-    before = _shm()
+    before = _shm(instance)
     owner = Child(procs.instance_owner, instance)
     names = owner.recv(30)
     owner.kill()
@@ -140,10 +136,10 @@ def test_cleanup_command_dry_run_then_real(instance: str) -> None:
         for name in names.values():
             assert f"would remove {name}" in out
         assert f"left alone /{os.path.basename(stray)}: not an mpkv segment" in out
-        assert all(n.lstrip("/") in _shm() for n in names.values()), "--dry-run removed something"
+        assert all(n.lstrip("/") in _shm(instance) for n in names.values()), "--dry-run removed something"
         out = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=60, check=True).stdout
         assert all(f"removed {n}" in out for n in names.values())
         assert os.path.exists(stray), "cleanup removed a file that is not an mpkv segment"
     finally:
         os.unlink(stray)
-    assert not _shm() - before, f"left behind: {_shm() - before}"
+    assert not _shm(instance) - before, f"left behind: {_shm(instance) - before}"
