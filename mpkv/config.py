@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING
+from enum import IntEnum
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin, get_type_hints
+
+import msgspec
+from msgspec import Meta
 
 from mpkv.blocks import TOKEN_ID_LIMIT
 from mpkv.protocol import MAX_WEIGHT_VERSION, PdRole, PoolOwner
@@ -13,6 +19,11 @@ if TYPE_CHECKING:
     import torch
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}  # torch is imported only where tensors are made
+
+# The range of each field, declared once on the field itself: msgspec checks it (CacheConfig.__post_init__), the
+# CLI checks each flag against it, and every error message states it (valid_range).
+Positive = Annotated[int, Meta(ge=1)]
+Port = Annotated[int, Meta(ge=0, le=65535)]
 
 
 @dataclass(frozen=True)
@@ -24,59 +35,32 @@ class CacheConfig:
     ``host_blocks``. A "block" is ``block_size`` tokens of every layer's K and V.
     """
 
-    layers: int = 4
-    kv_heads: int = 4
-    head_dim: int = 32
-    block_size: int = 16
+    layers: Positive = 4
+    kv_heads: Positive = 4
+    head_dim: Positive = 32
+    block_size: Positive = 16
     dtype: str = "float16"
-    device_blocks: int = 256
-    host_blocks: int = 256
-    tp: int = 1
+    device_blocks: Positive = 256
+    host_blocks: Positive = 256
+    tp: Positive = 1
     backend: str = "cpu"
     pool_owner: PoolOwner = PoolOwner.WORKER
     pd_role: PdRole = PdRole.MIXED  # `mpkv launch --role mixed|prefill|decode`
-    nixl_port: int = 0  # PD across hosts: rank r's messager runs a NIXL agent listening on nixl_port + r (0: off)
+    nixl_port: Port = 0  # PD across hosts: rank r's messager runs a NIXL agent listening on nixl_port + r (0: off)
     log_dir: str = ""  # set by the launcher: every actor logs to <log_dir>/<role>.r<rank>.log
-    hidden: int = 64  # the synthetic model's width
-    vocab: int = 1024
-    weight_version: int = 1  # the weights the instance starts with
+    hidden: Positive = 64  # the synthetic model's width
+    vocab: Annotated[int, Meta(ge=1, le=TOKEN_ID_LIMIT)] = 1024  # token ids are int32
+    weight_version: Annotated[int, Meta(ge=0, le=MAX_WEIGHT_VERSION)] = 1  # the weights the instance starts with
 
     def __post_init__(self) -> None:
-        for f in (
-            "layers",
-            "kv_heads",
-            "head_dim",
-            "block_size",
-            "device_blocks",
-            "host_blocks",
-            "tp",
-            "hidden",
-            "vocab",
-        ):
-            v = getattr(self, f)
-            if not _is_int(v) or v <= 0:
-                raise ValueError(f"config: {f} must be a positive integer, got {v!r}")
-        if self.vocab > TOKEN_ID_LIMIT:
-            raise ValueError(f"config: vocab must be at most {TOKEN_ID_LIMIT} (token ids are int32), got {self.vocab}")
-        wv = self.weight_version
-        if not _is_int(wv) or not 0 <= wv <= MAX_WEIGHT_VERSION:
-            raise ValueError(f"config: weight_version must be an integer in 0..{MAX_WEIGHT_VERSION}, got {wv!r}")
-        if not _is_int(self.nixl_port):
-            raise ValueError(f"config: nixl_port must be an integer, got {self.nixl_port!r}")
-        if not isinstance(self.log_dir, str):
-            raise ValueError(f"config: log_dir must be a path, got {self.log_dir!r}")
-        if self.nixl_port and not 1024 <= self.nixl_port <= 65535 - self.tp:
-            raise ValueError(f"config: nixl_port must be 0 (off) or a port in 1024..{65535 - self.tp}")
-        if self.kv_heads % self.tp:
-            raise ValueError(f"config: kv_heads ({self.kv_heads}) must be divisible by tp ({self.tp})")
-        if not isinstance(self.dtype, str) or self.dtype not in DTYPE_BYTES:
-            raise ValueError(f"config: dtype {self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
-        if self.backend not in ("cpu", "cuda"):
-            raise ValueError(f"config: backend must be 'cpu' or 'cuda', got {self.backend!r}")
-        if not isinstance(self.pool_owner, PoolOwner):
-            object.__setattr__(self, "pool_owner", _named(PoolOwner, self.pool_owner, "pool_owner"))
-        if not isinstance(self.pd_role, PdRole):
-            object.__setattr__(self, "pd_role", _named(PdRole, self.pd_role, "role"))
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        try:
+            check_fields(values)
+        except ValueError as e:
+            raise ValueError(f"config: {e}") from None
+        for f, enum_type in (("pool_owner", PoolOwner), ("pd_role", PdRole)):
+            if isinstance(values[f], str):  # checked above: the lower-case name of a member
+                object.__setattr__(self, f, enum_type[values[f].upper()])
 
     @property
     def heads_per_rank(self) -> int:
@@ -116,22 +100,109 @@ class CacheConfig:
         return json.dumps(d, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> CacheConfig:
-        d = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"config: unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**d)
+    def from_json(cls, text: str | bytes) -> CacheConfig:
+        """A config from a JSON object of its fields; an unknown field, a value of the wrong type or out of its
+        range is a ValueError naming the field (and its range)."""
+        try:
+            values = msgspec.json.decode(text)
+        except msgspec.DecodeError as e:
+            raise ValueError(f"config: not JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"config: expected a JSON object of CacheConfig fields, got {type(values).__name__}")
+        return cls.from_fields(values)
+
+    @classmethod
+    def from_fields(cls, values: Mapping[str, Any], label: Callable[[str], str] = str) -> CacheConfig:
+        """A config from a mapping of field names to values (the JSON form: enums as their lower-case names).
+        ``label`` names a field in error messages as its source knows it (the CLI: a flag, or a config file's
+        key)."""
+        try:
+            check_fields(values, label)
+        except ValueError as e:
+            raise ValueError(f"config: {e}") from None
+        return cls(**values)
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # True is an int to Python, never a size here
+# -- validation: msgspec checks types and ranges against a Struct derived from CacheConfig's own fields ----------
+# Enums travel as their lower-case names; dtype and backend are free strings to Python callers, a closed set here.
+_WIRE_TYPES: dict[str, Any] = {
+    "dtype": Literal["float16", "bfloat16", "float32"],
+    "backend": Literal["cpu", "cuda"],
+    "pool_owner": Literal["worker", "transfer"],
+    "pd_role": Literal["mixed", "prefill", "decode"],
+}
 
 
-def _named(enum_type: type[PoolOwner] | type[PdRole], value: object, what: str) -> PoolOwner | PdRole:
+def _wire(value: object) -> object:
+    return value.name.lower() if isinstance(value, IntEnum) else value
+
+
+def _build_spec() -> tuple[type[msgspec.Struct], dict[str, Any]]:
+    hints = get_type_hints(CacheConfig, include_extras=True)
+    types = {f.name: _WIRE_TYPES.get(f.name, hints[f.name]) for f in fields(CacheConfig)}
+    spec = msgspec.defstruct(
+        "CacheConfigFields",
+        [(f.name, types[f.name], _wire(f.default)) for f in fields(CacheConfig)],
+        kw_only=True,
+        frozen=True,
+        forbid_unknown_fields=True,
+    )
+    return spec, types
+
+
+_SPEC, _TYPES = _build_spec()
+assert set(get_args(_TYPES["dtype"])) == set(DTYPE_BYTES)
+assert {get_args(_TYPES[f]) for f in ("pool_owner", "pd_role")} == {
+    tuple(m.name.lower() for m in PoolOwner),
+    tuple(m.name.lower() for m in PdRole),
+}
+FIELDS = tuple(_TYPES)
+
+
+def valid_range(field: str) -> str:
+    """What ``field`` accepts, in words: 'an integer >= 1', 'one of cpu, cuda'."""
+    tp = _TYPES[field]
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(get_args(tp))
+    if get_origin(tp) is Annotated:
+        base, *metas = get_args(tp)
+        meta = next(m for m in metas if isinstance(m, Meta))
+        what = "an integer" if base is int else f"a {base.__name__}"
+        if meta.ge is not None and meta.le is not None:
+            return f"{what} in {meta.ge}..{meta.le}"
+        return f"{what} >= {meta.ge}"
+    return "a string" if tp is str else tp.__name__
+
+
+def check_value(field: str, value: object) -> object:
+    """``value`` checked against ``field``'s type and range; a ValueError saying the range otherwise."""
     try:
-        return enum_type[str(value).upper()]
-    except KeyError:
-        names = ", ".join(m.name.lower() for m in enum_type)
-        raise ValueError(f"config: {what} must be one of {names}, got {value!r}") from None
+        return msgspec.convert(_wire(value), _TYPES[field], strict=True)
+    except msgspec.ValidationError:
+        raise ValueError(f"must be {valid_range(field)}, got {value!r}") from None
+
+
+def check_fields(values: Mapping[str, Any], label: Callable[[str], str] = str) -> None:
+    """Every field's type and range (msgspec, unknown fields refused), then the rules that tie fields together.
+    The first problem found is a ValueError of one line that names the field by ``label`` and its range."""
+    wire = {k: _wire(v) for k, v in values.items()}
+    try:
+        cfg = msgspec.convert(wire, _SPEC, strict=True)
+    except msgspec.ValidationError as e:
+        raise ValueError(_diagnose(str(e), values, label)) from None
+    tp, kv_heads, port = cfg.tp, cfg.kv_heads, cfg.nixl_port  # type: ignore[attr-defined]
+    if kv_heads % tp:
+        raise ValueError(f"{label('kv_heads')} ({kv_heads}) must be divisible by {label('tp')} ({tp})")
+    if port and not 1024 <= port <= 65535 - tp:
+        raise ValueError(f"{label('nixl_port')} must be 0 (off) or a port in 1024..{65535 - tp}, got {port}")
+
+
+def _diagnose(text: str, values: Mapping[str, Any], label: Callable[[str], str]) -> str:
+    """msgspec's ValidationError says where (``- at `$.tp```) and what kind; say it with the value and range."""
+    unknown = re.search(r"unknown field `(.*)`", text)
+    if unknown:
+        return f"unknown field {label(unknown[1])}; the fields are {', '.join(FIELDS)}"
+    at = re.search(r" - at `\$\.(\w+)`$", text)
+    if at and at[1] in values:
+        return f"{label(at[1])} must be {valid_range(at[1])}, got {values[at[1]]!r}"
+    return text
