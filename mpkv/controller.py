@@ -67,7 +67,7 @@ def _release_claims(writers: tuple[SignalWriter[Any], ...]) -> None:
 
 
 def shm_used_bytes() -> int:
-    st = os.statvfs("/dev/shm")
+    st = os.statvfs(naming.SHM_DIR)
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 

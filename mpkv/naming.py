@@ -146,8 +146,11 @@ def actor_title(role: str, rank: int, instance: str) -> str:
     return f"mpkv::{role}:r{rank} {instance}"
 
 
+LAUNCHER_TITLE = "mpkv::launch:"  # what a launcher's title starts with; the instance name follows
+
+
 def launcher_title(instance: str) -> str:
-    return f"mpkv::launch:{instance}"
+    return LAUNCHER_TITLE + instance
 
 
 def log_root() -> str:
