@@ -138,32 +138,16 @@ def _ctl(args: argparse.Namespace) -> int:
             raise UsageError(f"ctl {args.name} {args.action}: {flag} applies to {action} only; nothing was done")
     with Controller(args.name, timeout_s=args.timeout) as ctl:
         if args.action == "status":
-            st = ctl.status()
-            if args.json:
-                print(json.dumps(st, indent=2))
-            else:
-                print(
-                    f"instance {st['instance']} run {st['run_id']}: command {st['command']['kind']}@"
-                    f"{st['command']['epoch']}, weight version {st['weight_version']}, cleared {st['cleared']}, "
-                    f"logs {st['config']['log_dir'] or '-'}"
-                )
-                if not st["step"]["done"]:
-                    print(
-                        f"  step {st['command']['kind']}@{st['command']['epoch']} not acknowledged by "
-                        f"{', '.join(st['step']['pending'])}: only a retry of it, a full clear or shutdown is admitted"
-                    )
-                for a in [st["launcher"], *st["actors"]]:
-                    hb = "-" if a["heartbeat_age_s"] is None else f"{a['heartbeat_age_s']:.1f}s"
-                    rank = "" if a["rank"] < 0 else f"r{a['rank']}"
-                    wait = a.get("waiting_for", {"kind": "NONE"})
-                    waits = {"NONE": "", "COMMAND": "idle"}.get(
-                        wait["kind"], f"waits for {', '.join(wait.get('on', []))}"
-                    )
-                    print(
-                        f"  {a['role']:9} {rank:3} pid {a['pid']:<8} {a['state'] + '@' + str(a['epoch']):12} "
-                        f"heartbeat {hb:>6}  {'alive' if a['alive'] else 'DEAD ':5}  {waits:24} {a['error']}".rstrip()
-                    )
-            return _health(st)
+            # The record as JSON, or as report.status_lines (what mpkv-top shows too). The exit code is 1 when
+            # the launcher or an actor is dead or FAILED, so that a script can test the instance's health without
+            # parsing the status (printed in full either way); the culprits go to stderr.
+            from mpkv import report, status
+
+            st = status.read_status(ctl.inst)
+            print(report.to_json(st) if args.json else "\n".join(line.text for line in report.status_lines(st)))
+            if sick := report.unhealthy(st):
+                print(f"mpkv: instance {st.instance} is not healthy: {'; '.join(sick)}", file=sys.stderr)
+            return 1 if sick else 0
         if args.action == "clear":
             res = ctl.clear(device=not args.host_only, host=not args.device_only)
         elif args.action == "restore":
@@ -184,20 +168,6 @@ def _ctl(args: argparse.Namespace) -> int:
                 f"{args.name}: {res.command.lower()} done at epoch {res.epoch} in {res.latency_s * 1e3:.1f} ms{extra}"
             )
         return 0
-
-
-def _health(st: dict[str, Any]) -> int:
-    """The exit code of `ctl status`: 1 when the launcher or an actor is dead or FAILED, so that a script can
-    test the instance's health without parsing the status (printed in full either way); the culprits on stderr."""
-    sick = [
-        f"{a['role']}{'' if a['rank'] < 0 else ' r' + str(a['rank'])} (pid {a['pid']}) is "
-        + ("FAILED" if a["state"] == "FAILED" else "dead")
-        for a in [st["launcher"], *st["actors"]]
-        if a["state"] == "FAILED" or not a["alive"]
-    ]
-    if sick:
-        print(f"mpkv: instance {st['instance']} is not healthy: {'; '.join(sick)}", file=sys.stderr)
-    return 1 if sick else 0
 
 
 def _top(args: argparse.Namespace) -> int:

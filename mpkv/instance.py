@@ -58,6 +58,7 @@ from mpkv.protocol import (
     actor_slot,
     unpack_slots,
 )
+from mpkv.report import NO_WAIT, Wait, actor_map, wait_chain
 from mpkv.shm.barrier import create_barrier
 from mpkv.shm.records import read_sync_record, write_sync_record
 from mpkv.shm.registry import Registry
@@ -257,13 +258,13 @@ class Instance:
             return f"the instance was stopped ({', '.join(stopped) or 'no actor stopped yet'})"
         return "; ".join(culprits) + (f" (then the launcher stopped {', '.join(stopped)})" if stopped else "")
 
-    def waiting_for(self, slot: int) -> dict[str, object]:
+    def waiting_for(self, slot: int) -> Wait:
         """What the process of a status slot (or the controller's wait slot) is waiting for, and since when."""
         sig = self.waits.read(slot)
         if sig.seq == 0 or sig.value == WaitKind.NONE:
-            return {"kind": "NONE"}
-        on = [self._wait_label(i) for i in unpack_slots(sig.aux)]
-        return {"kind": sig.value.name, "on": on, "since_s": round((time.monotonic_ns() - sig.epoch) / 1e9, 3)}
+            return NO_WAIT
+        on = tuple(self._wait_label(i) for i in unpack_slots(sig.aux))
+        return Wait(sig.value.name, on, round((time.monotonic_ns() - sig.epoch) / 1e9, 3))
 
     def _wait_label(self, code: int) -> str:
         if code >= LINK_WAIT_BASE:
@@ -271,27 +272,11 @@ class Instance:
         return _actor_label(code, self.cfg.tp).removeprefix("status of ")
 
     def wait_chain(self, slot: int) -> str:
-        """Follow the published waits from one actor: "worker r0 (PAUSED@1) waits for messager r0 since 2.9 s;
-        messager r0 (pid 7, alive, sleeping; PAUSED@1) waits for nothing it published"."""
-        hops, seen = [], set()
-        while slot not in seen:
-            seen.add(slot)
-            sig = self.status.read_or_dead(slot)
-            who = _actor_label(slot, self.cfg.tp).removeprefix("status of ")
-            state = f"{who} ({sig.writer.describe()}; {sig.value.name}@{sig.epoch})"
-            wait = self.waiting_for(slot)
-            if wait["kind"] != "PEERS":
-                hops.append(f"{state} is not waiting for a peer (it published {wait['kind']})")
-                break
-            on = unpack_slots(self.waits.read(slot).aux)
-            hops.append(f"{state} waits for {', '.join(wait['on'])} since {wait['since_s']} s")  # type: ignore[arg-type]
-            if on[0] >= LINK_WAIT_BASE:
-                hops.append("a link is held by a prefill instance's messager (see that instance)")
-                break
-            slot = on[0]
-        else:
-            hops.append("which closes a cycle")
-        return "; ".join(hops)
+        """Follow the published waits from one actor (``report.wait_chain``, on the status as it is now)."""
+        from mpkv import status  # it reads through this class: imported on use, not at the top (a cycle)
+
+        st = status.read_status(self)
+        return wait_chain(_actor_label(slot, self.cfg.tp).removeprefix("status of "), actor_map(st))[0]
 
     # -- teardown ------------------------------------------------------------------------------------------------
     def close(self) -> None:

@@ -1,5 +1,6 @@
-"""What an instance's shared memory says about it, as plain data: the one reader behind `mpkv ctl status --json`
-and `mpkv-top --json` (which adds queues, pools, transfers and problems). Reads only; never waits, never writes.
+"""What an instance's shared memory says about it, as the records of mpkv.report: the one reader behind
+`mpkv ctl status` and mpkv-top (which adds queues, pools, transfers and problems). Reads only; never waits, never
+writes.
 """
 
 from __future__ import annotations
@@ -8,17 +9,21 @@ import json
 import time
 from typing import Any
 
+import msgspec
+
 from mpkv.handshake import Command, Status, acknowledged, settled_ledger, step_done
 from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot, launcher_slot
 from mpkv.protocol import ROLES, ActorState, ClearFlags, actor_name, actor_slot
+from mpkv.report import NO_WAIT, ActorStatus, CommandStatus, InstanceStatus, StepStatus
 from mpkv.shm.signals import Signal
+from mpkv.topology import unpack_ledger
 
 
 def ledger(inst: Instance) -> tuple[ClearFlags, int]:
     """What the controller's ledger records: the tiers cleared since the last restore, and the weight version the
     KV in the pools belongs to (the config's before any). ``settled`` counts what the last command did since."""
     sig = inst.control.read(CONTROL_LEDGER)
-    return (ClearFlags(sig.aux & 3), sig.aux >> 2) if sig.seq else (ClearFlags(0), inst.cfg.weight_version)
+    return unpack_ledger(sig.aux) if sig.seq else (ClearFlags(0), inst.cfg.weight_version)
 
 
 def actor_statuses(inst: Instance) -> list[Status | None]:
@@ -52,42 +57,51 @@ def pending(cmd: Command, statuses: list[Status | None], tp: int) -> list[str]:
     ]
 
 
-def actor_entry(role: str, rank: int, sig: Signal[ActorState], now_ns: int, error: str) -> dict[str, Any]:
-    return {
-        "role": role,
-        "rank": rank,
-        "pid": sig.writer.pid,
-        "alive": sig.writer.alive() if sig.writer.pid else False,
-        "state": sig.value.name,
-        "epoch": sig.epoch,
-        "aux": sig.aux,
-        "heartbeat_age_s": round((now_ns - sig.timestamp_ns) / 1e9, 3) if sig.seq else None,
-        "error": error.splitlines()[0] if error else "",
-    }
+def actor_status(inst: Instance, slot: int, now_ns: int) -> ActorStatus:
+    """The process of a status slot: what it acknowledged, its pid and liveness, its error's first line, and what
+    it waits for (the launcher publishes no waits: its ``waits`` slot is the controller's)."""
+    sig: Signal[ActorState] = inst.status.read_or_dead(slot)
+    launcher = slot == launcher_slot(inst.cfg.tp)
+    role, rank = ("launcher", -1) if launcher else (ROLES[slot % len(ROLES)].name.lower(), slot // len(ROLES))
+    error = "" if launcher else inst.read_error(slot)
+    return ActorStatus(
+        role=role,
+        rank=rank,
+        pid=sig.writer.pid,
+        alive=sig.writer.alive() if sig.writer.pid else False,
+        process_state=sig.writer.state(),
+        state=sig.value.name,
+        epoch=sig.epoch,
+        aux=sig.aux,
+        heartbeat_age_s=round((now_ns - sig.timestamp_ns) / 1e9, 3) if sig.seq else None,
+        error=error.splitlines()[0] if error else "",
+        waiting_for=NO_WAIT if launcher else inst.waiting_for(slot),
+    )
 
 
-def instance_status(inst: Instance) -> dict[str, Any]:
+def read_status(inst: Instance) -> InstanceStatus:
+    """The instance's status record (`mpkv ctl NAME status --json`); reads only."""
     cfg = inst.cfg
     cmd, statuses, tiers, version = settled(inst)
     waiting = pending(cmd, statuses, cfg.tp)
     now = time.monotonic_ns()
-    actors = []
-    for rank in range(cfg.tp):
-        for role in ROLES:
-            slot = actor_slot(role, rank)
-            entry = actor_entry(role.name.lower(), rank, inst.status.read_or_dead(slot), now, inst.read_error(slot))
-            actors.append(entry | {"waiting_for": inst.waiting_for(slot)})
-    return {
-        "instance": inst.name,
-        "run_id": inst.registry.run_id,
-        "config": json.loads(cfg.to_json()),
-        "command": {"kind": cmd.kind.name, "epoch": cmd.epoch, "aux": cmd.aux},
+    return InstanceStatus(
+        instance=inst.name,
+        run_id=inst.registry.run_id,
+        config=json.loads(cfg.to_json()),
+        command=CommandStatus(cmd.kind.name, cmd.epoch, cmd.aux),
         # A step the controller gave up on (failed, timed out) and the actors have not finished: only a retry of
         # that step, a full clear or a shutdown is admitted (handshake.check_command).
-        "step": {"done": not waiting, "pending": waiting},
-        "weight_version": version,
-        "cleared": [f.name for f in ClearFlags if f in tiers],
-        "launcher": actor_entry("launcher", -1, inst.status.read_or_dead(launcher_slot(cfg.tp)), now, ""),
-        "controller_waiting_for": inst.waiting_for(controller_wait_slot(cfg.tp)),
-        "actors": actors,
-    }
+        step=StepStatus(done=not waiting, pending=tuple(waiting)),
+        weight_version=version,
+        cleared=tuple(f.name for f in ClearFlags if f in tiers and f.name),
+        launcher=actor_status(inst, launcher_slot(cfg.tp), now),
+        controller_waiting_for=inst.waiting_for(controller_wait_slot(cfg.tp)),
+        actors=tuple(actor_status(inst, actor_slot(role, rank), now) for rank in range(cfg.tp) for role in ROLES),
+    )
+
+
+def instance_status(inst: Instance) -> dict[str, Any]:
+    """``read_status`` as the plain dict `Controller.status()` has always returned (its JSON form)."""
+    out: dict[str, Any] = msgspec.to_builtins(read_status(inst))
+    return out

@@ -175,7 +175,8 @@ def test_waits_are_published_for_the_wait_for_graph(instance: str) -> None:
         ):
             ctl.clear(timeout_s=3)
         watcher.join()
-        assert seen["owner"]["kind"] == "PEERS" and seen["owner"]["on"] == ["messager r0"], seen
-        assert seen["controller"]["kind"] == "ACKS" and seen["controller"]["on"] == ["worker r0"], seen
+        owner, controller = seen["owner"], seen["controller"]  # report.Wait records
+        assert (owner.kind, owner.on) == ("PEERS", ("messager r0",)), seen  # type: ignore[attr-defined]
+        assert (controller.kind, controller.on) == ("ACKS", ("worker r0",)), seen  # type: ignore[attr-defined]
         os.kill(ctl.inst.status.read(actor_slot(Role.MESSAGER, 0)).writer.pid, signal.SIGKILL)
         assert inst.exit_code() == 1

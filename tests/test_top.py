@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,14 +15,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import msgspec
 import numpy as np
 import pytest
 from instances import Launched
 
 from mpkv.client import Client
+from mpkv.report import NO_WAIT, ActorStatus, CommandStatus, InstanceStatus, StepStatus, Wait
 from mpkv.shm.cleanup import cleanup
 
 TOP = [sys.executable, "-m", "mpkv.top"]
+CTL = [sys.executable, "-m", "mpkv.cli", "ctl"]
 
 
 def top_json(name: str | None = None) -> dict:  # type: ignore[type-arg]
@@ -43,18 +47,39 @@ def until(what: str, check: Callable[[], object], timeout_s: float = 30) -> obje
     raise AssertionError(f"never saw {what} within {timeout_s} s")
 
 
+def run_text(cmd: list[str]) -> str:
+    # Wide enough that rich wraps or cuts no line of mpkv-top's panel (a pipe is 80 columns otherwise).
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=dict(os.environ, COLUMNS="300"))
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def actor_lines(text: str) -> list[str]:
+    """The per-process lines of a status text (in mpkv-top's panel too), heartbeat ages masked: they move on
+    between two reads."""
+    lines = [line.strip().strip("│").strip() for line in text.splitlines()]
+    return [re.sub(r"heartbeat +[\d.]+s", "heartbeat Ns", line) for line in lines if " pid " in line]
+
+
 def test_json_agrees_with_ctl_status(instance: str) -> None:
+    """One reader, one schema, one renderer: ctl status's JSON decodes as the typed record with the values of the
+    instance launched, mpkv-top's JSON carries the same entries, and both texts show the same process lines."""
     with Launched(instance, tp=2), Client(instance) as client:
         client.wait(client.swap_out(np.arange(3, dtype=np.int32)))  # three host slots in use on every rank
         snap = top_json(instance)
-        st = json.loads(
-            subprocess.run(
-                [sys.executable, "-m", "mpkv.cli", "ctl", instance, "status", "--json"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            ).stdout
-        )
+        raw = run_text([*CTL, instance, "status", "--json"])
+        ctl_text, top_text = run_text([*CTL, instance, "status"]), run_text([*TOP, instance, "--once"])
+    typed = msgspec.json.decode(raw, type=InstanceStatus)  # every field there, of its type (strict)
+    assert (typed.instance, typed.command, typed.step) == (instance, CommandStatus("NONE", 0, 0), StepStatus(True, ()))
+    assert (typed.weight_version, typed.cleared, typed.config["tp"]) == (1, (), 2)
+    assert [a.who for a in typed.actors] == [f"{r} r{k}" for k in range(2) for r in ("worker", "transfer", "messager")]
+    for a in (typed.launcher, *typed.actors):
+        assert a.alive and a.state == "READY" and a.epoch == 0 and a.heartbeat_age_s is not None, a
+        assert a.process_state.startswith("alive"), a
+        assert a.waiting_for.kind == ("NONE" if a.role == "launcher" else "COMMAND"), a
+    assert typed.controller_waiting_for == NO_WAIT
+    assert len({a.pid for a in (typed.launcher, *typed.actors)}) == 7  # seven processes
+    st = json.loads(raw)
     assert snap["schema"] == "mpkv-top/1"
     (e,) = snap["instances"]
     assert e["state"] == "live" and e["problems"] == [], e["problems"]
@@ -66,6 +91,10 @@ def test_json_agrees_with_ctl_status(instance: str) -> None:
     assert {q["ring"] for q in e["queues"]} >= {"tasks.worker", "tasks.transfer", "done.worker.r0"}
     assert e["log_dir"] and os.path.exists(os.path.join(e["log_dir"], "worker.r0.log"))
     assert e["pools"]["host_slots_in_use"] == [3, 3], e["pools"]
+    # The renderer both use: the same head and process lines, in the same order, whichever prints them.
+    assert f"instance {instance} run {typed.run_id}: mixed tp=2" in ctl_text and ctl_text.splitlines()[0] in top_text
+    assert actor_lines(ctl_text) == actor_lines(top_text) and len(actor_lines(ctl_text)) == 7, (ctl_text, top_text)
+    assert "worker r1" in ctl_text and "idle" in ctl_text
 
 
 def test_a_stuck_actor_is_named_with_its_waiters(instance: str) -> None:
@@ -154,53 +183,65 @@ def _actor(
     alive: bool = True,
     hb: float = 0.2,
     kind: str = "COMMAND",
-    on: list[str] | None = None,
+    on: tuple[str, ...] = (),
     since: float = 0.0,
-) -> dict:  # type: ignore[type-arg]
+) -> ActorStatus:
     role, rank = who.split(" r")
-    return {
-        "role": role,
-        "rank": int(rank),
-        "pid": 100 + int(rank),
-        "alive": alive,
-        "state": state,
-        "epoch": 3,
-        "heartbeat_age_s": hb,
-        "error": "boom" if state == "FAILED" else "",
-        "waiting_for": {"kind": kind, "on": on or [], "since_s": since},
-    }
+    return ActorStatus(
+        role=role,
+        rank=int(rank),
+        pid=100 + int(rank),
+        alive=alive,
+        process_state="alive, sleeping" if alive else "dead",
+        state=state,
+        epoch=3,
+        aux=0,
+        heartbeat_age_s=hb,
+        error="boom" if state == "FAILED" else "",
+        waiting_for=Wait(kind, on, since),
+    )
+
+
+def _status(*actors: ActorStatus, controller: Wait = NO_WAIT) -> InstanceStatus:
+    return InstanceStatus(
+        instance="x",
+        run_id="r",
+        config={},
+        command=CommandStatus("NONE", 0, 0),
+        step=StepStatus(True, ()),
+        weight_version=1,
+        cleared=(),
+        launcher=_actor("launcher r-1"),
+        controller_waiting_for=controller,
+        actors=actors,
+    )
 
 
 def test_problems_from_the_wait_for_graph() -> None:
     """The pure part: dead, FAILED, stale heartbeat, a long wait with its chain, and a cycle are each named."""
     from mpkv.top import problems
 
-    calm = {"actors": [_actor("worker r0"), _actor("transfer r0")], "controller_waiting_for": {"kind": "NONE"}}
-    assert problems(calm) == []
-    stuck = {
-        "controller_waiting_for": {"kind": "ACKS", "on": ["transfer r1"], "since_s": 12.3},
-        "actors": [
-            _actor("transfer r1", kind="PEERS", on=["worker r1"], since=12.0),
-            _actor("worker r1", alive=False),
-            _actor("messager r0", state="FAILED"),
-            _actor("worker r0", hb=9.0),
-        ],
-    }
-    got = {(p["kind"], p["actor"]): p["message"] for p in problems(stuck)}
+    assert problems(_status(_actor("worker r0"), _actor("transfer r0"))) == ()
+    stuck = _status(
+        _actor("transfer r1", kind="PEERS", on=("worker r1",), since=12.0),
+        _actor("worker r1", alive=False),
+        _actor("messager r0", state="FAILED"),
+        _actor("worker r0", hb=9.0),
+        controller=Wait("ACKS", ("transfer r1",), 12.3),
+    )
+    got = {(p.kind, p.actor): p.message for p in problems(stuck)}
     assert "dead" in got[("dead", "worker r1")]
     assert "FAILED: boom" in got[("failed", "messager r0")]
     assert "hung or stopped" in got[("stale_heartbeat", "worker r0")]
     assert got[("long_wait", "controller")] == (
-        "controller waits for transfer r1 since 12.3 s; transfer r1 waits for worker r1 since 12.0 s; "
-        "worker r1 (pid 101) is dead, last READY@3"
+        "controller waits for transfer r1 since 12.3 s; transfer r1 (pid 101 (alive, sleeping); READY@3) waits for "
+        "worker r1 since 12.0 s; worker r1 (pid 101) is dead, last READY@3"
     )
-    cyclic = {
-        "actors": [
-            _actor("worker r0", kind="PEERS", on=["transfer r0"], since=7.0),
-            _actor("transfer r0", kind="PEERS", on=["worker r0"], since=7.0),
-        ]
-    }
-    kinds = {p["kind"] for p in problems(cyclic)}
+    cyclic = _status(
+        _actor("worker r0", kind="PEERS", on=("transfer r0",), since=7.0),
+        _actor("transfer r0", kind="PEERS", on=("worker r0",), since=7.0),
+    )
+    kinds = {p.kind for p in problems(cyclic)}
     assert kinds == {"cycle"}, problems(cyclic)
 
 
