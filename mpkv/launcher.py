@@ -25,11 +25,13 @@ from loguru import logger
 from mpkv import naming
 from mpkv.actors.entry import actor_main, set_process_title
 from mpkv.config import CacheConfig
-from mpkv.errors import LaunchError, MpkvError, UnsafeDir  # noqa: F401 (re-exported)
+from mpkv.errors import LaunchError, MpkvError, PeerDied, UnsafeDir, WaitTimeout  # noqa: F401 (re-exported)
 from mpkv.instance import CONTROL_COMMAND, Instance, launcher_slot
 from mpkv.protocol import ROLES, ActorState, Cmd, Role, actor_name, actor_slot
 from mpkv.shm.cleanup import cleanup
+from mpkv.shm.proc import ProcId
 from mpkv.shm.signals import SignalWriter, TornSlot
+from mpkv.shm.waiting import Peer, WakeSet, wait_until
 
 S = ActorState
 GRACE_S = 5.0
@@ -180,9 +182,15 @@ class Launcher:
         self._stop_signal = signum
 
     def _wait_ready(self, inst: Instance, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
+        """Until every actor is READY, through the one bounded wait: asleep on the pending actors' status words, so a
+        READY or FAILED is seen at once; an actor that exits, or a stop signal, within a liveness slice."""
         pending = dict(self.procs)
-        while pending:
+        procs = {k: ProcId.of(p.pid or 0) for k, p in pending.items()}
+
+        def step(slice_s: float, spin_s: float) -> bool:
+            wake = WakeSet()
+            index = {k: wake.add(inst.status.word(actor_slot(*k))) for k in pending}
+            wake.snapshot()  # before the slots are read: a write in between still ends the sleep below
             for (role, rank), p in list(pending.items()):
                 sig = inst.status.read(actor_slot(role, rank))
                 if sig.value == S.FAILED:
@@ -197,13 +205,23 @@ class Launcher:
                     )
             if self._stop_signal is not None:
                 raise LaunchError(f"interrupted by {signal.Signals(self._stop_signal).name} during start")
-            if time.monotonic() > deadline:
-                late = ", ".join(
-                    f"{actor_name(r, k)} (pid {p.pid}, {inst.status.read(actor_slot(r, k)).value.name})"
-                    for (r, k), p in pending.items()
-                )
-                raise LaunchError(f"not ready after {timeout_s:g} s: still waiting for {late}")
-            wait_sentinels([p.sentinel for p in pending.values()], timeout=0.02)
+            if pending and slice_s > 0:
+                wake.sleep(slice_s, [index[k] for k in pending])
+            return not pending
+
+        def peers() -> list[Peer]:
+            return [Peer(actor_name(*k), procs[k]) for k in pending]
+
+        try:
+            wait_until(step, what="for the actors to start", timeout_s=timeout_s, peers=peers)
+        except WaitTimeout:
+            late = ", ".join(
+                f"{actor_name(r, k)} (pid {p.pid}, {inst.status.read(actor_slot(r, k)).value.name})"
+                for (r, k), p in pending.items()
+            )
+            raise LaunchError(f"not ready after {timeout_s:g} s: still waiting for {late}") from None
+        except PeerDied as e:  # exited between a step and the liveness check, yet not reaped by it: said as it is
+            raise LaunchError(f"an actor died during start: {e}") from None
 
     def _supervise(self, inst: Instance, me: SignalWriter[ActorState]) -> int:
         shutdown_deadline: float | None = None

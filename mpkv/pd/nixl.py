@@ -66,20 +66,19 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from mpkv import naming
 from mpkv.config import CacheConfig
-from mpkv.errors import (
-    MpkvError,
-    NixlUnavailable,
-)
+from mpkv.errors import MpkvError, NixlUnavailable, WaitTimeout
 from mpkv.pd.leases import lease_check
 from mpkv.protocol import LeaseState
+from mpkv.shm.waiting import Peer, wait_until
 
 SLOTS = 256
 SENDERS = 4  # a receiver's staging is split into SENDERS regions of SLOTS // SENDERS slots, one per sender
@@ -110,6 +109,28 @@ def load_nixl() -> Any:
 
 def agent_name(instance: str, rank: int) -> str:
     return naming.nixl_agent(instance, rank)
+
+
+T = TypeVar("T")
+
+
+def poll_until(poll: Callable[[], T | None], *, what: str, pace_s: float, peer: Peer) -> T:
+    """``poll()`` until it returns something, within REPLY_TIMEOUT_S, through the one bounded wait (``wait_until``).
+    NIXL runs without a progress thread, so nothing here can wake a sleeper: each slice polls it, pacing the polls
+    by ``pace_s`` to yield the core (a poll's pace, not a synchronization)."""
+    got: list[T] = []
+
+    def step(slice_s: float, spin_s: float) -> bool:
+        end = time.monotonic() + slice_s
+        while (answer := poll()) is None:
+            if time.monotonic() >= end:
+                return False
+            time.sleep(pace_s)
+        got.append(answer)
+        return True
+
+    wait_until(step, what=what, timeout_s=REPLY_TIMEOUT_S, peers=lambda: [peer])
+    return got[0]
 
 
 def _agent(name: str, port: int) -> Any:
@@ -338,9 +359,12 @@ class NixlLink:
     def gone(self) -> str:
         return ""
 
+    def _receiver(self) -> Peer:
+        heard = f"last answered {time.monotonic() - self._heard:.1f} s ago" if self._heard else "never answered"
+        return Peer(f"NIXL agent {self.peer}", None, lambda: heard, absent=f"remote, at {self.host}:{self.port}")
+
     def _wait_notif(self, what: str, accept: Any) -> bytes:
-        deadline = time.monotonic() + REPLY_TIMEOUT_S
-        while time.monotonic() < deadline:
+        def answer() -> bytes | None:
             for msg in self.agent.get_new_notifs().get(self.peer, []):
                 if msg == b"bye" and self.remote is not None:  # it reclaimed our region: hello before writing
                     self._heard = 0.0
@@ -348,11 +372,15 @@ class NixlLink:
                 if accept(msg):
                     self._heard = time.monotonic()
                     return bytes(msg)
-            time.sleep(0.0002)  # polling NIXL (no progress thread): a bounded poll, not a synchronization
-        raise MpkvError(
-            f"no {what} from NIXL agent {self.peer} at {self.host}:{self.port} within {REPLY_TIMEOUT_S:g} s "
-            "(is the decode instance launched with --nixl-port, and alive?)"
-        )
+            return None
+
+        try:
+            return poll_until(answer, what=f"for the {what}", pace_s=0.0002, peer=self._receiver())
+        except WaitTimeout:
+            raise MpkvError(
+                f"no {what} from NIXL agent {self.peer} at {self.host}:{self.port} within {REPLY_TIMEOUT_S:g} s "
+                "(is the decode instance launched with --nixl-port, and alive?)"
+            ) from None
 
     def _hello(self) -> None:
         try:
@@ -367,11 +395,15 @@ class NixlLink:
     def _handshake(self) -> None:
         self.agent.fetch_remote_metadata(self.peer, self.host, self.port)
         self.agent.send_local_metadata(self.host, self.port)
-        deadline = time.monotonic() + REPLY_TIMEOUT_S
-        while not self.agent.check_remote_metadata(self.peer):
-            if time.monotonic() > deadline:
-                raise MpkvError(f"no metadata from NIXL agent {self.peer} at {self.host}:{self.port}")
-            time.sleep(0.001)
+        try:
+            poll_until(
+                lambda: self.agent.check_remote_metadata(self.peer) or None,
+                what="for its metadata",
+                pace_s=0.001,
+                peer=self._receiver(),
+            )
+        except WaitTimeout:
+            raise MpkvError(f"no metadata from NIXL agent {self.peer} at {self.host}:{self.port}") from None
         self.agent.send_notif(self.peer, b"hello")
         info = json.loads(self._wait_notif("answer to hello", lambda m: m.startswith(b"hi"))[2:])
         if "error" in info:
@@ -418,12 +450,17 @@ class NixlLink:
         remote = self.agent.get_xfer_descs([(self.remote["addr"], nbytes, 0)], "DRAM")
         handle = self.agent.initialize_xfer("WRITE", local, remote, self.peer, b"w" + json.dumps(header).encode())
         state = self.agent.transfer(handle)
-        deadline = time.monotonic() + REPLY_TIMEOUT_S
-        while state == "PROC" and time.monotonic() < deadline:
-            time.sleep(0.00005)  # pacing a bounded poll of NIXL (no progress thread), yielding the core
-            state = self.agent.check_xfer_state(handle)
-        if state == "PROC":  # still in flight: its handle is left to NIXL rather than released under it
-            raise MpkvError(f"NIXL write to {self.peer} still in flight after {REPLY_TIMEOUT_S:g} s")
+
+        def landed() -> str | None:
+            now = self.agent.check_xfer_state(handle)
+            return None if now == "PROC" else str(now)
+
+        try:
+            if state == "PROC":
+                what = f"for the write of layer {header.get('layer')} to land"
+                state = poll_until(landed, what=what, pace_s=0.00005, peer=self._receiver())
+        except WaitTimeout:  # still in flight: its handle is left to NIXL rather than released under it
+            raise MpkvError(f"NIXL write to {self.peer} still in flight after {REPLY_TIMEOUT_S:g} s") from None
         self.agent.release_xfer_handle(handle)
         if state != "DONE":
             raise MpkvError(f"NIXL write to {self.peer} ended in state {state}")

@@ -3,17 +3,24 @@
 ``wait_until`` is the one bounded wait: it sleeps in slices of at most ``LIVENESS_SLICE_S`` (in C, on a futex,
 GIL released); between slices it checks that the peers it depends on are alive, so a dead peer is noticed within
 a slice even long before the deadline. On expiry it raises ``WaitTimeout`` naming what it waited for and each
-peer's pid, state and last activity; on a dead peer it raises ``PeerDied`` the same way. Every blocking call in
-mpkv goes through it (signal waits, ring waits, barriers, the submission gate, a messager's layer wait, the
-launcher's ready wait, a NIXL link's replies), except these loops, each bounded in its own way:
+peer's pid, state and last activity; on a dead peer it raises ``PeerDied`` the same way. Every wait of one process
+for another goes through it: signal slots, rings (and so a client's completions), barriers, the submission gate,
+a messager's layer wait, the launcher's ready wait (mpkv.launcher ``_wait_ready``), a NIXL link's replies and
+transfers (mpkv.pd.nixl ``poll_until``: NIXL has no progress thread, so a slice polls it, paced), and a
+``mpkv.launched`` launcher's ready line and exit. These loops do not, each bounded in its own way:
 
-  - an actor's main loop (mpkv.actors.runtime ``Actor.run``): it never returns while the instance serves, so it
-    has no deadline of its own; each pass sleeps at most a heartbeat (``WakeSet.sleep``), and a wait for a peer
-    inside it ends after PEER_TIMEOUT_S with FAILED naming that peer (invariant I2), judged from the pass's
-    decision, not from one call;
-  - the launcher's supervision loop (mpkv.launcher ``_supervise``): it waits on its actors' process sentinels,
-    which wake it the moment one exits, for as long as the instance runs; a SHUTDOWN has its own grace period;
-  - a torn-slot read (``SignalArray._read_words``): a seqlock retry bounded by TORN_LIMIT_S, naming the writer.
+  - an actor's main loop (mpkv.actors.runtime ``Actor.run``): it runs for the instance's life, so it has no
+    deadline; each pass sleeps at most a heartbeat (``WakeSet.sleep``, woken by the command word, the peers it
+    waits for and its task ring), and waiting for a peer across passes ends after PEER_TIMEOUT_S in FAILED naming
+    that peer (invariant I2): the deadline spans passes, which one ``wait_until`` call cannot. A decode messager's
+    NIXL receiver is polled from this loop (``max_sleep_s``), for the same reason;
+  - the launcher's supervision (mpkv.launcher ``_supervise``): it runs for the instance's life too, asleep on its
+    actors' process sentinels (an exit wakes it at once); only a SHUTDOWN has a deadline (SHUTDOWN_GRACE_S).
+    Its teardown (``_stop_all``) joins its own children, each join bounded by GRACE_S before SIGKILL;
+  - reading a seqlocked slot or record (``SignalArray._read_words``, mpkv.shm.records ``read_sync_record``): a
+    retry while a write is under way, which takes well under a microsecond; a writer found dead is named at once,
+    a live one stuck there after TORN_LIMIT_S;
+  - mpkv-top's refresh (mpkv.top): it waits for a key or its interval, for a person, not for a peer.
 
 ``WakeSet`` is how a loop sleeps on many futex words at once (futex_waitv): the words come from their owners'
 public methods (``SignalArray.word``, ``RingReader.wake_word``), ``snapshot`` reads their values *before* the
@@ -49,9 +56,10 @@ class Peer:
     proc: ProcId | None
     detail: Callable[[], str] | None = None
     gone: Callable[[], str | None] | None = None  # a reason the peer left without dying (detached), or None
+    absent: str = "never attached"  # what to say of a peer with no local process (a remote agent: where it is)
 
     def describe(self) -> str:
-        who = self.proc.describe() if self.proc else "never attached"
+        who = self.proc.describe() if self.proc else self.absent
         extra = self.detail() if self.detail else ""
         return f"{self.role} [{who}{'; ' + extra if extra else ''}]"
 
