@@ -124,19 +124,24 @@ def test_a_put_while_asleep_wakes_the_reader_and_the_flag_is_lowered(registry: R
     """The writer wakes a reader only when it sees its sleeping flag: the child puts once the flag is up, and
     the sleep returns for the ring's word (or CHANGED when the put beat the futex call), then lowers the flag."""
     seg = create_ring(registry, "ring", 1 << 12)
+    sigs = create_signals(registry, "signals", 1)
+    arr = SignalArray(sigs.name, Phase)
     with RingReader(seg.name) as r:
         child = Child(put_once_reader_sleeps, seg.name, r.index, b"wake")
         wake = WakeSet()
-        wake.add(r.wake_word())
+        wake.add(arr.word(0))  # not slept on: the index sleep reports is the WakeSet's, not the sleep's own list's
+        ring = wake.add(r.wake_word())
         wake.snapshot()
-        rc = wake.sleep(HANG_S)
+        rc = wake.sleep(HANG_S, among=[ring])
         child.result(timeout_s=60)
-        assert rc in (0, CHANGED), f"the put did not wake the sleeping reader (sleep returned {rc})"
+        assert rc in (ring, CHANGED), f"the put did not wake the sleeping reader (sleep returned {rc})"
         assert not r.sleeping, "the reader's sleeping flag was left raised after the sleep"
         assert r.try_get() == b"wake"
         wake.snapshot()  # nothing more will come: this sleep can only time out, and lowers the flag all the same
-        assert wake.sleep(0.01) in (TIMED_OUT, 0)
+        assert wake.sleep(0.01, among=[ring]) in (TIMED_OUT, ring)
         assert not r.sleeping, "the reader's sleeping flag was left raised after a sleep that timed out"
+    arr.close()
+    registry.release(sigs)
     registry.release(seg)
 
 
