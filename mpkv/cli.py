@@ -11,9 +11,9 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from mpkv.config import CacheConfig
-from mpkv.errors import MpkvError
-from mpkv.protocol import MAX_WEIGHT_VERSION
+from mpkv.config import DTYPE_BYTES, FIELDS, CacheConfig, check_value, valid_range
+from mpkv.errors import BadName, MpkvError
+from mpkv.naming import check_instance
 
 
 class UsageError(MpkvError, ValueError):
@@ -32,49 +32,59 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every usage error is one line on stderr (exit 2), as every other error of the command is."""
+    """Every usage error is one line on stderr, ``mpkv: [subcommand: ]what (see ... --help)``, exit 2: as every
+    other error of the command is one ``mpkv: ...`` line."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+        sub = self.prog.partition(" ")[2]  # "mpkv launch" -> "launch"
+        self.exit(2, f"mpkv: {sub + ': ' if sub else ''}{message} (see {self.prog} --help)\n")
 
 
-# Flag types: argparse turns their ValueError into "argument --x: invalid <name> value: '...'".
+# Flag types: argparse says "argument --x: " and the ArgumentTypeError's text, "must be <range>, got '<text>'".
+def config_flag(field: str) -> Callable[[str], int]:
+    """The type of an integer flag that sets a CacheConfig field: checked against the field's own range
+    (mpkv.config), so that the flag and the config file accept the same values and say the same range."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+            check_value(field, value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {valid_range(field)}, got {text!r}") from None
+        return value
+
+    return convert
+
+
 def positive_int(text: str) -> int:
-    v = int(text)
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
     if v <= 0:
-        raise ValueError(text)
-    return v
-
-
-def weight_version(text: str) -> int:
-    v = int(text)
-    if not 0 <= v <= MAX_WEIGHT_VERSION:
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
     return v
 
 
 def seconds(text: str) -> float:
-    v = float(text)
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
     if not 0 < v < math.inf:  # also refuses nan: every wait is bounded, and a deadline in the past is a typo
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
     return v
 
 
-def port(text: str) -> int:
-    v = int(text)
-    if not 0 <= v <= 65535:
-        raise ValueError(text)
-    return v
-
-
-positive_int.__name__ = "positive integer"
-weight_version.__name__ = f"weight version (0..{MAX_WEIGHT_VERSION})"
-seconds.__name__ = "positive number of seconds"
-port.__name__ = "port (0: off, else 1024..65535)"
+def instance_name(text: str) -> str:
+    try:
+        return check_instance(text)
+    except BadName as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _cleanup(args: argparse.Namespace) -> int:
@@ -100,18 +110,32 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from mpkv.launcher import Launcher
-
     try:
-        base = _config_file(args.config) if args.config else CacheConfig()
-        overrides = {k: v for k, v in vars(args).items() if k in base.__dataclass_fields__ and v is not None}
-        cfg = CacheConfig(**(base.__dict__ | overrides))
+        cfg = _launch_config(args)
     except ValueError as e:
         raise UsageError(f"launch {args.name}: {e}") from None
+    from mpkv.launcher import Launcher  # after the checks: a usage error is said at once, before torch is imported
     return Launcher(args.name, cfg, say=lambda line: print(line, flush=True)).run()
 
 
-def _config_file(path: str) -> CacheConfig:
+FLAG_OF = {"pd_role": "--role"}  # the launch flags not spelled as their field
+
+
+def _launch_config(args: argparse.Namespace) -> CacheConfig:
+    """The config file's fields, overridden by the flags given. A bad value is named as the user wrote it: the
+    flag, or the file's field (one the flags did not override)."""
+    from_file = _config_file(args.config) if args.config else {}
+    flags = {f: v for f, v in vars(args).items() if f in FIELDS and v is not None}
+
+    def label(field: str) -> str:
+        if field in from_file and field not in flags:
+            return f"{field!r} in {args.config}"
+        return FLAG_OF.get(field, "--" + field.replace("_", "-"))
+
+    return CacheConfig.from_fields(from_file | flags, label)
+
+
+def _config_file(path: str) -> dict[str, Any]:
     try:
         with open(path) as f:
             text = f.read()
@@ -123,7 +147,7 @@ def _config_file(path: str) -> CacheConfig:
         raise ValueError(f"the config file {path} is not JSON: {e}") from None
     if not isinstance(fields, dict):
         raise ValueError(f"the config file {path} must hold a JSON object of CacheConfig fields")
-    return CacheConfig.from_json(text)
+    return fields
 
 
 def _ctl(args: argparse.Namespace) -> int:
@@ -210,28 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
         "cleanup", help="remove the shared-memory names and log directories of instances whose processes are all dead"
     )
     c.add_argument("--dry-run", action="store_true", help="only print what would be removed")
-    c.add_argument("--name", help="only this instance (default: every dead instance of this user)")
+    c.add_argument("--name", type=instance_name, help="only this instance (default: every dead instance of this user)")
     c.set_defaults(func=_cleanup)
 
     lp = sub.add_parser("launch", help="start an instance; prints one line when ready; runs until stopped")
-    lp.add_argument("--name", required=True, help="the instance name (required; no default)")
-    lp.add_argument("--tp", type=positive_int, help=_from_config("tp"))
+    lp.add_argument("--name", type=instance_name, required=True, help="the instance name (required; no default)")
+    lp.add_argument("--tp", type=config_flag("tp"), help=_from_config("tp"))
     lp.add_argument("--backend", choices=["cpu", "cuda"], help=_from_config("backend"))
     lp.add_argument("--config", help="a JSON file of CacheConfig fields; flags override it (default: none)")
-    for flag, typ in (
-        ("layers", positive_int),
-        ("kv-heads", positive_int),
-        ("head-dim", positive_int),
-        ("block-size", positive_int),
-        ("dtype", str),
-        ("device-blocks", positive_int),
-        ("host-blocks", positive_int),
-        ("weight-version", weight_version),
-        ("hidden", positive_int),
-        ("vocab", positive_int),
-        ("nixl-port", port),
-    ):
-        lp.add_argument(f"--{flag}", type=typ, dest=flag.replace("-", "_"), help=_from_config(flag.replace("-", "_")))
+    for field in ("layers", "kv_heads", "head_dim", "block_size", "device_blocks", "host_blocks", "weight_version"):
+        lp.add_argument(f"--{field.replace('_', '-')}", type=config_flag(field), dest=field, help=_from_config(field))
+    lp.add_argument("--dtype", choices=list(DTYPE_BYTES), help=_from_config("dtype"))
+    for field in ("hidden", "vocab", "nixl_port"):
+        lp.add_argument(f"--{field.replace('_', '-')}", type=config_flag(field), dest=field, help=_from_config(field))
     lp.add_argument("--pool-owner", choices=["worker", "transfer"], dest="pool_owner", help=_from_config("pool_owner"))
     lp.add_argument(
         "--role",
@@ -242,11 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     lp.set_defaults(func=_launch)
 
     cp = sub.add_parser("ctl", help="control a running instance (the RL transaction)")
-    cp.add_argument("name", help="the instance")
+    cp.add_argument("name", type=instance_name, help="the instance")
     cp.add_argument("action", choices=["status", "pause", "resume", "clear", "restore", "shutdown"])
     cp.add_argument("--timeout", type=seconds, default=60.0, help="seconds to wait for every actor")
     cp.add_argument("--json", action="store_true", help="print the result as JSON")
-    cp.add_argument("--weight-version", type=weight_version, help="restore: the new weight version (default: same)")
+    cp.add_argument(
+        "--weight-version", type=config_flag("weight_version"), help="restore: the new weight version (default: same)"
+    )
     tier = cp.add_mutually_exclusive_group()
     tier.add_argument("--device-only", action="store_true", help="clear: only the device tier")
     tier.add_argument("--host-only", action="store_true", help="clear: only the host tier")
@@ -301,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
+    except UsageError as e:  # a flag or config value refused before anything was started: a usage error, 2
+        print(f"mpkv: {e}", file=sys.stderr)
+        return 2
     except MpkvError as e:
         print(f"mpkv: {e}", file=sys.stderr)
         return 1

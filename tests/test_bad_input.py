@@ -6,7 +6,13 @@ The fuzz is derandomized (hypothesis replays the same examples every run); a fai
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
+import pathlib
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,10 +23,22 @@ from instances import Launched, prefill_and_verify
 from mpkv import cli
 from mpkv.blocks import BadBlocks, BadRequest, BadTask
 from mpkv.client import Client, TaskFailed, Ticket
+from mpkv.config import CacheConfig
 from mpkv.controller import Controller
 from mpkv.errors import MpkvError
 from mpkv.instance import CONTROL_COMMAND
-from mpkv.protocol import MAX_WEIGHT_VERSION, ROLES, ActorState, Prefill, Role, SwapIn, SwapOut, actor_slot
+from mpkv.protocol import (
+    MAX_WEIGHT_VERSION,
+    ROLES,
+    ActorState,
+    PdRole,
+    PoolOwner,
+    Prefill,
+    Role,
+    SwapIn,
+    SwapOut,
+    actor_slot,
+)
 
 CLEAR = (MpkvError, ValueError, TypeError)  # what a bad argument may raise: a diagnosis, nothing else
 FUZZ = settings(
@@ -254,6 +272,57 @@ def test_bad_cli_arguments_are_refused_in_one_line_before_anything_is_written(in
 
 def test_launch_refuses_a_negative_weight_version(instance: str) -> None:
     code, err = _run_cli(["launch", "--name", instance, "--weight-version", "-5"])
-    assert code == 2 and "invalid weight version" in err, err
+    assert code == 2 and f"--weight-version: must be an integer in 0..{MAX_WEIGHT_VERSION}, got '-5'" in err, err
     code, err = _run_cli(["ctl", instance, "pause", "--timeout", "-1"])
-    assert code == 2 and "invalid positive number of seconds value: '-1'" in err, err
+    assert code == 2 and "--timeout: must be a number of seconds > 0, got '-1'" in err, err
+
+
+# -- the config file: validated by msgspec against CacheConfig's own fields and ranges -----------------------------
+MAX_WV = MAX_WEIGHT_VERSION
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"tp": 1, "kv_head": 4}, "unknown field 'kv_head' in {path}; the fields are layers, kv_heads, head_dim,"),
+        ({"layers": 2, "tp": "2"}, "'tp' in {path} must be an integer >= 1, got '2'"),
+        ({"block_size": 8.0}, "'block_size' in {path} must be an integer >= 1, got 8.0"),
+        (
+            {"weight_version": True},
+            f"'weight_version' in {{path}} must be an integer in 0..{MAX_WEIGHT_VERSION}, got True",
+        ),
+        ({"dtype": "float64"}, "'dtype' in {path} must be one of float16, bfloat16, float32, got 'float64'"),
+        ({"pool_owner": 1}, "'pool_owner' in {path} must be one of worker, transfer, got 1"),
+        ({"nixl_port": 80}, "'nixl_port' in {path} must be 0 (off) or a port in 1024..65534, got 80"),
+    ],
+    ids=["unknown", "mistyped", "float", "bool", "dtype", "pool_owner", "nixl_port"],
+)
+def test_a_bad_config_file_is_refused_in_one_line_naming_the_field(
+    instance: str, tmp_path: pathlib.Path, fields: dict[str, object], says: str
+) -> None:
+    """`mpkv launch --config FILE` (the real command): an unknown, mistyped or out-of-range field is one line that
+    names it, with the valid range; a usage error (exit 2), and nothing is started."""
+    path = tmp_path / "mpkv.json"
+    path.write_text(json.dumps(fields))
+    args = [sys.executable, "-m", "mpkv.cli", "launch", "--name", instance, "--config", str(path)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout) == (2, ""), (out.returncode, out.stdout, out.stderr)
+    assert out.stderr.startswith(f"mpkv: launch {instance}: config: {says.format(path=path)}"), out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+
+
+def test_cache_config_keeps_its_python_api_and_checks_every_way_in() -> None:
+    """The same rules for the constructor, from_json and dataclasses.replace; the JSON form round-trips."""
+    cfg = CacheConfig(tp=2, pd_role="decode", pool_owner=PoolOwner.TRANSFER)  # type: ignore[arg-type]
+    assert (cfg.pd_role, cfg.pool_owner, cfg.heads_per_rank) == (PdRole.DECODE, PoolOwner.TRANSFER, 2)
+    assert CacheConfig.from_json(cfg.to_json()) == cfg
+    for make, says in (
+        (lambda: CacheConfig(tp=0), "config: tp must be an integer >= 1, got 0"),
+        (lambda: CacheConfig(layers=True), "config: layers must be an integer >= 1, got True"),
+        (lambda: dataclasses.replace(cfg, tp=3), "config: kv_heads (4) must be divisible by tp (3)"),
+        (lambda: CacheConfig.from_json('{"tp": 2, "colour": 1}'), "config: unknown field colour; the fields are"),
+        (lambda: CacheConfig.from_json('{"tp": [2]}'), "config: tp must be an integer >= 1, got [2]"),
+        (lambda: CacheConfig.from_json("[1]"), "config: expected a JSON object of CacheConfig fields, got list"),
+    ):
+        with pytest.raises(ValueError, match=f"^{re.escape(says)}"):
+            make()

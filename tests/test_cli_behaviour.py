@@ -27,11 +27,6 @@ def run(args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=DEADLINE_S, **kw)  # type: ignore[call-overload]
 
 
-def actor_pids(ready_line: str) -> dict[str, int]:
-    """``worker:r0=123 transfer:r0=124 ...`` from the launcher's ready line."""
-    return {m[1]: int(m[2]) for m in re.finditer(r"(\w+:r\d+)=(\d+)", ready_line)}
-
-
 def wait_exited(pid: int) -> None:
     """Bounded: a pidfd becomes readable once the process has exited (a zombie counts)."""
     fd = os.pidfd_open(pid)
@@ -46,6 +41,40 @@ def test_version_prints_the_installed_version() -> None:
     out = run([*MPKV, "--version"])
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"mpkv {version('mpkv')}\n"
+
+
+# (argv with {i} for the instance, exit code, what stderr's one line starts with)
+ERRORS = [
+    (["launch", "--name", "{i}", "--tp", "0"], 2, "mpkv: launch: argument --tp: must be an integer >= 1, got '0'"),
+    (["launch", "--name", "{i}", "--tp", "1", "--colour", "red"], 2, "mpkv: unrecognized arguments: --colour red"),
+    (["ctl", "{i}"], 2, "mpkv: ctl: the following arguments are required: action"),
+    (
+        ["launch", "--name", "{i}", "--role", "middle"],
+        2,
+        "mpkv: launch: argument --role: invalid choice: 'middle' (choose from 'mixed', 'prefill', 'decode')",
+    ),
+    (
+        ["launch", "--name", "{i}", "--kv-heads", "3", "--tp", "2"],
+        2,
+        "mpkv: launch {i}: config: --kv-heads (3) must be divisible by --tp (2)",
+    ),
+    (
+        ["launch", "--name", "{i}", "--nixl-port", "80"],
+        2,
+        "mpkv: launch {i}: config: --nixl-port must be 0 (off) or a port in 1024..65534, got 80",
+    ),
+    (["launch", "--name", "{i}/x"], 2, "mpkv: launch: argument --name: instance name '{i}/x' is not valid"),
+    # Not a usage error: the command is well formed, the instance is just not running (as `kill` of a gone pid): 1.
+    (["ctl", "{i}", "status"], 1, "mpkv: instance '{i}' is not running here"),
+]
+
+
+@pytest.mark.parametrize(("argv", "code", "says"), ERRORS, ids=[" ".join(argv) for argv, _, _ in ERRORS])
+def test_errors_are_one_mpkv_line_and_usage_errors_exit_2(instance: str, argv: list[str], code: int, says: str) -> None:
+    out = run([*MPKV, *(a.format(i=instance) for a in argv)])
+    assert (out.returncode, out.stdout) == (code, ""), (out.returncode, out.stdout, out.stderr)
+    assert out.stderr.startswith(says.format(i=instance)), out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
 
 
 def _option_entries(help_text: str) -> dict[str, str]:
@@ -80,7 +109,7 @@ def test_every_flag_help_shows_its_default(command: list[str] | str) -> None:
 
 def test_ctl_status_exits_1_when_an_actor_is_dead(instance: str) -> None:
     with Launched(instance, tp=1) as inst:
-        pids = actor_pids(inst.lines[-1])
+        pids = inst.pids
         healthy = run([*MPKV, "ctl", instance, "status"])
         assert healthy.returncode == 0 and healthy.stderr == "", healthy.stderr
         # The launcher, stopped, cannot tear the instance down yet: the dead actor stays in the status.
@@ -151,7 +180,7 @@ def _proc(pid: int, what: str) -> str:
 
 def test_processes_carry_full_titles(instance: str) -> None:
     with Launched(instance, tp=1) as inst:
-        pids = actor_pids(inst.lines[-1])
+        pids = inst.pids
         assert set(pids) == {"worker:r0", "transfer:r0", "messager:r0"}, inst.lines
         for who, pid in pids.items():
             title = f"mpkv::{who} {instance}"
