@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from mpkv import logs
 from mpkv.config import DTYPE_BYTES, FIELDS, CacheConfig, check_value, valid_range
 from mpkv.errors import BadName, MpkvError
 from mpkv.naming import check_instance
@@ -110,11 +111,15 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
+    if args.log_level:  # the actors inherit the environment: one level for the launcher and every actor
+        os.environ[logs.LEVEL_ENV] = args.log_level
     try:
+        logs.level()
         cfg = _launch_config(args)
     except ValueError as e:
         raise UsageError(f"launch {args.name}: {e}") from None
     from mpkv.launcher import Launcher  # after the checks: a usage error is said at once, before torch is imported
+
     return Launcher(args.name, cfg, say=lambda line: print(line, flush=True)).run()
 
 
@@ -253,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["mixed", "prefill", "decode"],
         dest="pd_role",
         help="PD disaggregation: a prefill instance ships KV into a decode instance's pool " + _from_config("pd_role"),
+    )
+    lp.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=logs.LEVELS,
+        help="what the launcher and its actors log to stderr; the actors' log files record INFO too "
+        f"(default: ${logs.LEVEL_ENV}, else {logs.DEFAULT_LEVEL})",
     )
     lp.set_defaults(func=_launch)
 

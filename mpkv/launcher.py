@@ -22,7 +22,7 @@ from multiprocessing.process import BaseProcess
 
 from loguru import logger
 
-from mpkv import naming
+from mpkv import logs, naming
 from mpkv.actors.entry import actor_main, set_process_title
 from mpkv.config import CacheConfig
 from mpkv.errors import LaunchError, MpkvError, PeerDied, UnsafeDir, WaitTimeout  # noqa: F401 (re-exported)
@@ -99,6 +99,8 @@ class Launcher:
         self._stop_signal: int | None = None
 
     def run(self, ready_timeout_s: float = 120.0) -> int:
+        logs.setup("launcher")  # first: its lines, and those of the actors it starts, in the one format and level
+        logger.info("launching {} (pid {}), log level {}", self.name, os.getpid(), logs.level())
         set_process_title(naming.launcher_title(self.name))
         stale = cleanup(instance=self.name)
         if stale.removed:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from instances import SMALL, Launched
 
+from mpkv.logs import LEVELS
 from mpkv.naming import list_names
 
 DEADLINE_S = 60.0
@@ -149,13 +150,39 @@ def test_a_reader_that_leaves_ends_the_output_quietly(instance: str) -> None:
             assert first == "{" and codes in ("codes 0 0", "codes 141 0"), (cmd, piped.stdout)
 
 
-def test_ctrl_c_after_ready_tears_down_quietly_and_exits_130(instance: str) -> None:
-    # Ctrl-C at a terminal signals the whole foreground process group: the launcher, its forkserver and actors.
-    # The launcher leads a group of its own here, so that the test can signal all of it as a terminal would.
-    args = [*MPKV, "launch", "--name", instance, "--tp", "1"]
+def _launch_args(instance: str, *extra: str) -> list[str]:
+    args = [*MPKV, "launch", "--name", instance, "--tp", "1", *extra]
     for k, v in SMALL.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return args
+
+
+# mpkv.logs' one format: time, process (the launcher or an actor), level, message.
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d\.\d{3} (launcher|(worker|transfer|messager):r0) (?P<level>[A-Z]+) \S")
+ACTORS = ("worker", "transfer", "messager")
+
+
+def _not_in_the_format(text: str) -> list[str]:
+    return [line for line in text.splitlines() if not LOG_LINE.match(line)]
+
+
+def _levels(text: str) -> set[str]:
+    return {m["level"] for m in map(LOG_LINE.match, text.splitlines()) if m}
+
+
+def test_ctrl_c_after_ready_tears_down_quietly_and_exits_130(instance: str, tmp_path: Path) -> None:
+    # Ctrl-C at a terminal signals the whole foreground process group: the launcher, its forkserver and actors.
+    # The launcher leads a group of its own here, so that the test can signal all of it as a terminal would.
+    # The log level is the default (WARNING): nothing below it on stderr, the log files record INFO still.
+    env = {k: v for k, v in os.environ.items() if k != "MPKV_LOG_LEVEL"} | {"MPKV_LOG_DIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        _launch_args(instance),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=env,
+    )
     try:
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], DEADLINE_S)
@@ -171,6 +198,43 @@ def test_ctrl_c_after_ready_tears_down_quietly_and_exits_130(instance: str) -> N
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert proc.returncode == 130, (proc.returncode, err)
     assert not [n for n in list_names() if instance in n], "names left behind after Ctrl-C"
+    assert not _not_in_the_format(err) and not _levels(err) & {"TRACE", "DEBUG", "INFO", "SUCCESS"}, err
+    for role in ACTORS:
+        text = (tmp_path / instance / f"{role}.r0.log").read_text()
+        assert f"{role}:r0 INFO started: pid " in text and not _not_in_the_format(text), text
+
+
+def test_log_level_info_shows_the_launcher_and_its_actors_in_one_format(instance: str, tmp_path: Path) -> None:
+    bad = run(_launch_args(instance), env=os.environ | {"MPKV_LOG_LEVEL": "loud"})
+    assert (bad.returncode, bad.stderr) == (
+        2,
+        f"mpkv: launch {instance}: MPKV_LOG_LEVEL='loud' is not a log level: use one of {', '.join(LEVELS)}\n",
+    )
+    env = os.environ | {"MPKV_LOG_DIR": str(tmp_path / "logs"), "MPKV_LOG_LEVEL": "ERROR"}  # the flag wins
+    with open(tmp_path / "stderr", "w+") as stderr:
+        proc = subprocess.Popen(
+            _launch_args(instance, "--log-level", "info"), stdout=subprocess.PIPE, stderr=stderr, text=True, env=env
+        )
+        try:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], DEADLINE_S)
+            line = proc.stdout.readline() if ready else ""
+            assert " ready (" in line, (line, proc.poll())
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=DEADLINE_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=DEADLINE_S)
+        stderr.seek(0)
+        err = stderr.read()
+    assert proc.returncode == 0, (proc.returncode, err)
+    assert not _not_in_the_format(err) and "INFO" in _levels(err), err
+    assert f"launcher INFO launching {instance} (pid {proc.pid}), log level INFO" in err, err
+    for role in ACTORS:
+        assert f"{role}:r0 INFO started: pid " in err, err  # the actors inherit the level: their INFO on stderr
+        text = (tmp_path / "logs" / instance / f"{role}.r0.log").read_text()
+        assert f"{role}:r0 INFO started: pid " in text and not _not_in_the_format(text), text
 
 
 def _proc(pid: int, what: str) -> str:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from mpkv import naming
+from mpkv import logs, naming
 from mpkv.errors import MpkvError
 from mpkv.protocol import ActorState, Role, actor_name, actor_slot
 
@@ -130,16 +130,15 @@ def actor_main(role: Role, instance: str, rank: int) -> None:
     set_process_title(naming.actor_title(role.name.lower(), rank, instance))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(1)
-    logger.remove()
-    fmt = "{time:HH:mm:ss.SSS} " + f"{role.name.lower()}:r{rank} " + "{level} {message}"
-    logger.add(sys.stderr, level=os.environ.get("MPKV_LOG_LEVEL", "WARNING"), format=fmt)
+    who = f"{role.name.lower()}:r{rank}"
+    logs.setup(who)  # the launcher checked MPKV_LOG_LEVEL before it started us
     inst = Instance.attach(instance)
     actor: Actor | None = None
     code, state, text = 0, S.STOPPED, ""
     try:
         if inst.cfg.log_dir:  # one file per actor, each line with its role and rank; shown by mpkv-top, ctl status
             path = naming.actor_log(inst.cfg.log_dir, role.name.lower(), rank)
-            logger.add(path, level="INFO", format=fmt, rotation="10 MB", opener=private_log_opener)
+            logs.add_file(path, who, opener=private_log_opener)
         logger.info("started: pid {}, instance {} run {}", os.getpid(), instance, inst.registry.run_id)
         fault_point(role, rank, "start")
         actor = role_cls(inst, rank)
