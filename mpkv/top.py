@@ -32,7 +32,7 @@ from mpkv.cli import DefaultsHelpFormatter, quiet_on_broken_pipe
 from mpkv.errors import AttachError, MpkvError
 from mpkv.instance import MAX_LEASES, MAX_LINKS, Instance
 from mpkv.layout import SegmentKind
-from mpkv.protocol import HostTier, LeaseState, PdRole, Role
+from mpkv.protocol import HostTier, LeaseState, PdRole
 from mpkv.report import (
     SCHEMA,
     ActorStatus,
@@ -70,16 +70,7 @@ def instance_names() -> list[str]:
 def _ring_depths(inst: Instance) -> tuple[Queue, ...]:
     """Unread bytes per reader of every task and completion ring (positions only: loads, nothing else)."""
     out = []
-    prefill = inst.cfg.pd_role == PdRole.PREFILL
-    rings: list[tuple[str, list[str]]] = []
-    for role in (Role.WORKER, Role.TRANSFER):
-        readers = [f"{role.name.lower()} r{r}" for r in range(inst.cfg.tp)]
-        if prefill and role == Role.WORKER:
-            readers += [f"messager r{r}" for r in range(inst.cfg.tp)]
-        rings.append((f"tasks.{role.name.lower()}", readers))
-    for role in (Role.WORKER, Role.TRANSFER, *((Role.MESSAGER,) if prefill else ())):
-        for r in range(inst.cfg.tp):
-            rings.append((f"done.{role.name.lower()}.r{r}", ["client"]))
+    rings = [(o.obj, o.readers) for o in inst.topology.rings()]  # the shape from the one table
     for obj, readers in rings:
         seg = Segment.attach(inst.name_of(obj), SegmentKind.RING)
         try:
