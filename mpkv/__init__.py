@@ -1,7 +1,7 @@
 """mpkv: a multiprocess KV-cache runtime for LLM serving and RL rollouts.
 
-Public names only: ``Controller`` (the RL trainer's handle), ``Client`` (the engine's), and every error mpkv
-raises (all defined in ``mpkv.errors``).
+Public names only: ``Controller`` (the RL trainer's handle), ``Client`` (the engine's), ``launch`` (a whole
+instance in a child process, as a context manager), and every error mpkv raises (all defined in ``mpkv.errors``).
 The shared-memory core lives in ``mpkv.shm``; layouts in ``mpkv.layout``; names in ``mpkv.naming``.
 """
 
@@ -21,6 +21,7 @@ from mpkv.errors import (  # noqa: E402
     BadTicket,
     CommandRefused,
     InstanceNotServing,
+    KVMismatch,
     LaunchError,
     LeaseError,
     LinkError,
@@ -38,6 +39,7 @@ from mpkv.errors import (  # noqa: E402
     UnsafeDir,
     WaitTimeout,
 )
+from mpkv.launched import LaunchedInstance, launch  # noqa: E402
 
 __all__ = [
     "AttachError",
@@ -50,7 +52,9 @@ __all__ = [
     "CommandRefused",
     "Controller",
     "InstanceNotServing",
+    "KVMismatch",
     "LaunchError",
+    "LaunchedInstance",
     "LeaseError",
     "LinkError",
     "MessageTooLarge",
@@ -66,5 +70,6 @@ __all__ = [
     "TransferFailed",
     "UnsafeDir",
     "WaitTimeout",
+    "launch",
 ]
 __version__ = "0.1.0"

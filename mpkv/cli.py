@@ -120,6 +120,13 @@ def _launch(args: argparse.Namespace) -> int:
         raise UsageError(f"launch {args.name}: {e}") from None
     from mpkv.launcher import Launcher  # after the checks: a usage error is said at once, before torch is imported
 
+    if args.json:  # stdout carries the ready record alone, for a program to parse; everything else is said on stderr
+        return Launcher(
+            args.name,
+            cfg,
+            say=lambda line: print(line, file=sys.stderr, flush=True),
+            on_ready=lambda record: print(json.dumps(record), flush=True),
+        ).run()
     return Launcher(args.name, cfg, say=lambda line: print(line, flush=True)).run()
 
 
@@ -258,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["mixed", "prefill", "decode"],
         dest="pd_role",
         help="PD disaggregation: a prefill instance ships KV into a decode instance's pool " + _from_config("pd_role"),
+    )
+    lp.add_argument(
+        "--json",
+        action="store_true",
+        help="print the ready line as one JSON object (instance, run, pids, log_dir, config) on stdout, and every "
+        "other message on stderr (default: prose on stdout)",
     )
     lp.add_argument(
         "--log-level",

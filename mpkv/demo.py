@@ -1,6 +1,6 @@
 """`mpkv demo`: the main job on the embedded default (cpu backend).
 
-Launches a prefill instance and a decode instance, TP=2 each (`mpkv launch --role ...` in child processes),
+Launches a prefill instance and a decode instance, TP=2 each (mpkv.launch: `mpkv launch` in child processes),
 then runs cycles of:
   - on the prefill instance: prefills of random lengths, a read-back of every request's KV from every rank
     compared byte for byte with the synthetic model's recomputation in this process, swaps out and back in to
@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -27,10 +25,10 @@ import numpy as np
 import torch
 
 from mpkv.client import Client, TaskFailed
-from mpkv.config import CacheConfig
 from mpkv.controller import Controller
-from mpkv.model import SyntheticModel
-from mpkv.shm.cleanup import cleanup
+from mpkv.launched import launch
+from mpkv.launcher import ready_line
+from mpkv.verify import verify_kv
 
 
 @dataclass
@@ -51,52 +49,14 @@ class Tally:
     errors: list[str] = field(default_factory=list)
 
 
-class Verifier:
-    """Recomputes the exact KV bytes each rank must hold, with the same plug-in code, in this process."""
-
-    def __init__(self, cfg: CacheConfig) -> None:
-        self.cfg = cfg
-        self._models: dict[tuple[int, int], SyntheticModel] = {}
-
-    def expected(self, rank: int, wv: int, tokens: np.ndarray) -> torch.Tensor:
-        m = self._models.get((rank, wv))
-        if m is None:
-            m = self._models[(rank, wv)] = SyntheticModel(self.cfg, rank)
-            m.load(wv)
-        return torch.stack([torch.stack(kv) for kv in m.layers_kv(tokens)])  # [L, 2, T, h, d]
-
-    def check(
-        self, client: Client, tokens: np.ndarray, blocks: np.ndarray, wv: int, what: str, host: bool = False
-    ) -> int:
-        cfg = self.cfg
-        dones = client.wait(client.read_blocks(blocks, host=host))
-        n = 0
-        for d in dones:
-            got = torch.frombuffer(bytearray(d.data), dtype=cfg.torch_dtype)
-            got = got.view(cfg.layers, 2, len(blocks) * cfg.block_size, cfg.heads_per_rank, cfg.head_dim)
-            want = self.expected(d.rank, wv, tokens)
-            got = got[:, :, : len(tokens)]
-            if d.weight_version != wv or not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
-                raise AssertionError(
-                    f"{what}: rank {d.rank} holds KV that differs from weight version {wv}'s recomputation"
-                )
-            n += got.numel() * got.element_size()
-        return n
+def checked_bytes(client: Client, tokens: np.ndarray, ids: np.ndarray, wv: int, what: str, host: bool = False) -> int:
+    """Check ``ids`` against the recomputation on every rank (mpkv.verify); the bytes of KV compared."""
+    cfg = client.cfg
+    ranks = verify_kv(client, tokens, ids, wv, host=host, what=what)
+    return ranks * cfg.layers * 2 * len(tokens) * cfg.heads_per_rank * cfg.head_dim * cfg.itemsize
 
 
-def _launch(name: str, tp: int, log: str, role: str) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "mpkv.cli", "launch", "--name", name, "--tp", str(tp), "--role", role]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "ready" not in line:
-        proc.wait(30)
-        raise RuntimeError(f"the instance did not start: {line.strip() or open(log).read()[-2000:]}")
-    print(line.strip())
-    return proc
-
-
-def ship(client: Client, decode: Client, verify: Verifier, rng: random.Random, n: int, wv: int, t: Tally) -> None:
+def ship(client: Client, decode: Client, rng: random.Random, n: int, wv: int, t: Tally) -> None:
     """Prefill -> decode: ``n`` requests of varied lengths, in batches of 1-4 fixed here, each batch sent only
     once its destination blocks are leased; every byte checked on the decode side, then the blocks given back."""
     cfg = client.cfg
@@ -116,7 +76,7 @@ def ship(client: Client, decode: Client, verify: Verifier, rng: random.Random, n
         t.transfer_ms.append((time.perf_counter() - t0) * 1e3)
         t.transfer_batches += 1
         for request, tokens, src, lease in batch:
-            t.verified_bytes += verify.check(decode, tokens, lease.blocks, wv, f"decode copy of {request}")
+            t.verified_bytes += checked_bytes(decode, tokens, lease.blocks, wv, f"decode copy of {request}")
             t.transferred_bytes += len(src) * cfg.block_bytes * cfg.tp
             decode.allocator.release(lease)
             free.extend(src.tolist())
@@ -126,108 +86,100 @@ def ship(client: Client, decode: Client, verify: Verifier, rng: random.Random, n
 
 def run(cycles: int, tp: int, requests_per_cycle: int, seed: int) -> Tally:
     name, dname = f"demo-{os.getpid()}-p", f"demo-{os.getpid()}-d"
-    log, dlog = f"/tmp/mpkv-{name}.log", f"/tmp/mpkv-{dname}.log"
-    decode_launcher = _launch(dname, tp, dlog, "decode")
-    try:
-        launcher = _launch(name, tp, log, "prefill")
-    except BaseException:
-        decode_launcher.terminate()
-        decode_launcher.wait(30)
-        cleanup(instance=dname)
-        raise
     t = Tally()
-    rng = random.Random(seed)
-    try:
-        client, ctl = Client(name), Controller(name)
-        decode, dctl = Client(dname), Controller(dname)
-        cfg = client.cfg
-        verify = Verifier(cfg)
-        free = list(range(cfg.device_blocks))
-        wv = ctl.weight_version
-        for cycle in range(1, cycles + 1):
-            t0 = time.perf_counter()
-            rng.shuffle(free)
-            live: list[tuple[np.ndarray, np.ndarray]] = []
-            for i in range(requests_per_cycle):
-                n_tokens = rng.randint(1, 12 * cfg.block_size)
-                need = -(-n_tokens // cfg.block_size)
-                if len(free) < need:
-                    break
-                blocks = np.array([free.pop() for _ in range(need)], dtype=np.int32)
-                tokens = np.array([rng.randrange(cfg.vocab) for _ in range(n_tokens)], dtype=np.int32)
-                client.wait(client.prefill(f"c{cycle}-r{i}", tokens, blocks))
-                t.prefills += 1
-                t.kv_bytes_written += need * cfg.block_bytes * tp
-                t.verified_bytes += verify.check(client, tokens, blocks, wv, f"prefill c{cycle}-r{i}")
-                live.append((tokens, blocks))
-            # Swap half of the requests out, reuse their device blocks elsewhere, swap them back in.
-            parked: list[tuple[np.ndarray, np.ndarray]] = []
-            for tokens, blocks in live[: len(live) // 2]:
-                dones = client.wait(client.swap_out(blocks))
-                slots = dones[0].slots
-                assert slots is not None, "a swap-out completion without its host slots"
-                assert all(np.array_equal(np.asarray(d.slots), slots) for d in dones), "ranks chose different slots"
-                t.verified_bytes += verify.check(client, tokens, slots, wv, "host copy", host=True)
-                parked.append((tokens, slots))
-                free.extend(blocks.tolist())
-                t.swapped_bytes += len(blocks) * cfg.block_bytes * tp
-            rng.shuffle(free)
-            stale: list[np.ndarray] = []
-            for tokens, slots in parked:
-                blocks = np.array([free.pop() for _ in range(len(slots))], dtype=np.int32)
-                client.wait(client.swap_in(slots, blocks, free_slots=False))
-                t.verified_bytes += verify.check(client, tokens, blocks, wv, "swapped-in copy")
-                t.swapped_bytes += len(blocks) * cfg.block_bytes * tp
-                free.extend(blocks.tolist())
-                stale.append(slots)
-            for _, blocks in live[len(live) // 2 :]:
-                free.extend(blocks.tolist())
-            ship(client, decode, verify, rng, 2 * requests_per_cycle, wv, t)
-            # The RL transaction on both instances: new weights; nothing of the old version may be served after.
-            for c in (ctl, dctl):
-                c.pause()
-                res = c.clear()
-                t.clear_ms.append(res.latency_s * 1e3)
-                t.released.append(sum(res.released_bytes.values()))
-            wv += 1
-            for c in (ctl, dctl):
-                res = c.restore(wv)
-                t.restore_ms.append(res.latency_s * 1e3)
-                c.resume()
-            for slots in stale:
-                try:
-                    client.wait(client.swap_in(slots, np.arange(len(slots), dtype=np.int32)))
-                    t.errors.append(f"cycle {cycle}: host KV of weight version {wv - 1} was served after restore")
-                except TaskFailed as e:
-                    assert "hold nothing" in str(e) or "weight version" in str(e), e
-                    t.stale_refusals += 1
-            t.cycle_ms.append((time.perf_counter() - t0) * 1e3)
-            print(
-                f"cycle {cycle:3}/{cycles}: {len(live)} prefills, {len(parked)} swapped out and in, "
-                f"{t.transfers} shipped to decode so far, clear "
-                f"{t.clear_ms[-1]:.1f} ms (released {t.released[-1] / 2**20:.1f} MiB), "
-                f"restore {t.restore_ms[-1]:.1f} ms, "
-                f"now weight version {wv}, {t.verified_bytes / 2**20:.1f} MiB verified so far",
-                flush=True,
-            )
-        client.close()
-        decode.close()
-        for c in (ctl, dctl):
-            c.shutdown()
-            c.close()
-        for proc, lg in ((launcher, log), (decode_launcher, dlog)):
-            if proc.wait(60) != 0:
-                t.errors.append(f"a launcher exited with {proc.returncode}; see {lg}")
-    except BaseException as e:
-        t.errors.append(f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        for proc, n in ((launcher, name), (decode_launcher, dname)):
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(30)
-            cleanup(instance=n)
+    with launch(dname, tp=tp, role="decode") as decode_inst, launch(name, tp=tp, role="prefill") as prefill_inst:
+        for inst in (decode_inst, prefill_inst):
+            print(ready_line(inst.ready))
+        try:
+            _cycles(name, dname, cycles, requests_per_cycle, random.Random(seed), t)
+            for inst in (prefill_inst, decode_inst):  # shut down by their controllers: each exits 0 on its own
+                code = inst.wait_exit()
+                if code != 0:
+                    t.errors.append(f"the launcher of {inst.name} exited with {code}; its actors' logs: {inst.log_dir}")
+        except BaseException as e:
+            t.errors.append(f"{type(e).__name__}: {e}")
+            raise
     return t
+
+
+def _cycles(name: str, dname: str, cycles: int, requests_per_cycle: int, rng: random.Random, t: Tally) -> None:
+    """The RL cycles on the prefill instance ``name`` and the decode instance ``dname``; then shuts both down."""
+    client, ctl = Client(name), Controller(name)
+    decode, dctl = Client(dname), Controller(dname)
+    cfg = client.cfg
+    free = list(range(cfg.device_blocks))
+    wv = ctl.weight_version
+    for cycle in range(1, cycles + 1):
+        t0 = time.perf_counter()
+        rng.shuffle(free)
+        live: list[tuple[np.ndarray, np.ndarray]] = []
+        for i in range(requests_per_cycle):
+            n_tokens = rng.randint(1, 12 * cfg.block_size)
+            need = -(-n_tokens // cfg.block_size)
+            if len(free) < need:
+                break
+            blocks = np.array([free.pop() for _ in range(need)], dtype=np.int32)
+            tokens = np.array([rng.randrange(cfg.vocab) for _ in range(n_tokens)], dtype=np.int32)
+            client.wait(client.prefill(f"c{cycle}-r{i}", tokens, blocks))
+            t.prefills += 1
+            t.kv_bytes_written += need * cfg.block_bytes * cfg.tp
+            t.verified_bytes += checked_bytes(client, tokens, blocks, wv, f"prefill c{cycle}-r{i}")
+            live.append((tokens, blocks))
+        # Swap half of the requests out, reuse their device blocks elsewhere, swap them back in.
+        parked: list[tuple[np.ndarray, np.ndarray]] = []
+        for tokens, blocks in live[: len(live) // 2]:
+            dones = client.wait(client.swap_out(blocks))
+            slots = dones[0].slots
+            assert slots is not None, "a swap-out completion without its host slots"
+            assert all(np.array_equal(np.asarray(d.slots), slots) for d in dones), "ranks chose different slots"
+            t.verified_bytes += checked_bytes(client, tokens, slots, wv, "host copy", host=True)
+            parked.append((tokens, slots))
+            free.extend(blocks.tolist())
+            t.swapped_bytes += len(blocks) * cfg.block_bytes * cfg.tp
+        rng.shuffle(free)
+        stale: list[np.ndarray] = []
+        for tokens, slots in parked:
+            blocks = np.array([free.pop() for _ in range(len(slots))], dtype=np.int32)
+            client.wait(client.swap_in(slots, blocks, free_slots=False))
+            t.verified_bytes += checked_bytes(client, tokens, blocks, wv, "swapped-in copy")
+            t.swapped_bytes += len(blocks) * cfg.block_bytes * cfg.tp
+            free.extend(blocks.tolist())
+            stale.append(slots)
+        for _, blocks in live[len(live) // 2 :]:
+            free.extend(blocks.tolist())
+        ship(client, decode, rng, 2 * requests_per_cycle, wv, t)
+        # The RL transaction on both instances: new weights; nothing of the old version may be served after.
+        for c in (ctl, dctl):
+            c.pause()
+            res = c.clear()
+            t.clear_ms.append(res.latency_s * 1e3)
+            t.released.append(sum(res.released_bytes.values()))
+        wv += 1
+        for c in (ctl, dctl):
+            res = c.restore(wv)
+            t.restore_ms.append(res.latency_s * 1e3)
+            c.resume()
+        for slots in stale:
+            try:
+                client.wait(client.swap_in(slots, np.arange(len(slots), dtype=np.int32)))
+                t.errors.append(f"cycle {cycle}: host KV of weight version {wv - 1} was served after restore")
+            except TaskFailed as e:
+                assert "hold nothing" in str(e) or "weight version" in str(e), e
+                t.stale_refusals += 1
+        t.cycle_ms.append((time.perf_counter() - t0) * 1e3)
+        print(
+            f"cycle {cycle:3}/{cycles}: {len(live)} prefills, {len(parked)} swapped out and in, "
+            f"{t.transfers} shipped to decode so far, clear "
+            f"{t.clear_ms[-1]:.1f} ms (released {t.released[-1] / 2**20:.1f} MiB), "
+            f"restore {t.restore_ms[-1]:.1f} ms, "
+            f"now weight version {wv}, {t.verified_bytes / 2**20:.1f} MiB verified so far",
+            flush=True,
+        )
+    client.close()
+    decode.close()
+    for c in (ctl, dctl):
+        c.shutdown()
+        c.close()
 
 
 def _pct(xs: list[float], q: float) -> float:

@@ -86,6 +86,11 @@ class LaunchError(MpkvError):
     """The instance could not start, or an actor died: the message names it."""
 
 
+class KVMismatch(MpkvError, AssertionError):
+    """KV read back from an instance differs from the model's recomputation: the message names the first rank,
+    block and layer that differ (mpkv.verify)."""
+
+
 class UnsafeDir(MpkvError):
     """A directory we would write into is not private to us; the message is "<path> <what is wrong>"."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import wait as wait_sentinels
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 from loguru import logger
 
@@ -84,6 +86,15 @@ def _start_forkserver_deaf_to_sigint() -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+def ready_line(r: dict[str, Any]) -> str:
+    """The ready record as the one line a person reads."""
+    pids = " ".join(f"{who}={pid}" for who, pid in r["actors"].items())
+    return (
+        f"mpkv: instance {r['instance']} ready ({r['role']}, tp={r['tp']}, backend={r['backend']}, "
+        f"pool owner={r['pool_owner']}, run {r['run']}, pid {r['pid']}; {pids})"
+    )
+
+
 def _exit_words(code: int | None) -> str:
     if code is None:
         return "still running"
@@ -93,8 +104,15 @@ def _exit_words(code: int | None) -> str:
 
 
 class Launcher:
-    def __init__(self, name: str, cfg: CacheConfig, say: Callable[[str], None] = print) -> None:
-        self.name, self.cfg, self.say = name, cfg, say
+    def __init__(
+        self,
+        name: str,
+        cfg: CacheConfig,
+        say: Callable[[str], None] = print,
+        on_ready: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """``on_ready`` receives the ready record (``ready_record``) instead of ``say`` its prose line."""
+        self.name, self.cfg, self.say, self.on_ready = name, cfg, say, on_ready
         self.procs: dict[tuple[Role, int], BaseProcess] = {}
         self._stop_signal: int | None = None
 
@@ -135,12 +153,11 @@ class Launcher:
                     self.procs[(role, rank)] = p
             self._wait_ready(inst, ready_timeout_s)
             me.write(S.READY, 0)
-            pids = " ".join(f"{role.name.lower()}:r{rank}={p.pid}" for (role, rank), p in self.procs.items())
-            self.say(
-                f"mpkv: instance {self.name} ready ({self.cfg.pd_role.name.lower()}, tp={self.cfg.tp}, "
-                f"backend={self.cfg.backend}, "
-                f"pool owner={self.cfg.pool_owner.name.lower()}, run {inst.registry.run_id}, pid {os.getpid()}; {pids})"
-            )
+            ready = self.ready_record(inst.registry.run_id)
+            if self.on_ready is not None:
+                self.on_ready(ready)
+            else:
+                self.say(ready_line(ready))
             code = self._supervise(inst, me)
         except LaunchError as e:
             self.say(f"mpkv: instance {self.name}: {e}")
@@ -152,6 +169,23 @@ class Launcher:
             for s, h in old.items():
                 signal.signal(s, h)
         return code
+
+    def ready_record(self, run_id: str) -> dict[str, Any]:
+        """What `mpkv launch` says once every actor is READY: one record, printed as prose (``ready_line``) or, with
+        --json, as one JSON object that mpkv.launch reads (every field a program needs to reach the instance)."""
+        return {
+            "event": "ready",
+            "instance": self.name,
+            "run": run_id,
+            "pid": os.getpid(),
+            "role": self.cfg.pd_role.name.lower(),
+            "tp": self.cfg.tp,
+            "backend": self.cfg.backend,
+            "pool_owner": self.cfg.pool_owner.name.lower(),
+            "log_dir": self.cfg.log_dir,
+            "actors": {f"{role.name.lower()}:r{rank}": p.pid for (role, rank), p in self.procs.items()},
+            "config": json.loads(self.cfg.to_json()),
+        }
 
     def _log_dir(self) -> str:
         """<root>/<instance>, every level ours and 0700: logs hold request ids and errors (invariant I8). The default

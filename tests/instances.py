@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import select
-import signal
-import subprocess
-import sys
-import time
-
 import numpy as np
-import torch
 
 from mpkv.client import Client
-from mpkv.config import CacheConfig
-from mpkv.model import expected_kv
+from mpkv.launched import LaunchedInstance, launch_args
+from mpkv.verify import verify_kv
+
+verify = verify_kv  # the tests' short name for it
 
 SMALL = dict(layers=2, kv_heads=4, head_dim=16, block_size=8, device_blocks=64, host_blocks=64)
 
 
-class Launched:
+class Launched(LaunchedInstance):
+    """mpkv.launch's handle with the tests' defaults (small geometry, tp=2), started at once: ``with`` waits for
+    ready and stops it; without ``with``, ``wait_line`` and ``exit_code`` watch a launcher that is meant to fail."""
+
     def __init__(
         self,
         name: str,
@@ -30,71 +27,25 @@ class Launched:
         env: dict[str, str] | None = None,
         **geometry: int,
     ) -> None:
-        args = [sys.executable, "-m", "mpkv.cli", "launch", "--name", name, "--tp", str(tp), "--pool-owner", owner]
-        args += ["--role", role]
-        settings: dict[str, int | str] = {**SMALL, **geometry}
-        for k, v in settings.items():
-            args += [f"--{k.replace('_', '-')}", str(v)]
-        env = dict(os.environ) | (env or {})
-        if fault:
-            env["MPKV_FAULT"] = fault
-        self.name = name
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self.lines: list[str] = []
-
-    def wait_line(self, needle: str, timeout_s: float = 120) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.1)
-            if ready:
-                line = self.proc.stdout.readline()
-                if not line:
-                    break
-                self.lines.append(line)
-                if needle in line:
-                    return line
-        raise AssertionError(f"launcher never printed {needle!r}; printed {self.lines}, exit {self.proc.poll()}")
+        env = dict(env or {}) | ({"MPKV_FAULT": fault} if fault else {})
+        args = launch_args(name, tp=tp, role=role, pool_owner=owner, **(SMALL | geometry))
+        super().__init__(name, args, env)
+        self.start()
 
     def __enter__(self) -> Launched:
-        self.wait_line("ready")
+        self.wait_ready()
         return self
 
     def exit_code(self, timeout_s: float = 60) -> int:
+        """The launcher's exit code; killed (and the test failed) if it does not exit within ``timeout_s``."""
         try:
-            code = self.proc.wait(timeout_s)
+            return self.wait_exit(timeout_s)
         finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(10)
-        assert self.proc.stdout is not None
-        self.lines += self.proc.stdout.readlines()
-        return code
+            if self.returncode is None:
+                self.stop(timeout_s=1)
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        self.exit_code()
-        for f in (self.proc.stdout, self.proc.stderr):
-            if f is not None:
-                f.close()
-
-
-def verify(client: Client, tokens: np.ndarray, blocks: np.ndarray, wv: int, host: bool = False) -> int:
-    """Read ``blocks`` back from every rank and compare with the synthetic model's KV, byte for byte."""
-    cfg: CacheConfig = client.cfg
-    dones = client.wait(client.read_blocks(blocks, host=host))
-    for d in dones:
-        assert d.weight_version == wv, f"rank {d.rank} serves weight version {d.weight_version}, expected {wv}"
-        got = torch.frombuffer(bytearray(d.data), dtype=cfg.torch_dtype)
-        got = got.view(cfg.layers, 2, len(blocks) * cfg.block_size, cfg.heads_per_rank, cfg.head_dim)[
-            :, :, : len(tokens)
-        ]
-        want = expected_kv(cfg, d.rank, wv, tokens)
-        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (
-            f"rank {d.rank}: KV differs from weight version {wv}"
-        )
-    return len(dones)
+        self.stop()
 
 
 def prefill_and_verify(client: Client, rng: np.random.Generator, blocks: np.ndarray, wv: int) -> np.ndarray:
@@ -102,5 +53,5 @@ def prefill_and_verify(client: Client, rng: np.random.Generator, blocks: np.ndar
     n_tokens = max(n_tokens, (len(blocks) - 1) * client.cfg.block_size + 1)
     tokens = rng.integers(0, client.cfg.vocab, n_tokens, dtype=np.int32)
     client.wait(client.prefill("req", tokens, blocks))
-    verify(client, tokens, blocks, wv)
+    verify_kv(client, tokens, blocks, wv)
     return tokens

@@ -4,25 +4,28 @@ into a decode instance's pool; every byte is verified on the decode side (seed 0
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import pytest
-import torch
+from conftest import SESSION
 from instances import Launched
 
 from mpkv.blocks import BadTask
 from mpkv.client import Client, TransferFailed
 from mpkv.controller import Controller
 from mpkv.instance import Instance
-from mpkv.model import expected_kv
 from mpkv.pd.leases import Lease, LeaseError
 from mpkv.protocol import LeaseState, Role, WaitKind, actor_slot
+from mpkv.verify import verify_kv
 
 PD = dict(layers=3, device_blocks=96)
+GLANCE_S = 1e-6  # a wait of this long reads what is in a completion ring and waits for nothing more
 
 
 @contextmanager
@@ -32,6 +35,19 @@ def pd_pair(name: str, prefill_env: dict[str, str] | None = None) -> Iterator[tu
         Launched(f"{name}p", role="prefill", env=prefill_env, **PD) as p,
     ):
         yield p, d
+
+
+@pytest.fixture(scope="module")
+def shared_pair() -> Iterator[tuple[Launched, Launched]]:
+    """One pair for the tests that leave it as they found it: every lease given back, and the same names in
+    /dev/shm (no clear or restore, which make pools under new names; no fault). Launching a pair is the slow part
+    of these tests. The prefill instance runs with small random per-rank delays (seed 000's race, for every test
+    that uses it), their seed printed for a replay."""
+    seed = int(os.environ.get("MPKV_TEST_SEED", random.randrange(2**31)))
+    print(f"[seed] shared pd pair: MPKV_JITTER_SEED={seed} (replay with MPKV_TEST_SEED={seed})")
+    env = {"MPKV_JITTER_US": "1500", "MPKV_JITTER_SEED": str(seed)}
+    with pd_pair(f"t{SESSION}{uuid.uuid4().hex[:8]}", prefill_env=env) as pair:
+        yield pair
 
 
 class Engine:
@@ -51,16 +67,9 @@ class Engine:
         return name, tokens, src, lease
 
     def verify(self, batch: list[tuple[str, np.ndarray, np.ndarray, Lease]]) -> None:
-        cfg = self.cfg
         for request, tokens, _src, lease in batch:
             assert lease.state == LeaseState.COMPLETE
-            for d in self.d.wait(self.d.read_blocks(lease.blocks)):
-                got = torch.frombuffer(bytearray(d.data), dtype=cfg.torch_dtype)
-                got = got.view(cfg.layers, 2, len(lease.blocks) * cfg.block_size, cfg.heads_per_rank, cfg.head_dim)
-                want = expected_kv(cfg, d.rank, self.wv, tokens)
-                assert torch.equal(got[:, :, : len(tokens)].view(torch.uint8), want.view(torch.uint8)), (
-                    f"{request}: decode rank {d.rank} holds KV that differs from the prefill's recomputation"
-                )
+            verify_kv(self.d, tokens, lease.blocks, self.wv, what=f"{request}: the decode copy")
 
     def done_with(self, batch: list[tuple[str, np.ndarray, np.ndarray, Lease]]) -> None:
         for _, _, src, lease in batch:
@@ -73,8 +82,8 @@ class Engine:
 
 
 def pid_of(launched: Launched, who: str) -> int:
-    """The pid the launcher's ready line gives for ``who`` (e.g. "messager:r1")."""
-    return int(launched.lines[0].split(f"{who}=")[1].split()[0].rstrip(")"))
+    """The pid the launcher's ready record gives for ``who`` (e.g. "messager:r1")."""
+    return launched.pids[who]
 
 
 def until_waiting(instance: str, role: Role, rank: int, kind: WaitKind, since_ns: int = 0) -> None:
@@ -99,57 +108,55 @@ def barrier_keys(dones: list) -> dict[int, bytes]:  # type: ignore[type-arg]
     return keys
 
 
-def test_layerwise_transfer_lands_every_byte(instance: str, rng) -> None:
+def test_layerwise_transfer_lands_every_byte(shared_pair: tuple[Launched, Launched], rng) -> None:
     gen = np.random.default_rng(rng.randrange(2**32))
-    with pd_pair(instance) as (p, d):
-        eng = Engine(p.name, d.name, gen)
-        # Bad sends are refused before the ring (the same checks as prefill); the good ones below still land.
-        name, tokens, src, lease = eng.request("bad")
-        for bad, error in [
-            ([(name, tokens, src, lease), (name, tokens, src, lease)], "a lease of its own"),
-            ([(name, tokens.astype(np.float64), src, lease)], "cast whole numbers"),
-            ([(7, tokens, src, lease)], "must be a str"),
-            ([(name, tokens, src.astype(np.float64), lease)], "source blocks must be"),
-            ([(name, tokens, src, "lease")], "a batch item is"),
-        ]:
-            with pytest.raises(BadTask, match=error):
-                eng.p.send(eng.d, bad)  # type: ignore[arg-type]
-        eng.d.allocator.fail(lease, "never sent")  # nothing was shipped into it: its blocks come back
-        eng.done_with([(name, tokens, src, lease)])
-        for i in range(6):
-            batch = [eng.request(f"b{i}.{j}") for j in range(1 + i % 3)]
-            with pytest.raises(LeaseError, match="GRANTED"):
-                eng.d.read_blocks(batch[0][3].blocks)  # not readable while in flight
-            dones = eng.p.wait_send(eng.p.send(eng.d, batch))
-            keys = barrier_keys(dones)
-            assert len(set(keys.values())) == 1, f"ranks met at different barrier keys: {keys}"
-            eng.verify(batch)
-            for _, _, _, lease in batch:  # the decode side sees the lease complete in its shared memory
-                assert eng.d.inst.leases.read(lease.slot).value == LeaseState.COMPLETE
-            eng.done_with(batch)
-        eng.close()
+    p, d = shared_pair
+    eng = Engine(p.name, d.name, gen)
+    # Bad sends are refused before the ring (the same checks as prefill); the good ones below still land.
+    name, tokens, src, lease = eng.request("bad")
+    for bad, error in [
+        ([(name, tokens, src, lease), (name, tokens, src, lease)], "a lease of its own"),
+        ([(name, tokens.astype(np.float64), src, lease)], "cast whole numbers"),
+        ([(7, tokens, src, lease)], "must be a str"),
+        ([(name, tokens, src.astype(np.float64), lease)], "source blocks must be"),
+        ([(name, tokens, src, "lease")], "a batch item is"),
+    ]:
+        with pytest.raises(BadTask, match=error):
+            eng.p.send(eng.d, bad)  # type: ignore[arg-type]
+    eng.d.allocator.fail(lease, "never sent")  # nothing was shipped into it: its blocks come back
+    eng.done_with([(name, tokens, src, lease)])
+    for i in range(6):
+        batch = [eng.request(f"b{i}.{j}") for j in range(1 + i % 3)]
+        with pytest.raises(LeaseError, match="GRANTED"):
+            eng.d.read_blocks(batch[0][3].blocks)  # not readable while in flight
+        dones = eng.p.wait_send(eng.p.send(eng.d, batch))
+        keys = barrier_keys(dones)
+        assert len(set(keys.values())) == 1, f"ranks met at different barrier keys: {keys}"
+        eng.verify(batch)
+        for _, _, _, lease in batch:  # the decode side sees the lease complete in its shared memory
+            assert eng.d.inst.leases.read(lease.slot).value == LeaseState.COMPLETE
+        eng.done_with(batch)
+    eng.close()
 
 
-def test_seed_race_randomized_delays(instance: str, rng) -> None:
+def test_seed_race_randomized_delays(shared_pair: tuple[Launched, Launched], rng) -> None:
     """Seed 000: ranks see destination info, layer progress and tasks at different times. With random per-rank
-    delays at each of those points, 200 batches of random size: no hang, same barrier keys, every byte lands."""
-    seed = rng.randrange(2**31)
-    print(f"jitter seed {seed}")
-    gen = np.random.default_rng(seed)
-    env = {"MPKV_JITTER_US": "1500", "MPKV_JITTER_SEED": str(seed)}
-    with pd_pair(instance, prefill_env=env) as (p, d):
-        eng = Engine(p.name, d.name, gen)
-        trials, sequences = 200, []
-        for i in range(trials):
-            batch = [eng.request(f"t{i}.{j}", max_tokens=24) for j in range(int(gen.integers(1, 4)))]
-            dones = eng.p.wait_send(eng.p.send(eng.d, batch), timeout_s=30)
-            sequences.append(barrier_keys(dones))
-            eng.verify(batch)
-            eng.done_with(batch)
-        per_rank = {r: [s[r] for s in sequences] for r in range(eng.cfg.tp)}
-        assert per_rank[0] == per_rank[1], "the ranks' barrier key sequences differ"
-        assert len(per_rank[0]) == trials
-        eng.close()
+    delays at each of those points (the shared pair's), 200 batches of random size: no hang, same barrier keys,
+    every byte lands."""
+    gen = np.random.default_rng(rng.randrange(2**32))
+    p, d = shared_pair
+    eng = Engine(p.name, d.name, gen)
+    trials, sequences = 200, []
+    for i in range(trials):
+        batch = [eng.request(f"t{i}.{j}", max_tokens=24) for j in range(int(gen.integers(1, 4)))]
+        dones = eng.p.wait_send(eng.p.send(eng.d, batch), timeout_s=30)
+        sequences.append(barrier_keys(dones))
+        eng.verify(batch)
+        eng.done_with(batch)
+    per_rank = {r: [s[r] for s in sequences] for r in range(eng.cfg.tp)}
+    assert per_rank[0] == per_rank[1], "the ranks' barrier key sequences differ"
+    assert len(per_rank[0]) == trials
+    eng.close()
 
 
 def test_rank_divergent_batch_is_a_protocol_error(instance: str, rng) -> None:
@@ -162,12 +169,11 @@ def test_rank_divergent_batch_is_a_protocol_error(instance: str, rng) -> None:
         eng.p.wait_send(eng.p.send(eng.d, first))
         eng.verify(first)
         batch = [eng.request("split.0"), eng.request("split.1")]
-        t0 = time.monotonic()
         with pytest.raises(TransferFailed) as err:
             eng.p.wait_send(eng.p.send(eng.d, batch), timeout_s=50)
-        assert time.monotonic() - t0 < 30
         text = str(err.value)
         assert "ProtocolError" in text and "rank 0" in text and "rank 1" in text, text
+        assert "timed out" not in text and "within 50 s" not in text, f"a hang, not the error at once: {text}"
         for _, _, _, lease in batch:
             assert lease.state == LeaseState.FAILED
             assert eng.d.inst.leases.read(lease.slot).value == LeaseState.FAILED
@@ -323,7 +329,8 @@ def test_prefill_pause_drains_transfers_in_flight(instance: str, rng) -> None:
             ticket = eng.p.send(eng.d, batch)
             until_waiting(p.name, Role.MESSAGER, 0, WaitKind.PROGRESS)
             pctl.pause()  # drains: every task read before the pause is finished
-            dones = eng.p.wait_send(ticket, timeout_s=1)  # so the completions are there already
+            # so the completions are there already: a glance at the rings finds them, nothing is waited for
+            dones = eng.p.wait_send(ticket, timeout_s=GLANCE_S)
             assert len(set(barrier_keys(dones).values())) == 1
             eng.verify(batch)
             eng.done_with(batch)

@@ -16,18 +16,16 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from multiprocessing import get_context
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mpkv.config import CacheConfig
-from mpkv.shm.cleanup import cleanup
+from mpkv.launched import LaunchedInstance, launch
 from mpkv.shm.proc import cpu_seconds
 from mpkv.shm.registry import Registry
 from mpkv.shm.signals import Signal, SignalArray, create_signals
@@ -45,28 +43,13 @@ class Ping(enum.IntEnum):
     A = 1
 
 
-@contextmanager
-def launched(name: str, cfg: CacheConfig) -> Iterator[None]:
-    args = [sys.executable, "-m", "mpkv.cli", "launch", "--name", name, "--tp", str(cfg.tp)]
-    args += ["--role", cfg.pd_role.name.lower()]
-    for k in ("layers", "kv_heads", "head_dim", "block_size", "dtype", "device_blocks", "host_blocks", "hidden"):
-        args += [f"--{k.replace('_', '-')}", str(getattr(cfg, k))]
+def launched(name: str, cfg: CacheConfig) -> AbstractContextManager[LaunchedInstance]:
+    """Instance ``name`` of geometry ``cfg``, launched (mpkv.launch) and always torn down."""
+    geometry = {k: getattr(cfg, k) for k in ("layers", "kv_heads", "head_dim", "block_size", "dtype", "hidden")}
+    geometry |= {"device_blocks": cfg.device_blocks, "host_blocks": cfg.host_blocks}
     if cfg.nixl_port:
-        args += ["--nixl-port", str(cfg.nixl_port)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if "ready" not in line:
-            raise RuntimeError(f"instance {name} did not start: {line.strip()} (exit {proc.wait(30)})")
-        yield
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        proc.wait(60)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        cleanup(instance=name)
+        geometry["nixl_port"] = cfg.nixl_port
+    return launch(name, tp=cfg.tp, role=cfg.pd_role.name.lower(), **geometry)
 
 
 def _pct(xs: list[float], q: float) -> float:

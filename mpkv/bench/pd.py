@@ -26,11 +26,10 @@ import torch
 from mpkv.bench.lifecycle import launched
 from mpkv.client import Client
 from mpkv.config import CacheConfig
-from mpkv.instance import DONE_RING_BYTES
-from mpkv.model import expected_kv
 from mpkv.pd.nixl import NixlUnavailable, load_nixl
 from mpkv.pool.copy import copy_blocks
 from mpkv.protocol import PdRole
+from mpkv.verify import verify_kv
 
 LENGTHS = (256, 1024, 2048, 4096, 8192)
 LONG, SHORT = 4096, 1024  # the targets: layer-wise <= 1.15x prefill alone from LONG up; <= after-prefill to SHORT
@@ -57,20 +56,6 @@ def plain_copy_gbs(cfg: CacheConfig, n_blocks: int, repeats: int) -> float:
     return n_blocks * cfg.block_bytes / statistics.median(times) / 1e9
 
 
-def _verify(d: Client, cfg: CacheConfig, tokens: np.ndarray, blocks: np.ndarray) -> None:
-    """Read the blocks back from the decode instance (in chunks a completion can carry) and compare them with
-    the recomputation: the benchmark times real transfers, not empty ones."""
-    chunks, step = [], max(1, (DONE_RING_BYTES // 2 - 4096) // cfg.block_bytes)
-    for i in range(0, len(blocks), step):
-        (done,) = d.wait(d.read_blocks(blocks[i : i + step]))
-        part = torch.frombuffer(bytearray(done.data), dtype=cfg.torch_dtype)
-        chunks.append(part.view(cfg.layers, 2, -1, cfg.heads_per_rank, cfg.head_dim))
-    got = torch.cat(chunks, dim=2)
-    want = expected_kv(cfg, 0, cfg.weight_version, tokens)
-    if not torch.equal(got[:, :, : len(tokens)].view(torch.uint8), want.view(torch.uint8)):
-        raise AssertionError("bench pd: the decode side holds KV that differs from the recomputation")
-
-
 def measure(p: Client, d: Client, n: int, repeats: int, rng: np.random.Generator, via: str) -> dict[str, Any]:
     cfg = p.cfg
     tokens = rng.integers(0, cfg.vocab, n, dtype=np.int32)
@@ -91,7 +76,8 @@ def measure(p: Client, d: Client, n: int, repeats: int, rng: np.random.Generator
             if mode == "layerwise":
                 busy.append(dones[-1].busy_s)
             if rep == 0:
-                _verify(d, cfg, tokens, lease.blocks)
+                # the benchmark times real transfers, not empty ones
+                verify_kv(d, tokens, lease.blocks, cfg.weight_version, what=f"bench pd, {n} tokens, {mode}")
             d.allocator.release(lease)
         if rep:
             for k, v in took.items():
