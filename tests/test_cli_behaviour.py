@@ -17,7 +17,7 @@ import pytest
 from instances import SMALL, Launched
 
 from mpkv.logs import LEVELS
-from mpkv.naming import list_names
+from mpkv.naming import launcher_title, list_names
 
 DEADLINE_S = 60.0
 MPKV = [sys.executable, "-m", "mpkv.cli"]
@@ -293,3 +293,40 @@ def test_cleanup_removes_the_log_directories_of_gone_instances_only(instance: st
         assert (root / link).is_symlink() and (victim / "keep").read_text() == "not a log"
         assert f"removed log directory {root / gone}" in cleanup("--name", gone)
         assert not (root / gone).exists() and (root / instance).is_dir()
+
+
+@pytest.mark.parametrize("titled", [True, False], ids=["full title", "comm name only"])
+def test_cleanup_keeps_the_log_directory_of_a_launcher_still_starting(
+    instance: str, tmp_path: Path, titled: bool
+) -> None:
+    """A launcher makes its log directory before its names: while it runs (known by its process title, or where
+    setproctitle is missing by the first characters of the name in its comm name), cleanup keeps the directory."""
+    root = tmp_path / "logs"
+    root.mkdir(mode=0o700)
+    (root / instance).mkdir(mode=0o700)
+    env = os.environ | {"MPKV_LOG_DIR": str(root)}
+    # What the launcher does first (mpkv.actors.entry.set_process_title, which imports torch with its package).
+    code = (
+        "import ctypes, sys\n"
+        + ("from setproctitle import setproctitle; setproctitle(sys.argv[1])\n" if titled else "")
+        + "ctypes.CDLL(None).prctl(15, sys.argv[1].encode()[:15], 0, 0, 0)\n"  # PR_SET_NAME: the comm name
+        "print('titled', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    args = [sys.executable, "-c", code, launcher_title(instance)]
+    with subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as child:
+        try:
+            assert child.stdout is not None and child.stdin is not None
+            ready, _, _ = select.select([child.stdout], [], [], DEADLINE_S)
+            assert ready and child.stdout.readline() == "titled\n", child.poll()
+            kept = run([*MPKV, "cleanup", "--name", instance], env=env)
+            assert kept.returncode == 0 and "log directory" not in kept.stdout, kept.stdout
+            assert (root / instance).is_dir()
+            child.stdin.close()
+            child.wait(DEADLINE_S)
+        finally:
+            if child.poll() is None:
+                child.kill()  # the with block reaps it
+    gone = run([*MPKV, "cleanup", "--name", instance], env=env)
+    assert f"removed log directory {root / instance}" in gone.stdout, gone.stdout
+    assert not (root / instance).exists()

@@ -16,6 +16,8 @@ import shutil
 import stat
 from dataclasses import dataclass, field
 
+import psutil
+
 from mpkv import layout, naming
 from mpkv.layout import EntryState, SegmentKind
 from mpkv.shm.proc import ProcId
@@ -182,16 +184,12 @@ def _launchers() -> tuple[set[str], list[str]]:
     """The instance names of this user's running launchers, from their titles; and where only the comm name is
     set (no setproctitle), the first characters of a name: such a prefix keeps every directory it begins."""
     names, prefixes = set(), []
-    for pid in (e for e in os.listdir("/proc") if e.isdigit()):
-        try:
-            if os.stat(f"/proc/{pid}").st_uid != os.getuid():
-                continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                title = f.read().split(b"\0")[0].decode(errors="replace")
-            with open(f"/proc/{pid}/comm", "rb") as f:
-                comm = f.read().decode(errors="replace").rstrip("\n")
-        except OSError:  # gone meanwhile
+    # A process gone meanwhile, or one we may not read, has None for what could not be read (it is skipped).
+    for p in psutil.process_iter(["uids", "cmdline", "name"], ad_value=None):
+        uids, cmdline, comm = p.info["uids"], p.info["cmdline"], p.info["name"] or ""
+        if uids is None or uids.effective != os.getuid():
             continue
+        title = cmdline[0] if cmdline else ""
         if title.startswith(LAUNCHER_TITLE):
             names.add(title[len(LAUNCHER_TITLE) :])
         elif comm.startswith(LAUNCHER_TITLE):

@@ -1,9 +1,18 @@
-"""Who a process is (pid + start time, so a reused pid is not taken for the old one) and whether it lives."""
+"""Who a process is (pid + start time, so a reused pid is not taken for the old one) and whether it lives.
+
+The identity is read from /proc/PID/stat itself, not through psutil: one read gives the state and the start time
+together (two reads could straddle the pid's reuse), and the start time is what the shared-memory headers store
+and compare exactly, the kernel's clock ticks since boot (layout.py). psutil offers it only as create_time(),
+seconds since the epoch as a float, through a boot time that can shift. What psutil reads as well as we would,
+the CPU accounting, goes through psutil.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+import psutil
 
 _STATE_WORDS = {
     "R": "running",
@@ -36,9 +45,14 @@ def _stat(pid: int) -> tuple[str, int] | None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (0 when it is gone)."""
-    fields = _fields(pid)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
+    """User + system CPU time a process has used so far (0 when it is gone, or not ours to read)."""
+    if pid <= 0:  # no process (psutil would take 0 for the kernel's idle task)
+        return 0.0
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0.0
+    return float(times.user + times.system)
 
 
 @dataclass(frozen=True)
