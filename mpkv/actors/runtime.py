@@ -137,6 +137,12 @@ class Actor:
         drops host entries of older versions)."""
 
     # -- status ----------------------------------------------------------------------------------------------
+    @property
+    def status_writer(self) -> SignalWriter[ActorState]:
+        """The one writer of this actor's status slot (invariant I1): its entry point publishes the last state
+        (STOPPED or FAILED) through it, after the teardown."""
+        return self._status_w
+
     def _publish(self, st: Status) -> None:
         aux = self.released_bytes if st.state == S.CLEARED else self.weight_version
         self._status_w.write(st.state, st.epoch, aux)
