@@ -33,7 +33,11 @@ class Launched(LaunchedInstance):
         self.start()
 
     def __enter__(self) -> Launched:
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:  # no __exit__ follows a failed __enter__: stop it here, or it outlives the test
+            self.stop()
+            raise
         return self
 
     def exit_code(self, timeout_s: float = 60) -> int:

@@ -10,7 +10,7 @@ import pytest
 from instances import SMALL
 
 import mpkv
-from mpkv import naming
+from mpkv import naming, verify
 from mpkv.errors import KVMismatch, LaunchError
 from mpkv.shm.proc import ProcId
 from mpkv.verify import verify_kv
@@ -24,7 +24,9 @@ def own_names(instance: str) -> list[str]:
     return [e for e in os.listdir(naming.SHM_DIR) if instance in e]
 
 
-def test_launch_yields_a_ready_instance_and_leaves_nothing_when_the_body_raises(instance: str) -> None:
+def test_launch_yields_a_ready_instance_and_leaves_nothing_when_the_body_raises(
+    instance: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(BodyFailed), mpkv.launch(instance, tp=1, **SMALL) as inst:
         assert set(inst.pids) == {"worker:r0", "transfer:r0", "messager:r0"}, inst.ready
         assert inst.config.tp == 1 and inst.config.device_blocks == SMALL["device_blocks"]
@@ -43,6 +45,11 @@ def test_launch_yields_a_ready_instance_and_leaves_nothing_when_the_body_raises(
                 verify_kv(client, other, blocks, 1, what="read")
             with pytest.raises(KVMismatch, match=r"rank 0 serves weight version 1 for blocks \[5, 9\], expected 2"):
                 verify_kv(client, tokens, blocks, 2)
+            with monkeypatch.context() as m:  # one block per read: the chunks are put back together in order
+                m.setattr(verify, "chunk_blocks", lambda cfg: 1)
+                assert verify_kv(client, tokens, blocks, 1) == 1
+                with pytest.raises(KVMismatch, match=r"rank 0 block 9 \(#1 of 2\), layer 0 K, token 9"):
+                    verify_kv(client, other, blocks, 1)
         raise BodyFailed
     assert not [p for p in procs if p.alive()], [p.describe() for p in procs]
     assert not own_names(instance)
