@@ -177,9 +177,9 @@ def _ctl(args: argparse.Namespace) -> int:
             # The record as JSON, or as report.status_lines (what mpkv-top shows too). The exit code is 1 when
             # the launcher or an actor is dead or FAILED, so that a script can test the instance's health without
             # parsing the status (printed in full either way); the culprits go to stderr.
-            from mpkv import report, status
+            from mpkv import report
 
-            st = status.read_status(ctl.inst)
+            st = ctl.status()
             print(report.to_json(st) if args.json else "\n".join(line.text for line in report.status_lines(st)))
             if sick := report.unhealthy(st):
                 print(f"mpkv: instance {st.instance} is not healthy: {'; '.join(sick)}", file=sys.stderr)

@@ -41,6 +41,7 @@ from mpkv.protocol import (
     actor_slot,
     pack_slots,
 )
+from mpkv.report import InstanceStatus
 from mpkv.shm.ring import quiesce
 from mpkv.shm.segment import Segment
 from mpkv.shm.signals import Signal, SignalWriter
@@ -170,8 +171,9 @@ class Controller:
         """The weight version of the KV in the pools (a RESTORE counts once every actor acknowledged it)."""
         return status.settled(self.inst)[3]
 
-    def status(self) -> dict[str, Any]:
-        return status.instance_status(self.inst)
+    def status(self) -> InstanceStatus:
+        """The instance's status record (mpkv.report; `mpkv ctl NAME status --json` is its JSON)."""
+        return status.read_status(self.inst)
 
     def close(self) -> None:
         """Give up the command block (another controller, e.g. `mpkv ctl` in a shell, may then drive the instance)

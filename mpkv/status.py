@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections.abc import Iterable
 
-import msgspec
-
-from mpkv.handshake import Command, Status, acknowledged, settled_ledger, step_done
+from mpkv.handshake import Command, Status, acknowledged, link_must_unmap, settled_ledger, step_done
 from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot, launcher_slot
-from mpkv.protocol import ROLES, ActorState, ClearFlags, actor_name, actor_slot
+from mpkv.protocol import ROLES, ActorState, ClearFlags, Cmd, actor_name, actor_slot
 from mpkv.report import NO_WAIT, ActorStatus, CommandStatus, InstanceStatus, StepStatus
 from mpkv.shm.signals import Signal
-from mpkv.topology import unpack_ledger
+from mpkv.topology import pool_owner, unpack_ledger
 
 
 def ledger(inst: Instance) -> tuple[ClearFlags, int]:
@@ -24,6 +22,30 @@ def ledger(inst: Instance) -> tuple[ClearFlags, int]:
     KV in the pools belongs to (the config's before any). ``settled`` counts what the last command did since."""
     sig = inst.control.read(CONTROL_LEDGER)
     return unpack_ledger(sig.aux) if sig.seq else (ClearFlags(0), inst.cfg.weight_version)
+
+
+def decode_pool_gone(inst: Instance, ranks: Iterable[int]) -> str:
+    """Why the device pools of ``ranks`` of decode instance ``inst`` are no longer (or soon no longer) served, or
+    "": the one rule behind the lease allocator (a batch completes only into pools still served) and a link (what
+    it shipped may not have landed). First what the command word and ledger say (clearing or stopping now, or
+    cleared), then who holds the pools: the launcher (its actors exit with it), then each rank's pool owner."""
+    cmd = inst.control.read(CONTROL_COMMAND)
+    if link_must_unmap(Command(cmd.value, cmd.epoch, cmd.aux)):
+        doing = "clearing its pool" if cmd.value == Cmd.CLEAR else "shutting down"
+        return f"decode instance {inst.name!r} is {doing} ({cmd.value.name}@{cmd.epoch})"
+    if ClearFlags.DEVICE in ledger(inst)[0]:
+        return f"the pool of decode instance {inst.name!r} is cleared (no restore since)"
+    if launcher := inst.launcher_gone():
+        return f"decode instance {inst.name!r} is gone ({launcher})"
+    owner_role = pool_owner(inst.cfg)
+    for rank in ranks:
+        owner = inst.status.read(actor_slot(owner_role, rank))
+        if owner.value == ActorState.FAILED or not owner.writer.alive():
+            return (
+                f"the pool owner of decode instance {inst.name!r} rank {rank} is {owner.writer.describe()} "
+                f"({owner.value.name}@{owner.epoch})"
+            )
+    return ""
 
 
 def actor_statuses(inst: Instance) -> list[Status | None]:
@@ -99,9 +121,3 @@ def read_status(inst: Instance) -> InstanceStatus:
         controller_waiting_for=inst.waiting_for(controller_wait_slot(cfg.tp)),
         actors=tuple(actor_status(inst, actor_slot(role, rank), now) for rank in range(cfg.tp) for role in ROLES),
     )
-
-
-def instance_status(inst: Instance) -> dict[str, Any]:
-    """``read_status`` as the plain dict `Controller.status()` has always returned (its JSON form)."""
-    out: dict[str, Any] = msgspec.to_builtins(read_status(inst))
-    return out

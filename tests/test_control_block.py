@@ -104,6 +104,6 @@ def test_one_cycle_through_the_documented_block(instance: str) -> None:
         assert result["epoch"] == 4 and result["released"] > 0
         with Controller(instance) as ctl:  # the driver is gone, so the controller may take the block over
             st = ctl.status()
-            assert st["weight_version"] == 7 and st["command"]["kind"] == "RESUME"
-            assert {(a["state"], a["epoch"], a["aux"]) for a in st["actors"]} == {("READY", 4, 7)}
+            assert st.weight_version == 7 and st.command.kind == "RESUME"
+            assert {(a.state, a.epoch, a.aux) for a in st.actors} == {("READY", 4, 7)}
             ctl.shutdown()

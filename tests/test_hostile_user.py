@@ -119,7 +119,7 @@ def test_squatted_pool_names_do_not_fail_a_restore(instance: str, rng) -> None:
                 ctl.resume()
                 blocks = gen.permutation(client.cfg.device_blocks)[:3].astype(np.int32)
                 prefill_and_verify(client, gen, blocks, wv)
-            assert {a["state"] for a in ctl.status()["actors"]} == {"READY"}
+            assert {a.state for a in ctl.status().actors} == {"READY"}
             ctl.shutdown()
     finally:
         for path in squatted:
@@ -183,7 +183,7 @@ def test_a_hijacked_log_root_is_not_used(instance: str, tmp_root: str) -> None:
     hijacked = os.path.join(tmp_root, "mpkv-logs.u0")
     _hijack_logs(hijacked, instance, victim)
     with Launched(instance, tp=1, env={"TMPDIR": tmp_root}) as launched, Controller(instance) as ctl:
-        log_dir = ctl.status()["config"]["log_dir"]
+        log_dir = ctl.status().config["log_dir"]
         ctl.shutdown()
     with open(victim, "rb") as f:
         assert f.read() == content, "the actors wrote log lines through the planted link"

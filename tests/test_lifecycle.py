@@ -31,7 +31,7 @@ def test_clear_with_attached_peers_releases_the_memory(instance: str, owner: str
         assert res.shm_released_bytes >= 2 * (pool_bytes + cfg.pool_bytes(cfg.host_blocks))
         assert not [n for n in list_names() if ".pool." in n and instance in n], "pool segments survived the clear"
         st = ctl.status()
-        assert {a["state"] for a in st["actors"]} == {"CLEARED"}
+        assert {a.state for a in st.actors} == {"CLEARED"}
         ctl.shutdown()
 
 
@@ -93,8 +93,8 @@ def test_bad_commands_are_refused_and_change_nothing(instance: str) -> None:
         with pytest.raises(InstanceNotServing, match="last command is CLEAR"):
             client.prefill("r", np.arange(3), np.array([0]))
         st = ctl.status()
-        assert st["command"]["kind"] == "CLEAR" and st["weight_version"] == 1
-        assert {a["state"] for a in st["actors"]} == {"CLEARED"}
+        assert st.command.kind == "CLEAR" and st.weight_version == 1
+        assert {a.state for a in st.actors} == {"CLEARED"}
         ctl.restore(2)
         ctl.resume()
         ctl.shutdown()
@@ -215,7 +215,7 @@ def test_clear_with_swaps_in_flight(instance: str, owner: str) -> None:
                 assert "cleared" in str(e) or "host pool full" in str(e), e
                 failed += 1
         assert finished + failed == len(tickets) and finished > 0
-        assert {a["state"] for a in ctl.status()["actors"]} == {"CLEARED"}
+        assert {a.state for a in ctl.status().actors} == {"CLEARED"}
         assert res.shm_released_bytes >= 2 * client.cfg.pool_bytes(client.cfg.device_blocks)
         ctl.restore()
         ctl.resume()

@@ -44,8 +44,8 @@ def test_a_restore_after_a_clear_that_timed_out_is_refused_until_the_clear_is_do
             ):
                 ctl.clear(timeout_s=1)
             status = ctl.status()
-            assert status["step"]["done"] is False
-            assert any(p.startswith(("transfer r0", "messager r0")) for p in status["step"]["pending"])
+            assert status.step.done is False
+            assert any(p.startswith(("transfer r0", "messager r0")) for p in status.step.pending)
             with pytest.raises(CommandRefused, match=r"CLEAR@\d+, was not acknowledged by every actor"):
                 ctl.restore(77)
             with pytest.raises(CommandRefused, match="was not acknowledged"):
@@ -54,7 +54,7 @@ def test_a_restore_after_a_clear_that_timed_out_is_refused_until_the_clear_is_do
             for pid in stopped:
                 os.kill(pid, signal.SIGCONT)
         ctl.clear(timeout_s=30)  # the retry: now every actor acknowledges
-        assert ctl.status()["step"]["done"] is True
+        assert ctl.status().step.done is True
         ctl.restore(77)
         ctl.resume()
         for rank in range(2):
@@ -157,8 +157,8 @@ def test_a_controller_killed_mid_write_of_a_command_takes_nothing_down(instance:
             cmd = ctl.inst.control.read(CONTROL_COMMAND)
             assert cmd.value == Cmd.PAUSE and cmd.epoch >= 2, cmd  # the torn word held epoch 1
             ctl.resume()
-            for entry in ctl.status()["actors"]:
-                assert entry["alive"] and entry["state"] == "READY", entry
+            for entry in ctl.status().actors:
+                assert entry.alive and entry.state == "READY", entry
         prefill_and_verify(client, np_rng, np.arange(2, dtype=np.int32), 1)
         # A controller killed after closing the rings for a pause, before it issued it: clients go on submitting.
         dying = Child(procs.controller_dies_closing_the_rings, instance)

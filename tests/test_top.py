@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -21,8 +20,10 @@ import pytest
 from instances import Launched
 
 from mpkv.client import Client
+from mpkv.controller import Controller
 from mpkv.report import NO_WAIT, ActorStatus, CommandStatus, InstanceStatus, StepStatus, Wait
 from mpkv.shm.cleanup import cleanup
+from mpkv.status import decode_pool_gone
 
 TOP = [sys.executable, "-m", "mpkv.top"]
 CTL = [sys.executable, "-m", "mpkv.cli", "ctl"]
@@ -54,11 +55,16 @@ def run_text(cmd: list[str]) -> str:
     return out.stdout
 
 
-def actor_lines(text: str) -> list[str]:
-    """The per-process lines of a status text (in mpkv-top's panel too), heartbeat ages masked: they move on
-    between two reads."""
-    lines = [line.strip().strip("│").strip() for line in text.splitlines()]
-    return [re.sub(r"heartbeat +[\d.]+s", "heartbeat Ns", line) for line in lines if " pid " in line]
+def actor_lines(text: str) -> list[list[str]]:
+    """The per-process lines of a status text (in mpkv-top's panel too): who, pid, state@epoch, alive or DEAD. Not
+    the heartbeat's age and the wait: those move on between two reads (an idle actor runs a moment to heartbeat)."""
+    out = []
+    for line in text.splitlines():
+        words = line.strip().strip("│").split()
+        if "pid" in words and "heartbeat" in words:
+            hb = words.index("heartbeat")
+            out.append([*words[:hb], words[hb + 2]])
+    return out
 
 
 def test_json_agrees_with_ctl_status(instance: str) -> None:
@@ -69,6 +75,11 @@ def test_json_agrees_with_ctl_status(instance: str) -> None:
         snap = top_json(instance)
         raw = run_text([*CTL, instance, "status", "--json"])
         ctl_text, top_text = run_text([*CTL, instance, "status"]), run_text([*TOP, instance, "--once"])
+        with Controller(instance) as ctl:  # the one "is the pool still served" rule (the lease allocator's, a link's)
+            assert decode_pool_gone(ctl.inst, range(2)) == ""
+            ctl.pause()
+            ctl.clear(device=True, host=False)
+            assert decode_pool_gone(ctl.inst, [1]) == f"decode instance {instance!r} is clearing its pool (CLEAR@2)"
     typed = msgspec.json.decode(raw, type=InstanceStatus)  # every field there, of its type (strict)
     assert (typed.instance, typed.command, typed.step) == (instance, CommandStatus("NONE", 0, 0), StepStatus(True, ()))
     assert (typed.weight_version, typed.cleared, typed.config["tp"]) == (1, (), 2)

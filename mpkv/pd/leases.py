@@ -27,14 +27,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mpkv import topology
 from mpkv.errors import (
     LeaseError,
 )
-from mpkv.handshake import Command, link_must_unmap
-from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, MAX_LEASES, Instance
-from mpkv.protocol import ActorState, ClearFlags, LeaseState, PdRole, actor_slot
+from mpkv.instance import MAX_LEASES, Instance
+from mpkv.protocol import LeaseState, PdRole
 from mpkv.shm.signals import SignalWriter
+from mpkv.status import decode_pool_gone
 
 
 def lease_check(token: int, slot: int, pool_epoch: int, blocks: Sequence[int] | np.ndarray) -> int:
@@ -87,19 +86,7 @@ class Allocator:
         self.sync()
         if lease.pool_epoch != self.pool_epoch:
             return f"the decode pool of epoch {lease.pool_epoch} was cleared"
-        cmd = self.inst.control.read(CONTROL_COMMAND)
-        if link_must_unmap(Command(cmd.value, cmd.epoch, cmd.aux)):
-            return f"the decode instance is {cmd.value.name.lower()}ing its pool (epoch {cmd.epoch})"
-        ledger = self.inst.control.read(CONTROL_LEDGER)
-        if ledger.seq and topology.unpack_ledger(ledger.aux)[0] & ClearFlags.DEVICE:
-            return "the decode pool is cleared"
-        if launcher := self.inst.launcher_gone():
-            return f"the decode instance is gone ({launcher})"
-        for rank in range(self.inst.cfg.tp):  # the owners hold the pools
-            owner = self.inst.status.read(actor_slot(topology.pool_owner(self.inst.cfg), rank))
-            if owner.value == ActorState.FAILED or not owner.writer.alive():
-                return f"the decode pool owner of rank {rank} is {owner.writer.describe()} ({owner.value.name})"
-        return ""
+        return decode_pool_gone(self.inst, range(self.inst.cfg.tp))
 
     def _write(self, lease: Lease) -> None:
         w = self._writers.get(lease.slot)

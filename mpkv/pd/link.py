@@ -33,6 +33,7 @@ from mpkv.pool import AttachedPool, attach_device_pool
 from mpkv.protocol import ActorState, Cmd, PdRole, actor_slot
 from mpkv.shm.signals import SignalWriter
 from mpkv.shm.waiting import Word
+from mpkv.status import decode_pool_gone
 
 S = ActorState
 LINK_SHARE_BASE = 100  # cuda: the share of link j is exported under key LINK_SHARE_BASE + j
@@ -132,12 +133,7 @@ class Link:
 
     def broken(self) -> str:
         """Why what was shipped so far may not have landed in a live pool (cleared, owner dead, instance gone)."""
-        why = self.poll() or self.gone()
-        if not why:
-            owner = self.inst.status.read(self.owner_slot)
-            if owner.value == S.FAILED or not owner.writer.alive():
-                why = f"the pool owner of decode instance {self.dest!r} rank {self.rank} is {owner.writer.describe()}"
-        return why
+        return self.poll() or decode_pool_gone(self.inst, [self.rank])
 
     def _shown(self) -> Command:
         sig = self.inst.links.read(self.inst.link_slot(self.index, self.rank))
