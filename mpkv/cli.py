@@ -111,13 +111,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    if args.log_level:  # the actors inherit the environment: one level for the launcher and every actor
-        os.environ[logs.LEVEL_ENV] = args.log_level
     try:
-        logs.level()
+        if not args.log_level:  # the flag's value is one of the levels (argparse choices); the environment's may not be
+            logs.level()
         cfg = _launch_config(args)
     except ValueError as e:
         raise UsageError(f"launch {args.name}: {e}") from None
+    if args.log_level:  # set once the checks passed; the actors inherit the environment: one level for all
+        os.environ[logs.LEVEL_ENV] = args.log_level
     from mpkv.launcher import Launcher  # after the checks: a usage error is said at once, before torch is imported
 
     if args.json:  # stdout carries the ready record alone, for a program to parse; everything else is said on stderr
