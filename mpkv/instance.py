@@ -54,11 +54,10 @@ from mpkv.protocol import (
     Progress,
     Role,
     WaitKind,
-    actor_name,
     actor_slot,
     unpack_slots,
 )
-from mpkv.report import NO_WAIT, Wait, actor_map, wait_chain
+from mpkv.report import NO_WAIT, Wait, actor_map, culprits, wait_chain
 from mpkv.shm.barrier import create_barrier
 from mpkv.shm.records import read_sync_record, write_sync_record
 from mpkv.shm.registry import Registry
@@ -233,30 +232,14 @@ class Instance:
         return ""
 
     def culprits(self) -> str:
-        """Who broke the instance: a launcher that died (its actors die with it), actors that FAILED (with their
-        error's first line) or died without stopping. Once one is gone the launcher stops the others (they show
-        STOPPED): those are named last, if at all."""
+        """Who broke the instance: a launcher that died (its actors die with it), else ``report.culprits`` of the
+        status as it is now (actors that FAILED or died, then those the launcher stopped)."""
         launcher = self.launcher_gone()
         if launcher.endswith("exited with it"):
             return launcher
-        culprits, stopped = [], []
-        for rank in range(self.cfg.tp):
-            for role in ROLES:
-                slot, who = actor_slot(role, rank), actor_name(role, rank)
-                sig = self.status.read_or_dead(slot)
-                if sig.value == ActorState.FAILED:
-                    err = self.read_error(slot).strip().splitlines()
-                    culprits.append(f"{who} (pid {sig.writer.pid}) FAILED: {err[0] if err else 'no error recorded'}")
-                elif sig.value == ActorState.STOPPED:
-                    stopped.append(who)
-                elif sig.seq and not sig.writer.alive():
-                    culprits.append(
-                        f"{who} died: pid {sig.writer.pid} is {sig.writer.state()} "
-                        f"(last state {sig.value.name}@{sig.epoch})"
-                    )
-        if not culprits:
-            return f"the instance was stopped ({', '.join(stopped) or 'no actor stopped yet'})"
-        return "; ".join(culprits) + (f" (then the launcher stopped {', '.join(stopped)})" if stopped else "")
+        from mpkv import status  # it reads through this class: imported on use, not at the top (a cycle)
+
+        return culprits(status.read_status(self))
 
     def waiting_for(self, slot: int) -> Wait:
         """What the process of a status slot (or the controller's wait slot) is waiting for, and since when."""

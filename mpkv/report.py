@@ -256,6 +256,23 @@ def unhealthy(st: InstanceStatus) -> list[str]:
     ]
 
 
+def culprits(st: InstanceStatus) -> str:
+    """Who broke the instance: actors that FAILED (with their error's first line) or died without stopping. Once one
+    is gone the launcher stops the others (they show STOPPED): those are named last, if at all. (A launcher that
+    died is named before all of them by ``Instance.culprits``: its actors exit with it.)"""
+    broken = [
+        f"{a.who} (pid {a.pid}) FAILED: {a.error or 'no error recorded'}"
+        if a.state == "FAILED"
+        else f"{a.who} died: pid {a.pid} is {a.process_state} (last state {a.state}@{a.epoch})"
+        for a in st.actors
+        if a.broken
+    ]
+    stopped = [a.who for a in st.actors if a.state == "STOPPED"]
+    if not broken:
+        return f"the instance was stopped ({', '.join(stopped) or 'no actor stopped yet'})"
+    return "; ".join(broken) + (f" (then the launcher stopped {', '.join(stopped)})" if stopped else "")
+
+
 # -- the one renderer --------------------------------------------------------------------------------------------
 class Line(NamedTuple):
     """One line of text; ``alarm``: it shows something broken (mpkv-top paints it red)."""

@@ -85,7 +85,7 @@ def actor_status(inst: Instance, slot: int, now_ns: int) -> ActorStatus:
     sig: Signal[ActorState] = inst.status.read_or_dead(slot)
     launcher = slot == launcher_slot(inst.cfg.tp)
     role, rank = ("launcher", -1) if launcher else (ROLES[slot % len(ROLES)].name.lower(), slot // len(ROLES))
-    error = "" if launcher else inst.read_error(slot)
+    error = ([] if launcher else inst.read_error(slot).strip().splitlines()) or [""]
     return ActorStatus(
         role=role,
         rank=rank,
@@ -96,7 +96,7 @@ def actor_status(inst: Instance, slot: int, now_ns: int) -> ActorStatus:
         epoch=sig.epoch,
         aux=sig.aux,
         heartbeat_age_s=round((now_ns - sig.timestamp_ns) / 1e9, 3) if sig.seq else None,
-        error=error.splitlines()[0] if error else "",
+        error=error[0],
         waiting_for=NO_WAIT if launcher else inst.waiting_for(slot),
     )
 

@@ -21,7 +21,7 @@ from instances import Launched
 
 from mpkv.client import Client
 from mpkv.controller import Controller
-from mpkv.report import NO_WAIT, ActorStatus, CommandStatus, InstanceStatus, StepStatus, Wait
+from mpkv.report import NO_WAIT, ActorStatus, CommandStatus, InstanceStatus, StepStatus, Wait, culprits
 from mpkv.shm.cleanup import cleanup
 from mpkv.status import decode_pool_gone
 
@@ -254,6 +254,21 @@ def test_problems_from_the_wait_for_graph() -> None:
     )
     kinds = {p.kind for p in problems(cyclic)}
     assert kinds == {"cycle"}, problems(cyclic)
+
+
+def test_culprits_from_the_status_record() -> None:
+    """Instance.culprits' words, a pure function of the record: who FAILED or died, then who was stopped after."""
+    calm = _status(_actor("worker r0", state="STOPPED"), _actor("transfer r0"))
+    assert culprits(calm) == "the instance was stopped (worker r0)"
+    broken = _status(
+        _actor("worker r0", state="FAILED"),
+        _actor("transfer r0", state="PAUSED", alive=False),
+        _actor("messager r0", state="STOPPED", alive=False),  # stopped, then exited: not a culprit
+    )
+    assert culprits(broken) == (
+        "worker r0 (pid 100) FAILED: boom; transfer r0 died: pid 100 is dead (last state PAUSED@3) "
+        "(then the launcher stopped messager r0)"
+    )
 
 
 def test_a_booting_instance_shows_as_starting(instance: str) -> None:
