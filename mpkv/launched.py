@@ -69,8 +69,8 @@ class LaunchedInstance:
         self.env = dict(os.environ) | (env or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.record: dict[str, Any] | None = None
-        self.lines: collections.deque[str] = collections.deque(maxlen=KEEP_LINES)  # stdout and stderr, as they came
-        self.said = 0  # lines said so far (``lines`` keeps the last KEEP_LINES)
+        # What it said on stdout and stderr, as it came (the last KEEP_LINES lines).
+        self.lines: collections.deque[str] = collections.deque(maxlen=KEEP_LINES)
         self._news = threading.Condition()
         self._readers: list[threading.Thread] = []
         self._stdout_done = False
@@ -110,7 +110,6 @@ class LaunchedInstance:
                 if record is not None and self.record is None:
                     self.record = record
                 self.lines.append(line)
-                self.said += 1
                 self._news.notify_all()
         with self._news:
             self._stdout_done = self._stdout_done or is_stdout
