@@ -251,7 +251,7 @@ class Instance:
 
     def _wait_label(self, code: int) -> str:
         if code >= LINK_WAIT_BASE:
-            return self.links._labels(code - LINK_WAIT_BASE)
+            return self.links.label(code - LINK_WAIT_BASE)
         return _actor_label(code, self.cfg.tp).removeprefix("status of ")
 
     def wait_chain(self, slot: int) -> str:

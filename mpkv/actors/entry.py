@@ -166,7 +166,7 @@ def actor_main(role: Role, instance: str, rank: int) -> None:
             text += f"\n{actor_name(role, rank)} teardown failed too: {type(t).__name__}: {t}"
         if text:
             inst.write_error(role, rank, text)
-        writer = actor._status_w if actor is not None else inst.status.writer(actor_slot(role, rank))
+        writer = actor.status_writer if actor is not None else inst.status.writer(actor_slot(role, rank))
         writer.write(state, epoch, 0)
         if actor is not None:
             actor.close()

@@ -21,6 +21,7 @@ import os
 import time
 from typing import Any, ClassVar
 
+from mpkv import naming
 from mpkv.actors.entry import fault_point, jitter
 from mpkv.actors.runtime import PEER_TIMEOUT_S, Actor, TaskError
 from mpkv.blocks import BadBlocks, check_ids
@@ -64,7 +65,7 @@ class Messager(Actor):
         self.nixl: Endpoint | None = None
         self.receiver: Receiver | None = None
         if inst.cfg.pd_role == PdRole.PREFILL:
-            self.barrier = Barrier(inst.name_of("sendbar"), rank, label=f"messager:r{rank}")
+            self.barrier = Barrier(inst.name_of(naming.SENDBAR), rank, label=f"messager:r{rank}")
         super().__init__(inst, rank)
         if inst.cfg.nixl_port and inst.cfg.pd_role != PdRole.MIXED:
             self.nixl = Endpoint(inst.name, rank, inst.cfg)

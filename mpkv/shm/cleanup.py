@@ -177,7 +177,7 @@ def cleanup(dry_run: bool = False, instance: str | None = None) -> CleanupReport
 
 
 # -- log directories: <root>/<instance>, made by the launcher (mpkv.launcher.Launcher._log_dir) --------------------
-LAUNCHER_TITLE = "mpkv::launch:"  # mpkv.launcher sets it before it makes the log directory
+LAUNCHER_TITLE = naming.LAUNCHER_TITLE  # mpkv.launcher sets it before it makes the log directory
 
 
 def _launchers() -> tuple[set[str], list[str]]:
