@@ -95,7 +95,7 @@ def wait_any_fallback_wakes(errno_value: int, signals: str, conn: Connection) ->
         arr = SignalArray(signals, Phase)
         try:
             buf = arr.seg.buf
-            words = [(buf, arr._off(i), _native.load_u64(buf, arr._off(i)) & 0xFFFFFFFF) for i in (0, 1)]
+            words = [(buf, arr.word(i).off, _native.load_u64(buf, arr.word(i).off) & 0xFFFFFFFF) for i in (0, 1)]
             conn.send("ready")
             rc = _native.wait_any(words, 60.0)
             return {"rc": rc, "refused": _native.wait_any_refused()}
@@ -113,7 +113,7 @@ def die_mid_write(signals: str, slot: int, conn: Connection) -> None:
 
     arr = SignalArray(signals, Phase)
     arr.writer(slot).write(Phase.READY, 3, aux=7)
-    off, buf = arr._off(slot), arr.seg.buf
+    off, buf = arr.word(slot).off, arr.seg.buf
     conn.send("dying")
     conn.close()
     _native.store_u64(buf, off, _native.load_u64(buf, off) + 1)  # the first sequence store: odd

@@ -121,7 +121,7 @@ def test_signal_writer_release_lets_another_process_write(registry: Registry) ->
 
     seg = create_signals(registry, "signals", 1)
     arr = SignalArray(seg.name, Phase)
-    claim = arr._off(0) + layout.SIGNAL_CLAIM
+    claim = arr.word(0).off + layout.SIGNAL_CLAIM
     try:
         w = arr.writer(0)
         w.write(Phase.READY, 1)

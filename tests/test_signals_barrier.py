@@ -154,7 +154,7 @@ def test_a_record_left_mid_write_is_reported_not_spun_on(registry: Registry) -> 
     seg = create_signals(registry, "signals", 1)
     arr = SignalArray(seg.name, Phase)
     arr.writer(0).write(Phase.READY, 3)
-    off = arr._off(0)
+    off = arr.word(0).off
     _native.store_u64(arr.seg.buf, off, _native.load_u64(arr.seg.buf, off) + 1)  # as if killed mid-write
     with pytest.raises(PeerDied, match=r"slot 0 of .* stuck mid-write for 1 s .* died or was stopped"):
         arr.read(0)  # returns (raises) at all: a reader that spun forever would hang the test until its timeout
