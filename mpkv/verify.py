@@ -83,6 +83,6 @@ def _first_difference(
     position = token // cfg.block_size
     return (
         f"rank {rank} {tier} {int(np.asarray(ids)[position])} (#{position} of {len(ids)}), layer {layer} "
-        f"{'KV'[kv]}, token {token}: differs from weight version {wv}'s recomputation "
+        f"{'KV'[kv]}, token {token}: KV differs from weight version {wv}'s recomputation "
         f"({int(differs.sum())} of {differs.numel()} token rows of this rank differ)"
     )

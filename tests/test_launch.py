@@ -41,7 +41,7 @@ def test_launch_yields_a_ready_instance_and_leaves_nothing_when_the_body_raises(
             assert verify_kv(client, tokens, blocks, 1) == 1
             other = tokens.copy()
             other[SMALL["block_size"] + 1] += 1  # the second token of the second block, block 9
-            with pytest.raises(KVMismatch, match=r"^read: rank 0 block 9 \(#1 of 2\), layer 0 K, token 9: differs"):
+            with pytest.raises(KVMismatch, match=r"^read: rank 0 block 9 \(#1 of 2\), layer 0 K, token 9: KV differs"):
                 verify_kv(client, other, blocks, 1, what="read")
             with pytest.raises(KVMismatch, match=r"rank 0 serves weight version 1 for blocks \[5, 9\], expected 2"):
                 verify_kv(client, tokens, blocks, 2)
