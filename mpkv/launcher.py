@@ -33,7 +33,7 @@ from mpkv.protocol import ROLES, ActorState, Cmd, Role, actor_name, actor_slot
 from mpkv.shm.cleanup import cleanup
 from mpkv.shm.proc import ProcId
 from mpkv.shm.signals import SignalWriter, TornSlot
-from mpkv.shm.waiting import Peer, WakeSet, wait_until
+from mpkv.shm.waiting import MAX_WORDS, Peer, WakeSet, wait_until
 
 S = ActorState
 GRACE_S = 5.0
@@ -224,8 +224,10 @@ class Launcher:
         procs = {k: ProcId.of(p.pid or 0) for k, p in pending.items()}
 
         def step(slice_s: float, spin_s: float) -> bool:
+            # Asleep on (at most MAX_WORDS of) the pending actors' words: with more, the others' changes are seen
+            # within a slice, as an exit is.
             wake = WakeSet()
-            index = {k: wake.add(inst.status.word(actor_slot(*k))) for k in pending}
+            index = {k: wake.add(inst.status.word(actor_slot(*k))) for k in list(pending)[:MAX_WORDS]}
             wake.snapshot()  # before the slots are read: a write in between still ends the sleep below
             for (role, rank), p in list(pending.items()):
                 sig = inst.status.read(actor_slot(role, rank))
@@ -241,8 +243,9 @@ class Launcher:
                     )
             if self._stop_signal is not None:
                 raise LaunchError(f"interrupted by {signal.Signals(self._stop_signal).name} during start")
-            if pending and slice_s > 0:
-                wake.sleep(slice_s, [index[k] for k in pending])
+            among = [index[k] for k in pending if k in index]
+            if among and slice_s > 0:  # none left among the words: the next step sleeps on the others'
+                wake.sleep(slice_s, among)
             return not pending
 
         def peers() -> list[Peer]:
@@ -256,7 +259,15 @@ class Launcher:
                 for (r, k), p in pending.items()
             )
             raise LaunchError(f"not ready after {timeout_s:g} s: still waiting for {late}") from None
-        except PeerDied as e:  # exited between a step and the liveness check, yet not reaped by it: said as it is
+        except PeerDied as e:
+            # Exited (a zombie in /proc) before its exit code reached us: wait for that, bounded, and say it as a
+            # step would have.
+            for (role, rank), p in pending.items():
+                if not procs[(role, rank)].alive():
+                    p.join(GRACE_S)
+                    raise LaunchError(
+                        f"{actor_name(role, rank)} (pid {p.pid}) died during start: {_exit_words(p.exitcode)}"
+                    ) from None
             raise LaunchError(f"an actor died during start: {e}") from None
 
     def _supervise(self, inst: Instance, me: SignalWriter[ActorState]) -> int:
