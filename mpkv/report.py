@@ -248,11 +248,12 @@ def actor_map(st: InstanceStatus) -> dict[str, ActorStatus]:
 
 
 def unhealthy(st: InstanceStatus) -> list[str]:
-    """The launcher and actors that are dead or FAILED, named ("transfer r0 (pid 7) is dead"); empty: healthy."""
+    """The launcher and actors that are broken (``ActorStatus.broken``: FAILED, or dead without having stopped),
+    named ("transfer r0 (pid 7) is dead"); empty: healthy. An actor still booting (no pid yet) is not broken."""
     return [
         f"{a.who} (pid {a.pid}) is {'FAILED' if a.state == 'FAILED' else 'dead'}"
         for a in (st.launcher, *st.actors)
-        if a.state == "FAILED" or not a.alive
+        if a.broken
     ]
 
 

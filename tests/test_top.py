@@ -21,7 +21,7 @@ from instances import Launched
 
 from mpkv.client import Client
 from mpkv.controller import Controller
-from mpkv.report import NO_WAIT, ActorStatus, CommandStatus, InstanceStatus, StepStatus, Wait, culprits
+from mpkv.report import NO_WAIT, ActorStatus, CommandStatus, InstanceStatus, StepStatus, Wait, culprits, unhealthy
 from mpkv.shm.cleanup import cleanup
 from mpkv.status import decode_pool_gone
 
@@ -269,6 +269,16 @@ def test_culprits_from_the_status_record() -> None:
         "worker r0 (pid 100) FAILED: boom; transfer r0 died: pid 100 is dead (last state PAUSED@3) "
         "(then the launcher stopped messager r0)"
     )
+
+
+def test_unhealthy_is_broken_not_booting() -> None:
+    """`ctl status` exits 1 on what report.unhealthy names: FAILED, or dead without having stopped; an actor still
+    booting (no pid published yet) or one that stopped and exited is not a reason."""
+    booting = msgspec.structs.replace(_actor("worker r0", state="BOOTING", alive=False), pid=0)
+    stopped = _actor("transfer r0", state="STOPPED", alive=False)
+    assert unhealthy(_status(booting, stopped)) == []
+    sick = _status(_actor("worker r0", state="FAILED"), _actor("transfer r0", state="READY", alive=False))
+    assert unhealthy(sick) == ["worker r0 (pid 100) is FAILED", "transfer r0 (pid 100) is dead"]
 
 
 def test_a_booting_instance_shows_as_starting(instance: str) -> None:
