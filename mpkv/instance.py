@@ -243,7 +243,7 @@ class Instance:
 
     def waiting_for(self, slot: int) -> Wait:
         """What the process of a status slot (or the controller's wait slot) is waiting for, and since when."""
-        sig = self.waits.read(slot)
+        sig = self.waits.read_or_dead(slot)  # a report: a slot torn by a dead writer reads as no wait of it
         if sig.seq == 0 or sig.value == WaitKind.NONE:
             return NO_WAIT
         on = tuple(self._wait_label(i) for i in unpack_slots(sig.aux))

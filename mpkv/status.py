@@ -20,7 +20,7 @@ from mpkv.topology import pool_owner, unpack_ledger
 def ledger(inst: Instance) -> tuple[ClearFlags, int]:
     """What the controller's ledger records: the tiers cleared since the last restore, and the weight version the
     KV in the pools belongs to (the config's before any). ``settled`` counts what the last command did since."""
-    sig = inst.control.read(CONTROL_LEDGER)
+    sig = inst.control.read_or_dead(CONTROL_LEDGER)
     return unpack_ledger(sig.aux) if sig.seq else (ClearFlags(0), inst.cfg.weight_version)
 
 
@@ -29,7 +29,7 @@ def decode_pool_gone(inst: Instance, ranks: Iterable[int]) -> str:
     "": the one rule behind the lease allocator (a batch completes only into pools still served) and a link (what
     it shipped may not have landed). First what the command word and ledger say (clearing or stopping now, or
     cleared), then who holds the pools: the launcher (its actors exit with it), then each rank's pool owner."""
-    cmd = inst.control.read(CONTROL_COMMAND)
+    cmd = inst.control.read_or_dead(CONTROL_COMMAND)
     if link_must_unmap(Command(cmd.value, cmd.epoch, cmd.aux)):
         doing = "clearing its pool" if cmd.value == Cmd.CLEAR else "shutting down"
         return f"decode instance {inst.name!r} is {doing} ({cmd.value.name}@{cmd.epoch})"
@@ -63,7 +63,7 @@ def actor_statuses(inst: Instance) -> list[Status | None]:
 def settled(inst: Instance) -> tuple[Command, list[Status | None], ClearFlags, int]:
     """The last command, every actor's status, what is cleared and the weight version, with what the last command
     did counted (``handshake.settled_ledger``); ``step_done(cmd, statuses)`` says whether it is acknowledged."""
-    sig = inst.control.read(CONTROL_COMMAND)
+    sig = inst.control.read_or_dead(CONTROL_COMMAND)
     cmd = Command(sig.value, sig.epoch, sig.aux)
     statuses = actor_statuses(inst)
     return (cmd, statuses, *settled_ledger(cmd, step_done(cmd, statuses), *ledger(inst)))

@@ -16,10 +16,11 @@ import pytest
 from helpers import Child
 from instances import Launched, prefill_and_verify, verify
 
+from mpkv import status
 from mpkv.client import Client
 from mpkv.controller import CommandRefused, Controller, StepFailed
 from mpkv.errors import AttachError
-from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, FENCE_CLOSING
+from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, FENCE_CLOSING, Instance
 from mpkv.protocol import ActorState, Cmd, Role, actor_slot
 
 
@@ -148,6 +149,12 @@ def test_a_controller_killed_mid_write_of_a_command_takes_nothing_down(instance:
         assert dying.recv(60) == "dying"
         dying.join(30)
         assert dying.proc.exitcode == -signal.SIGKILL
+        looker = Instance.attach(instance)
+        try:  # a report reads through the torn word (as no command of its dead writer) and never raises
+            assert status.read_status(looker).command.kind == "NONE"
+            assert looker.culprits() == "the instance was stopped (no actor stopped yet)"
+        finally:
+            looker.close()
         torn_ns = time.monotonic_ns()
         with Controller(instance) as ctl:
             # Every actor publishes its heartbeat after a pass of its loop that re-read the (changed) command word.
