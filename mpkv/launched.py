@@ -80,9 +80,12 @@ class LaunchedInstance:
 
     def start(self) -> LaunchedInstance:
         libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child runs nothing but the prctl call
+        parent = os.getpid()
 
         def die_with_us() -> None:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+            if os.getppid() != parent:  # we died before the prctl: no signal will come, so go now
+                os._exit(1)
 
         self.proc = subprocess.Popen(
             self.args,
@@ -243,8 +246,8 @@ class LaunchedInstance:
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, a bounded wait, then SIGKILL of the process group and `mpkv cleanup NAME`; the exit code of the
         launcher (negative: the signal that ended it). A second call only returns it. A launcher that exits by
-        itself has unlinked its names (or, killed by someone else, left them to `mpkv cleanup` or its next
-        launch): only the names of a run this call had to kill are reclaimed here."""
+        itself has unlinked its names; one killed by a signal (by this call, or by anyone) could not, so its names
+        are reclaimed here (cleanup spares a live instance's)."""
         if self.proc is None or self._stopped:
             return self.returncode
         self._stopped = True
@@ -272,7 +275,7 @@ class LaunchedInstance:
             for f in (proc.stdout, proc.stderr):
                 if f is not None:
                     f.close()
-        if killed:
+        if killed or proc.returncode < 0:  # killed, by us or by anyone: its names may be left; cleanup spares the live
             cleanup(instance=self.name)
         return proc.returncode
 
@@ -339,8 +342,8 @@ def launch(
     ``geometry``: CacheConfig fields (``layers``, ``device_blocks``, ``pool_owner``, ``nixl_port``, ...);
     ``env``: added to this process's environment for the launcher. LaunchError if it does not get ready."""
     inst = LaunchedInstance(name, launch_args(name, tp, role, backend, **geometry), env)
-    inst.start()
     try:
+        inst.start()  # inside: an interrupt after the launcher began still stops it (stop() takes a never-started one)
         inst.wait_ready(ready_timeout_s)
         yield inst
     finally:

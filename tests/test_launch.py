@@ -4,6 +4,7 @@ however the body ends; a launcher that fails first is an error that quotes it. A
 from __future__ import annotations
 
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -54,6 +55,17 @@ def test_launch_yields_a_ready_instance_and_leaves_nothing_when_the_body_raises(
     assert not [p for p in procs if p.alive()], [p.describe() for p in procs]
     assert not own_names(instance)
     assert inst.returncode == 0, list(inst.lines)  # SIGTERM: the launcher's ordered teardown
+
+
+def test_a_launcher_killed_by_someone_else_leaves_no_names(instance: str) -> None:
+    """kill -9 of the launcher from outside: its actors follow it (parent-death signals), and leaving the block
+    reclaims the names it could not unlink."""
+    with mpkv.launch(instance, tp=1, **SMALL) as inst:
+        assert own_names(instance)
+        os.kill(inst.pid, signal.SIGKILL)
+        inst.wait_exit(60)
+    assert inst.returncode == -signal.SIGKILL
+    assert not own_names(instance), "the names of a launcher killed from outside were left"
 
 
 @pytest.mark.parametrize("case", ["bad_geometry", "actor_crash", "never_ready"])
