@@ -133,8 +133,15 @@ _WIRE_TYPES: dict[str, Any] = {
 }
 
 
-def _wire(value: object) -> object:
-    return value.name.lower() if isinstance(value, IntEnum) else value
+_ENUM_FIELDS = ("pool_owner", "pd_role")
+
+
+def _wire(value: object, field: str = "") -> object:
+    """As msgspec checks it: an enum as its lower-case name; an enum field's string in any case ("TRANSFER", as
+    configs written before this check said it, stays valid)."""
+    if isinstance(value, IntEnum):
+        return value.name.lower()
+    return value.lower() if field in _ENUM_FIELDS and isinstance(value, str) else value
 
 
 def _build_spec() -> tuple[type[msgspec.Struct], dict[str, Any]]:
@@ -177,7 +184,7 @@ def valid_range(field: str) -> str:
 def check_value(field: str, value: object) -> object:
     """``value`` checked against ``field``'s type and range; a ValueError saying the range otherwise."""
     try:
-        return msgspec.convert(_wire(value), _TYPES[field], strict=True)
+        return msgspec.convert(_wire(value, field), _TYPES[field], strict=True)
     except msgspec.ValidationError:
         raise ValueError(f"must be {valid_range(field)}, got {value!r}") from None
 
@@ -185,7 +192,7 @@ def check_value(field: str, value: object) -> object:
 def check_fields(values: Mapping[str, Any], label: Callable[[str], str] = str) -> None:
     """Every field's type and range (msgspec, unknown fields refused), then the rules that tie fields together.
     The first problem found is a ValueError of one line that names the field by ``label`` and its range."""
-    wire = {k: _wire(v) for k, v in values.items()}
+    wire = {k: _wire(v, k) for k, v in values.items()}
     try:
         cfg = msgspec.convert(wire, _SPEC, strict=True)
     except msgspec.ValidationError as e:

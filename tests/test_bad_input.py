@@ -316,6 +316,9 @@ def test_cache_config_keeps_its_python_api_and_checks_every_way_in() -> None:
     cfg = CacheConfig(tp=2, pd_role="decode", pool_owner=PoolOwner.TRANSFER)  # type: ignore[arg-type]
     assert (cfg.pd_role, cfg.pool_owner, cfg.heads_per_rank) == (PdRole.DECODE, PoolOwner.TRANSFER, 2)
     assert CacheConfig.from_json(cfg.to_json()) == cfg
+    # An enum's name in any case, as configs written before the msgspec check (and Python callers) said it.
+    shouted = cfg.to_json().replace('"decode"', '"DECODE"').replace('"transfer"', '"Transfer"')
+    assert CacheConfig.from_json(shouted) == cfg
     for make, says in (
         (lambda: CacheConfig(tp=0), "config: tp must be an integer >= 1, got 0"),
         (lambda: CacheConfig(layers=True), "config: layers must be an integer >= 1, got True"),

@@ -360,8 +360,10 @@ class NixlLink:
         return ""
 
     def _receiver(self) -> Peer:
-        heard = f"last answered {time.monotonic() - self._heard:.1f} s ago" if self._heard else "never answered"
-        return Peer(f"NIXL agent {self.peer}", None, lambda: heard, absent=f"remote, at {self.host}:{self.port}")
+        def heard() -> str:  # when the wait ends, not when it began
+            return f"last answered {time.monotonic() - self._heard:.1f} s ago" if self._heard else "never answered"
+
+        return Peer(f"NIXL agent {self.peer}", None, heard, absent=f"remote, at {self.host}:{self.port}")
 
     def _wait_notif(self, what: str, accept: Any) -> bytes:
         def answer() -> bytes | None:
