@@ -167,6 +167,19 @@ def actor_log(log_dir: str, role: str, rank: int) -> str:
     return os.path.join(log_dir, f"{role}.r{rank}.log")
 
 
+_ACTOR_LOG_RE = re.compile(r"^[a-z]+\.r\d+\.log$")
+
+
+def actor_logs(log_dir: str) -> list[str]:
+    """The actors' log files now in ``log_dir`` (as ``actor_log`` names them), sorted; OSError if unreadable."""
+    return sorted(os.path.join(log_dir, f) for f in os.listdir(log_dir) if _ACTOR_LOG_RE.match(f))
+
+
+def actor_profile(prefix: str, role: str, rank: int) -> str:
+    """Where MPKV_PROFILE=prefix puts an actor's cProfile output."""
+    return f"{prefix}.{role}.r{rank}"
+
+
 def nixl_agent(instance: str, rank: int) -> str:
     """The NIXL agent of an instance's rank: peers on other hosts find it by this name."""
     return f"mpkv.{instance}.r{rank}"

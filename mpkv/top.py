@@ -197,7 +197,7 @@ def recent_transitions(log_dir: str, n: int = 6) -> list[str]:
     """The last ``n`` handshake transitions the actors logged (their log files; empty if there are none)."""
     lines: list[str] = []
     try:
-        files = [os.path.join(log_dir, f) for f in os.listdir(log_dir) if f.endswith(".log")]
+        files = naming.actor_logs(log_dir)
     except OSError:
         return []
     for path in files:

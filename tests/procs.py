@@ -314,7 +314,7 @@ def controller_dies_writing_a_command(instance: str, conn: Connection) -> None:
 
     ctl = Controller(instance)
     ctl.pause()
-    buf, off = ctl.inst.control.seg.buf, ctl.inst.control._off(CONTROL_COMMAND)
+    buf, off = ctl.inst.control.seg.buf, ctl.inst.control.word(CONTROL_COMMAND).off
     conn.send("dying")
     conn.close()
     _native.store_u64(buf, off, _native.load_u64(buf, off) + 1)  # the first sequence store: odd

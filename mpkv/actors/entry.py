@@ -146,7 +146,8 @@ def actor_main(role: Role, instance: str, rank: int) -> None:
         if profile_to:
             import cProfile
 
-            cProfile.runctx("actor.run()", globals(), {"actor": actor}, f"{profile_to}.{role.name.lower()}.r{rank}")
+            out = naming.actor_profile(profile_to, role.name.lower(), rank)
+            cProfile.runctx("actor.run()", globals(), {"actor": actor}, out)
         else:
             actor.run()
     except SystemExit as e:  # SIGTERM from the launcher: a requested stop, not a failure
