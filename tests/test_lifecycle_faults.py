@@ -93,24 +93,27 @@ def test_a_child_dying_at_start_is_named(instance: str) -> None:
 
 def test_kill_the_launcher(instance: str) -> None:
     inst = Launched(instance, tp=2)
-    inst.wait_line("ready")
-    with Controller(instance) as ctl:
-        pids = [ctl.inst.status.read(i).writer for i in range(6)]
-    inst.proc.kill()
-    inst.exit_code()
-    inst.__exit__()
-    # The actors die with it (PR_SET_PDEATHSIG); then cleanup reclaims every name.
-    deadline = time.monotonic() + DEADLINE_S
-    for p in pids:
-        if p.alive():
-            fd = os.pidfd_open(p.pid)  # readable once the process has exited
-            try:
-                select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-            finally:
-                os.close(fd)
-    assert not any(p.alive() for p in pids), "actors survived their launcher"
-    report = cleanup(instance=instance)
-    assert report.removed and not report.live_instances
+    try:
+        inst.wait_line("ready")
+        with Controller(instance) as ctl:
+            pids = [ctl.inst.status.read(i).writer for i in range(6)]
+        inst.proc.kill()
+        inst.exit_code()
+        # The actors die with it (PR_SET_PDEATHSIG); then cleanup reclaims every name (here, before the harness's
+        # own exit would: it reclaims the names of a launcher killed by a signal).
+        deadline = time.monotonic() + DEADLINE_S
+        for p in pids:
+            if p.alive():
+                fd = os.pidfd_open(p.pid)  # readable once the process has exited
+                try:
+                    select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+                finally:
+                    os.close(fd)
+        assert not any(p.alive() for p in pids), "actors survived their launcher"
+        report = cleanup(instance=instance)
+        assert report.removed and not report.live_instances
+    finally:
+        inst.__exit__()
 
 
 @pytest.mark.parametrize("waiter", ["controller", "client"])
