@@ -136,7 +136,7 @@ def test_a_stuck_actor_is_named_with_its_waiters(instance: str) -> None:
 
 
 @contextmanager
-def tmux_top(session: str, args: str) -> Iterator[Callable[[], str]]:
+def tmux_top(session: str, args: str, rows: int = 60) -> Iterator[Callable[[], str]]:
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed")
     cmd = (
@@ -144,7 +144,7 @@ def tmux_top(session: str, args: str) -> Iterator[Callable[[], str]]:
         " sleep 60"
     )
     subprocess.run(
-        ["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "60", cmd],
+        ["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", str(rows), cmd],
         check=True,
         env=dict(os.environ, TERM="xterm-256color"),
     )
@@ -173,7 +173,8 @@ def test_live_view_in_a_real_terminal(instance: str) -> None:
 
 def test_instances_come_and_go_under_a_live_view(instance: str) -> None:
     """A live view of every instance while one starts, is killed with -9 (launcher) and cleaned up: no crash."""
-    with tmux_top(f"{instance}tmux", "--interval 0.2") as screen:
+    # Tall: the view lists every instance of this user, also those of tests running beside this one.
+    with tmux_top(f"{instance}tmux", "--interval 0.2", rows=400) as screen:
         until("the view up", lambda: "mpkv-top" in screen())
         inst = Launched(instance, tp=1)
         with inst:
