@@ -37,7 +37,9 @@ def top_json(name: str | None = None) -> dict:  # type: ignore[type-arg]
     return json.loads(out.stdout)
 
 
-def until(what: str, check: Callable[[], object], timeout_s: float = 30) -> object:
+def until(
+    what: str, check: Callable[[], object], timeout_s: float = 30, show: Callable[[], str] | None = None
+) -> object:
     """Poll ``check`` until it returns something true; the deadline only catches a hang."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -45,7 +47,7 @@ def until(what: str, check: Callable[[], object], timeout_s: float = 30) -> obje
         if got:
             return got
         time.sleep(0.1)
-    raise AssertionError(f"never saw {what} within {timeout_s} s")
+    raise AssertionError(f"never saw {what} within {timeout_s} s" + (f"; the screen:\n{show()}" if show else ""))
 
 
 def run_text(cmd: list[str]) -> str:
@@ -135,6 +137,12 @@ def test_a_stuck_actor_is_named_with_its_waiters(instance: str) -> None:
             ctl.wait(10)
 
 
+def tmux(session: str, *args: str, check: bool = False) -> str:
+    """A tmux command on the test's own tmux server (-L): sessions of tests running beside it, on the default
+    server, would otherwise share its window-size rules (a detached session's size is then not its own)."""
+    return subprocess.run(["tmux", "-L", session, *args], capture_output=True, text=True, check=check).stdout
+
+
 @contextmanager
 def tmux_top(session: str, args: str, rows: int = 60) -> Iterator[Callable[[], str]]:
     if shutil.which("tmux") is None:
@@ -144,18 +152,18 @@ def tmux_top(session: str, args: str, rows: int = 60) -> Iterator[Callable[[], s
         " sleep 60"
     )
     subprocess.run(
-        ["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", str(rows), cmd],
+        ["tmux", "-L", session, "new-session", "-d", "-s", session, "-x", "150", "-y", str(rows), cmd],
         check=True,
         env=dict(os.environ, TERM="xterm-256color"),
     )
 
     def screen() -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+        return tmux(session, "capture-pane", "-p", "-t", session)
 
     try:
         yield screen
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        tmux(session, "kill-server")
 
 
 def test_live_view_in_a_real_terminal(instance: str) -> None:
@@ -164,7 +172,7 @@ def test_live_view_in_a_real_terminal(instance: str) -> None:
         stamp = first.splitlines()[0]  # type: ignore[union-attr]
         until("the view to refresh", lambda: screen().splitlines()[0] != stamp)
         assert "worker r1" in screen() and "idle" in screen()
-        subprocess.run(["tmux", "send-keys", "-t", f"{instance}tmux", "q"], check=True)
+        tmux(f"{instance}tmux", "send-keys", "-t", f"{instance}tmux", "q", check=True)
         after = until("mpkv-top to exit on q", lambda: screen() if "TOP-EXITED-" in screen() else "")
         assert "TOP-EXITED-0" in after, after  # type: ignore[operator]
         assert "\nicanon" in "\n" + after, f"the terminal was not restored (still -icanon): {after}"  # type: ignore[operator]
@@ -178,14 +186,14 @@ def test_instances_come_and_go_under_a_live_view(instance: str) -> None:
         until("the view up", lambda: "mpkv-top" in screen())
         inst = Launched(instance, tp=1)
         with inst:
-            until("the new instance", lambda: f"{instance} [live]" in screen())
+            until("the new instance", lambda: f"{instance} [live]" in screen(), show=screen)
             inst.proc.send_signal(signal.SIGKILL)  # its actors die with it (parent-death signal)
             assert inst.exit_code() == -signal.SIGKILL
             until("the instance shown dead or gone", lambda: f"{instance} [live]" not in screen())
             cleanup(instance=instance)  # the names a killed launcher leaves behind
             until("the instance gone from the view", lambda: instance not in screen())
         assert "TOP-EXITED" not in screen(), screen()
-        subprocess.run(["tmux", "send-keys", "-t", f"{instance}tmux", "q"], check=True)
+        tmux(f"{instance}tmux", "send-keys", "-t", f"{instance}tmux", "q", check=True)
         assert "TOP-EXITED-0" in until("exit", lambda: screen() if "TOP-EXITED" in screen() else "")  # type: ignore[operator]
 
 
