@@ -180,6 +180,16 @@ def actor_profile(prefix: str, role: str, rank: int) -> str:
     return f"{prefix}.{role}.r{rank}"
 
 
+def private_socket_dir() -> str:
+    """A new private (0700, O_EXCL) directory for a benchmark's ipc:// socket: a fixed path in /tmp could be
+    taken, or linked elsewhere, by another user first."""
+    return tempfile.mkdtemp(prefix="mpkv-bench.")
+
+
+def bench_process(what: str) -> str:
+    return f"mpkv-bench:{what}"
+
+
 def nixl_agent(instance: str, rank: int) -> str:
     """The NIXL agent of an instance's rank: peers on other hosts find it by this name."""
     return f"mpkv.{instance}.r{rank}"

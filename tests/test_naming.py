@@ -12,7 +12,9 @@ import mpkv
 
 PACKAGE = pathlib.Path(mpkv.__file__).parent
 # The literal beginnings of the names naming.py builds.
-OS_NAME = re.compile(r"^(tasks\.|done\.|pool\.(dev|host)|mpkv::|mpkv-logs|/dev/shm|/mpkv\.|mpkv\.u\d|mpkv\.\{|\.log$)")
+OS_NAME = re.compile(
+    r"^(tasks\.|done\.|pool\.(dev|host)|mpkv::|mpkv-logs|mpkv-bench|/dev/shm|/tmp/|/mpkv\.|mpkv\.u\d|mpkv\.\{|\.log$)"
+)
 NAME_TAKERS = {"name_of", "object_name", "create_segment", "create_signals", "create_ring", "create_barrier"}
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from mpkv import naming
 from mpkv.bench.links import (
     ACK,
     CTX,
@@ -123,7 +124,7 @@ def _sigint_ignored_by_child() -> Iterator[None]:
 @contextlib.contextmanager
 def _child(target: Callable[..., None], *args: Any, link: Link | None = None) -> Iterator[BaseProcess]:
     """Start a spawned child; on the way out stop it whatever happened (terminate, then kill)."""
-    proc = CTX.Process(target=target, args=args, daemon=True, name=f"mpkv-bench:{target.__name__}")
+    proc = CTX.Process(target=target, args=args, daemon=True, name=naming.bench_process(target.__name__))
     with _sigint_ignored_by_child():
         proc.start()
     try:

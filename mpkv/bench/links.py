@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from mpkv import naming
 from mpkv.shm.registry import Registry
 from mpkv.shm.ring import RingReader, RingWriter, create_ring
 from mpkv.shm.waiting import DEFAULT_TIMEOUT_S
@@ -271,7 +272,8 @@ class ZmqLink(Link):
     """A ZeroMQ PAIR socket pair over ``ipc://`` (bench extra)."""
 
     def __init__(self) -> None:
-        self._path = f"/tmp/{_unique('mpkv-bench')}.ipc"
+        self._dir = naming.private_socket_dir()
+        self._path = os.path.join(self._dir, "link.ipc")
         self._port = _zmq_port(f"ipc://{self._path}", bind=True)
 
     def child_args(self) -> tuple[Any, ...]:
@@ -290,6 +292,8 @@ class ZmqLink(Link):
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(self._dir)
 
 
 @dataclass(frozen=True)
