@@ -72,6 +72,14 @@ def pool_bytes(d: Client) -> dict[int, torch.Tensor]:
     return out
 
 
+def layer0_filled(pool: torch.Tensor, blocks: np.ndarray, block_size: int) -> torch.Tensor:
+    """A rank's pool bytes as they must be after one good write of FILL into layer 0 of ``blocks``."""
+    want = pool.clone()
+    for b in blocks.tolist():
+        want[0, :, b * block_size : (b + 1) * block_size] = FILL
+    return want
+
+
 def test_forged_writes_are_refused_and_land_nothing(instance: str, rng) -> None:
     """A sender that does not hold a lease's token, or holds it but names blocks that are not the lease's (another
     lease's, or past its end), is answered no, and not one byte of the pool changes. The same sender with the
@@ -108,9 +116,7 @@ def test_forged_writes_are_refused_and_land_nothing(instance: str, rng) -> None:
                 d.allocator.release(lease)
             assert d.allocator.complete([good]) == "" and good.state == LeaseState.COMPLETE
             after = pool_bytes(d)
-            want = before[0].clone()  # rank 0's receiver took the one good write: layer 0 of the good lease
-            for b in good.blocks.tolist():
-                want[0, :, b * d.cfg.block_size : (b + 1) * d.cfg.block_size] = FILL
+            want = layer0_filled(before[0], good.blocks, d.cfg.block_size)  # rank 0's receiver took the good write
             assert torch.equal(after[0].view(torch.uint8), want.view(torch.uint8)), "rank 0's pool changed elsewhere"
             assert torch.equal(after[1].view(torch.uint8), before[1].view(torch.uint8)), "rank 1's pool changed"
         finally:
@@ -138,9 +144,7 @@ def test_a_stale_write_under_a_valid_header_is_refused_and_lands_nothing(instanc
                 assert state == "ok", f"the lease's own bytes were refused after the stale write: {text}"
             assert d.allocator.complete([lease]) == "" and lease.state == LeaseState.COMPLETE
             after = pool_bytes(d)
-            want = before[0].clone()  # layer 0 of the lease from the good write; layer 1 as it was
-            for b in lease.blocks.tolist():
-                want[0, :, b * d.cfg.block_size : (b + 1) * d.cfg.block_size] = FILL
+            want = layer0_filled(before[0], lease.blocks, d.cfg.block_size)  # layer 1 as it was
             assert torch.equal(after[0].view(torch.uint8), want.view(torch.uint8)), "rank 0's pool: stale bytes landed"
             assert torch.equal(after[1].view(torch.uint8), before[1].view(torch.uint8)), "rank 1's pool changed"
         finally:
