@@ -154,7 +154,9 @@ def tmux_top(session: str, args: str, rows: int = 60) -> Iterator[Callable[[], s
     subprocess.run(
         ["tmux", "-L", session, "new-session", "-d", "-s", session, "-x", "150", "-y", str(rows), cmd],
         check=True,
-        env=dict(os.environ, TERM="xterm-256color"),
+        # pytest-xdist sets COLUMNS=80 and LINES=24 in its workers, and rich sizes its view by them before the
+        # terminal's own size: the pane must see the size it has.
+        env={k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")} | {"TERM": "xterm-256color"},
     )
 
     def screen() -> str:
