@@ -99,6 +99,11 @@ class LeaseError(MpkvError):
     """A lease cannot be granted or used: no free blocks, a block still in flight, a lease of a cleared pool."""
 
 
+class ModelError(MpkvError, ValueError):
+    """A model directory cannot be used: an unsupported architecture or config key (named), a checkpoint missing
+    a tensor or holding one of the wrong shape, a malformed shard index. Nothing was loaded."""
+
+
 class LinkError(MpkvError):
     """The decode instance cannot take KV from this link now; the message says why."""
 

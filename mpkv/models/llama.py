@@ -1,0 +1,273 @@
+"""Llama-family forward (LlamaForCausalLM, Qwen2ForCausalLM) in plain torch, over mpkv's paged KV pool.
+
+The pool is the tensor every mpkv pool exposes (``CacheConfig.pool_shape``, ``mpkv/pool``), one per rank::
+
+    [layers, 2 (K, V), blocks, block_size, kv_heads / tp, head_dim]
+
+so ``pool[layer, 0, block, offset]`` is the K of one token's KV heads on this rank. A request's token at position
+``p`` lives at ``(table[p // block_size], p % block_size)``. The model writes exactly the slots of the tokens it
+runs (never the rest of a block: another request's tokens may never share a block, but a request's own earlier
+tokens do).
+
+One code path serves prefill and decode: a ``Chunk`` is some new tokens of a request whose first ``start``
+tokens are already in the pool. Prefill is chunks with ``start = 0``; decode is one token per running request.
+Projections and the MLP run on all the batch's tokens at once; attention reads each request's keys through its
+block table into a padded batch, with a mask that is causal and hides the padding.
+
+Tensor parallel: a rank holds its heads' share of the weights (``mpkv.models.weights``); the products of o_proj
+and down_proj are partial sums, which the ``all_reduce`` callable passed in adds up across ranks (the worker will
+pass torch.distributed or a shared-memory all-reduce; tests sum in-process). Everything else is replicated, so
+every rank ends with the same logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mpkv.errors import BadBlocks, BadTask
+from mpkv.models.hf_config import ModelConfig, RopeConfig
+from mpkv.models.weights import LayerWeights, RankWeights
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]  # sum over the ranks; returns the reduced tensor
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """``tokens`` of one request to run, at positions ``start, start + 1, ...``; ``blocks`` is the request's block
+    table, long enough for ``start + len(tokens)`` tokens. The first ``start`` tokens' K/V are in the pool."""
+
+    tokens: Sequence[int] | torch.Tensor
+    blocks: Sequence[int] | torch.Tensor
+    start: int = 0
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """The rotation frequency of each pair of a head's dimensions, [head_dim / 2], float32."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.kind == "linear":  # positions divided by the factor: the same as frequencies divided by it
+        return inv_freq / rope.factor
+    if rope.kind == "llama3":
+        return _llama3_inv_freq(rope, inv_freq)
+    return inv_freq
+
+
+def _llama3_inv_freq(rope: RopeConfig, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Llama 3.1's scaling: wavelengths shorter than ``original / high_freq_factor`` are kept, those longer than
+    ``original / low_freq_factor`` are slowed by ``factor``, and the band between blends the two linearly in
+    ``original / wavelength``."""
+    wavelen = 2 * math.pi / inv_freq
+    ratio = rope.original_max_positions / wavelen  # how many wavelengths fit in the trained context
+    blend = ((ratio - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)).clamp(0.0, 1.0)
+    # blend is 1 for short wavelengths (kept), 0 for long ones (divided by factor)
+    return blend * inv_freq + (1 - blend) * inv_freq / rope.factor
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalised in float32 whatever the compute dtype (half-precision squares overflow), scaled in x's dtype."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, pairs ``(i, i + head_dim/2)`` (the Hugging Face Llama convention, not interleaved).
+    ``x``: [T, heads, head_dim]; ``cos``, ``sin``: [T, head_dim / 2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+class _Batch:
+    """Per forward, shared by every layer: where each new token goes in the pool, where each request's keys are
+    read from, the attention mask, and the rotary angles."""
+
+    def __init__(self, chunks: Sequence[Chunk], block_size: int, inv_freq: torch.Tensor, device: torch.device) -> None:
+        lens = [len(c.tokens) for c in chunks]
+        starts = [c.start for c in chunks]
+        totals = [s + n for s, n in zip(starts, lens, strict=True)]
+        self.n_chunks, self.max_q, self.max_k = len(chunks), max(lens), max(totals)
+        self.ids = torch.cat([torch.as_tensor(c.tokens, dtype=torch.long).reshape(-1) for c in chunks]).to(device)
+        # Which chunk each flat token belongs to, and its row in that chunk: scatters q into the padded batch.
+        self.chunk_of = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(lens)).to(device)
+        self.row = torch.cat([torch.arange(n) for n in lens]).to(device)
+        pos = torch.cat([torch.arange(s, t) for s, t in zip(starts, totals, strict=True)]).to(device)
+        self.last = torch.tensor(lens).cumsum(0).to(device) - 1  # flat index of each chunk's last token
+        tables = _padded_tables(chunks, device)
+        self.write_block, self.write_offset = tables[self.chunk_of, pos // block_size], pos % block_size
+        key_pos = torch.arange(self.max_k, device=device)
+        self.read_block = tables[:, key_pos // block_size]  # [chunks, max_k]; padding reads block 0 of the table
+        self.read_offset = (key_pos % block_size).expand(len(chunks), -1)
+        # Query row i of chunk b is at position start_b + i and sees keys 0..start_b + i (causal). Padding rows
+        # see key 0 only: a row with no key at all would be NaN, and padding rows are dropped anyway.
+        q_pos = torch.zeros(len(chunks), self.max_q, dtype=torch.long, device=device)
+        q_pos[self.chunk_of, self.row] = pos
+        self.mask = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [chunks, 1, max_q, max_k]
+        angles = pos[:, None].float() * inv_freq.to(device)[None, :]
+        self.cos, self.sin = angles.cos(), angles.sin()
+
+
+def _padded_tables(chunks: Sequence[Chunk], device: torch.device) -> torch.Tensor:
+    """Block tables as one [chunks, longest] tensor; a short table is padded with its own first block (a valid
+    index whose reads the mask hides)."""
+    tables = [torch.as_tensor(c.blocks, dtype=torch.long).reshape(-1) for c in chunks]
+    width = max(len(t) for t in tables)
+    return torch.stack([torch.cat([t, t[:1].expand(width - len(t))]) for t in tables]).to(device)
+
+
+class LlamaModel:
+    """One rank's share of a Llama-family model. ``forward`` runs a batch of chunks over this rank's pool."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: RankWeights,
+        *,
+        rank: int = 0,
+        tp: int = 1,
+        all_reduce: AllReduce | None = None,
+    ) -> None:
+        cfg.check_tp(tp)
+        if tp > 1 and all_reduce is None:
+            raise ValueError(f"tp={tp} needs an all_reduce (rank {rank} holds a partial sum of each projection)")
+        self.cfg, self.w, self.rank, self.tp = cfg, weights, rank, tp
+        self.all_reduce: AllReduce = all_reduce if all_reduce is not None else (lambda x: x)
+        self.heads, self.kv_heads = cfg.heads // tp, cfg.kv_heads // tp
+        self.device, self.dtype = weights.embed.device, weights.embed.dtype
+        self.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
+
+    def pool_shape(self, blocks: int, block_size: int) -> tuple[int, ...]:
+        """What ``CacheConfig(layers, kv_heads, head_dim, tp=...).pool_shape(blocks)`` gives for this model."""
+        return (self.cfg.layers, 2, blocks, block_size, self.kv_heads, self.cfg.head_dim)
+
+    def prefill(
+        self,
+        prompts: Sequence[Sequence[int] | torch.Tensor],
+        tables: Sequence[Sequence[int] | torch.Tensor],
+        pool: torch.Tensor,
+        on_layer_done: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Run whole prompts; logits of each prompt's last token, [len(prompts), vocab] float32."""
+        chunks = [Chunk(p, t) for p, t in zip(prompts, tables, strict=True)]
+        return self.forward(chunks, pool, on_layer_done)
+
+    def decode(
+        self,
+        tokens: Sequence[int] | torch.Tensor,
+        lengths: Sequence[int],
+        tables: Sequence[Sequence[int] | torch.Tensor],
+        pool: torch.Tensor,
+    ) -> torch.Tensor:
+        """One step of running requests: token i goes at position ``lengths[i]`` (the tokens already in the
+        pool) of table i; returns the next logits, [len(tokens), vocab] float32."""
+        toks = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        chunks = [Chunk(toks[i : i + 1], t, s) for i, (t, s) in enumerate(zip(tables, lengths, strict=True))]
+        return self.forward(chunks, pool)
+
+    def forward(
+        self, chunks: Sequence[Chunk], pool: torch.Tensor, on_layer_done: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        """Run every chunk's tokens, writing their K/V into ``pool``; ``on_layer_done(layer)`` is called as soon
+        as a layer's K/V are in the pool (so they can be shipped while later layers compute). Returns the
+        logits of each chunk's last token, [len(chunks), vocab], float32."""
+        self._check(chunks, pool)
+        batch = _Batch(chunks, pool.shape[3], self.inv_freq, self.device)
+        _check_slots(batch, pool.shape[3])
+        x = self.w.embed[batch.ids]
+        for i, layer in enumerate(self.w.layers):
+            x = self._layer(i, layer, x, batch, pool, on_layer_done)
+        last = rms_norm(x[batch.last], self.w.norm, self.cfg.rms_norm_eps)
+        return (last @ self.w.lm_head.T).float()
+
+    def _layer(
+        self,
+        i: int,
+        w: LayerWeights,
+        x: torch.Tensor,
+        batch: _Batch,
+        pool: torch.Tensor,
+        on_layer_done: Callable[[int], None] | None,
+    ) -> torch.Tensor:
+        d, eps = self.cfg.head_dim, self.cfg.rms_norm_eps
+        qkv = F.linear(rms_norm(x, w.input_norm, eps), w.qkv, w.qkv_bias)
+        q, k, v = qkv.split([self.heads * d, self.kv_heads * d, self.kv_heads * d], dim=-1)
+        q = rotate(q.view(-1, self.heads, d), batch.cos, batch.sin)
+        k = rotate(k.view(-1, self.kv_heads, d), batch.cos, batch.sin)
+        pool[i, 0, batch.write_block, batch.write_offset] = k.to(pool.dtype)
+        pool[i, 1, batch.write_block, batch.write_offset] = v.view(-1, self.kv_heads, d).to(pool.dtype)
+        if on_layer_done is not None:
+            on_layer_done(i)
+        attn = self._attend(q, pool[i, 0], pool[i, 1], batch)
+        x = x + self._reduced(F.linear(attn, w.o), w.o_bias)
+        gate, up = F.linear(rms_norm(x, w.post_norm, eps), w.gate_up).chunk(2, dim=-1)
+        return x + self._reduced(F.linear(F.silu(gate) * up, w.down), None)
+
+    def _reduced(self, partial: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Sum of the ranks' partial products; a replicated bias is added once, after the sum."""
+        total = self.all_reduce(partial) if self.tp > 1 else partial
+        return total if bias is None else total + bias
+
+    def _attend(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: _Batch) -> torch.Tensor:
+        """Attention of the flat queries [T, heads, d] over each chunk's keys in the pool; [T, heads * d]."""
+        n, d, group = batch.n_chunks, self.cfg.head_dim, self.heads // self.kv_heads
+        q_pad = q.new_zeros(n, batch.max_q, self.heads, d)
+        q_pad[batch.chunk_of, batch.row] = q
+
+        def gathered(kv_pool: torch.Tensor) -> torch.Tensor:
+            kv = kv_pool[batch.read_block, batch.read_offset].to(q.dtype)  # [chunks, max_k, kv_heads, d]
+            # GQA: query head h reads KV head h // group
+            kv = kv[:, :, :, None, :].expand(n, batch.max_k, self.kv_heads, group, d)
+            return kv.reshape(n, batch.max_k, self.heads, d).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            q_pad.transpose(1, 2), gathered(k_pool), gathered(v_pool), attn_mask=batch.mask
+        )  # [chunks, heads, max_q, d]
+        return out.transpose(1, 2)[batch.chunk_of, batch.row].reshape(-1, self.heads * d)
+
+    def _check(self, chunks: Sequence[Chunk], pool: torch.Tensor) -> None:
+        """Bad input fails here, before the pool is touched."""
+        if not chunks:
+            raise BadTask("a forward needs at least one request")
+        if pool.dim() != 6 or tuple(pool.shape) != self.pool_shape(pool.shape[2], pool.shape[3]):
+            raise BadTask(
+                f"pool of shape {list(pool.shape)} does not fit the model: expected [layers {self.cfg.layers}, 2, "
+                f"blocks, block_size, kv heads per rank {self.kv_heads}, head_dim {self.cfg.head_dim}]"
+            )
+        blocks, block_size = pool.shape[2], pool.shape[3]
+        for i, c in enumerate(chunks):
+            _check_chunk(i, c, self.cfg.vocab, blocks, block_size)
+
+
+def _check_slots(batch: _Batch, block_size: int) -> None:
+    """Two tokens of a batch writing one pool slot (block tables that overlap) would leave one's K/V wrong."""
+    slots = batch.write_block * block_size + batch.write_offset
+    if slots.unique().numel() != slots.numel():
+        raise BadBlocks("the requests' block tables overlap: two tokens of the batch would write the same slot")
+
+
+def _check_chunk(i: int, c: Chunk, vocab: int, blocks: int, block_size: int) -> None:
+    toks = torch.as_tensor(c.tokens).reshape(-1)
+    table = torch.as_tensor(c.blocks).reshape(-1)
+    if toks.numel() == 0:
+        raise BadTask(f"request {i}: no tokens to run")
+    if toks.is_floating_point() or table.is_floating_point():
+        raise BadTask(f"request {i}: token and block ids must be integers")
+    if c.start < 0:
+        raise BadTask(f"request {i}: start {c.start} is negative")
+    low, high = int(toks.min()), int(toks.max())
+    if low < 0 or high >= vocab:
+        raise BadTask(f"request {i}: token id {low if low < 0 else high} out of range: valid ids are 0..{vocab - 1}")
+    need = -(-(c.start + toks.numel()) // block_size)
+    if table.numel() < need:
+        raise BadBlocks(
+            f"request {i}: {c.start + toks.numel()} tokens need {need} blocks of {block_size}, "
+            f"the block table has {table.numel()}"
+        )
+    if int(table.min()) < 0 or int(table.max()) >= blocks:
+        raise BadBlocks(f"request {i}: block ids out of range: the pool has blocks 0..{blocks - 1}")
