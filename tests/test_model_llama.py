@@ -23,7 +23,16 @@ import torch
 
 from mpkv.config import CacheConfig
 from mpkv.errors import BadBlocks, BadTask, ModelError
-from mpkv.models import LlamaModel, ModelConfig, SamplingParams, load_weights, next_tokens, parse_config, read_config
+from mpkv.models import (
+    Chunk,
+    LlamaModel,
+    ModelConfig,
+    SamplingParams,
+    load_weights,
+    next_tokens,
+    parse_config,
+    read_config,
+)
 from mpkv.models.sampling import generator
 
 transformers = pytest.importorskip("transformers")
@@ -239,6 +248,22 @@ def test_scaled_rope_equals_transformers(tmp_path: Path, rope: dict[str, Any]) -
     assert tokens == want_tokens
     for i in range(len(prompts)):
         torch.testing.assert_close(logits[:, i], want_logits[i], rtol=1e-4, atol=1e-4)
+
+
+def test_a_prompt_prefilled_in_chunks_and_a_half_precision_pool(models: dict[str, Path]) -> None:
+    """Chunks with start > 0 (a prompt continued, or prefilled in pieces) see the earlier tokens through the pool;
+    a float16 pool (what mpkv allocates by default) stores K/V rounded, so logits agree only roughly."""
+    cfg = read_config(models["llama"])
+    model = LlamaModel(cfg, load_weights(models["llama"], cfg))
+    prompt = _prompts(cfg.vocab)[-1]
+    table = block_tables([len(prompt)], 0)[0]
+    whole = model.prefill([prompt], [table], garbage_pool(cfg, 1))
+    pool = garbage_pool(cfg, 1)
+    model.forward([Chunk(prompt[:5], table)], pool)
+    pieces = model.forward([Chunk(prompt[5:], table, start=5)], pool)
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-5)
+    half = model.prefill([prompt], [table], garbage_pool(cfg, 1).half())
+    torch.testing.assert_close(half, whole, rtol=0, atol=2e-2)
 
 
 def test_sharded_checkpoint_loads_the_same_shards(models: dict[str, Path], tmp_path: Path) -> None:
