@@ -89,11 +89,12 @@ class _Batch:
     read from, the attention mask, and the rotary angles."""
 
     def __init__(self, chunks: Sequence[Chunk], block_size: int, inv_freq: torch.Tensor, device: torch.device) -> None:
-        lens = [len(c.tokens) for c in chunks]
+        ids = [torch.as_tensor(c.tokens, dtype=torch.long).reshape(-1) for c in chunks]
+        lens = [len(t) for t in ids]
         starts = [c.start for c in chunks]
         totals = [s + n for s, n in zip(starts, lens, strict=True)]
         self.n_chunks, self.max_q, self.max_k = len(chunks), max(lens), max(totals)
-        self.ids = torch.cat([torch.as_tensor(c.tokens, dtype=torch.long).reshape(-1) for c in chunks]).to(device)
+        self.ids = torch.cat(ids).to(device)
         # Which chunk each flat token belongs to, and its row in that chunk: scatters q into the padded batch.
         self.chunk_of = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(lens)).to(device)
         self.row = torch.cat([torch.arange(n) for n in lens]).to(device)

@@ -2,7 +2,9 @@
 
 A request's generator is seeded once (``generator(seed)``) and used for that request only, so its tokens do not
 depend on what else is in the batch. Every tensor-parallel rank computes the same logits (mpkv.models.llama), so
-ranks with the same seeds sample the same tokens without talking.
+ranks with the same seeds sample the same tokens without talking. So under tensor parallelism a sampled request
+needs an explicit seed, the same on every rank: ``seed=None`` draws a fresh seed in each process, and the ranks
+would diverge (the caller, e.g. the client, should pick the seed once and send it with the request).
 """
 
 from __future__ import annotations
