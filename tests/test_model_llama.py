@@ -274,6 +274,32 @@ def test_a_prompt_prefilled_in_chunks_and_a_half_precision_pool(models: dict[str
     torch.testing.assert_close(half, whole, rtol=0, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_fast_path_computes_what_the_general_path_computes(models: dict[str, Path], dtype: torch.dtype) -> None:
+    """decode has its own path (one gather of every layer's K/V per step, GQA as query rows, no mask when the
+    requests are of one length); it must give the logits and write the pool slots that forward over one-token
+    chunks does, over a float32 or float16 pool. A pool it cannot view flat (not contiguous) goes the general
+    way."""
+    cfg = read_config(models["llama"])
+    model = LlamaModel(cfg, load_weights(models["llama"], cfg))
+    prompts = _prompts(cfg.vocab)
+    for batch in (prompts, [p[:BLOCK] for p in prompts[2:]]):  # lengths all different, then all alike
+        lengths = [len(p) for p in batch]
+        tables = block_tables(lengths, 1)
+        pool = garbage_pool(cfg, 1).to(dtype)
+        model.prefill(batch, tables, pool)
+        toks = [p[0] for p in batch]
+        assert model._plan_decode(toks, lengths, tables, pool) is not None  # the fast path is the one tested
+        fast_pool, general_pool = pool.clone(), pool.clone()
+        fast = model.decode(toks, lengths, tables, fast_pool)
+        general = model.forward([Chunk([t], b, n) for t, b, n in zip(toks, tables, lengths, strict=True)], general_pool)
+        torch.testing.assert_close(fast, general, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast_pool, general_pool, rtol=1e-5, atol=1e-5)
+        strided = pool.transpose(2, 3).contiguous().transpose(2, 3)  # the same values, not contiguous
+        assert model._plan_decode(toks, lengths, tables, strided) is None
+        torch.testing.assert_close(model.decode(toks, lengths, tables, strided), general, rtol=1e-5, atol=1e-5)
+
+
 def test_sharded_checkpoint_loads_the_same_shards(models: dict[str, Path], tmp_path: Path) -> None:
     sharded = tmp_path / "sharded"
     hf().AutoModelForCausalLM.from_pretrained(models["llama"]).save_pretrained(sharded, max_shard_size="40KB")

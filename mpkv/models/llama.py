@@ -14,6 +14,12 @@ tokens are already in the pool. Prefill is chunks with ``start = 0``; decode is 
 Projections and the MLP run on all the batch's tokens at once; attention reads each request's keys through its
 block table into a padded batch, with a mask that is causal and hides the padding.
 
+``decode`` has its own path, the same maths with less per-step overhead (it is what runs once per generated
+token): the step's indices are built with a few tensor ops, every layer's earlier K/V are gathered from the pool
+in one ``index_select`` (the new token's K/V are then written both to the pool and into that copy), and GQA is
+read without copying K/V per query head. Any input it does not expect falls back to the general path, which
+names what is wrong.
+
 Tensor parallel: a rank holds its heads' share of the weights (``mpkv.models.weights``); the products of o_proj
 and down_proj are partial sums, which the ``all_reduce`` callable passed in adds up across ranks (the worker will
 pass torch.distributed or a shared-memory all-reduce; tests sum in-process). Everything else is replicated, so
@@ -88,7 +94,13 @@ class _Batch:
     """Per forward, shared by every layer: where each new token goes in the pool, where each request's keys are
     read from, the attention mask, and the rotary angles."""
 
-    def __init__(self, chunks: Sequence[Chunk], block_size: int, inv_freq: torch.Tensor, device: torch.device) -> None:
+    def __init__(
+        self,
+        chunks: Sequence[Chunk],
+        block_size: int,
+        rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device,
+    ) -> None:
         ids = [torch.as_tensor(c.tokens, dtype=torch.long).reshape(-1) for c in chunks]
         lens = [len(t) for t in ids]
         starts = [c.start for c in chunks]
@@ -110,8 +122,34 @@ class _Batch:
         q_pos = torch.zeros(len(chunks), self.max_q, dtype=torch.long, device=device)
         q_pos[self.chunk_of, self.row] = pos
         self.mask = (key_pos[None, None, :] <= q_pos[:, :, None])[:, None]  # [chunks, 1, max_q, max_k]
-        angles = pos[:, None].float() * inv_freq.to(device)[None, :]
-        self.cos, self.sin = angles.cos(), angles.sin()
+        self.cos, self.sin = rope(pos)
+
+
+class _DecodeStep:
+    """One decode step's indices, built with a handful of tensor ops whatever the batch size. Request i's new
+    token is at position ``lens[i]``; attention reads positions ``0 .. max_k - 1`` of every request (max_k is the
+    longest request's length, new token included) and masks each request's positions past its own token."""
+
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        lens: torch.Tensor,
+        tables: torch.Tensor,
+        block_size: int,
+        rope: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        self.n, self.ids, self.max_k = len(ids), ids, int(lens.max()) + 1
+        rows = torch.arange(self.n, device=ids.device)
+        # slot = block * block_size + offset: an index into the pool viewed as [layers, K/V, slot, ...]
+        self.write_slots = tables[rows, lens // block_size] * block_size + lens % block_size
+        key_pos = torch.arange(self.max_k, device=ids.device)
+        self.read_slots = (tables[:, key_pos // block_size] * block_size + key_pos % block_size).reshape(-1)
+        self.new_rows = rows * self.max_k + lens  # the new tokens' rows among the gathered ones
+        # Requests of one length (a batch started together) have no padding to hide: no mask at all
+        self.mask = None
+        if bool((lens != lens[0]).any()):
+            self.mask = (key_pos[None, :] <= lens[:, None])[:, None, None, :]  # [n, 1, 1 (query rows), max_k]
+        self.cos, self.sin = rope(lens)
 
 
 def _padded_tables(chunks: Sequence[Chunk], device: torch.device) -> torch.Tensor:
@@ -142,6 +180,18 @@ class LlamaModel:
         self.heads, self.kv_heads = cfg.heads // tp, cfg.kv_heads // tp
         self.device, self.dtype = weights.embed.device, weights.embed.dtype
         self.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
+        # cos and sin of every position so far, grown on demand: a step looks its positions up instead of
+        # computing two transcendental functions per token and layer batch
+        self._cos = self._sin = torch.empty(0, cfg.head_dim // 2, device=self.device)
+
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of the rotary angles at positions ``pos`` [T]: [T, head_dim / 2] each."""
+        need = int(pos.max()) + 1
+        if need > self._cos.shape[0]:
+            n = max(need, 2 * self._cos.shape[0], 256)
+            angles = torch.arange(n, device=self.device).float()[:, None] * self.inv_freq.to(self.device)[None, :]
+            self._cos, self._sin = angles.cos(), angles.sin()
+        return self._cos[pos], self._sin[pos]
 
     def pool_shape(self, blocks: int, block_size: int) -> tuple[int, ...]:
         """What ``CacheConfig(layers, kv_heads, head_dim, tp=...).pool_shape(blocks)`` gives for this model."""
@@ -167,9 +217,76 @@ class LlamaModel:
     ) -> torch.Tensor:
         """One step of running requests: token i goes at position ``lengths[i]`` (the tokens already in the
         pool) of table i; returns the next logits, [len(tokens), vocab] float32."""
+        with torch.inference_mode():
+            step = self._plan_decode(tokens, lengths, tables, pool)
+            if step is not None:
+                return self._decode(step, pool)
+        # Anything the fast path does not take (bad input above all) goes the general way, which checks each
+        # request and names what is wrong.
         toks = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
         chunks = [Chunk(toks[i : i + 1], t, s) for i, (t, s) in enumerate(zip(tables, lengths, strict=True))]
         return self.forward(chunks, pool)
+
+    def _plan_decode(
+        self,
+        tokens: Sequence[int] | torch.Tensor,
+        lengths: Sequence[int],
+        tables: Sequence[Sequence[int] | torch.Tensor],
+        pool: torch.Tensor,
+    ) -> _DecodeStep | None:
+        """The step's indices, or None when the input is not plainly valid (the general path then decides)."""
+        n = len(tables)
+        toks = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)  # as the general path reads them
+        lens = torch.as_tensor(lengths)
+        if n == 0 or toks.numel() != n or lens.shape != (n,) or lens.is_floating_point() or lens.dtype == torch.bool:
+            return None
+        lens = lens.long()
+        if tuple(pool.shape) != self.pool_shape(pool.shape[2], pool.shape[3]) or not pool.is_contiguous():
+            return None
+        rows = [torch.as_tensor(t).reshape(-1) for t in tables]
+        if any(r.is_floating_point() for r in rows):
+            return None
+        blocks, block_size = pool.shape[2], pool.shape[3]
+        widths = torch.tensor([r.numel() for r in rows])
+        # Padding reads block 0, at positions past the request's own tokens only: the mask hides them.
+        padded = torch.nn.utils.rnn.pad_sequence([r.long() for r in rows], batch_first=True)
+        bad = (
+            (toks < 0).any()
+            | (toks >= self.cfg.vocab).any()
+            | (lens < 0).any()
+            | (lens // block_size + 1 > widths).any()  # the block of position lengths[i] is in the table
+            | (padded < 0).any()
+            | (padded >= blocks).any()
+        )
+        if bad:
+            return None
+        dev = self.device  # checked on the CPU (no device sync per check); indices go where the model is
+        step = _DecodeStep(toks.to(dev), lens.to(dev), padded.to(dev), block_size, self.rope)
+        if step.write_slots.unique().numel() != n:
+            return None  # overlapping tables: the general path's check names them
+        return step
+
+    def _decode(self, s: _DecodeStep, pool: torch.Tensor) -> torch.Tensor:
+        n, d, heads, kv_heads, eps = s.n, self.cfg.head_dim, self.heads, self.kv_heads, self.cfg.rms_norm_eps
+        qk_width = (heads + kv_heads) * d
+        flat = pool.view(pool.shape[0], 2, -1, kv_heads * d)  # [layers, K/V, slot, this rank's KV heads * d]
+        # Every layer's earlier K/V for this step in one gather, [layers, K/V, n * max_k, kv_heads * d]; the rows
+        # of the new tokens are filled below, layer by layer, as their K/V are computed.
+        kv = flat.index_select(2, s.read_slots)
+        x = F.embedding(s.ids, self.w.embed)
+        for i, w in enumerate(self.w.layers):
+            qkv = F.linear(rms_norm(x, w.input_norm, eps), w.qkv, w.qkv_bias)
+            qk = rotate(qkv[:, :qk_width].view(n, heads + kv_heads, d), s.cos, s.sin)  # q and k in one go
+            new = torch.stack((qk[:, heads:].reshape(n, -1), qkv[:, qk_width:])).to(pool.dtype)  # [K/V, n, ...]
+            flat[i].index_copy_(1, s.write_slots, new)
+            kv[i].index_copy_(1, s.new_rows, new)  # the pool's dtype, so the same values as read back from it
+            k, v = (t.view(n, s.max_k, kv_heads, d).transpose(1, 2).to(qkv.dtype) for t in kv[i])
+            # GQA without copying K/V per query head: with one query per request, the query heads that share a
+            # KV head (h // group) are the rows of one query sequence against that head's keys.
+            q = qk[:, :heads].reshape(n, kv_heads, heads // kv_heads, d)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=s.mask)  # [n, kv_heads, group, d]
+            x = self._rest_of_layer(w, x, attn.reshape(n, heads * d))
+        return (rms_norm(x, self.w.norm, eps) @ self.w.lm_head.T).float()
 
     def forward(
         self, chunks: Sequence[Chunk], pool: torch.Tensor, on_layer_done: Callable[[int], None] | None = None
@@ -178,7 +295,7 @@ class LlamaModel:
         as a layer's K/V are in the pool (so they can be shipped while later layers compute). Returns the
         logits of each chunk's last token, [len(chunks), vocab], float32."""
         self._check(chunks, pool)
-        batch = _Batch(chunks, pool.shape[3], self.inv_freq, self.device)
+        batch = _Batch(chunks, pool.shape[3], self.rope, self.device)
         _check_slots(batch, pool.shape[3])
         x = self.w.embed[batch.ids]
         for i, layer in enumerate(self.w.layers):
@@ -204,9 +321,12 @@ class LlamaModel:
         pool[i, 1, batch.write_block, batch.write_offset] = v.view(-1, self.kv_heads, d).to(pool.dtype)
         if on_layer_done is not None:
             on_layer_done(i)
-        attn = self._attend(q, pool[i, 0], pool[i, 1], batch)
+        return self._rest_of_layer(w, x, self._attend(q, pool[i, 0], pool[i, 1], batch))
+
+    def _rest_of_layer(self, w: LayerWeights, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """After attention [T, heads * d]: o_proj and the residual, then the MLP and its residual."""
         x = x + self._reduced(F.linear(attn, w.o), w.o_bias)
-        gate, up = F.linear(rms_norm(x, w.post_norm, eps), w.gate_up).chunk(2, dim=-1)
+        gate, up = F.linear(rms_norm(x, w.post_norm, self.cfg.rms_norm_eps), w.gate_up).chunk(2, dim=-1)
         return x + self._reduced(F.linear(F.silu(gate) * up, w.down), None)
 
     def _reduced(self, partial: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
