@@ -115,8 +115,11 @@ class _Batch:
         tables = _padded_tables(chunks, device)
         self.write_block, self.write_offset = tables[self.chunk_of, pos // block_size], pos % block_size
         key_pos = torch.arange(self.max_k, device=device)
-        self.read_block = tables[:, key_pos // block_size]  # [chunks, max_k]; padding reads block 0 of the table
-        self.read_offset = (key_pos % block_size).expand(len(chunks), -1)
+        # Keys are read by whole blocks (one large copy per block, not one small copy per token): the first
+        # ceil(max_k / block_size) blocks of every table, ``span`` positions per chunk, the first max_k used.
+        n_blocks = -(-self.max_k // block_size)
+        self.span = n_blocks * block_size
+        self.read_blocks = tables[:, :n_blocks].reshape(-1)  # padding reads the table's first block, masked
         # Query row i of chunk b is at position start_b + i and sees keys 0..start_b + i (causal). Padding rows
         # see key 0 only: a row with no key at all would be NaN, and padding rows are dropped anyway.
         q_pos = torch.zeros(len(chunks), self.max_q, dtype=torch.long, device=device)
@@ -142,9 +145,14 @@ class _DecodeStep:
         rows = torch.arange(self.n, device=ids.device)
         # slot = block * block_size + offset: an index into the pool viewed as [layers, K/V, slot, ...]
         self.write_slots = tables[rows, lens // block_size] * block_size + lens % block_size
+        # Whole blocks are read (a few large copies rather than one small copy per token): the first
+        # ceil(max_k / block_size) of every table, ``span`` positions per request, of which the first max_k are
+        # attended to.
+        n_blocks = -(-self.max_k // block_size)
+        self.span = n_blocks * block_size
+        self.read_blocks = tables[:, :n_blocks].reshape(-1)
+        self.new_rows = rows * self.span + lens  # the new tokens' rows among the gathered positions
         key_pos = torch.arange(self.max_k, device=ids.device)
-        self.read_slots = (tables[:, key_pos // block_size] * block_size + key_pos % block_size).reshape(-1)
-        self.new_rows = rows * self.max_k + lens  # the new tokens' rows among the gathered ones
         # Requests of one length (a batch started together) have no padding to hide: no mask at all
         self.mask = None
         if bool((lens != lens[0]).any()):
@@ -269,10 +277,11 @@ class LlamaModel:
     def _decode(self, s: _DecodeStep, pool: torch.Tensor) -> torch.Tensor:
         n, d, heads, kv_heads, eps = s.n, self.cfg.head_dim, self.heads, self.kv_heads, self.cfg.rms_norm_eps
         qk_width = (heads + kv_heads) * d
-        flat = pool.view(pool.shape[0], 2, -1, kv_heads * d)  # [layers, K/V, slot, this rank's KV heads * d]
-        # Every layer's earlier K/V for this step in one gather, [layers, K/V, n * max_k, kv_heads * d]; the rows
+        layers, blocks = pool.shape[0], pool.shape[2]
+        flat = pool.view(layers, 2, -1, kv_heads * d)  # [layers, K/V, slot, this rank's KV heads * d]
+        # Every layer's earlier K/V for this step in one gather, [layers, K/V, n * span, kv_heads * d]; the rows
         # of the new tokens are filled below, layer by layer, as their K/V are computed.
-        kv = flat.index_select(2, s.read_slots)
+        kv = pool.view(layers, 2, blocks, -1).index_select(2, s.read_blocks).view(layers, 2, n * s.span, -1)
         x = F.embedding(s.ids, self.w.embed)
         for i, w in enumerate(self.w.layers):
             qkv = F.linear(rms_norm(x, w.input_norm, eps), w.qkv, w.qkv_bias)
@@ -280,7 +289,7 @@ class LlamaModel:
             new = torch.stack((qk[:, heads:].reshape(n, -1), qkv[:, qk_width:])).to(pool.dtype)  # [K/V, n, ...]
             flat[i].index_copy_(1, s.write_slots, new)
             kv[i].index_copy_(1, s.new_rows, new)  # the pool's dtype, so the same values as read back from it
-            k, v = (t.view(n, s.max_k, kv_heads, d).transpose(1, 2).to(qkv.dtype) for t in kv[i])
+            k, v = (t.view(n, s.span, kv_heads, d)[:, : s.max_k].transpose(1, 2).to(qkv.dtype) for t in kv[i])
             # GQA without copying K/V per query head: with one query per request, the query heads that share a
             # KV head (h // group) are the rows of one query sequence against that head's keys.
             q = qk[:, :heads].reshape(n, kv_heads, heads // kv_heads, d)
@@ -340,14 +349,13 @@ class LlamaModel:
         q_pad = q.new_zeros(n, batch.max_q, self.heads, d)
         q_pad[batch.chunk_of, batch.row] = q
 
-        def gathered(kv_pool: torch.Tensor) -> torch.Tensor:
-            kv = kv_pool[batch.read_block, batch.read_offset].to(q.dtype)  # [chunks, max_k, kv_heads, d]
-            # GQA: query head h reads KV head h // group
-            kv = kv[:, :, :, None, :].expand(n, batch.max_k, self.kv_heads, group, d)
-            return kv.reshape(n, batch.max_k, self.heads, d).transpose(1, 2)
+        def gathered(kv_pool: torch.Tensor) -> torch.Tensor:  # [chunks, kv_heads, max_k, d]
+            kv = kv_pool.reshape(kv_pool.shape[0], -1).index_select(0, batch.read_blocks)
+            return kv.view(n, batch.span, self.kv_heads, d)[:, : batch.max_k].transpose(1, 2).to(q.dtype)
 
+        # GQA: query head h reads KV head h // group, which enable_gqa does without copying K/V per query head
         out = F.scaled_dot_product_attention(
-            q_pad.transpose(1, 2), gathered(k_pool), gathered(v_pool), attn_mask=batch.mask
+            q_pad.transpose(1, 2), gathered(k_pool), gathered(v_pool), attn_mask=batch.mask, enable_gqa=group > 1
         )  # [chunks, heads, max_q, d]
         return out.transpose(1, 2)[batch.chunk_of, batch.row].reshape(-1, self.heads * d)
 
