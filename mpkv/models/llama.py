@@ -83,11 +83,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding, pairs ``(i, i + head_dim/2)`` (the Hugging Face Llama convention, not interleaved).
-    ``x``: [T, heads, head_dim]; ``cos``, ``sin``: [T, head_dim / 2]."""
+    ``x``: [T, heads, head_dim]; ``cos``, ``sin``: [T, 1, head_dim] as ``LlamaModel.rope`` gives them, cos of
+    each pair's angle twice and sin with the first half negated, so the rotation is two products and a sum:
+    ``x1 * c + x2 * (-s)`` is ``x1 * c - x2 * s`` to the bit (negation is exact)."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 class _Batch:
@@ -189,17 +189,19 @@ class LlamaModel:
         self.device, self.dtype = weights.embed.device, weights.embed.dtype
         self.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
         # cos and sin of every position so far, grown on demand: a step looks its positions up instead of
-        # computing two transcendental functions per token and layer batch
-        self._cos = self._sin = torch.empty(0, cfg.head_dim // 2, device=self.device)
+        # computing two transcendental functions per token; laid out as ``rotate`` takes them
+        self._cos = self._sin = torch.empty(0, cfg.head_dim, device=self.device)
 
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of the rotary angles at positions ``pos`` [T]: [T, head_dim / 2] each."""
+        """The rotary angles at positions ``pos`` [T] as ``rotate`` takes them: cos [T, 1, head_dim] (each pair's
+        twice) and sin [T, 1, head_dim] (the first half negated)."""
         need = int(pos.max()) + 1
         if need > self._cos.shape[0]:
             n = max(need, 2 * self._cos.shape[0], 256)
             angles = torch.arange(n, device=self.device).float()[:, None] * self.inv_freq.to(self.device)[None, :]
-            self._cos, self._sin = angles.cos(), angles.sin()
-        return self._cos[pos], self._sin[pos]
+            cos, sin = angles.cos(), angles.sin()
+            self._cos, self._sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+        return self._cos[pos][:, None], self._sin[pos][:, None]
 
     def pool_shape(self, blocks: int, block_size: int) -> tuple[int, ...]:
         """What ``CacheConfig(layers, kv_heads, head_dim, tp=...).pool_shape(blocks)`` gives for this model."""
@@ -286,10 +288,10 @@ class LlamaModel:
         for i, w in enumerate(self.w.layers):
             qkv = F.linear(rms_norm(x, w.input_norm, eps), w.qkv, w.qkv_bias)
             qk = rotate(qkv[:, :qk_width].view(n, heads + kv_heads, d), s.cos, s.sin)  # q and k in one go
-            new = torch.stack((qk[:, heads:].reshape(n, -1), qkv[:, qk_width:])).to(pool.dtype)  # [K/V, n, ...]
+            new = torch.stack((qk[:, heads:].view(n, -1), qkv[:, qk_width:])).to(pool.dtype)  # [K/V, n, ...]
             flat[i].index_copy_(1, s.write_slots, new)
             kv[i].index_copy_(1, s.new_rows, new)  # the pool's dtype, so the same values as read back from it
-            k, v = (t.view(n, s.span, kv_heads, d)[:, : s.max_k].transpose(1, 2).to(qkv.dtype) for t in kv[i])
+            k, v = kv[i].view(2, n, s.span, kv_heads, d)[:, :, : s.max_k].transpose(2, 3).to(qkv.dtype)
             # GQA without copying K/V per query head: with one query per request, the query heads that share a
             # KV head (h // group) are the rows of one query sequence against that head's keys.
             q = qk[:, :heads].reshape(n, kv_heads, heads // kv_heads, d)
