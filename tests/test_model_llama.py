@@ -533,6 +533,13 @@ def test_bad_forward_input_is_refused_and_the_pool_untouched(models: dict[str, P
         (BadTask, "no tokens", lambda: model.prefill([[]], [[0]], pool)),
         (BadTask, "at least one request", lambda: model.prefill([], [], pool)),
         (BadTask, "does not fit the model", lambda: model.prefill([[1]], [[0]], garbage_pool(cfg, 2))),
+        # decode's own path hands whatever it does not take to the general one, which names it
+        (BadTask, "token id 128 out of range", lambda: model.decode([128], [0], [[0]], pool)),
+        (BadTask, "start -1 is negative", lambda: model.decode([1], [-1], [[0]], pool)),
+        (BadBlocks, "need 2 blocks of 4, the block table has 1", lambda: model.decode([1], [4], [[3]], pool)),
+        (BadBlocks, "block ids out of range", lambda: model.decode([1], [0], [[POOL_BLOCKS]], pool)),
+        (BadBlocks, "overlap", lambda: model.decode([1, 2], [1, 1], [[7], [7]], pool)),
+        (BadTask, "does not fit the model", lambda: model.decode([1], [0], [[0]], pool[0])),
     ]
     for error, match, call in cases:
         with pytest.raises(error, match=match):

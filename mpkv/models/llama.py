@@ -251,8 +251,10 @@ class LlamaModel:
         if n == 0 or toks.numel() != n or lens.shape != (n,) or lens.is_floating_point() or lens.dtype == torch.bool:
             return None
         lens = lens.long()
-        if tuple(pool.shape) != self.pool_shape(pool.shape[2], pool.shape[3]) or not pool.is_contiguous():
+        if pool.dim() != 6 or tuple(pool.shape) != self.pool_shape(pool.shape[2], pool.shape[3]):
             return None
+        if not pool.is_contiguous():
+            return None  # the fast path views the pool flat
         rows = [torch.as_tensor(t).reshape(-1) for t in tables]
         if any(r.is_floating_point() for r in rows):
             return None
@@ -260,16 +262,14 @@ class LlamaModel:
         widths = torch.tensor([r.numel() for r in rows])
         # Padding reads block 0, at positions past the request's own tokens only: the mask hides them.
         padded = torch.nn.utils.rnn.pad_sequence([r.long() for r in rows], batch_first=True)
-        bad = (
-            (toks < 0).any()
-            | (toks >= self.cfg.vocab).any()
-            | (lens < 0).any()
-            | (lens // block_size + 1 > widths).any()  # the block of position lengths[i] is in the table
-            | (padded < 0).any()
-            | (padded >= blocks).any()
-        )
-        if bad:
+        # A few reductions read back at once, rather than one comparison per bound
+        low_tok, high_tok, low_len, low_block, high_block, short = torch.stack(
+            [*toks.aminmax(), lens.min(), *padded.aminmax(), (lens // block_size + 1 - widths).max()]
+        ).tolist()
+        if low_tok < 0 or high_tok >= self.cfg.vocab or low_len < 0 or low_block < 0 or high_block >= blocks:
             return None
+        if short > 0:
+            return None  # some table lacks the block of the position its new token goes to
         dev = self.device  # checked on the CPU (no device sync per check); indices go where the model is
         step = _DecodeStep(toks.to(dev), lens.to(dev), padded.to(dev), block_size, self.rope)
         if step.write_slots.unique().numel() != n:
