@@ -300,6 +300,21 @@ def test_decode_fast_path_computes_what_the_general_path_computes(models: dict[s
         torch.testing.assert_close(model.decode(toks, lengths, tables, strided), general, rtol=1e-5, atol=1e-5)
 
 
+def test_weights_that_require_grad_record_no_graph(models: dict[str, Path]) -> None:
+    """A trainer's weights require grad; generating with them must not build (and keep) an autograd graph."""
+    cfg = read_config(models["llama"])
+    weights = load_weights(models["llama"], cfg)
+    for layer in weights.layers:
+        layer.qkv.requires_grad_()
+        layer.gate_up.requires_grad_()
+    weights.embed.requires_grad_()
+    model = LlamaModel(cfg, weights)
+    pool = garbage_pool(cfg, 1)
+    first = model.prefill([[1, 2, 3]], [[0]], pool)
+    step = model.decode([4], [3], [[0]], pool)
+    assert not first.requires_grad and not step.requires_grad and not pool.requires_grad
+
+
 def test_sharded_checkpoint_loads_the_same_shards(models: dict[str, Path], tmp_path: Path) -> None:
     sharded = tmp_path / "sharded"
     hf().AutoModelForCausalLM.from_pretrained(models["llama"]).save_pretrained(sharded, max_shard_size="40KB")

@@ -16,9 +16,13 @@ block table into a padded batch, with a mask that is causal and hides the paddin
 
 ``decode`` has its own path, the same maths with less per-step overhead (it is what runs once per generated
 token): the step's indices are built with a few tensor ops, every layer's earlier K/V are gathered from the pool
-in one ``index_select`` (the new token's K/V are then written both to the pool and into that copy), and GQA is
-read without copying K/V per query head. Any input it does not expect falls back to the general path, which
-names what is wrong.
+in one ``index_select`` of whole blocks (the new token's K/V are then written both to the pool and into that
+copy), and GQA is read without copying K/V per query head. Any input it does not expect falls back to the
+general path, which names what is wrong.
+
+Both run under ``torch.no_grad``: weights that require grad (a trainer's) must not make every step record a
+graph. Not ``inference_mode``: its outputs cannot be modified in place outside it, a trap for callers, and the
+version-counter work it saves was below the noise here.
 
 Tensor parallel: a rank holds its heads' share of the weights (``mpkv.models.weights``); the products of o_proj
 and down_proj are partial sums, which the ``all_reduce`` callable passed in adds up across ranks (the worker will
@@ -227,7 +231,7 @@ class LlamaModel:
     ) -> torch.Tensor:
         """One step of running requests: token i goes at position ``lengths[i]`` (the tokens already in the
         pool) of table i; returns the next logits, [len(tokens), vocab] float32."""
-        with torch.inference_mode():
+        with torch.no_grad():
             step = self._plan_decode(tokens, lengths, tables, pool)
             if step is not None:
                 return self._decode(step, pool)
@@ -308,11 +312,12 @@ class LlamaModel:
         self._check(chunks, pool)
         batch = _Batch(chunks, pool.shape[3], self.rope, self.device)
         _check_slots(batch, pool.shape[3])
-        x = self.w.embed[batch.ids]
-        for i, layer in enumerate(self.w.layers):
-            x = self._layer(i, layer, x, batch, pool, on_layer_done)
-        last = rms_norm(x[batch.last], self.w.norm, self.cfg.rms_norm_eps)
-        return (last @ self.w.lm_head.T).float()
+        with torch.no_grad():
+            x = self.w.embed[batch.ids]
+            for i, layer in enumerate(self.w.layers):
+                x = self._layer(i, layer, x, batch, pool, on_layer_done)
+            last = rms_norm(x[batch.last], self.w.norm, self.cfg.rms_norm_eps)
+            return (last @ self.w.lm_head.T).float()
 
     def _layer(
         self,
