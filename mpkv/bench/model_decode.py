@@ -130,6 +130,23 @@ def run_mpkv(model: LlamaModel, pool: torch.Tensor, prompts: torch.Tensor, table
     return Run(torch.stack(out, 1).tolist(), t1 - t0, t2 - t1)
 
 
+def matmul_floor_s(model: LlamaModel, batch: int, repeats: int) -> float:
+    """Seconds of one decode step's weight products alone (every layer's qkv, o, gate_up and down, then lm_head,
+    on ``batch`` rows, the same F.linear / matmul calls the model makes): what no removal of overhead goes below,
+    and what both sides pay alike."""
+    mats = [m for layer in model.w.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    xs = [torch.randn(batch, m.shape[1]) for m in mats]
+    head_in = torch.randn(batch, model.w.lm_head.shape[1])
+    times = []
+    for _ in range(repeats * 10):
+        t0 = time.perf_counter()
+        for x, m in zip(xs, mats, strict=True):
+            torch.nn.functional.linear(x, m)
+        head_in @ model.w.lm_head.T
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def block_tables(batch: int, tokens: int, n_blocks: int) -> list[list[int]]:
     """Disjoint tables from a shuffled pool, ``tokens`` per request."""
     order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(SEED)).tolist()
@@ -197,6 +214,7 @@ def measure(model_dir: Path, batch: int, prompt_len: int, new: int, repeats: int
             else:
                 runs[who].append(run_reference(ref, prompts, new))
     machine = load.stop()
+    floor = matmul_floor_s(mp, batch, repeats)
     equal = got == want and all(r.tokens == want for rs in runs.values() for r in rs)
     first_diff = None
     if not equal:
@@ -209,7 +227,13 @@ def measure(model_dir: Path, batch: int, prompt_len: int, new: int, repeats: int
         if first_diff is None:
             first_diff = "mpkv's warm-up run differs from the reference"
     decoded = batch * (new - 1)
-    out: dict[str, Any] = {"batch": batch, "equal": equal, "first_diff": first_diff, "machine": machine}
+    out: dict[str, Any] = {
+        "batch": batch,
+        "equal": equal,
+        "first_diff": first_diff,
+        "machine": machine,
+        "matmul_floor_ms": floor * 1e3,
+    }
     for who, rs in runs.items():
         rates = [decoded / r.decode_s for r in rs]
         out[who] = {
@@ -247,6 +271,15 @@ def report(r: dict[str, Any]) -> list[str]:
             f"{a['decode_tok_s_max']:.0f}) | {b['decode_tok_s']:.0f} ({b['decode_tok_s_min']:.0f}-"
             f"{b['decode_tok_s_max']:.0f}) | {ratio:.2f}x | {target} | {'yes' if row['equal'] else 'NO'} | "
             f"{mach['others_cores']:.2f} | {mach['loadavg_start']:.1f} -> {mach['loadavg_end']:.1f} |"
+        )
+    lines.append("")
+    for row in r["rows"]:
+        a, b, floor = row["mpkv"], row["ref"], row["matmul_floor_ms"]
+        lines.append(
+            f"batch {row['batch']}: a decode step takes {row['batch'] * 1e3 / a['decode_tok_s']:.2f} ms in mpkv, "
+            f"{row['batch'] * 1e3 / b['decode_tok_s']:.2f} ms in the reference; its weight products alone "
+            f"{floor:.2f} ms (a ceiling of {row['batch'] * 1e3 / floor:.0f} tok/s, "
+            f"{row['batch'] * 1e3 / floor / b['decode_tok_s']:.2f}x the reference)"
         )
     for row in r["rows"]:
         if not row["equal"]:
