@@ -99,9 +99,11 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in LENGTHS]
 
 
-def reference(model_dir: Path, prompts: list[list[int]], new: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+def reference(
+    model_dir: Path, prompts: list[list[int]], new: int, dtype: torch.dtype = torch.float32
+) -> tuple[list[list[int]], list[torch.Tensor]]:
     """transformers' greedy generate, one prompt at a time (no padding): tokens and per-step logits."""
-    model = hf().AutoModelForCausalLM.from_pretrained(model_dir)  # float32, as saved
+    model = hf().AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     tokens, logits = [], []
     for p in prompts:
         ids = torch.tensor([p])
@@ -155,7 +157,7 @@ def block_tables(lengths: list[int], new: int) -> list[list[int]]:
     return tables
 
 
-def garbage_pool(cfg: ModelConfig, tp: int) -> torch.Tensor:
+def garbage_pool(cfg: ModelConfig, tp: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A pool as mpkv allocates it (CacheConfig.pool_shape), full of large finite garbage: a slot the model
     reads without having written it shows in the logits."""
     cache = CacheConfig(
@@ -167,7 +169,8 @@ def garbage_pool(cfg: ModelConfig, tp: int) -> torch.Tensor:
         device_blocks=POOL_BLOCKS,
         tp=tp,
     )
-    return torch.randn(cache.pool_shape(POOL_BLOCKS), generator=torch.Generator().manual_seed(SEED)) * 100
+    garbage = torch.randn(cache.pool_shape(POOL_BLOCKS), generator=torch.Generator().manual_seed(SEED)) * 100
+    return garbage.to(dtype)
 
 
 def generate_rank(
@@ -200,6 +203,7 @@ def generate_paged(
     new: int,
     tp: int,
     params: list[SamplingParams] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[list[list[int]], torch.Tensor]:
     """Every rank generates (in its own thread when tp > 1); all ranks must agree on tokens and logits."""
     cfg = read_config(model_dir)
@@ -207,9 +211,9 @@ def generate_paged(
     reduce = InProcessAllReduce(tp)
 
     def rank(r: int) -> tuple[list[list[int]], torch.Tensor]:
-        weights = load_weights(model_dir, cfg, rank=r, tp=tp, dtype=torch.float32)
+        weights = load_weights(model_dir, cfg, rank=r, tp=tp, dtype=dtype)
         model = LlamaModel(cfg, weights, rank=r, tp=tp, all_reduce=reduce.for_rank(r) if tp > 1 else None)
-        return generate_rank(model, garbage_pool(cfg, tp), prompts, tables, new, params)
+        return generate_rank(model, garbage_pool(cfg, tp, dtype), prompts, tables, new, params)
 
     with ThreadPoolExecutor(tp) as pool:
         results = list(pool.map(rank, range(tp)))
@@ -569,3 +573,18 @@ def test_nothing_under_mpkv_imports_transformers() -> None:
     for path in root.rglob("*.py"):
         text = path.read_text()
         assert "import transformers" not in text and "from transformers" not in text, path
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["qwen2", "llama-variant"])
+def test_half_precision_tokens_equal_transformers_generate(
+    models: dict[str, Path], arch: str, dtype: torch.dtype
+) -> None:
+    """Real checkpoints are bf16 or fp16: weights, pool and activations in that dtype (rope's angles computed in
+    float32, applied in it, as the reference does), against transformers run in the same dtype."""
+    prompts = _prompts(SMALL["vocab_size"])  # type: ignore[arg-type]
+    want_tokens, want_logits = reference(models[arch], prompts, NEW_TOKENS, dtype)
+    tokens, logits = generate_paged(models[arch], prompts, NEW_TOKENS, 1, dtype=dtype)
+    for i, p in enumerate(prompts):
+        assert tokens[i] == want_tokens[i], f"prompt of {len(p)} tokens"
+        torch.testing.assert_close(logits[:, i].float(), want_logits[i].float(), rtol=2e-2, atol=2e-2)

@@ -194,7 +194,7 @@ class LlamaModel:
         self.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim)
         # cos and sin of every position so far, grown on demand: a step looks its positions up instead of
         # computing two transcendental functions per token; laid out as ``rotate`` takes them
-        self._cos = self._sin = torch.empty(0, cfg.head_dim, device=self.device)
+        self._cos = self._sin = torch.empty(0, cfg.head_dim, device=self.device, dtype=self.dtype)
 
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary angles at positions ``pos`` [T] as ``rotate`` takes them: cos [T, 1, head_dim] (each pair's
@@ -204,7 +204,10 @@ class LlamaModel:
             n = max(need, 2 * self._cos.shape[0], 256)
             angles = torch.arange(n, device=self.device).float()[:, None] * self.inv_freq.to(self.device)[None, :]
             cos, sin = angles.cos(), angles.sin()
-            self._cos, self._sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+            # Computed in float32, applied in the model's dtype (as the reference does): a bf16 or fp16 q/k stays
+            # in its dtype through the rotation.
+            self._cos = torch.cat([cos, cos], dim=-1).to(self.dtype)
+            self._sin = torch.cat([-sin, sin], dim=-1).to(self.dtype)
         return self._cos[pos][:, None], self._sin[pos][:, None]
 
     def pool_shape(self, blocks: int, block_size: int) -> tuple[int, ...]:
