@@ -37,10 +37,12 @@ from mpkv.errors import (  # noqa: E402
     TaskFailed,
     TornSlot,
     TransferFailed,
+    StaleWeights,
     UnsafeDir,
     WaitTimeout,
 )
 from mpkv.launched import LaunchedInstance, launch  # noqa: E402
+from mpkv.protocol import DecodeItem, Sampling  # noqa: E402
 
 __all__ = [
     "AttachError",
@@ -52,6 +54,7 @@ __all__ = [
     "Client",
     "CommandRefused",
     "Controller",
+    "DecodeItem",
     "InstanceNotServing",
     "KVMismatch",
     "LaunchError",
@@ -66,6 +69,8 @@ __all__ = [
     "NotOurs",
     "PeerDied",
     "ProtocolError",
+    "Sampling",
+    "StaleWeights",
     "StepFailed",
     "TaskFailed",
     "TornSlot",

@@ -5,6 +5,8 @@ Errors name the bad values."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from mpkv.errors import BadBlocks, BadRequest, BadTask, MpkvError  # noqa: F401 (re-exported)
@@ -74,3 +76,37 @@ def check_flag(value: object, what: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise BadRequest(f"{what} must be True or False, got {type(value).__name__} {value!r:.80}")
     return bool(value)
+
+
+def check_sampling(temperature: object, top_p: object, seed: object, what: str) -> None:
+    """Sampling values a model can use: temperature >= 0 (0: greedy), 0 < top_p <= 1, 0 <= seed < 2**63."""
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BadTask(f"{what}: {name} must be a finite number, got {value!r:.40}")
+    if not float(temperature) >= 0:  # type: ignore[arg-type]
+        raise BadTask(f"{what}: temperature must be >= 0 (0: greedy), got {temperature}")
+    if not 0 < float(top_p) <= 1:  # type: ignore[arg-type]
+        raise BadTask(f"{what}: top_p must be in (0, 1], got {top_p}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise BadTask(f"{what}: seed must be an integer in 0..2**63-1, got {seed!r:.40}")
+
+
+def check_decode_item(
+    request: object, token: object, position: object, blocks: object, vocab: int, block_size: int, n_blocks: int
+) -> tuple[str, int, int, np.ndarray]:
+    """One request of a decode step: its name, a token id in the vocabulary, a position >= 0 (the tokens whose K/V
+    are in the pool already) and the block table up to the block of that position, exactly."""
+    request = check_request(request)
+    what = f"decode {request!r:.80}"
+    if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= int(token) < vocab:
+        raise BadTask(f"{what}: token id {token!r:.40} out of range: valid ids are 0..{vocab - 1}")
+    if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or int(position) < 0:
+        raise BadTask(f"{what}: position must be an integer >= 0 (the tokens already in the pool), got {position!r}")
+    ids = check_ids(blocks, n_blocks, f"{what}: device blocks")
+    need = int(position) // block_size + 1
+    if len(ids) != need:
+        raise BadTask(
+            f"{what}: the token at position {position} needs a block table of {need} blocks of {block_size}, "
+            f"got {len(ids)}"
+        )
+    return request, int(token), int(position), ids

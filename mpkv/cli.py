@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from mpkv import logs
-from mpkv.config import DTYPE_BYTES, FIELDS, CacheConfig, check_value, valid_range
+from mpkv.config import DTYPE_BYTES, FIELDS, CacheConfig, check_value, resolve_model, valid_range
 from mpkv.errors import BadName, MpkvError
 from mpkv.naming import check_instance
 
@@ -145,7 +145,7 @@ def _launch_config(args: argparse.Namespace) -> CacheConfig:
             return f"{field!r} in {args.config}"
         return FLAG_OF.get(field, "--" + field.replace("_", "-"))
 
-    return CacheConfig.from_fields(from_file | flags, label)
+    return CacheConfig.from_fields(resolve_model(from_file | flags, label), label)
 
 
 def _config_file(path: str) -> dict[str, Any]:
@@ -260,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--dtype", choices=list(DTYPE_BYTES), help=_from_config("dtype"))
     for field in ("hidden", "vocab", "nixl_port"):
         lp.add_argument(f"--{field.replace('_', '-')}", type=config_flag(field), dest=field, help=_from_config(field))
+    lp.add_argument(
+        "--model",
+        help="the model the workers run: 'synthetic' (byte-exact checks), a Hugging Face checkpoint directory "
+        "(config.json and *.safetensors; it sets --layers, --kv-heads, --head-dim, --vocab), or module:Class "
+        + _from_config("model"),
+    )
     lp.add_argument("--pool-owner", choices=["worker", "transfer"], dest="pool_owner", help=_from_config("pool_owner"))
     lp.add_argument(
         "--role",

@@ -21,11 +21,24 @@ import numbers
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from mpkv.blocks import BadBlocks, BadRequest, BadTask, check_flag, check_ids, check_request, check_tokens
+from mpkv import generation
+from mpkv.allocator import BlockAllocator
+from mpkv.blocks import (
+    BadBlocks,
+    BadRequest,
+    BadTask,
+    check_decode_item,
+    check_flag,
+    check_ids,
+    check_request,
+    check_sampling,
+    check_tokens,
+)
 from mpkv.errors import BadTicket, InstanceNotServing, MpkvError, PeerDied, TaskFailed, TransferFailed, WaitTimeout
 from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, TASK_ROLES, Instance
 from mpkv.pd.leases import Allocator, Lease, LeaseError
@@ -35,6 +48,8 @@ from mpkv.protocol import (
     TASK_CODEC,
     ActorState,
     Cmd,
+    Decode,
+    DecodeItem,
     Done,
     LeaseState,
     PdRole,
@@ -42,6 +57,7 @@ from mpkv.protocol import (
     PrefillSend,
     ReadBlocks,
     Role,
+    Sampling,
     SendItem,
     SwapIn,
     SwapOut,
@@ -71,6 +87,7 @@ class Client:
         self._done: dict[tuple[Role, int], RingReader] = {}
         self._early: dict[tuple[Role, int], dict[int, Done]] = {}
         self._allocator: Allocator | None = None
+        self._blocks: BlockAllocator | None = None
         self._sends: dict[int, dict[tuple[Role, int], Done]] = {}  # PD batches not settled yet
         try:
             for role in TASK_ROLES:
@@ -92,12 +109,97 @@ class Client:
     # -- tasks --------------------------------------------------------------------------------------------------
     # Every argument is checked (mpkv.blocks) before anything is written to a ring: a bad one raises a BadTask
     # (a ValueError; BadRequest, a TypeError, for a wrong type) and submits nothing.
-    def prefill(self, request: str, tokens: np.ndarray, blocks: np.ndarray) -> Ticket:
+    def prefill(
+        self,
+        request: str,
+        tokens: np.ndarray,
+        blocks: np.ndarray,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> Ticket:
+        """Run the model on ``tokens`` (a whole prompt), writing their K/V into ``blocks`` (ceil(len / block_size)
+        of them, in order); ``tokens_of(wait(ticket))`` is the request's first generated token."""
         request = check_request(request)
         ids = self._ids(blocks, self.cfg.device_blocks, "device blocks")
         toks = check_tokens(tokens, self.cfg.vocab, self.cfg.block_size, len(ids), f"prefill {request!r}")
-        task = Prefill(next(self._seq), request, toks, ids)
+        check_sampling(temperature, top_p, seed, f"prefill {request!r}")
+        task = Prefill(next(self._seq), request, toks, ids, Sampling(float(temperature), float(top_p), seed))
         return self._submit(Role.WORKER, task, f"prefill {request!r}")
+
+    def decode(self, items: Sequence[DecodeItem]) -> Ticket:
+        """One decode step of running requests: each item's ``token`` goes at its ``position`` (its tokens already
+        in the pool), its K/V written through ``blocks`` (its block table up to that position's block);
+        ``tokens_of(wait(ticket))`` holds each item's next token, in order."""
+        if not isinstance(items, (list, tuple)) or not items or not all(isinstance(i, DecodeItem) for i in items):
+            raise BadTask(f"a decode step is a non-empty list of mpkv.DecodeItem, got {items!r:.80}")
+        checked = []
+        for it in items:
+            request, token, position, ids = check_decode_item(
+                it.request,
+                it.token,
+                it.position,
+                it.blocks,
+                self.cfg.vocab,
+                self.cfg.block_size,
+                self.cfg.device_blocks,
+            )
+            s = it.sampling
+            check_sampling(s.temperature, s.top_p, s.seed, f"decode {request!r}")
+            checked.append(DecodeItem(request, token, position, ids.astype(np.int32), s))
+        every = np.concatenate([it.blocks for it in checked])
+        check_ids(every, self.cfg.device_blocks, "decode step: device blocks")  # no block in two requests
+        if self._allocator is not None:
+            self._allocator.check_readable(every)
+        task = Decode(next(self._seq), checked)
+        return self._submit(Role.WORKER, task, f"decode step of {len(checked)} requests")
+
+    @staticmethod
+    def tokens_of(dones: list[Done]) -> np.ndarray:
+        """The tokens of a prefill's or decode step's completions (int32, one per request): every rank computed
+        them from the same logits, so they agree, or something broke rank uniformity and this says so."""
+        first = dones[0].tokens
+        if first is None:
+            raise MpkvError(f"task {dones[0].seq}: its completions carry no tokens (not a prefill or decode step)")
+        for d in dones[1:]:
+            if d.tokens is None or not np.array_equal(d.tokens, first):
+                raise MpkvError(
+                    f"task {d.seq}: rank {d.rank} answered tokens {d.tokens}, rank {dones[0].rank} {first}: the "
+                    "ranks diverged (their logits differ); this is a bug in the model's tensor parallelism"
+                )
+        return first
+
+    @property
+    def blocks(self) -> BlockAllocator:
+        """This instance's device blocks as this client allocates them (on a decode instance, the same free list
+        its leases come from). One client per instance should allocate: two clients would hand out the same
+        blocks."""
+        if self.cfg.pd_role == PdRole.DECODE:
+            return self.allocator.blocks
+        if self._blocks is None:
+            self._blocks = BlockAllocator(self.cfg.device_blocks, self.name)
+        return self._blocks
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int] | np.ndarray],
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        prefill_on: Client | None = None,
+        top_p: float = 1.0,
+        timeout_s: float = 60.0,
+    ) -> list[np.ndarray]:
+        """The ``max_new_tokens`` tokens generated after each prompt (a prompt: token ids), int32. Greedy unless
+        ``temperature > 0``; then prompt i draws with seed ``seed + i`` (``seed=None``: a fresh one), the same on
+        every rank and instance. Blocks come from ``self.blocks``; prompts run together as far as the pool holds
+        them, the rest in later rounds. ``prefill_on=Client(prefill instance)`` on a decode instance: prompts are
+        prefilled there and shipped here layer by layer, then decoded here. Every task's completions must carry
+        one weight version: a restore in between is an error, never tokens from KV of two versions."""
+        gen = generation.plan(self, prompts, max_new_tokens, temperature, top_p, seed, prefill_on)
+        return gen.run(timeout_s)
 
     def swap_out(self, blocks: np.ndarray) -> Ticket:
         ids = self._ids(blocks, self.cfg.device_blocks, "device blocks")
@@ -140,7 +242,9 @@ class Client:
     def send(
         self,
         dest: Client,
-        batch: list[tuple[str, np.ndarray, np.ndarray, Lease]],
+        batch: Sequence[
+            tuple[str, np.ndarray, np.ndarray, Lease] | tuple[str, np.ndarray, np.ndarray, Lease, Sampling]
+        ],
         layerwise: bool = True,
         via: str = "",
     ) -> Ticket:
@@ -159,14 +263,22 @@ class Client:
         if not isinstance(batch, (list, tuple)) or not batch:
             raise BadTask(f"a batch is a non-empty list of (request, tokens, source blocks, lease), got {batch!r:.80}")
         for item in batch:
-            if not isinstance(item, tuple) or len(item) != 4 or not isinstance(item[3], Lease):
-                raise BadTask(f"a batch item is (request, tokens, source blocks, lease), got {item!r:.80}")
+            if (
+                not isinstance(item, tuple)
+                or len(item) not in (4, 5)
+                or not isinstance(item[3], Lease)
+                or (len(item) == 5 and not isinstance(item[4], Sampling))
+            ):
+                raise BadTask(f"a batch item is (request, tokens, source blocks, lease[, Sampling]), got {item!r:.80}")
         if len({id(item[3]) for item in batch}) < len(batch):
             raise BadTask("every item of a batch needs a lease of its own (a lease is written by one transfer)")
         items = []
         dest.allocator.sync()  # a lease of a decode pool cleared since is retired now, and refused below
-        for request, tokens, blocks, lease in batch:
+        for item in batch:
+            request, tokens, blocks, lease = item[:4]
+            sampling = item[4] if len(item) == 5 else Sampling()
             request = check_request(request)
+            assert isinstance(lease, Lease) and isinstance(sampling, Sampling)  # checked above
             ids = self._ids(blocks, self.cfg.device_blocks, f"send {request!r}: source blocks")
             tokens = check_tokens(tokens, self.cfg.vocab, self.cfg.block_size, len(ids), f"send {request!r}")
             if dest.allocator.leases.get(lease.slot) is not lease or lease.state != LeaseState.GRANTED:
@@ -178,17 +290,8 @@ class Client:
                 raise LeaseError(
                     f"send {request!r}: {len(ids)} source blocks for a lease of {len(lease.blocks)} blocks"
                 )
-            items.append(
-                SendItem(
-                    request,
-                    tokens,
-                    ids,
-                    lease.blocks,
-                    lease.slot,
-                    lease.gen,
-                    lease.token,
-                )
-            )
+            check_sampling(sampling.temperature, sampling.top_p, sampling.seed, f"send {request!r}")
+            items.append(SendItem(request, tokens, ids, lease.blocks, lease.slot, lease.gen, lease.token, sampling))
         dest.check_serving()
         target = f"{via}/{dest.name}" if via else dest.name
         task = PrefillSend(next(self._seq), target, items, layerwise)
@@ -259,7 +362,9 @@ class Client:
         extra = f"; its blocks are still in use: {in_use}" if in_use else ""
         raise TransferFailed(f"{ticket.what} (task {ticket.seq}) failed: {'; '.join(reasons + late)}{extra}", dones)
 
-    def _submit(self, role: Role, task: Prefill | SwapOut | SwapIn | ReadBlocks | PrefillSend, what: str) -> Ticket:
+    def _submit(
+        self, role: Role, task: Prefill | Decode | SwapOut | SwapIn | ReadBlocks | PrefillSend, what: str
+    ) -> Ticket:
         ring = self._tasks[role]
         # The check and the put, as one step for a PAUSE or SHUTDOWN (NOTE [ submission gate ]); the gate is a flag,
         # so one thread at a time passes it.

@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from enum import IntEnum
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 import msgspec
@@ -19,6 +20,15 @@ if TYPE_CHECKING:
     import torch
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}  # torch is imported only where tensors are made
+
+MAX_MODEL_CHARS = 1024  # a model's path travels in the config record (CONFIG_BYTES in all)
+MODEL_FIELDS = {  # the CacheConfig fields a checkpoint's config.json fixes, and the key that fixes each
+    "layers": "num_hidden_layers",
+    "kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "vocab": "vocab_size",
+    "hidden": "hidden_size",
+}
 
 # The range of each field, declared once on the field itself: msgspec checks it (CacheConfig.__post_init__), the
 # CLI checks each flag against it, and every error message states it (valid_range).
@@ -51,6 +61,9 @@ class CacheConfig:
     hidden: Positive = 64  # the synthetic model's width
     vocab: Annotated[int, Meta(ge=1, le=TOKEN_ID_LIMIT)] = 1024  # token ids are int32
     weight_version: Annotated[int, Meta(ge=0, le=MAX_WEIGHT_VERSION)] = 1  # the weights the instance starts with
+    # The model plug-in (mpkv.model): "synthetic", a Hugging Face checkpoint directory (absolute once resolved by
+    # ``resolve_model``), or "module:Class".
+    model: Annotated[str, Meta(min_length=1, max_length=MAX_MODEL_CHARS)] = "synthetic"
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -123,6 +136,40 @@ class CacheConfig:
         return cls(**values)
 
 
+def is_checkpoint(model: str) -> bool:
+    """Whether ``model`` names a checkpoint directory (not "synthetic", not "module:Class")."""
+    return model != "synthetic" and not re.fullmatch(r"[\w.]+:\w+", model)
+
+
+def resolve_model(values: Mapping[str, Any], label: Callable[[str], str] = str) -> dict[str, Any]:
+    """``values`` with what ``values["model"]`` fixes filled in, when it names a checkpoint directory: the path made
+    absolute, the geometry (MODEL_FIELDS) from its config.json, the dtype (unless given: the pool may hold another
+    dtype than the checkpoint's), after checking that the checkpoint holds every tensor with its shape for ``tp``.
+    A given field that contradicts the model is a ValueError naming both. Reads files: the launcher's step, once;
+    the config an instance publishes is already resolved."""
+    model = values.get("model", "synthetic")
+    if not isinstance(model, str) or not is_checkpoint(model):
+        return dict(values)
+    from mpkv.errors import ModelError
+    from mpkv.models.hf_config import read_config
+    from mpkv.models.weights import check_checkpoint
+
+    where = Path(model).expanduser().resolve()
+    try:
+        mc = read_config(where)
+        check_checkpoint(where, mc, values.get("tp", 1) if isinstance(values.get("tp", 1), int) else 1)
+    except ModelError as e:
+        raise ValueError(f"{label('model')}: {e}") from None
+    fixed = {field: getattr(mc, field) for field in MODEL_FIELDS}  # ModelConfig spells them as CacheConfig does
+    for field, value in fixed.items():
+        if field in values and values[field] != value:
+            raise ValueError(
+                f"{label(field)} ({values[field]!r}) contradicts the model: {where}/config.json has "
+                f"{MODEL_FIELDS[field]} = {value}; leave {label(field)} out, the model sets it"
+            )
+    return {**values, **fixed, "model": str(where), "dtype": values.get("dtype", mc.dtype)}
+
+
 # -- validation: msgspec checks types and ranges against a Struct derived from CacheConfig's own fields ----------
 # Enums travel as their lower-case names; dtype and backend are free strings to Python callers, a closed set here.
 _WIRE_TYPES: dict[str, Any] = {
@@ -174,6 +221,8 @@ def valid_range(field: str) -> str:
     if get_origin(tp) is Annotated:
         base, *metas = get_args(tp)
         meta = next(m for m in metas if isinstance(m, Meta))
+        if base is str:
+            return f"a string of {meta.min_length}..{meta.max_length} characters"
         what = "an integer" if base is int else f"a {base.__name__}"
         if meta.ge is not None and meta.le is not None:
             return f"{what} in {meta.ge}..{meta.le}"

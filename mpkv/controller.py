@@ -14,9 +14,11 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mpkv import naming, status
+from mpkv.config import MAX_MODEL_CHARS, is_checkpoint
 from mpkv.errors import CommandRefused, MpkvError, PeerDied, StepFailed, WaitTimeout  # noqa: F401 (re-exported)
 from mpkv.handshake import Command, check_command, step_done
 from mpkv.instance import (
@@ -25,6 +27,7 @@ from mpkv.instance import (
     CONTROL_LEDGER,
     FENCE_CLOSING,
     Instance,
+    WeightSource,
     controller_wait_slot,
 )
 from mpkv.layout import SegmentKind
@@ -148,7 +151,13 @@ class Controller:
                 self._check_unmapped()
         return res
 
-    def restore(self, weight_version: int | None = None, timeout_s: float | None = None) -> StepResult:
+    def restore(
+        self, weight_version: int | None = None, timeout_s: float | None = None, *, weights_from: str | None = None
+    ) -> StepResult:
+        """Re-allocate the cleared tiers and adopt ``weight_version``. ``weights_from``: a checkpoint directory of
+        the same model (a checkpoint instance only) whose weights this version means; it is checked (config and
+        every tensor's shape) before anything changes. Without it the workers keep the weights they hold."""
+        source = self._weight_source(weights_from)
         try:
             wv = self.weight_version if weight_version is None else operator.index(weight_version)
         except TypeError:
@@ -157,7 +166,30 @@ class Controller:
             raise CommandRefused(
                 f"a weight version is an integer from 0 to {MAX_WEIGHT_VERSION}, got {weight_version!r}"
             )
-        return self._step(Cmd.RESTORE, wv, timeout_s)
+        return self._step(Cmd.RESTORE, wv, timeout_s, WeightSource(wv, source) if source else None)
+
+    def _weight_source(self, weights_from: str | None) -> str:
+        """``weights_from`` as an absolute path, checked against the model the instance serves, or ""."""
+        if weights_from is None:
+            return ""
+        if not isinstance(weights_from, (str, os.PathLike)):
+            raise CommandRefused(f"weights_from must be a checkpoint directory, got {weights_from!r:.80}")
+        if not is_checkpoint(self.cfg.model):
+            raise CommandRefused(
+                f"instance {self.name} runs the model {self.cfg.model!r}, which loads no checkpoint; weights_from "
+                "needs an instance launched with --model DIR"
+            )
+        from mpkv.models.hf_config import read_config
+        from mpkv.models.runner import check_same_model
+        from mpkv.models.weights import check_checkpoint
+
+        path = Path(weights_from).expanduser().resolve()
+        held = read_config(self.cfg.model)
+        check_same_model(held, read_config(path), f"{path}/config.json")
+        check_checkpoint(path, held, self.cfg.tp)
+        if len(str(path)) > MAX_MODEL_CHARS:
+            raise CommandRefused(f"weights_from: the path {str(path)!r:.80}... is longer than {MAX_MODEL_CHARS}")
+        return str(path)
 
     def resume(self, timeout_s: float | None = None) -> StepResult:
         return self._step(Cmd.RESUME, 0, timeout_s)
@@ -188,7 +220,7 @@ class Controller:
         self.close()
 
     # -- one step ---------------------------------------------------------------------------------------------
-    def _step(self, kind: Cmd, aux: int, timeout_s: float | None) -> StepResult:
+    def _step(self, kind: Cmd, aux: int, timeout_s: float | None, weights: WeightSource | None = None) -> StepResult:
         wait_s = check_timeout(self.timeout_s if timeout_s is None else timeout_s)
         cmd_w, ledger_w, _ = self._claim()  # before reading the block: a claim repairs a slot torn by a dead writer
         last, statuses, cleared, weight_version = status.settled(self.inst)
@@ -206,6 +238,8 @@ class Controller:
         deadline = time.monotonic() + wait_s
         if kind in (Cmd.PAUSE, Cmd.SHUTDOWN):
             self._close_rings(kind, epoch, last, deadline)
+        if weights is not None:  # before the command: a worker adopting the version reads it then
+            self.inst.write_weights(weights)
         cmd_w.write(kind, epoch, aux)
         if kind == Cmd.CLEAR:  # after the command (settled_ledger counts the command word itself from now on)
             ledger_w.write(kind, epoch, pack_ledger(weight_version, cleared | ClearFlags(aux)))

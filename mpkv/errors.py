@@ -104,6 +104,11 @@ class ModelError(MpkvError, ValueError):
     a tensor or holding one of the wrong shape, a malformed shard index. Nothing was loaded."""
 
 
+class StaleWeights(MpkvError):
+    """A generation saw completions of two weight versions (a restore ran in the middle): its tokens would mix
+    KV of both, so none are returned."""
+
+
 class LinkError(MpkvError):
     """The decode instance cannot take KV from this link now; the message says why."""
 

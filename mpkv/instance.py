@@ -15,12 +15,17 @@
     usage               signals   slot r: transfer r's host pool (HostTier; epoch = slots in use)
     errors              blob      record actor_slot(...): that actor only (before it publishes FAILED)
     handles             blob      record r: rank r's pool owner (before it publishes PUBLISHED)
+    weights             blob      the controller: the checkpoint published for a weight version (WeightSource),
+                                  written before the RESTORE that adopts it; the workers read it
     tasks.<role>        ring      the client (one writer); reader r = that role's rank r. On a prefill
                                   instance, tasks.worker also has readers tp + r: messager r (one task stream)
     done.<role>.r<r>    ring      that actor; the client reads (done.messager.r<r>: prefill instances)
   prefill instances only:
     progress            signals   slot r: worker r's per-layer progress (protocol.Progress)
     sendbar             barrier   the messagers, once per PrefillSend batch, keyed by (seq, batch)
+  a checkpoint model at tp > 1 only:
+    allreduce           barrier   the workers' sum of partial products (mpkv.shm.allreduce): rank r's buffers
+                                  written by worker r only
   decode instances only:
     links               signals   slot j * tp + r: link j of rank r, written by the prefill messager r that
                                   holds it (an attacher of this instance's rank-r pool from outside)
@@ -58,6 +63,7 @@ from mpkv.protocol import (
     unpack_slots,
 )
 from mpkv.report import NO_WAIT, Wait, actor_map, culprits, wait_chain
+from mpkv.shm.allreduce import create_allreduce
 from mpkv.shm.barrier import create_barrier
 from mpkv.shm.records import read_sync_record, write_sync_record
 from mpkv.shm.registry import Registry
@@ -76,6 +82,7 @@ from mpkv.topology import (  # noqa: F401 (the instance's shape, re-exported for
     MAX_LINKS,
     TASK_RING_BYTES,
     TASK_ROLES,
+    WEIGHTS_RECORD_BYTES,
     Topology,
     controller_wait_slot,
     launcher_slot,
@@ -85,6 +92,13 @@ from mpkv.topology import (  # noqa: F401 (the instance's shape, re-exported for
 
 _LEN = struct.Struct("<I")
 FENCE_CLOSING = 2**64 - 1  # a fence's aux while the controller waits for the ring's writer to finish a put
+
+
+class WeightSource(msgspec.Struct, frozen=True):
+    """The checkpoint directory published for a weight version (object ``weights``)."""
+
+    weight_version: int
+    path: str
 
 
 class Instance:
@@ -121,6 +135,8 @@ class Instance:
                     owned.append(create_signals(reg, o.obj, o.count))
                 elif o.kind == SegmentKind.RING:
                     owned.append(create_ring(reg, o.obj, o.record_bytes, nreaders=o.count))
+                elif o.kind == SegmentKind.BARRIER and o.record_bytes:
+                    owned.append(create_allreduce(reg, o.obj, o.count, o.record_bytes))
                 elif o.kind == SegmentKind.BARRIER:
                     owned.append(create_barrier(reg, o.obj, o.count))
                 else:
@@ -219,6 +235,20 @@ class Instance:
         return msgspec.msgpack.decode(
             read_sync_record(self._blob(naming.HANDLES), rank, HANDLE_RECORD_BYTES), type=PoolHandle
         )
+
+    def write_weights(self, source: WeightSource) -> None:
+        """The controller, before the RESTORE that adopts ``source.weight_version``."""
+        write_sync_record(self._blob(naming.WEIGHTS), 0, WEIGHTS_RECORD_BYTES, msgspec.msgpack.encode(source))
+
+    def read_weights(self) -> WeightSource:
+        """What the controller published last (version 0 and no path until it published anything)."""
+        raw = read_sync_record(self._blob(naming.WEIGHTS), 0, WEIGHTS_RECORD_BYTES)
+        if not raw:
+            return WeightSource(-1, "")
+        try:
+            return msgspec.msgpack.decode(raw, type=WeightSource)
+        except msgspec.DecodeError as e:
+            raise MpkvError(f"{self.name_of(naming.WEIGHTS)}: not a weights record mpkv wrote ({e})") from None
 
     def launcher_gone(self) -> str:
         """Why the launcher no longer supervises this instance ("launcher pid N died (...)"), or "" while it does.

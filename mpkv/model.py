@@ -1,48 +1,84 @@
-"""The model plug-in interface, and the default plug-in: a small deterministic synthetic transformer.
+"""The model plug-in interface the worker calls, how the worker builds a plug-in, and the default plug-in: a small
+deterministic synthetic model.
 
-A plug-in is anything with ``load(weight_version)`` and ``forward(batch, kv, on_layer_done)``: given a batch
-of prefill requests with their block tables, it writes each layer's K/V into the pool and reports each layer
-as it finishes (the messager ships finished layers while later ones compute).
+``CacheConfig.model`` names the plug-in:
+- ``"synthetic"``: ``SyntheticModel`` below (the byte-exact checks of the demo, benchmarks and tests);
+- a directory: a Hugging Face checkpoint (``config.json`` and ``*.safetensors``) of a Llama-family model, run by
+  ``mpkv.models.runner.HFRunner``;
+- ``"module:Class"``: any class with this interface, built as ``Class(cfg, rank, device, all_reduce)``.
 
-The synthetic model does real matmuls on the backend's device with weights drawn from a generator seeded by
-the weight version, so the exact K/V of any token on any rank can be recomputed anywhere (``expected_kv``),
-which is how the demo and the tests verify every byte.
+A plug-in writes K/V into the rank's pool tensor ``[layers, 2, blocks, block_size, kv_heads / tp, head_dim]``
+through each request's block table, and returns each request's next token. Every rank gets the same tasks in the
+same order (invariant I4) and must return the same tokens: under tensor parallelism the ranks' logits agree
+because ``all_reduce`` sums the partial products in one fixed order.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from mpkv.config import CacheConfig
-from mpkv.protocol import Prefill
+from mpkv.errors import ModelError
+from mpkv.models.sampling import next_tokens
+from mpkv.protocol import DecodeItem, Prefill
 
-
-class KVWriter(Protocol):
-    def write(self, layer: int, blocks: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K/V of ``T`` tokens ([T, heads_per_rank, head_dim]) into ``blocks`` (in order)."""
-        ...
+SYNTHETIC = "synthetic"
+AllReduce = Callable[[torch.Tensor], torch.Tensor]  # the sum over the ranks of an instance
+LayerDone = Callable[[int], None]
 
 
 class ModelRunner(Protocol):
-    def load(self, weight_version: int) -> None: ...
+    """What the worker calls. ``load`` runs when the instance adopts a weight version (start-up, restore);
+    ``source`` is a checkpoint directory published for that version, or "" (keep the weights held, or load the
+    configured ones). ``prefill`` writes every layer's K/V of each request's tokens and calls ``on_layer_done(l)``
+    once layer l is written for the whole batch (a prefill instance ships it then); ``decode`` writes the K/V of
+    each item's token at its position. Both return the next token of each request, in order."""
 
-    def forward(self, batch: Sequence[Prefill], kv: KVWriter, on_layer_done: Callable[[int], None]) -> None: ...
+    def load(self, weight_version: int, source: str) -> None: ...
+
+    def prefill(self, batch: Sequence[Prefill], pool: torch.Tensor, on_layer_done: LayerDone) -> list[int]: ...
+
+    def decode(self, batch: Sequence[DecodeItem], pool: torch.Tensor) -> list[int]: ...
+
+
+def build_runner(cfg: CacheConfig, rank: int, device: torch.device, all_reduce: AllReduce | None) -> ModelRunner:
+    """The plug-in ``cfg.model`` names, for ``rank``."""
+    if cfg.model == SYNTHETIC:
+        return SyntheticModel(cfg, rank, device)
+    if Path(cfg.model).is_dir():
+        from mpkv.models.runner import HFRunner
+
+        return HFRunner(cfg, rank, device, all_reduce)
+    module, _, name = cfg.model.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ModelError(f"model {cfg.model!r}: cannot import {name} from {module}: {e}") from None
+    runner: ModelRunner = cls(cfg, rank, device, all_reduce)
+    return runner
 
 
 class SyntheticModel:
-    """``layers`` of: k = x Wk, v = x Wv (this rank's heads), x = tanh(x Wo). Float32 compute, stored in the
-    pool's dtype. One request at a time, so shapes (and so rounding) never depend on batching."""
+    """``layers`` of: k = x Wk, v = x Wv (this rank's heads), x = tanh(x Wo); logits = x E^T with E the
+    embedding. No attention: a token's K/V depend on the token alone, so the exact K/V of any token on any
+    rank can be recomputed anywhere (``expected_kv``), which is how the demo and the tests verify every byte.
+    Float32 compute, stored in the pool's dtype; one request at a time, so shapes (and so rounding) never depend
+    on batching. Weights are drawn from a generator seeded by the weight version."""
 
     def __init__(self, cfg: CacheConfig, rank: int, device: torch.device | str = "cpu") -> None:
         self.cfg, self.rank, self.device = cfg, rank, torch.device(device)
         self.weight_version = -1
         self._w: dict[str, torch.Tensor] = {}
 
-    def load(self, weight_version: int) -> None:
+    def load(self, weight_version: int, source: str = "") -> None:
+        if source:
+            raise ModelError(f"the synthetic model has no checkpoint to load; got {source!r}")
         if weight_version == self.weight_version:
             return
         c = self.cfg
@@ -64,9 +100,10 @@ class SyntheticModel:
 
     def layers_kv(self, tokens: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """K and V of every layer for ``tokens`` on this rank, in the pool's dtype."""
-        return list(self._iter_kv(tokens))
+        return [kv for kv, _ in self._iter(tokens)]
 
-    def _iter_kv(self, tokens: np.ndarray):  # type: ignore[no-untyped-def]
+    def _iter(self, tokens: np.ndarray):  # type: ignore[no-untyped-def]
+        """Per layer: ((K, V) of the tokens, the hidden state after the layer)."""
         c, w = self.cfg, self._w
         if not w:
             raise RuntimeError("model weights are not loaded (load(weight_version) first)")
@@ -76,17 +113,39 @@ class SyntheticModel:
         for layer in range(c.layers):
             k = (x @ w["wk"][layer]).view(shape).to(c.torch_dtype)
             v = (x @ w["wv"][layer]).view(shape).to(c.torch_dtype)
-            yield k, v
             x = torch.tanh(x @ w["wo"][layer])
+            yield (k, v), x
 
-    def forward(self, batch: Sequence[Prefill], kv: KVWriter, on_layer_done: Callable[[int], None]) -> None:
-        gens = [self._iter_kv(req.tokens) for req in batch]
+    def _logits(self, x_last: torch.Tensor) -> torch.Tensor:
+        return x_last @ self._w["emb"].T
+
+    def prefill(self, batch: Sequence[Prefill], pool: torch.Tensor, on_layer_done: LayerDone) -> list[int]:
+        gens = [self._iter(req.tokens) for req in batch]
         tables = [torch.as_tensor(np.asarray(req.blocks, dtype=np.int64), device=self.device) for req in batch]
+        last: list[torch.Tensor] = [torch.empty(0)] * len(batch)
+        bs = self.cfg.block_size
         for layer in range(self.cfg.layers):
-            for gen, blocks in zip(gens, tables, strict=True):
-                k, v = next(gen)
-                kv.write(layer, blocks, k, v)
+            for i, (gen, blocks) in enumerate(zip(gens, tables, strict=True)):
+                (k, v), x = next(gen)
+                last[i] = x[-1]
+                for kv_index, t in ((0, k), (1, v)):
+                    full = len(blocks) * bs  # whole blocks: the tail of the last one is zeroed
+                    t = torch.cat([t, t.new_zeros((full - t.shape[0], *t.shape[1:]))])
+                    pool[layer, kv_index, blocks] = t.view(len(blocks), bs, *t.shape[1:])
             on_layer_done(layer)
+        logits = torch.stack([self._logits(x) for x in last])
+        return next_tokens(logits, [r.sampling for r in batch], [len(r.tokens) for r in batch])
+
+    def decode(self, batch: Sequence[DecodeItem], pool: torch.Tensor) -> list[int]:
+        bs, logits = self.cfg.block_size, []
+        for item in batch:
+            block, offset = int(item.blocks[item.position // bs]), item.position % bs
+            steps = list(self._iter(np.array([item.token])))
+            for layer, ((k, v), _) in enumerate(steps):
+                pool[layer, 0, block, offset] = k[0]
+                pool[layer, 1, block, offset] = v[0]
+            logits.append(self._logits(steps[-1][1][-1]))
+        return next_tokens(torch.stack(logits), [i.sampling for i in batch], [i.position + 1 for i in batch])
 
 
 def expected_kv(cfg: CacheConfig, rank: int, weight_version: int, tokens: np.ndarray) -> torch.Tensor:
@@ -99,3 +158,24 @@ def expected_kv(cfg: CacheConfig, rank: int, weight_version: int, tokens: np.nda
         return torch.stack([torch.stack(kv) for kv in m.layers_kv(tokens)])
     finally:
         torch.set_num_threads(threads)
+
+
+def expected_tokens(cfg: CacheConfig, weight_version: int, prompt: np.ndarray, max_new_tokens: int) -> list[int]:
+    """The tokens the synthetic model generates greedily after ``prompt`` (what ``Client.generate`` must return)."""
+    m = SyntheticModel(cfg, 0)
+    m.load(weight_version)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out: list[int] = []
+        tokens = np.asarray(prompt)
+        while len(out) < max_new_tokens:
+            x = list(m._iter(tokens))[-1][1]  # the hidden state after the last layer
+            out.append(int(m._logits(x[-1]).argmax()))
+            tokens = np.array(out[-1:])
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+__all__ = ["SYNTHETIC", "ModelRunner", "SyntheticModel", "build_runner", "expected_kv", "expected_tokens"]

@@ -115,6 +115,7 @@ def is_registry(name: str) -> bool:
 CONFIG, CONTROL, STATUS, WAITS = "config", "control", "status", "waits"
 USAGE, ERRORS, HANDLES = "usage", "errors", "handles"
 PROGRESS, SENDBAR = "progress", "sendbar"  # prefill instances
+WEIGHTS, ALLREDUCE = "weights", "allreduce"  # the weights published per version; the workers' collective
 LINKS, LEASES = "links", "leases"  # decode instances
 DEVICE_POOL, HOST_POOL = "pool.dev", "pool.host"  # the stem of every pool's name (controller: "still mapped?")
 

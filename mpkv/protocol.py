@@ -151,13 +151,46 @@ def actor_name(role: Role, rank: int) -> str:
 # --- task lanes (msgspec structs, encoded by mpkv.codec) -----------------------------------------------------
 
 
+class Sampling(msgspec.Struct, frozen=True):
+    """How a request picks its next token: greedy (temperature 0), or temperature and top-p with the request's
+    seed. The token at position p is drawn from a generator seeded by (seed, p) alone, so it depends neither on
+    the batch, nor on the rank (every rank computes the same logits), nor on which instance ran the step."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+GREEDY = Sampling()
+
+
 class Prefill(msgspec.Struct, tag=True):
-    """Worker: run the model on ``tokens`` and write their K/V into ``blocks`` (block table, in order)."""
+    """Worker: run the model on ``tokens``, write their K/V into ``blocks`` (block table, in order), and answer
+    with the request's first generated token (``Done.tokens``)."""
 
     seq: int
     request: str
     tokens: np.ndarray  # int32 token ids
     blocks: np.ndarray  # int32 device block ids, ceil(len(tokens) / block_size) of them
+    sampling: Sampling = GREEDY
+
+
+class DecodeItem(msgspec.Struct):
+    """One running request of a decode step: ``token`` goes at ``position`` (the request's tokens whose K/V are
+    in the pool already); ``blocks`` is its block table up to and including the block of ``position``."""
+
+    request: str
+    token: int
+    position: int
+    blocks: np.ndarray  # int32, position // block_size + 1 of them
+    sampling: Sampling = GREEDY
+
+
+class Decode(msgspec.Struct, tag=True):
+    """Worker: one decode step of a batch of running requests; ``Done.tokens`` holds each item's next token."""
+
+    seq: int
+    items: list[DecodeItem]
 
 
 class SwapOut(msgspec.Struct, tag=True):
@@ -187,6 +220,7 @@ class Done(msgspec.Struct, tag=True):
     layers_done: int = 0
     data: bytes = b""
     busy_s: float = 0.0  # a messager: seconds spent moving bytes (for `mpkv bench pd`)
+    tokens: np.ndarray | None = None  # a worker's prefill or decode step: the next token of each request, in order
 
 
 class ReadBlocks(msgspec.Struct, tag=True):
@@ -209,6 +243,7 @@ class SendItem(msgspec.Struct):
     lease: int
     lease_gen: int
     lease_token: int = 0
+    sampling: Sampling = GREEDY
 
 
 class PrefillSend(msgspec.Struct, tag=True):
@@ -222,6 +257,6 @@ class PrefillSend(msgspec.Struct, tag=True):
     layerwise: bool = True  # False: ship only after the last layer (the baseline `mpkv bench pd` compares with)
 
 
-TASK_TYPES = (Prefill, SwapOut, SwapIn, ReadBlocks, PrefillSend)
+TASK_TYPES = (Prefill, Decode, SwapOut, SwapIn, ReadBlocks, PrefillSend)
 TASK_CODEC = Codec(*TASK_TYPES)
 DONE_CODEC = Codec(Done)

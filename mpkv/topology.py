@@ -21,6 +21,8 @@ from mpkv.protocol import ROLES, ClearFlags, PdRole, Role, actor_name, actor_slo
 ERROR_RECORD_BYTES = 4096
 HANDLE_RECORD_BYTES = 1048  # a handle of up to 1024 bytes after the 24-byte header of a synchronised record
 CONFIG_BYTES = 4096
+WEIGHTS_RECORD_BYTES = 2048  # a WeightSource (mpkv.instance): a version and a checkpoint path of <= 1024 chars
+ALLREDUCE_PIECE_BYTES = 1 << 20  # the workers' all-reduce sums tensors in pieces of this size (mpkv.shm.allreduce)
 TASK_RING_BYTES = 1 << 20
 DONE_RING_BYTES = 1 << 23  # a ReadBlocks completion carries a request's KV
 TASK_ROLES = (Role.WORKER, Role.TRANSFER)
@@ -40,7 +42,7 @@ class SharedObject:
     kind: SegmentKind
     writers: tuple[str, ...]
     readers: tuple[str, ...] = ()
-    record_bytes: int = 0
+    record_bytes: int = 0  # a blob's record size, a ring's capacity, an all-reduce's piece size; else 0
 
     @property
     def count(self) -> int:
@@ -198,6 +200,14 @@ class Topology:
                 record_bytes=HANDLE_RECORD_BYTES,
             ),
         ]
+        objects.append(
+            SharedObject(naming.WEIGHTS, SegmentKind.BLOB, ("controller",), record_bytes=WEIGHTS_RECORD_BYTES)
+        )
+        if tp > 1 and cfg.model != "synthetic":  # a real model's ranks sum partial products after each layer
+            workers = tuple(actor_name(Role.WORKER, r) for r in range(tp))
+            objects.append(
+                SharedObject(naming.ALLREDUCE, SegmentKind.BARRIER, workers, record_bytes=ALLREDUCE_PIECE_BYTES)
+            )
         for ring_role in TASK_ROLES:
             readers = [
                 (task_reader(tp, role, rank), actor_name(role, rank))

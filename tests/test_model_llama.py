@@ -10,7 +10,6 @@ The models are random (seeded: MPKV_TEST_SEED, default 0, printed), float32, and
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -20,6 +19,18 @@ from typing import Any
 
 import pytest
 import torch
+from hf_models import (
+    BLOCK,
+    NEW_TOKENS,
+    POOL_BLOCKS,
+    SEED,
+    SMALL,
+    hf,
+    prompts_for,
+    reference,
+    rewrite_checkpoint,
+    save_model,
+)
 
 from mpkv.config import CacheConfig
 from mpkv.errors import BadBlocks, BadTask, ModelError
@@ -27,97 +38,18 @@ from mpkv.models import (
     Chunk,
     LlamaModel,
     ModelConfig,
-    SamplingParams,
     load_weights,
     next_tokens,
     parse_config,
     read_config,
 )
-from mpkv.models.sampling import generator
-
-
-def hf() -> Any:
-    """transformers, the reference; the tests that need no reference run without it."""
-    return pytest.importorskip("transformers")
-
-
-SEED = int(os.environ.get("MPKV_TEST_SEED", "0"))
-BLOCK = 4
-LENGTHS = [1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 2]  # one, around a block boundary, several blocks
-NEW_TOKENS = 6
-POOL_BLOCKS = 48
-SMALL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-    max_position_embeddings=256,
-    initializer_range=0.1,  # wider than the default 0.02: logits far apart, so greedy picks are no near-ties
-    bos_token_id=None,
-    eos_token_id=None,  # generate must not stop early, nor mask anything
-    pad_token_id=None,
-)
-
-
-def _seed(name: str) -> int:
-    seed = SEED * 1000 + sum(map(ord, name))
-    print(f"[seed] {name}: MPKV_TEST_SEED={SEED} (model seed {seed})")
-    return seed
-
-
-def _save_model(path: Path, arch: str, **overrides: Any) -> Path:
-    torch.manual_seed(_seed(f"{arch}{sorted(overrides.items())}"))
-    if arch == "llama-variant":
-        # attention_bias: q/k/v biases split by rank, o_proj's added once; head_dim explicit and not
-        # hidden / heads (q_proj is wider than hidden); tied embeddings, as Llama 3.2 1B has
-        variant = {"attention_bias": True, "head_dim": 32, "tie_word_embeddings": True}
-        arch, overrides = "llama", {**variant, **overrides}
-    if arch == "llama":
-        cfg = hf().LlamaConfig(**{**SMALL, **overrides})
-        model = hf().LlamaForCausalLM(cfg)
-    else:
-        cfg = hf().Qwen2Config(**{**SMALL, "tie_word_embeddings": True, **overrides})
-        model = hf().Qwen2ForCausalLM(cfg)
-    with torch.no_grad():  # transformers initialises biases to zero: a wrong bias path would go unseen
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.normal_(0.0, 0.5)
-    model.save_pretrained(path)
-    return path
+from mpkv.protocol import Sampling
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {arch: _save_model(root / arch, arch) for arch in ("llama", "qwen2", "llama-variant")}
-
-
-def _prompts(vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(SEED)
-    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in LENGTHS]
-
-
-def reference(
-    model_dir: Path, prompts: list[list[int]], new: int, dtype: torch.dtype = torch.float32
-) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """transformers' greedy generate, one prompt at a time (no padding): tokens and per-step logits."""
-    model = hf().AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    tokens, logits = [], []
-    for p in prompts:
-        ids = torch.tensor([p])
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new,
-            do_sample=False,
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-        tokens.append(out.sequences[0, len(p) :].tolist())
-        logits.append(torch.cat(out.logits))  # [new, vocab]
-    return tokens, logits
+    return {arch: save_model(root / arch, arch) for arch in ("llama", "qwen2", "llama-variant")}
 
 
 # --- paged generation, one rank or several in threads ---------------------------------------------------
@@ -179,20 +111,20 @@ def generate_rank(
     prompts: list[list[int]],
     tables: list[list[int]],
     new: int,
-    params: list[SamplingParams] | None = None,
+    params: list[Sampling] | None = None,
 ) -> tuple[list[list[int]], torch.Tensor]:
     """Prefill every prompt in one batch, then decode them together; tokens and logits [new, batch, vocab]."""
-    params = params or [SamplingParams()] * len(prompts)
-    gens = [generator(p) for p in params]
+    params = params or [Sampling()] * len(prompts)
     layers_done: list[int] = []
     logits = [model.prefill(prompts, tables, pool, on_layer_done=layers_done.append)]
     assert layers_done == list(range(model.cfg.layers))
-    toks = next_tokens(logits[-1], params, gens)
-    out, lengths = [toks], [len(p) for p in prompts]
+    lengths = [len(p) for p in prompts]
+    toks = torch.tensor(next_tokens(logits[-1], params, lengths))
+    out = [toks]
     for _ in range(new - 1):
         logits.append(model.decode(toks, lengths, tables, pool))
         lengths = [n + 1 for n in lengths]
-        toks = next_tokens(logits[-1], params, gens)
+        toks = torch.tensor(next_tokens(logits[-1], params, lengths))
         out.append(toks)
     return torch.stack(out, 1).tolist(), torch.stack(logits)
 
@@ -202,7 +134,7 @@ def generate_paged(
     prompts: list[list[int]],
     new: int,
     tp: int,
-    params: list[SamplingParams] | None = None,
+    params: list[Sampling] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[list[list[int]], torch.Tensor]:
     """Every rank generates (in its own thread when tp > 1); all ranks must agree on tokens and logits."""
@@ -228,7 +160,7 @@ def generate_paged(
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "llama-variant"])
 def test_greedy_tokens_equal_transformers_generate(models: dict[str, Path], arch: str, tp: int) -> None:
-    prompts = _prompts(SMALL["vocab_size"])  # type: ignore[arg-type]
+    prompts = prompts_for(SMALL["vocab_size"])  # type: ignore[arg-type]
     want_tokens, want_logits = reference(models[arch], prompts, NEW_TOKENS)
     tokens, logits = generate_paged(models[arch], prompts, NEW_TOKENS, tp)
     for i, p in enumerate(prompts):
@@ -252,9 +184,9 @@ def test_greedy_tokens_equal_transformers_generate(models: dict[str, Path], arch
     ids=["linear", "llama3"],
 )
 def test_scaled_rope_equals_transformers(tmp_path: Path, rope: dict[str, Any]) -> None:
-    model_dir = _save_model(tmp_path / "m", "llama", rope_parameters=rope)
+    model_dir = save_model(tmp_path / "m", "llama", rope_parameters=rope)
     assert read_config(model_dir).rope.kind == rope["rope_type"]
-    prompts = _prompts(SMALL["vocab_size"])[-2:]  # type: ignore[arg-type]
+    prompts = prompts_for(SMALL["vocab_size"])[-2:]  # type: ignore[arg-type]
     want_tokens, want_logits = reference(model_dir, prompts, 4)
     tokens, logits = generate_paged(model_dir, prompts, 4, tp=1)
     assert tokens == want_tokens
@@ -267,7 +199,7 @@ def test_a_prompt_prefilled_in_chunks_and_a_half_precision_pool(models: dict[str
     a float16 pool (what mpkv allocates by default) stores K/V rounded, so logits agree only roughly."""
     cfg = read_config(models["llama"])
     model = LlamaModel(cfg, load_weights(models["llama"], cfg))
-    prompt = _prompts(cfg.vocab)[-1]
+    prompt = prompts_for(cfg.vocab)[-1]
     table = block_tables([len(prompt)], 0)[0]
     whole = model.prefill([prompt], [table], garbage_pool(cfg, 1))
     pool = garbage_pool(cfg, 1)
@@ -286,7 +218,7 @@ def test_decode_fast_path_computes_what_the_general_path_computes(models: dict[s
     way."""
     cfg = read_config(models["llama"])
     model = LlamaModel(cfg, load_weights(models["llama"], cfg))
-    prompts = _prompts(cfg.vocab)
+    prompts = prompts_for(cfg.vocab)
     for batch in (prompts, [p[:BLOCK] for p in prompts[2:]]):  # lengths all different, then all alike
         lengths = [len(p) for p in batch]
         tables = block_tables(lengths, 1)
@@ -349,18 +281,18 @@ def test_tp_shards_are_the_heads_of_each_rank(models: dict[str, Path]) -> None:
 
 
 def test_sampling_is_seeded_per_request(models: dict[str, Path]) -> None:
-    prompts = _prompts(SMALL["vocab_size"])[:3]  # type: ignore[arg-type]
+    prompts = prompts_for(SMALL["vocab_size"])[:3]  # type: ignore[arg-type]
     greedy, _ = generate_paged(models["llama"], prompts, NEW_TOKENS, tp=1)
-    nucleus_of_one = [SamplingParams(temperature=1.0, top_p=1e-6, seed=i) for i in range(3)]
+    nucleus_of_one = [Sampling(temperature=1.0, top_p=1e-6, seed=i) for i in range(3)]
     assert generate_paged(models["llama"], prompts, NEW_TOKENS, 1, nucleus_of_one)[0] == greedy
 
-    hot = [SamplingParams(temperature=5.0, seed=s) for s in (1, 2, 3)]
+    hot = [Sampling(temperature=5.0, seed=s) for s in (1, 2, 3)]
     first, _ = generate_paged(models["llama"], prompts, NEW_TOKENS, 1, hot)
     assert generate_paged(models["llama"], prompts, NEW_TOKENS, 2, hot)[0] == first  # TP=2 ranks agree too
     # A request's tokens depend on its own seed only, not on the batch around it.
     alone, _ = generate_paged(models["llama"], prompts[1:2], NEW_TOKENS, 1, hot[1:2])
     assert alone[0] == first[1]
-    reseeded, _ = generate_paged(models["llama"], prompts, NEW_TOKENS, 1, [SamplingParams(5.0, seed=9)] * 3)
+    reseeded, _ = generate_paged(models["llama"], prompts, NEW_TOKENS, 1, [Sampling(5.0, seed=9)] * 3)
     assert reseeded != first
 
 
@@ -465,17 +397,9 @@ def llama_copy(models: dict[str, Path], tmp_path: Path) -> Iterator[tuple[Path, 
     yield d, read_config(d)
 
 
-def _rewrite(path: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(path)
-    change(tensors)
-    save_file(tensors, path)
-
-
 def test_missing_tensor_is_named(llama_copy: tuple[Path, ModelConfig]) -> None:
     d, cfg = llama_copy
-    _rewrite(d / "model.safetensors", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    rewrite_checkpoint(d / "model.safetensors", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     missing = r"no tensor model\.layers\.1\.mlp\.up_proj\.weight \(expected shape \[128, 64\]\)"
     with pytest.raises(ModelError, match=missing):
         load_weights(d, cfg)
@@ -484,7 +408,7 @@ def test_missing_tensor_is_named(llama_copy: tuple[Path, ModelConfig]) -> None:
 def test_tensor_of_the_wrong_shape_is_named_with_both_shapes(llama_copy: tuple[Path, ModelConfig]) -> None:
     d, cfg = llama_copy
     name = "model.layers.0.self_attn.k_proj.weight"
-    _rewrite(d / "model.safetensors", lambda t: t.update({name: torch.zeros(16, 64)}))
+    rewrite_checkpoint(d / "model.safetensors", lambda t: t.update({name: torch.zeros(16, 64)}))
     with pytest.raises(ModelError, match=rf"{name} has shape \[16, 64\], expected \[32, 64\]"):
         load_weights(d, cfg)
 
@@ -528,7 +452,7 @@ def test_index_naming_a_tensor_its_shard_lacks(llama_copy: tuple[Path, ModelConf
     with safe_open(str(d / "model.safetensors"), framework="pt") as f:
         weight_map = dict.fromkeys(f.keys(), "model.safetensors")
     shutil.copy(d / "model.safetensors", d / "other.safetensors")
-    _rewrite(d / "other.safetensors", lambda t: t.pop("model.norm.weight"))
+    rewrite_checkpoint(d / "other.safetensors", lambda t: t.pop("model.norm.weight"))
     weight_map["model.norm.weight"] = "other.safetensors"
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(ModelError, match=r"malformed index: model\.norm\.weight is not in other\.safetensors"):
@@ -582,7 +506,7 @@ def test_half_precision_tokens_equal_transformers_generate(
 ) -> None:
     """Real checkpoints are bf16 or fp16: weights, pool and activations in that dtype (rope's angles computed in
     float32, applied in it, as the reference does), against transformers run in the same dtype."""
-    prompts = _prompts(SMALL["vocab_size"])  # type: ignore[arg-type]
+    prompts = prompts_for(SMALL["vocab_size"])  # type: ignore[arg-type]
     want_tokens, want_logits = reference(models[arch], prompts, NEW_TOKENS, dtype)
     tokens, logits = generate_paged(models[arch], prompts, NEW_TOKENS, 1, dtype=dtype)
     for i, p in enumerate(prompts):

@@ -29,7 +29,18 @@ from mpkv.errors import MpkvError, PeerDied, WaitTimeout
 from mpkv.instance import Instance
 from mpkv.pd.link import Link
 from mpkv.pd.nixl import Endpoint, NixlLink, Receiver
-from mpkv.protocol import ActorState, Done, PdRole, Prefill, PrefillSend, Role, WaitKind, actor_slot, pack_slots
+from mpkv.protocol import (
+    ActorState,
+    Decode,
+    Done,
+    PdRole,
+    Prefill,
+    PrefillSend,
+    Role,
+    WaitKind,
+    actor_slot,
+    pack_slots,
+)
 from mpkv.shm.barrier import Barrier, BarrierKey
 from mpkv.shm.waiting import Peer, WakeSet, Word, wait_until
 
@@ -52,7 +63,7 @@ def _diverge() -> tuple[int, int] | None:
 class Messager(Actor):
     role = Role.MESSAGER
     poolless = (PrefillSend,)  # every batch reaches the barrier, pool or not
-    ignores = (Prefill,)  # the workers' plain prefills ship nothing
+    ignores = (Prefill, Decode)  # the workers' plain prefills and decode steps ship nothing
 
     def __init__(self, inst: Instance, rank: int) -> None:
         self.links: dict[str, Link | NixlLink] = {}

@@ -143,6 +143,14 @@ class Actor:
         (STOPPED or FAILED) through it, after the teardown."""
         return self._status_w
 
+    def heartbeat(self) -> bool:
+        """Publish the same state with a fresh timestamp if the last one is older than HEARTBEAT_S (also from
+        inside a long task: the worker's all-reduce calls it while it waits for the other ranks)."""
+        if time.monotonic() - self._last_publish <= HEARTBEAT_S:
+            return False
+        self._publish(self.status)
+        return True
+
     def _publish(self, st: Status) -> None:
         aux = self.released_bytes if st.state == S.CLEARED else self.weight_version
         self._status_w.write(st.state, st.epoch, aux)
@@ -215,8 +223,7 @@ class Actor:
                     )
             else:
                 waiting_since = None
-            if time.monotonic() - self._last_publish > HEARTBEAT_S:
-                self._publish(self.status)  # heartbeat: same state, fresh timestamp
+            if self.heartbeat():
                 self.poll(check_alive=True)
             if d.waiting_for:
                 self._note_wait(WaitKind.PEERS, pack_slots([self._wait_code(i) for i in d.waiting_for[:4]]))

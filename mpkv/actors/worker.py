@@ -1,37 +1,33 @@
-"""The model worker: runs the model plug-in on prefill tasks, writing K/V into its rank's device pool.
+"""The model worker: runs the model plug-in (mpkv.model) on prefill and decode tasks, writing K/V into its rank's
+device pool and answering with each request's next token.
 
 On a prefill instance it also publishes, per PrefillSend batch, how many layers are final in the pool (object
 ``progress``, slot = rank; epoch = the batch's ring position, which every reader of the ring sees alike). Its
 messager ships layer l as soon as the count passes l. On cuda a layer counts only once its kernels completed:
 an event is recorded after each layer and the count advances as events complete (no device-wide sync).
+
+Under tensor parallelism with a checkpoint model, the workers of an instance sum their partial products through
+the instance's ``allreduce`` object (mpkv.shm.allreduce): every wait there is bounded and names a dead or late
+rank. Every rank reads the same tasks in the same order and checks them alike, so every rank runs the same
+collectives (invariant I4); a failed collective leaves the all-reduce unusable, so the worker fails (FAILED,
+naming the rank), never serves on with ranks out of step.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
+from mpkv import naming
 from mpkv.actors.entry import jitter
-from mpkv.actors.runtime import Actor, TaskError
-from mpkv.blocks import BadBlocks, BadTask, check_ids, check_tokens
+from mpkv.actors.runtime import PEER_TIMEOUT_S, Actor, TaskError
+from mpkv.blocks import BadBlocks, BadTask, check_decode_item, check_ids, check_sampling, check_tokens
 from mpkv.instance import Instance
-from mpkv.model import SyntheticModel
-from mpkv.protocol import Done, PdRole, Prefill, PrefillSend, Progress, Role
-
-
-class PoolKV:
-    """The KVWriter a plug-in writes through: one rank's pool tensor [layers, 2, blocks, block_size, h, d]."""
-
-    def __init__(self, pool: torch.Tensor, block_size: int) -> None:
-        self.pool, self.block_size = pool, block_size
-
-    def write(self, layer: int, blocks: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        n_tokens, full = k.shape[0], len(blocks) * self.block_size
-        for kv_index, x in ((0, k), (1, v)):
-            if n_tokens < full:
-                x = torch.cat([x, x.new_zeros((full - n_tokens, *x.shape[1:]))])
-            self.pool[layer, kv_index, blocks] = x.view(len(blocks), self.block_size, *x.shape[1:])
+from mpkv.model import AllReduce, ModelRunner, build_runner
+from mpkv.protocol import Decode, DecodeItem, Done, PdRole, Prefill, PrefillSend, Progress, Role, Sampling
+from mpkv.shm.allreduce import AllReduce as ShmAllReduce
 
 
 class LayerProgress:
@@ -65,37 +61,96 @@ class LayerProgress:
         self.worker.progress.write(Progress.RUNNING, self.pos, layers)
 
 
+def _no_progress(layer: int) -> None:
+    pass
+
+
 class Worker(Actor):
     role = Role.WORKER
 
     def __init__(self, inst: Instance, rank: int) -> None:
-        self.model = SyntheticModel(inst.cfg, rank, "cuda" if inst.cfg.backend == "cuda" else "cpu")
         self.progress = inst.progress.writer(rank) if inst.cfg.pd_role == PdRole.PREFILL else None
+        self.collective: ShmAllReduce | None = None
         super().__init__(inst, rank)
+        if naming.ALLREDUCE in inst.topology:
+            self.collective = ShmAllReduce(
+                inst.name_of(naming.ALLREDUCE), rank, timeout_s=PEER_TIMEOUT_S, between=self._beat
+            )
+        self.model: ModelRunner = build_runner(inst.cfg, rank, self.device, self._all_reduce())
+
+    def _beat(self) -> None:
+        self.heartbeat()  # waiting for the other ranks inside a task: still alive, and saying so
+
+    def _all_reduce(self) -> AllReduce | None:
+        collective = self.collective
+        if collective is None:
+            return None
+
+        def all_reduce(t: torch.Tensor) -> torch.Tensor:
+            # The shared buffers are host memory: a device tensor goes through the host (NCCL is the GPU's way).
+            host = t.contiguous() if t.device.type == "cpu" else t.cpu()
+            collective(host)
+            return host if host.device == t.device else host.to(t.device)
+
+        return all_reduce
 
     def on_new_weights(self, weight_version: int) -> None:
-        self.model.load(weight_version)
+        published = self.inst.read_weights()
+        source = published.path if published.weight_version == weight_version else ""
+        self.model.load(weight_version, source)
 
-    def _checked(self, seq: int, request: str, tokens: object, blocks: object) -> Prefill:
-        """The task as the model may use it, or a TaskError: the client checked it too, but a ring may have
-        another writer, and a bad task must fail itself, never the worker (nor leave the pool half-written)."""
+    # -- checks: the client checked each task too, but a ring may have another writer, and a bad task must fail
+    # itself, never the worker (nor leave the pool half-written)
+    def _checked(self, seq: int, request: str, tokens: object, blocks: object, sampling: Sampling) -> Prefill:
         cfg = self.cfg
         try:
             ids = check_ids(blocks, cfg.device_blocks, "device blocks")
             toks = check_tokens(tokens, cfg.vocab, cfg.block_size, len(ids), f"prefill {request!r:.80}")
+            check_sampling(sampling.temperature, sampling.top_p, sampling.seed, f"prefill {request!r:.80}")
         except BadTask as e:
             raise TaskError(f"prefill {request!r:.80}: {e}" if isinstance(e, BadBlocks) else str(e)) from None
-        return Prefill(seq, request, toks, ids)
+        return Prefill(seq, request, toks, ids, sampling)
 
-    def _forward(self, batch: list[Prefill], on_layer_done: Any) -> None:
+    def _checked_decode(self, task: Decode) -> list[DecodeItem]:
+        cfg, items = self.cfg, []
+        try:
+            if not task.items:
+                raise BadTask("a decode step needs at least one request")
+            for it in task.items:
+                request, token, position, ids = check_decode_item(
+                    it.request, it.token, it.position, it.blocks, cfg.vocab, cfg.block_size, cfg.device_blocks
+                )
+                check_sampling(it.sampling.temperature, it.sampling.top_p, it.sampling.seed, f"decode {request!r}")
+                items.append(DecodeItem(request, token, position, ids, it.sampling))
+            check_ids(np.concatenate([it.blocks for it in items]), cfg.device_blocks, "decode step: device blocks")
+        except BadTask as e:
+            raise TaskError(str(e)) from None
+        return items
+
+    # -- tasks -----------------------------------------------------------------------------------------------------
+    def _done(self, seq: int, tokens: list[int], layers_done: int = 0) -> Done:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the K/V are in the pool before we say so
+        return Done(
+            seq,
+            self.rank,
+            weight_version=self.weight_version,
+            layers_done=layers_done,
+            tokens=np.asarray(tokens, dtype=np.int32),
+        )
+
+    def _pool(self) -> torch.Tensor:
         assert self.pool is not None
-        self.model.forward(batch, PoolKV(self.pool.tensor, self.cfg.block_size), on_layer_done=on_layer_done)
+        return self.pool.tensor
 
     def prefill(self, task: Prefill) -> Done:
-        self._forward([self._checked(task.seq, task.request, task.tokens, task.blocks)], lambda layer: None)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        return Done(task.seq, self.rank, weight_version=self.weight_version, layers_done=self.cfg.layers)
+        checked = self._checked(task.seq, task.request, task.tokens, task.blocks, task.sampling)
+        tokens = self._run(lambda: self.model.prefill([checked], self._pool(), _no_progress))
+        return self._done(task.seq, tokens, self.cfg.layers)
+
+    def decode(self, task: Decode) -> Done:
+        items = self._checked_decode(task)
+        return self._done(task.seq, self._run(lambda: self.model.decode(items, self._pool())))
 
     def prefill_send(self, task: PrefillSend) -> Done:
         if self.progress is None:
@@ -103,15 +158,28 @@ class Worker(Actor):
                 f"{self.name}: this is a {self.cfg.pd_role.name.lower()} instance; PD batches go to a "
                 "prefill instance (mpkv launch --role prefill)"
             )
-        batch = [self._checked(task.seq, it.request, it.tokens, it.blocks) for it in task.items]
+        batch = [self._checked(task.seq, it.request, it.tokens, it.blocks, it.sampling) for it in task.items]
         progress = LayerProgress(self, self.task_pos)
-        self._forward(batch, progress.layer_done)
+        tokens = self._run(lambda: self.model.prefill(batch, self._pool(), progress.layer_done))
         progress.finish()
-        return Done(task.seq, self.rank, weight_version=self.weight_version, layers_done=progress.final)
+        return self._done(task.seq, tokens, progress.final)
+
+    def _run(self, step: Any) -> list[int]:
+        """A model call; input the model refuses (BadTask: checked before it wrote anything) fails the task only."""
+        try:
+            tokens: list[int] = step()
+        except BadTask as e:
+            raise TaskError(f"{self.name}: {e}") from None
+        return tokens
 
     def on_task_end(self, task: object) -> None:
         # Whatever happened, the batch's layers are as final as they will get: the messager waits no longer.
         if isinstance(task, PrefillSend) and self.progress is not None:
             self.progress.write(Progress.DONE, self.task_pos, self.cfg.layers)
 
-    handlers: ClassVar[dict[type, Any]] = {Prefill: prefill, PrefillSend: prefill_send}
+    def close(self) -> None:
+        if self.collective is not None:
+            self.collective.close()
+        super().close()
+
+    handlers: ClassVar[dict[type, Any]] = {Prefill: prefill, Decode: decode, PrefillSend: prefill_send}

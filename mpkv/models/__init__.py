@@ -4,12 +4,13 @@ checkpoints. Pure (no processes, no shared memory): the worker calls them with i
 - ``hf_config``: ``read_config(dir)`` -> ``ModelConfig`` (transformers 4.x and 5.x config.json);
 - ``weights``: ``load_weights(dir, cfg, rank, tp)`` -> this rank's shard (safetensors, single or sharded);
 - ``llama``: ``LlamaModel(cfg, weights, rank=, tp=, all_reduce=)`` with ``prefill``, ``decode`` and ``forward``;
-- ``sampling``: greedy, temperature and top-p with a seeded generator per request.
+- ``sampling``: greedy, temperature and top-p, each draw seeded by the request's seed and the token's position;
+- ``runner``: ``HFRunner``, the worker's plug-in for a checkpoint directory.
 """
 
 from mpkv.models.hf_config import ModelConfig, RopeConfig, parse_config, read_config
 from mpkv.models.llama import AllReduce, Chunk, LlamaModel
-from mpkv.models.sampling import SamplingParams, next_tokens
+from mpkv.models.sampling import next_tokens
 from mpkv.models.weights import RankWeights, load_weights
 
 __all__ = [
@@ -19,7 +20,6 @@ __all__ = [
     "ModelConfig",
     "RankWeights",
     "RopeConfig",
-    "SamplingParams",
     "load_weights",
     "next_tokens",
     "parse_config",

@@ -1,66 +1,40 @@
-"""Choosing the next token from logits: greedy, or temperature and top-p with a seeded generator per request.
+"""Choosing the next token from logits: greedy, or temperature and top-p with the request's seed.
 
-A request's generator is seeded once (``generator(seed)``) and used for that request only, so its tokens do not
-depend on what else is in the batch. Every tensor-parallel rank computes the same logits (mpkv.models.llama), so
-ranks with the same seeds sample the same tokens without talking. So under tensor parallelism a sampled request
-needs an explicit seed, the same on every rank: ``seed=None`` draws a fresh seed in each process, and the ranks
-would diverge (the caller, e.g. the client, should pick the seed once and send it with the request).
+The token a request draws at position ``p`` comes from a generator seeded by ``(seed, p)`` alone (``draw_seed``):
+no generator state lives between steps, so a request's tokens depend on neither the batch around it, nor the
+rank (every tensor-parallel rank computes the same logits, mpkv.models.llama), nor which instance ran the step
+(a request prefilled on one instance and decoded on another, or swapped out and back in, draws the same).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from mpkv.errors import BadTask
+from mpkv.protocol import Sampling
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0  # keep the smallest set of most likely tokens whose probability reaches top_p
-    seed: int | None = None  # None: a random seed (temperature > 0 only)
-
-    def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise BadTask(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise BadTask(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+def draw_seed(seed: int, position: int) -> int:
+    """The seed of the draw at ``position``: an odd multiplier keeps (seed, position) pairs apart."""
+    return (seed * 0x9E3779B97F4A7C15 + position) % 2**63
 
 
-def generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """The request's own generator (None for greedy requests: they draw nothing)."""
-    if params.greedy:
-        return None
-    g = torch.Generator(device=device)
-    if params.seed is None:
-        g.seed()
-    else:
-        g.manual_seed(params.seed)
-    return g
+def next_tokens(logits: torch.Tensor, samplings: Sequence[Sampling], positions: Sequence[int]) -> list[int]:
+    """One token per row of ``logits`` [batch, vocab]: row i is the request whose new token lands at
+    ``positions[i]``."""
+    out = logits.argmax(dim=-1).tolist()
+    for i, (s, position) in enumerate(zip(samplings, positions, strict=True)):
+        if s.temperature > 0:
+            g = torch.Generator(device=logits.device).manual_seed(draw_seed(s.seed, position))
+            out[i] = int(sample(logits[i], s, g))
+    return [int(t) for t in out]
 
 
-def next_tokens(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
-) -> torch.Tensor:
-    """One token per row of ``logits`` [batch, vocab]; int64 [batch]."""
-    out = logits.argmax(dim=-1)
-    for i, (p, g) in enumerate(zip(params, generators, strict=True)):
-        if not p.greedy:
-            out[i] = sample(logits[i], p, g)
-    return out
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, g: torch.Generator | None) -> torch.Tensor:
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1:
-        probs = _top_p(probs, params.top_p)
+def sample(logits: torch.Tensor, s: Sampling, g: torch.Generator) -> torch.Tensor:
+    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+    if s.top_p < 1:
+        probs = _top_p(probs, s.top_p)
     return torch.multinomial(probs, 1, generator=g)[0]
 
 

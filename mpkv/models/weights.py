@@ -79,6 +79,15 @@ def load_weights(
     return _assemble(cfg, read)
 
 
+def check_checkpoint(model_dir: str | Path, cfg: ModelConfig, tp: int = 1) -> None:
+    """Every tensor the model needs is in the checkpoint, with its shape, before anything is started or changed:
+    reads the safetensors headers only. A ModelError names the first tensor missing or misshapen."""
+    cfg.check_tp(tp)
+    ckpt = _Checkpoint(Path(model_dir))
+    for part in _parts(cfg, 0, tp):
+        ckpt.view(part)
+
+
 def _parts(cfg: ModelConfig, rank: int, tp: int) -> list[_Part]:
     d, hidden = cfg.head_dim, cfg.hidden
 
@@ -185,6 +194,15 @@ class _Checkpoint:
         return self._open[path.name]
 
     def read(self, part: _Part) -> torch.Tensor:
+        view = self.view(part)
+        if part.rows is not None:
+            return view[part.rows[0] : part.rows[1]]
+        if part.cols is not None:
+            return view[:, part.cols[0] : part.cols[1]]
+        return view[:]
+
+    def view(self, part: _Part) -> Any:
+        """The tensor's lazy slice handle, once its presence and shape are checked (nothing read yet)."""
         path = self.where.get(part.name)
         if path is None:
             raise ModelError(f"{self.dir}: checkpoint has no tensor {part.name} (expected shape {list(part.shape)})")
@@ -197,8 +215,4 @@ class _Checkpoint:
             raise ModelError(
                 f"{path}: tensor {part.name} has shape {list(found)}, expected {list(part.shape)} from config.json"
             )
-        if part.rows is not None:
-            return view[part.rows[0] : part.rows[1]]
-        if part.cols is not None:
-            return view[:, part.cols[0] : part.cols[1]]
-        return view[:]
+        return view

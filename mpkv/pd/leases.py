@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mpkv.errors import (
-    LeaseError,
-)
+from mpkv.allocator import BlockAllocator
+from mpkv.errors import LeaseError
 from mpkv.instance import MAX_LEASES, Instance
 from mpkv.protocol import LeaseState, PdRole
 from mpkv.shm.signals import SignalWriter
@@ -71,7 +70,7 @@ class Allocator:
         self.inst = inst
         self._writers: dict[int, SignalWriter[LeaseState]] = {}
         self.pool_epoch, self.weight_version = self._current_pool()
-        self.free: list[int] = list(range(inst.cfg.device_blocks - 1, -1, -1))
+        self.blocks = BlockAllocator(inst.cfg.device_blocks, inst.name)  # shared with local requests (Client.blocks)
         self.leases: dict[int, Lease] = {}  # by slot
         self._free_slots = list(range(MAX_LEASES - 1, -1, -1))
 
@@ -116,15 +115,15 @@ class Allocator:
         self.sync()
         if n_blocks <= 0:
             raise LeaseError(f"lease for {request!r}: {n_blocks} blocks asked; a lease holds at least one block")
-        if len(self.free) < n_blocks:
+        if self.blocks.free < n_blocks:
             raise LeaseError(
-                f"lease for {request!r}: {n_blocks} blocks asked, {len(self.free)} of "
+                f"lease for {request!r}: {n_blocks} blocks asked, {self.blocks.free} of "
                 f"{self.inst.cfg.device_blocks} free in {self.inst.name} ({len(self.leases)} leases held)"
             )
         if not self._free_slots:
             raise LeaseError(f"lease for {request!r}: {MAX_LEASES} leases are held already in {self.inst.name}")
         slot = self._free_slots.pop()
-        blocks = np.array(self.free[-n_blocks:][::-1], dtype=np.int32)
+        blocks = self.blocks.take(n_blocks, f"lease for {request!r}")
         try:
             # A generation never reused for a slot, even across allocators: late messages of an old lease are refused.
             previous, token, gen = self.inst.leases.read(slot).epoch, 0, 0
@@ -135,8 +134,8 @@ class Allocator:
             self._write(lease)
         except BaseException:
             self._free_slots.append(slot)
+            self.blocks.give_back(blocks)
             raise
-        del self.free[-n_blocks:]
         self.leases[lease.slot] = lease
         return lease
 
@@ -184,7 +183,7 @@ class Allocator:
                 f"lease {lease.slot} of {lease.request!r} failed, but its blocks may still be written: {lease.in_use}"
             )
         del self.leases[lease.slot]
-        self.free.extend(lease.blocks.tolist())
+        self.blocks.give_back(lease.blocks)
         self._free_slots.append(lease.slot)
         lease.state = LeaseState.FREE
         self._write(lease)

@@ -1,0 +1,216 @@
+"""``Client.generate``: prompts in, generated token ids out, through the instance's tasks (a prefill per prompt,
+then one decode step per token over every running request), with the blocks taken from the client's allocator.
+
+Everything a caller can get wrong is checked before the first task is submitted (``plan``): prompt ids, the
+vocabulary, ``max_new_tokens``, sampling values, a prompt that cannot fit the pool at all, a PD pair that does
+not match. Blocks are given back on every path; a PD transfer that did not settle keeps its source blocks out
+of the free list (something may still read them) and says so.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mpkv.blocks import BadTask, check_sampling, check_tokens, int_array
+from mpkv.config import MODEL_FIELDS
+from mpkv.errors import MpkvError, StaleWeights
+from mpkv.protocol import DecodeItem, Done, PdRole, Sampling
+
+if TYPE_CHECKING:
+    from mpkv.client import Client
+    from mpkv.pd.leases import Lease
+
+_calls = itertools.count(1)
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+@dataclass
+class Request:
+    name: str
+    prompt: np.ndarray  # int32
+    sampling: Sampling
+    need: int  # blocks for the prompt and every generated token but the last (whose K/V is never written)
+    table: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32))
+    out: list[int] = field(default_factory=list)
+    lease: Lease | None = None
+
+
+@dataclass
+class Generation:
+    client: Client
+    requests: list[Request]
+    max_new_tokens: int
+    prefill_on: Client | None
+    versions: set[int] = field(default_factory=set)
+
+    def run(self, timeout_s: float) -> list[np.ndarray]:
+        waiting = list(self.requests)
+        while waiting:
+            wave = self._admit(waiting)
+            waiting = waiting[len(wave) :]
+            self._run_wave(wave, timeout_s)
+        return [np.array(r.out, dtype=np.int32) for r in self.requests]
+
+    def _admit(self, waiting: list[Request]) -> list[Request]:
+        """The longest prefix of ``waiting`` whose blocks are free now (at least one request)."""
+        free, wave = self.client.blocks.free, list[Request]()
+        for r in waiting:
+            if r.need > free and wave:
+                break
+            wave.append(r)
+            free -= r.need
+        return wave
+
+    def _run_wave(self, wave: list[Request], timeout_s: float) -> None:
+        c = self.client
+        try:
+            if self.prefill_on is None:
+                self._prefill_here(wave, timeout_s)
+            else:
+                self._prefill_there(wave, timeout_s)
+            bs = c.cfg.block_size
+            for _ in range(self.max_new_tokens - 1):
+                items = []
+                for r in wave:
+                    position = len(r.prompt) + len(r.out) - 1  # the last token's: its K/V go in now
+                    items.append(DecodeItem(r.name, r.out[-1], position, r.table[: position // bs + 1], r.sampling))
+                for r, token in zip(wave, self._tokens(c, c.wait(c.decode(items), timeout_s)), strict=True):
+                    r.out.append(int(token))
+        finally:
+            for r in wave:
+                self._give_back(r)
+
+    def _prefill_here(self, wave: list[Request], timeout_s: float) -> None:
+        c, bs = self.client, self.client.cfg.block_size
+        for r in wave:
+            r.table = c.blocks.take(r.need, f"generate {r.name!r}")
+        s = [r.sampling for r in wave]
+        tickets = [
+            c.prefill(
+                r.name,
+                r.prompt,
+                r.table[: blocks_for(len(r.prompt), bs)],
+                temperature=si.temperature,
+                top_p=si.top_p,
+                seed=si.seed,
+            )
+            for r, si in zip(wave, s, strict=True)
+        ]
+        for r, t in zip(wave, tickets, strict=True):
+            r.out.append(int(self._tokens(c, c.wait(t, timeout_s))[0]))
+
+    def _prefill_there(self, wave: list[Request], timeout_s: float) -> None:
+        """Prefill on ``prefill_on``, shipped into leases of this (decode) instance; the rest of each table comes
+        from this instance's free list."""
+        c, pre = self.client, self.prefill_on
+        assert pre is not None
+        sources: list[np.ndarray] = []
+        try:
+            batch = []
+            for r in wave:
+                r.lease = c.allocate(r.name, len(r.prompt))
+                r.table = np.concatenate([r.lease.blocks, c.blocks.take(r.need - len(r.lease.blocks), r.name)])
+                sources.append(pre.blocks.take(len(r.lease.blocks), f"generate {r.name!r} (prefill)"))
+                batch.append((r.name, r.prompt, sources[-1], r.lease, r.sampling))
+            ticket = pre.send(c, batch)
+            try:
+                dones = pre.wait_send(ticket, timeout_s)
+            except MpkvError:
+                if ticket.seq in pre._sends:  # not settled: the prefill side may still read its blocks
+                    sources.clear()
+                raise
+            workers = dones[: pre.cfg.tp]  # the workers' completions come first, in rank order
+            for r, token in zip(wave, self._tokens(pre, workers), strict=True):
+                r.out.append(int(token))
+        finally:
+            for src in sources:
+                pre.blocks.give_back(src)
+
+    def _tokens(self, c: Client, dones: list[Done]) -> np.ndarray:
+        """The completions' tokens, after checking every task of this call ran on one weight version (I7)."""
+        self.versions.update(d.weight_version for d in dones)
+        if len(self.versions) > 1:
+            raise StaleWeights(
+                f"generate on {c.name}: the instance restored other weights in the middle of the call (weight "
+                f"versions {sorted(self.versions)}); its tokens would mix KV of two versions: generate again"
+            )
+        return c.tokens_of(dones)
+
+    def _give_back(self, r: Request) -> None:
+        c = self.client
+        local = r.table[len(r.lease.blocks) :] if r.lease is not None else r.table
+        if len(local):
+            c.blocks.give_back(local)
+        if r.lease is not None and not r.lease.retired:
+            if r.lease.state.name == "GRANTED":
+                c.allocator.fail(r.lease, "generate stopped before the transfer completed")
+            if not r.lease.in_use:
+                c.allocator.release(r.lease)
+        r.table, r.lease = np.empty(0, np.int32), None
+
+
+def plan(
+    client: Client,
+    prompts: object,
+    max_new_tokens: object,
+    temperature: object,
+    top_p: object,
+    seed: object,
+    prefill_on: object,
+) -> Generation:
+    cfg = client.cfg
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise BadTask(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r:.40}")
+    if seed is None:
+        seed = secrets.randbits(62) if temperature != 0 else 0
+    check_sampling(temperature, top_p, seed, "generate")
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise BadTask(f"prompts must be a non-empty list of token-id sequences, got {type(prompts).__name__}")
+    pre = _check_pair(client, prefill_on)
+    call = next(_calls)
+    requests = []
+    for i, p in enumerate(prompts):
+        what = f"generate: prompt {i}"
+        ids = int_array(p, what)
+        toks = check_tokens(ids, cfg.vocab, cfg.block_size, blocks_for(ids.size, cfg.block_size), what)
+        need = blocks_for(len(toks) + max_new_tokens - 1, cfg.block_size)
+        if need > cfg.device_blocks:
+            raise BadTask(
+                f"{what}: {len(toks)} tokens and max_new_tokens={max_new_tokens} need {need} blocks of "
+                f"{cfg.block_size} tokens; {client.name}'s pool has {cfg.device_blocks}"
+            )
+        if pre is not None and blocks_for(len(toks), pre.cfg.block_size) > pre.cfg.device_blocks:
+            raise BadTask(f"{what}: {len(toks)} tokens do not fit {pre.name}'s pool ({pre.cfg.device_blocks} blocks)")
+        sampling = Sampling(float(temperature), float(top_p), (int(seed) + i) % 2**63)  # type: ignore[arg-type,call-overload]
+        name = f"gen{call}.{i}"
+        requests.append(Request(name, toks, sampling if temperature else Sampling(), need))
+    return Generation(client, requests, max_new_tokens, pre)
+
+
+def _check_pair(client: Client, prefill_on: object) -> Client | None:
+    from mpkv.client import Client
+
+    if prefill_on is None:
+        return None
+    if not isinstance(prefill_on, Client):
+        raise BadTask(f"prefill_on must be a Client of a prefill instance, got {type(prefill_on).__name__}")
+    if client.cfg.pd_role != PdRole.DECODE or prefill_on.cfg.pd_role != PdRole.PREFILL:
+        raise BadTask(
+            f"generate with prefill_on runs on a decode instance and prefills on a prefill instance; "
+            f"{client.name} is {client.cfg.pd_role.name.lower()}, {prefill_on.name} is "
+            f"{prefill_on.cfg.pd_role.name.lower()}"
+        )
+    fields = (*MODEL_FIELDS, "model", "tp", "block_size", "dtype")
+    differ = [f for f in fields if getattr(client.cfg, f) != getattr(prefill_on.cfg, f)]
+    if differ:
+        pairs = ", ".join(f"{f} {getattr(prefill_on.cfg, f)!r} vs {getattr(client.cfg, f)!r}" for f in differ)
+        raise BadTask(f"{prefill_on.name} cannot prefill for {client.name}: they differ in {pairs}")
+    return prefill_on

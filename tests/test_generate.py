@@ -1,0 +1,187 @@
+"""A real model through running instances: the tokens of ``Client.generate`` equal ``transformers``' own greedy
+``generate`` on the same checkpoint, at TP=1 and TP=2, for Llama and Qwen2, monolithic and prefill -> decode; a
+request swapped out and back in to other blocks keeps decoding the same tokens; a clear/restore with the same
+weights changes nothing, with new weights the tokens are those of the new weights; bad input is refused by name
+and changes nothing. The checkpoints are tiny seeded models written by ``transformers`` (tests/hf_models.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hf_models import BLOCK, NEW_TOKENS, SMALL, perturbed_copy, prompts_for, reference, rewrite_checkpoint, save_model
+
+import mpkv
+from mpkv import Client, Controller, DecodeItem
+from mpkv.config import resolve_model
+from mpkv.errors import BadTask, ModelError, PeerDied, TaskFailed
+from mpkv.generation import blocks_for
+
+POOL = dict(block_size=BLOCK, device_blocks=32, host_blocks=16)
+VOCAB = int(SMALL["vocab_size"])  # type: ignore[call-overload]
+PROMPTS = prompts_for(VOCAB)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: save_model(root / arch, arch) for arch in ("llama", "qwen2")}
+
+
+@pytest.fixture(scope="module")
+def want(models: dict[str, Path]) -> dict[str, list[list[int]]]:
+    """transformers' greedy tokens for PROMPTS, per architecture."""
+    return {arch: reference(path, PROMPTS, NEW_TOKENS)[0] for arch, path in models.items()}
+
+
+def _as_lists(out: list[np.ndarray]) -> list[list[int]]:
+    assert all(o.dtype == np.int32 and o.shape == (NEW_TOKENS,) for o in out)
+    return [o.tolist() for o in out]
+
+
+@pytest.mark.parametrize(("arch", "tp"), [("qwen2", 1), ("llama", 2), ("qwen2", 2)])
+def test_generate_equals_transformers(
+    models: dict[str, Path], want: dict[str, list[list[int]]], instance: str, arch: str, tp: int
+) -> None:
+    with mpkv.launch(instance, tp=tp, model=str(models[arch]), **POOL) as inst, Client(instance) as client:
+        assert (inst.config.layers, inst.config.kv_heads, inst.config.vocab) == (2, 2, VOCAB)  # from config.json
+        assert _as_lists(client.generate(PROMPTS, NEW_TOKENS)) == want[arch]
+        # Sampled: a request's draws depend on its seed and positions only (not on the batch, nor on the rank:
+        # tokens_of checks that the ranks agree).
+        hot = client.generate(PROMPTS[:3], NEW_TOKENS, temperature=5.0, seed=11)
+        alone = client.generate(PROMPTS[1:2], NEW_TOKENS, temperature=5.0, seed=12)  # prompt 1 drew with 11 + 1
+        assert alone[0].tolist() == hot[1].tolist()
+        assert client.blocks.free == POOL["device_blocks"]  # every block given back
+
+
+def test_llama_generate_swap_restore_and_bad_input(
+    models: dict[str, Path], want: dict[str, list[list[int]]], instance: str, tmp_path: Path
+) -> None:
+    """One TP=1 instance through a request's whole life: generate, swap out and in mid-decode, bad input,
+    clear/restore with the same weights, then with new weights from another directory."""
+    with (
+        mpkv.launch(instance, tp=1, model=str(models["llama"]), **POOL),
+        Client(instance) as client,
+        Controller(instance) as ctl,
+    ):
+        assert _as_lists(client.generate(PROMPTS, NEW_TOKENS)) == want["llama"]
+        _swap_mid_decode(client, PROMPTS[-1], want["llama"][-1])
+
+        # Bad input: each refused by name before anything is submitted; every block stays free.
+        pool_tokens = POOL["device_blocks"] * BLOCK
+        with pytest.raises(BadTask, match=r"prompt 1: .* need \d+ blocks"):
+            client.generate([[1], [1] * (pool_tokens + 1)], 1)  # a prompt longer than the pool
+        with pytest.raises(BadTask, match=r"max_new_tokens=\d+ need"):
+            client.generate([[1]], pool_tokens + 1)  # cannot fit
+        with pytest.raises(BadTask, match=f"token id {VOCAB} out of range: valid ids are 0..{VOCAB - 1}"):
+            client.generate([[1, VOCAB]], 2)
+        with pytest.raises(BadTask, match="max_new_tokens must be an integer >= 1"):
+            client.generate([[1]], 0)
+        assert client.blocks.free == POOL["device_blocks"]
+
+        # Same weights, new version number: the same tokens.
+        ctl.pause(), ctl.clear(), ctl.restore(weight_version=2), ctl.resume()
+        assert _as_lists(client.generate(PROMPTS, NEW_TOKENS)) == want["llama"]
+
+        # New weights from another directory: bad ones are refused before anything changes, good ones are used.
+        new = perturbed_copy(models["llama"], tmp_path / "new", seed=7)
+        new_want = reference(new, PROMPTS, NEW_TOKENS)[0]
+        assert new_want != want["llama"]
+        missing = perturbed_copy(models["llama"], tmp_path / "missing", seed=8)
+        rewrite_checkpoint(missing, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+        misshapen = perturbed_copy(models["llama"], tmp_path / "misshapen", seed=9)
+        rewrite_checkpoint(misshapen, lambda t: t.update({"model.norm.weight": torch.ones(3)}))
+        ctl.pause(), ctl.clear()
+        with pytest.raises(ModelError, match="no tensor model.layers.1.self_attn.k_proj.weight"):
+            ctl.restore(weight_version=3, weights_from=str(missing))
+        with pytest.raises(ModelError, match=r"model.norm.weight has shape \[3\], expected \[64\]"):
+            ctl.restore(weight_version=3, weights_from=str(misshapen))
+        assert ctl.weight_version == 2 and ctl.status().cleared  # nothing changed: still cleared, version 2
+        ctl.restore(weight_version=3, weights_from=str(new))
+        ctl.resume()
+        assert _as_lists(client.generate(PROMPTS, NEW_TOKENS)) == new_want
+
+
+def _swap_mid_decode(client: Client, prompt: list[int], want: list[int]) -> None:
+    """Prefill and decode two tokens by hand, swap the request's KV out to host, back in to other device blocks,
+    decode on from there: the same tokens as without the swap."""
+    bs, new = BLOCK, NEW_TOKENS
+    table = client.blocks.take(blocks_for(len(prompt) + new - 1, bs), "swap test")
+    out = [
+        int(
+            client.tokens_of(client.wait(client.prefill("s", np.array(prompt), table[: blocks_for(len(prompt), bs)])))[
+                0
+            ]
+        )
+    ]
+
+    def step() -> None:
+        position = len(prompt) + len(out) - 1
+        item = DecodeItem("s", out[-1], position, table[: position // bs + 1])
+        out.append(int(client.tokens_of(client.wait(client.decode([item])))[0]))
+
+    step(), step()
+    used = blocks_for(len(prompt) + len(out) - 1, bs)  # blocks holding K/V now
+    slots = client.wait(client.swap_out(table[:used]))[0].slots
+    assert slots is not None
+    old, table = table, client.blocks.take(len(table), "swap test (after)")
+    assert not set(old.tolist()) & set(table.tolist())
+    client.blocks.give_back(old)
+    client.wait(client.swap_in(slots, table[:used]))
+    while len(out) < new:
+        step()
+    client.blocks.give_back(table)
+    assert out == want
+
+
+def test_prefill_here_decode_there_equals_the_monolithic_tokens(
+    models: dict[str, Path], want: dict[str, list[list[int]]], instance: str
+) -> None:
+    model = str(models["llama"])
+    with (
+        mpkv.launch(instance + "d", tp=1, role="decode", model=model, **POOL),
+        mpkv.launch(instance + "p", tp=1, role="prefill", model=model, **POOL),
+        Client(instance + "d") as dec,
+        Client(instance + "p") as pre,
+    ):
+        assert _as_lists(dec.generate(PROMPTS, NEW_TOKENS, prefill_on=pre)) == want["llama"]
+        assert dec.blocks.free == POOL["device_blocks"] and pre.blocks.free == POOL["device_blocks"]
+        with pytest.raises(BadTask, match="runs on a decode instance and prefills on a prefill instance"):
+            pre.generate(PROMPTS[:1], 2, prefill_on=dec)
+
+
+def test_a_rank_that_dies_before_the_collective_is_named(models: dict[str, Path], instance: str) -> None:
+    """Worker r1 crashes at its first task; worker r0 reaches the layer's all-reduce alone and waits for r1: the
+    wait ends when r1 is found dead, naming it, instead of hanging."""
+    env = {"MPKV_FAULT": "worker:1:task:crash", "MPKV_PEER_TIMEOUT_S": "30"}
+    with mpkv.launch(instance, tp=2, model=str(models["qwen2"]), env=env, **POOL), Client(instance) as client:
+        with pytest.raises((PeerDied, TaskFailed)) as e:
+            client.generate(PROMPTS[:1], 2, timeout_s=30)
+        assert "worker r1" in str(e.value)
+        with Controller(instance) as ctl:
+            r0 = ctl.status().actor("worker r0")
+        assert r0 is not None and r0.state == "FAILED" and "rank 1" in r0.error, r0
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_before_launch(
+    models: dict[str, Path], tmp_path: Path, instance: str
+) -> None:
+    broken = perturbed_copy(models["qwen2"], tmp_path / "broken", seed=1)
+    rewrite_checkpoint(broken, lambda t: t.pop("model.layers.0.mlp.down_proj.weight"))
+    with pytest.raises(ValueError, match="--model: .*no tensor model.layers.0.mlp.down_proj.weight"):
+        resolve_model({"model": str(broken)}, lambda f: "--" + f.replace("_", "-"))
+    with pytest.raises(ValueError, match="--layers .3. contradicts the model: .* num_hidden_layers = 2"):
+        resolve_model({"model": str(models["qwen2"]), "layers": 3}, lambda f: "--" + f.replace("_", "-"))
+    odd = perturbed_copy(models["qwen2"], tmp_path / "odd", seed=2)
+    config = (odd / "config.json").read_text().replace("Qwen2ForCausalLM", "MistralForCausalLM")
+    (odd / "config.json").write_text(config)
+    with pytest.raises(ValueError, match="architectures names 'MistralForCausalLM'"):
+        resolve_model({"model": str(odd)})
+    # Through the command line: one line, exit 2, nothing started.
+    with (
+        pytest.raises(mpkv.LaunchError, match="no tensor model.layers.0.mlp.down_proj.weight"),
+        mpkv.launch(instance, model=str(broken)),
+    ):
+        pass
