@@ -99,9 +99,10 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from mpkv.bench import ipc, lifecycle, pd
+    from mpkv.bench import ipc, lifecycle, model, pd
 
     runners: dict[str, Callable[[argparse.Namespace], int]] = {
+        "model": model.main,
         "pd": pd.main,
         "ipc": ipc.main,
         "rl": lifecycle.main,
@@ -168,6 +169,7 @@ def _ctl(args: argparse.Namespace) -> int:
 
     for flag, value, action in (
         ("--weight-version", args.weight_version is not None, "restore"),
+        ("--weights-from", args.weights_from is not None, "restore"),
         ("--device-only", args.device_only, "clear"),
         ("--host-only", args.host_only, "clear"),
     ):
@@ -188,7 +190,7 @@ def _ctl(args: argparse.Namespace) -> int:
         if args.action == "clear":
             res = ctl.clear(device=not args.host_only, host=not args.device_only)
         elif args.action == "restore":
-            res = ctl.restore(args.weight_version)
+            res = ctl.restore(args.weight_version, weights_from=args.weights_from)
         else:
             res = getattr(ctl, args.action)()
         if args.json:
@@ -211,6 +213,38 @@ def _top(args: argparse.Namespace) -> int:
     from mpkv import top
 
     return top.main(args.rest)
+
+
+def token_ids(text: str) -> list[int]:
+    """--prompt-ids 1,2,3: a comma-separated list of non-negative integers."""
+    try:
+        ids = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"token ids are integers >= 0, got {text!r}")
+    return ids
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from mpkv.client import Client
+
+    with Client(args.name) as client:
+        pre = Client(args.prefill_on) if args.prefill_on else None
+        try:
+            out = client.generate(
+                args.prompt_ids, args.max_new_tokens, temperature=args.temperature, seed=args.seed, prefill_on=pre
+            )
+        finally:
+            if pre is not None:
+                pre.close()
+    if args.json:
+        prompts = [{"prompt_ids": p, "token_ids": o.tolist()} for p, o in zip(args.prompt_ids, out, strict=True)]
+        print(json.dumps({"instance": args.name, "generated": prompts}))
+    else:
+        for p, o in zip(args.prompt_ids, out, strict=True):
+            print(f"{','.join(map(str, p))} -> {','.join(map(str, o.tolist()))}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -295,11 +329,29 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--json", action="store_true", help="print the result as JSON")
     cp.add_argument(
         "--weight-version", type=config_flag("weight_version"), help="restore: the new weight version (default: same)"
+    cp.add_argument(
+        "--weights-from",
+        metavar="DIR",
+        help="restore: a checkpoint directory of the same model whose weights the new version means (default: the "
+        "weights the workers hold)",
+    )
     )
     tier = cp.add_mutually_exclusive_group()
     tier.add_argument("--device-only", action="store_true", help="clear: only the device tier")
     tier.add_argument("--host-only", action="store_true", help="clear: only the host tier")
     cp.set_defaults(func=_ctl)
+
+    gp = sub.add_parser("generate", help="generate tokens on a running instance: a quick check from the shell")
+    gp.add_argument("--name", type=instance_name, required=True, help="the instance (required)")
+    gp.add_argument(
+        "--prompt-ids", type=token_ids, required=True, action="append", help="a prompt's token ids: 1,2,3 (repeat it)"
+    )
+    gp.add_argument("--max-new-tokens", type=positive_int, required=True, help="tokens to generate per prompt")
+    gp.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default: 0)")
+    gp.add_argument("--seed", type=int, help="the first prompt's sampling seed, +1 per prompt (default: fresh)")
+    gp.add_argument("--prefill-on", type=instance_name, help="a decode instance: prefill on this prefill instance")
+    gp.add_argument("--json", action="store_true", help="print one JSON object of the prompts and their tokens")
+    gp.set_defaults(func=_generate)
 
     dp = sub.add_parser("demo", help="the main job: a TP=2 instance, prefills, swaps, RL cycles, every byte verified")
     dp.add_argument("--cycles", type=positive_int, default=20, help="RL cycles to run")
@@ -314,10 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks, side by side with baselines, as ratio tables")
     b.add_argument(
         "what",
-        choices=["ipc", "rl", "swap", "pd"],
+        choices=["ipc", "rl", "swap", "pd", "model"],
         help="ipc: ring latency/throughput vs mp.Queue, Pipe, faster-fifo, ZeroMQ; rl: clear/restore cycle vs its "
         "floor at TP=1/2/4; swap: swap bytes/s vs memcpy; pd: prefill->decode time to KV-ready, layer-wise vs "
-        "prefill alone vs send-after-prefill",
+        "prefill alone vs send-after-prefill; model: a Llama checkpoint's prefill and decode tokens/s through "
+        "instances at TP=1/2 and prefill->decode vs transformers' generate",
     )
     b.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run, not for the record)")
     b.add_argument("--json", metavar="FILE", help="also write the raw results as JSON (default: not written)")
