@@ -329,12 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--json", action="store_true", help="print the result as JSON")
     cp.add_argument(
         "--weight-version", type=config_flag("weight_version"), help="restore: the new weight version (default: same)"
+    )
     cp.add_argument(
         "--weights-from",
         metavar="DIR",
         help="restore: a checkpoint directory of the same model whose weights the new version means (default: the "
         "weights the workers hold)",
-    )
     )
     tier = cp.add_mutually_exclusive_group()
     tier.add_argument("--device-only", action="store_true", help="clear: only the device tier")
