@@ -33,11 +33,11 @@ from mpkv.errors import (  # noqa: E402
     NotOurs,
     PeerDied,
     ProtocolError,
+    StaleWeights,
     StepFailed,
     TaskFailed,
     TornSlot,
     TransferFailed,
-    StaleWeights,
     UnsafeDir,
     WaitTimeout,
 )
