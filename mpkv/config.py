@@ -148,9 +148,18 @@ def resolve_model(values: Mapping[str, Any], label: Callable[[str], str] = str) 
     A given field that contradicts the model is a ValueError naming both. Reads files: the launcher's step, once;
     the config an instance publishes is already resolved."""
     model = values.get("model", "synthetic")
-    if not isinstance(model, str) or not is_checkpoint(model):
+    if not isinstance(model, str) or model == "synthetic":
         return dict(values)
     from mpkv.errors import ModelError
+
+    if not is_checkpoint(model):  # module:Class: importable, and a runner, before anything is started
+        from mpkv.model import plugin_class
+
+        try:
+            plugin_class(model)
+        except ModelError as e:
+            raise ValueError(f"{label('model')}: {e}") from None
+        return dict(values)
     from mpkv.models.hf_config import read_config
     from mpkv.models.weights import check_checkpoint
 

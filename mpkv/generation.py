@@ -60,13 +60,16 @@ class Generation:
         return [np.array(r.out, dtype=np.int32) for r in self.requests]
 
     def _admit(self, waiting: list[Request]) -> list[Request]:
-        """The longest prefix of ``waiting`` whose blocks are free now (at least one request)."""
-        free, wave = self.client.blocks.free, list[Request]()
+        """The longest prefix of ``waiting`` whose blocks are free now, here and on the prefill instance (at least
+        one request: if even that one does not fit, taking its blocks says so)."""
+        pre = self.prefill_on
+        free, pre_free, wave = self.client.blocks.free, pre.blocks.free if pre else 0, list[Request]()
         for r in waiting:
-            if r.need > free and wave:
+            prompt_blocks = blocks_for(len(r.prompt), pre.cfg.block_size) if pre else 0
+            if wave and (r.need > free or prompt_blocks > pre_free):
                 break
             wave.append(r)
-            free -= r.need
+            free, pre_free = free - r.need, pre_free - prompt_blocks
         return wave
 
     def _run_wave(self, wave: list[Request], timeout_s: float) -> None:

@@ -55,13 +55,24 @@ def build_runner(cfg: CacheConfig, rank: int, device: torch.device, all_reduce: 
         from mpkv.models.runner import HFRunner
 
         return HFRunner(cfg, rank, device, all_reduce)
-    module, _, name = cfg.model.partition(":")
+    runner: ModelRunner = plugin_class(cfg.model)(cfg, rank, device, all_reduce)
+    return runner
+
+
+def plugin_class(model: str) -> Callable[..., ModelRunner]:
+    """The class ``module:Class`` names, with the three methods of ModelRunner, or a ModelError saying why not."""
+    module, _, name = model.partition(":")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ModelError(f"model {cfg.model!r}: cannot import {name} from {module}: {e}") from None
-    runner: ModelRunner = cls(cfg, rank, device, all_reduce)
-    return runner
+        raise ModelError(f"model {model!r}: cannot import {name} from {module}: {e}") from None
+    missing = [m for m in ("load", "prefill", "decode") if not callable(getattr(cls, m, None))]
+    if not isinstance(cls, type) or missing:
+        raise ModelError(
+            f"model {model!r}: {name} is not a class with load, prefill and decode (mpkv.model.ModelRunner)"
+            + (f"; it lacks {', '.join(missing)}" if missing else "")
+        )
+    return cls
 
 
 class SyntheticModel:
@@ -71,7 +82,10 @@ class SyntheticModel:
     Float32 compute, stored in the pool's dtype; one request at a time, so shapes (and so rounding) never depend
     on batching. Weights are drawn from a generator seeded by the weight version."""
 
-    def __init__(self, cfg: CacheConfig, rank: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, cfg: CacheConfig, rank: int, device: torch.device | str = "cpu", all_reduce: AllReduce | None = None
+    ) -> None:
+        # ``all_reduce`` is unused: every rank computes the whole hidden state (only K/V are split by head)
         self.cfg, self.rank, self.device = cfg, rank, torch.device(device)
         self.weight_version = -1
         self._w: dict[str, torch.Tensor] = {}
@@ -148,14 +162,23 @@ class SyntheticModel:
         return next_tokens(torch.stack(logits), [i.sampling for i in batch], [i.position + 1 for i in batch])
 
 
-def expected_kv(cfg: CacheConfig, rank: int, weight_version: int, tokens: np.ndarray) -> torch.Tensor:
-    """The exact bytes a rank's pool must hold for ``tokens``: [layers, 2, T, heads_per_rank, head_dim]."""
+def expected_kv(
+    cfg: CacheConfig, rank: int, weight_version: int, tokens: np.ndarray, prefilled: int | None = None
+) -> torch.Tensor:
+    """The exact bytes a rank's pool must hold for ``tokens``: [layers, 2, T, heads_per_rank, head_dim].
+    ``prefilled``: only the first that many tokens were prefilled (together); each later one was written by a
+    decode step of its own, computed as a one-row product, whose rounding may differ from the same row's in a
+    product of many rows."""
     m = SyntheticModel(cfg, rank)
     m.load(weight_version)
+    tokens = np.asarray(tokens)
+    n = len(tokens) if prefilled is None else prefilled
+    runs = [tokens[:n], *(tokens[i : i + 1] for i in range(n, len(tokens)))]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers run: a matmul's rounding may depend on how it was split
     try:
-        return torch.stack([torch.stack(kv) for kv in m.layers_kv(tokens)])
+        per_run = [torch.stack([torch.stack(kv) for kv in m.layers_kv(run)]) for run in runs if len(run)]
+        return torch.cat(per_run, dim=2)
     finally:
         torch.set_num_threads(threads)
 

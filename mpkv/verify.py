@@ -49,11 +49,13 @@ def verify_kv(
     host: bool = False,
     what: str = "",
     skip_other_versions: bool = False,
+    prefilled: int | None = None,
 ) -> int:
     """Check that blocks ``ids`` (host slots with ``host``) hold, on every rank, exactly the KV of ``tokens`` under
     ``weight_version``. Returns how many ranks were compared. A rank that serves another weight version is a
     KVMismatch, unless ``skip_other_versions`` (traffic racing a restore): then it is not compared, nor counted.
-    ``what`` (e.g. "decode copy of req-1") starts the message of a KVMismatch."""
+    ``what`` (e.g. "decode copy of req-1") starts the message of a KVMismatch. ``prefilled``: the tokens after the
+    first ``prefilled`` were written one by one by decode steps (``model.expected_kv``)."""
     cfg = client.cfg
     label = f"{what}: " if what else ""
     tier = "host slot" if host else "block"
@@ -66,7 +68,7 @@ def verify_kv(
                 f"{label}rank {rank} serves weight version {version} for {tier}s {np.asarray(ids).tolist()}, "
                 f"expected {weight_version}"
             )
-        want = expected_kv(cfg, rank, weight_version, tokens)
+        want = expected_kv(cfg, rank, weight_version, tokens, prefilled)
         got = got[:, :, : len(tokens)].contiguous()
         if not torch.equal(got.view(torch.uint8), want.view(torch.uint8)):
             raise KVMismatch(label + _first_difference(cfg, got, want, ids, rank, weight_version, tier))

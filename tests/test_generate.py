@@ -18,6 +18,8 @@ from mpkv import Client, Controller, DecodeItem
 from mpkv.config import resolve_model
 from mpkv.errors import BadTask, ModelError, PeerDied, TaskFailed
 from mpkv.generation import blocks_for
+from mpkv.model import expected_tokens
+from mpkv.verify import verify_kv
 
 POOL = dict(block_size=BLOCK, device_blocks=32, host_blocks=16)
 VOCAB = int(SMALL["vocab_size"])  # type: ignore[call-overload]
@@ -184,3 +186,35 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_launch(
         mpkv.launch(instance, model=str(broken)),
     ):
         pass
+
+
+def test_a_runner_named_module_class_decodes_byte_exactly(instance: str) -> None:
+    """``model="module:Class"``: the worker builds that class. With the synthetic model's class, every token and
+    every K/V byte written by prefill and by the decode steps is recomputed here."""
+    with mpkv.launch(instance, tp=2, model="mpkv.model:SyntheticModel", **POOL) as inst, Client(instance) as client:
+        cfg = inst.config
+        prompts = [np.arange(1, 1 + n, dtype=np.int32) * 7 % cfg.vocab for n in (1, BLOCK, BLOCK + 2)]
+        out = client.generate(prompts, NEW_TOKENS)
+        for p, o in zip(prompts, out, strict=True):
+            assert o.tolist() == expected_tokens(cfg, cfg.weight_version, p, NEW_TOKENS)
+        # The K/V of the prompt and of every generated token but the last, through one request's table.
+        p, o = prompts[-1], out[-1]
+        table = client.blocks.take(blocks_for(len(p) + NEW_TOKENS - 1, BLOCK), "check")
+        client.wait(client.prefill("check", p, table[: blocks_for(len(p), BLOCK)]))
+        for i, token in enumerate(o[:-1]):
+            position = len(p) + i
+            client.wait(client.decode([DecodeItem("check", int(token), position, table[: position // BLOCK + 1])]))
+        verify_kv(client, np.concatenate([p, o[:-1]]).astype(np.int32), table, cfg.weight_version, prefilled=len(p))
+        client.blocks.give_back(table)
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        ("mpkv.nowhere:Runner", "cannot import Runner from mpkv.nowhere"),
+        ("mpkv.model:expected_kv", "is not a class with load, prefill and decode"),
+    ],
+)
+def test_a_runner_that_cannot_be_built_is_refused_before_launch(model: str, match: str) -> None:
+    with pytest.raises(ValueError, match=f"--model: .*{match}"):
+        resolve_model({"model": model}, lambda f: "--" + f)
