@@ -187,6 +187,12 @@ def private_socket_dir() -> str:
     return tempfile.mkdtemp(prefix="mpkv-bench.")
 
 
+def private_scratch_dir(what: str) -> str:
+    """A new private (0700, O_EXCL) directory for a benchmark's scratch files (gloo's file store, a checkpoint it
+    writes): nobody else can read, plant or link anything there."""
+    return tempfile.mkdtemp(prefix=f"mpkv-bench.{what}.")
+
+
 def bench_process(what: str) -> str:
     return f"mpkv-bench:{what}"
 

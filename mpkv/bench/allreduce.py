@@ -27,7 +27,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from typing import Any
 
 import torch
 
+from mpkv import naming
 from mpkv.bench.links import CTX
 from mpkv.shm.allreduce import AllReduce, create_allreduce
 from mpkv.shm.proc import cpu_seconds
@@ -222,7 +222,7 @@ def _run_ranks(name: str, store: str, plan: Plan) -> tuple[list[Any], dict[str, 
 
 def bench(plan: Plan) -> dict[str, Any]:
     reg = Registry.create(f"bench-allreduce-{os.getpid()}")
-    tmp = tempfile.mkdtemp(prefix="mpkv-bench-allreduce-")  # 0700: gloo's file store is nobody else's
+    tmp = naming.private_scratch_dir("allreduce")  # gloo's file store is nobody else's
     try:
         seg = create_allreduce(reg, "allreduce", plan.tp, MAX_BYTES)
         try:
