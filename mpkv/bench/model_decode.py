@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from mpkv.models import LlamaModel, load_weights, read_config
+from mpkv.shm.proc import cpu_seconds
 
 MODEL = dict(
     hidden_size=256,
@@ -98,6 +99,18 @@ class Run:
     tokens: list[list[int]]
     prefill_s: float
     decode_s: float
+    decode_cpu_s: float = 0.0  # this process's CPU time over the decode steps (mpkv's model; 0: not measured)
+
+
+def first_difference(runs: dict[str, list[list[list[int]]]], want: list[list[int]]) -> str | None:
+    """Where the first of ``runs`` (each run: one token list per request) differs from ``want``; None if none does."""
+    for who, outs in runs.items():
+        for out in outs:
+            for row, (a, b) in enumerate(zip(out, want, strict=True)):
+                if a != b:
+                    step = next(j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+                    return f"{who}: request {row} step {step}: {a[step]} vs reference {b[step]}"
+    return None
 
 
 def run_reference(model: Any, prompts: torch.Tensor, new: int) -> Run:
@@ -120,14 +133,14 @@ def run_reference(model: Any, prompts: torch.Tensor, new: int) -> Run:
 def run_mpkv(model: LlamaModel, pool: torch.Tensor, prompts: torch.Tensor, tables: list[list[int]], new: int) -> Run:
     t0 = time.perf_counter()
     tok = model.prefill(list(prompts), tables, pool).argmax(-1)
-    t1 = time.perf_counter()
+    t1, cpu1 = time.perf_counter(), time.process_time()
     out, lengths = [tok], [prompts.shape[1]] * len(tables)
     for _ in range(new - 1):
         tok = model.decode(tok, lengths, tables, pool).argmax(-1)
         lengths = [n + 1 for n in lengths]
         out.append(tok)
-    t2 = time.perf_counter()
-    return Run(torch.stack(out, 1).tolist(), t1 - t0, t2 - t1)
+    t2, cpu2 = time.perf_counter(), time.process_time()
+    return Run(torch.stack(out, 1).tolist(), t1 - t0, t2 - t1, cpu2 - cpu1)
 
 
 def matmul_floor_s(model: LlamaModel, batch: int, repeats: int) -> float:
@@ -156,12 +169,15 @@ def block_tables(batch: int, tokens: int, n_blocks: int) -> list[list[int]]:
 
 @dataclass
 class Load:
-    """CPU time of everything but this process across an interval, from /proc/stat, in cores (0 = idle)."""
+    """CPU time of everything but this process (and ``ours``: processes the benchmark itself runs, such as an
+    instance's actors) across an interval, from /proc/stat, in cores (0 = idle)."""
 
     busy0: float = 0.0
     own0: float = 0.0
     wall0: float = 0.0
     loadavg: list[float] = field(default_factory=list)
+    ours: list[int] = field(default_factory=list)
+    ours0: float = 0.0
 
     @staticmethod
     def _busy() -> float:
@@ -170,13 +186,16 @@ class Load:
         user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
         return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
-    @staticmethod
-    def _own() -> float:
+    def _ours(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.ours)
+
+    def _own(self) -> float:
         t = os.times()
-        return t.user + t.system
+        return t.user + t.system + self._ours()
 
     def start(self) -> None:
         self.busy0, self.own0, self.wall0 = self._busy(), self._own(), time.perf_counter()
+        self.ours0 = self._ours()
         self.loadavg = [os.getloadavg()[0]]
 
     def stop(self) -> dict[str, float]:
@@ -184,6 +203,7 @@ class Load:
         others = (self._busy() - self.busy0) - (self._own() - self.own0)
         return {
             "others_cores": max(others, 0.0) / wall,
+            "ours_cores": (self._ours() - self.ours0) / wall,
             "loadavg_start": self.loadavg[0],
             "loadavg_end": os.getloadavg()[0],
             "wall_s": wall,
@@ -215,17 +235,10 @@ def measure(model_dir: Path, batch: int, prompt_len: int, new: int, repeats: int
                 runs[who].append(run_reference(ref, prompts, new))
     machine = load.stop()
     floor = matmul_floor_s(mp, batch, repeats)
-    equal = got == want and all(r.tokens == want for rs in runs.values() for r in rs)
-    first_diff = None
-    if not equal:
-        for who, rs in runs.items():
-            for r in rs:
-                for row, (a, b) in enumerate(zip(r.tokens, want, strict=True)):
-                    if a != b and first_diff is None:
-                        step = next(j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
-                        first_diff = f"{who}: request {row} step {step}: {a[step]} vs reference {b[step]}"
-        if first_diff is None:
-            first_diff = "mpkv's warm-up run differs from the reference"
+    first_diff = first_difference(
+        {"mpkv (warm-up)": [got], **{k: [r.tokens for r in v] for k, v in runs.items()}}, want
+    )
+    equal = first_diff is None
     decoded = batch * (new - 1)
     out: dict[str, Any] = {
         "batch": batch,
