@@ -209,11 +209,19 @@ def measure(
         if who == "ref":
             return run_reference(local.ref, prompts, new), None
         if who == "alone":
-            return run_mpkv(local.model, local.pool, prompts, tables, new), None
+            r = run_mpkv(local.model, local.pool, prompts, tables, new)
+            t0 = time.perf_counter()  # and the prefill one prompt at a time, as Client.generate submits it
+            for p, table in zip(prompts, tables, strict=True):
+                local.model.prefill([p], [table], local.pool)
+            each.append(time.perf_counter() - t0)
+            return r, None
         return run_served(served[who], as_lists, new)
+
+    each: list[float] = []
 
     want = run("ref")[0].tokens
     warm = {who: [run(who)[0].tokens] for who in WAYS if who != "ref"}  # warm-up, checked, not timed
+    each.clear()
     runs: dict[str, list[Run]] = {who: [] for who in WAYS}
     steps: dict[str, list[Step]] = {who: [] for who in served}
     load = Load(ours=ours)
@@ -248,6 +256,7 @@ def measure(
                 for k in ("wall_ms", "worker_cpu_ms", "client_cpu_ms")
             }
         out["ways"][who] = row
+    out["ways"]["alone"]["prefill_each_ms"] = statistics.median(each) * 1e3
     return out
 
 
@@ -340,24 +349,37 @@ def report(r: dict[str, Any]) -> list[str]:
         "",
         "where a decode step goes (medians, ms per step; one-way wake-up between two processes here: "
         + (f"{r['one_way_wake_us']:.0f} us, two per step):" if r["one_way_wake_us"] else "not measured in --quick):"),
-        "| batch | contender | step wall | worker CPU (per worker) | client CPU | model alone: wall, CPU "
-        "| wall - alone's wall |",
+        "| batch | contender | step wall | worker CPU (per worker) | client CPU | on no CPU (wall - worker - client) "
+        "| wall - model alone's wall |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         alone = row["ways"]["alone"]
+        lines.append(
+            f"| {row['batch']} | {LABELS['alone']} | {alone['step_ms']:.2f} | {alone['step_cpu_ms']:.2f} (this "
+            f"process) | | {alone['step_ms'] - alone['step_cpu_ms']:.2f} | |"
+        )
         for who in ("tp1", "tp2", "pd"):
             w = row["ways"][who]
             lines.append(
                 f"| {row['batch']} | {LABELS[who]} | {w['wall_ms']:.2f} | {w['worker_cpu_ms']:.2f} | "
-                f"{w['client_cpu_ms']:.2f} | {alone['step_ms']:.2f}, {alone['step_cpu_ms']:.2f} | "
+                f"{w['client_cpu_ms']:.2f} | {w['wall_ms'] - w['worker_cpu_ms'] - w['client_cpu_ms']:.2f} | "
                 f"{w['wall_ms'] - alone['step_ms']:+.2f} |"
             )
     lines.append(
         "(process CPU times are read from /proc in clock ticks of "
         f"{1e3 / os.sysconf('SC_CLK_TCK'):.0f} ms, over a run of {r['new'] - 1} steps: +-"
-        f"{1e3 / os.sysconf('SC_CLK_TCK') / (r['new'] - 1):.2f} ms per step)"
+        f"{1e3 / os.sysconf('SC_CLK_TCK') / (r['new'] - 1):.2f} ms per step); TP=2: "
+        f"{2 * r['model']['num_hidden_layers']} all-reduces per step (two per layer), each a meeting of both workers"
     )
+    for row in r["rows"]:
+        w = row["ways"]
+        lines.append(
+            f"prefill of batch {row['batch']}, ms: model alone {w['alone']['prefill_ms']:.1f} (one forward over "
+            f"every prompt), {w['alone']['prefill_each_ms']:.1f} (one prompt at a time); instance TP=1 "
+            f"{w['tp1']['prefill_ms']:.1f} (Client.generate: a prefill task per prompt); prefill -> decode "
+            f"{w['pd']['prefill_ms']:.1f} (one PD batch, shipped layer by layer)"
+        )
     for row in r["rows"]:
         if not row["equal"]:
             lines.append(f"TOKENS DIFFER at batch {row['batch']}: {row['first_diff']}")
