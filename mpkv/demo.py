@@ -10,6 +10,14 @@ then runs cycles of:
   - an RL transaction on both instances with a new weight version: pause, clear device and host, restore,
     resume. After each restore the host entries of the old version must be refused (stale KV is never served)
     and new KV must match the new weights.
+
+And the real architecture: a seeded Llama checkpoint written at start to a temporary directory (mpkv.models.tiny,
+no transformers), served by a prefill and a decode instance of its own (``model=DIR``, the same TP): prompts are
+prefilled on the one, shipped and decoded on the other (``Client.generate(prefill_on=)``), and every generated
+token must equal the single-process reference (``LlamaModel`` at TP=1 in this process, greedy) and, when
+``transformers`` is importable, its greedy ``generate``. Then RL cycles on those two instances: pause, clear,
+restore (same weights: identical tokens), resume; one restore with new weights (a second checkpoint, another
+seed; ``weights_from=``) must give the new reference's tokens, and one back to the first weights the first's.
 Ends with a summary; exits non-zero on any error.
 """
 
@@ -18,16 +26,19 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from mpkv.client import Client, TaskFailed
 from mpkv.controller import Controller
-from mpkv.launched import launch
+from mpkv.launched import LaunchedInstance, launch_args
 from mpkv.launcher import ready_line
+from mpkv.models.tiny import Greedy, greedy, write_checkpoint
 from mpkv.verify import verify_kv
 
 
@@ -46,6 +57,10 @@ class Tally:
     restore_ms: list[float] = field(default_factory=list)
     cycle_ms: list[float] = field(default_factory=list)
     released: list[int] = field(default_factory=list)
+    model_generates: int = 0
+    model_tokens: int = 0  # generated tokens compared with the reference(s)
+    model_cycles: int = 0
+    model_references: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -84,22 +99,139 @@ def ship(client: Client, decode: Client, rng: random.Random, n: int, wv: int, t:
         sent += len(batch)
 
 
-def run(cycles: int, tp: int, requests_per_cycle: int, seed: int) -> Tally:
-    name, dname = f"demo-{os.getpid()}-p", f"demo-{os.getpid()}-d"
+def run(cycles: int, tp: int, requests_per_cycle: int, seed: int, quick: bool = False) -> Tally:
+    pid = os.getpid()
+    name, dname = f"demo-{pid}-p", f"demo-{pid}-d"  # the synthetic model's pair
+    mname, mdname = f"demo-{pid}-mp", f"demo-{pid}-md"  # the checkpoint's pair
     t = Tally()
-    with launch(dname, tp=tp, role="decode") as decode_inst, launch(name, tp=tp, role="prefill") as prefill_inst:
-        for inst in (decode_inst, prefill_inst):
-            print(ready_line(inst.ready))
+    with tempfile.TemporaryDirectory(prefix="mpkv-demo-") as tmp:
+        plan = ModelPlan.write(Path(tmp), seed, tp, quick)
+        model, bs = str(plan.dir), plan.block_size
+        insts = [
+            LaunchedInstance(dname, launch_args(dname, tp=tp, role="decode")),
+            LaunchedInstance(name, launch_args(name, tp=tp, role="prefill")),
+            LaunchedInstance(mdname, launch_args(mdname, tp=tp, role="decode", model=model, block_size=bs)),
+            LaunchedInstance(mname, launch_args(mname, tp=tp, role="prefill", model=model, block_size=bs)),
+        ]
         try:
-            _cycles(name, dname, cycles, requests_per_cycle, random.Random(seed), t)
-            for inst in (prefill_inst, decode_inst):  # shut down by their controllers: each exits 0 on its own
-                code = inst.wait_exit()
-                if code != 0:
-                    t.errors.append(f"the launcher of {inst.name} exited with {code}; its actors' logs: {inst.log_dir}")
-        except BaseException as e:
-            t.errors.append(f"{type(e).__name__}: {e}")
-            raise
+            for inst in insts:  # all four start together; the references are computed here meanwhile
+                inst.start()
+            refs = plan.references()
+            t.model_references = refs.names
+            print(f"references: {'; '.join(refs.names)}", flush=True)
+            for inst in insts:
+                inst.wait_ready()
+                print(ready_line(inst.ready), flush=True)
+            try:
+                _cycles(name, dname, cycles, requests_per_cycle, random.Random(seed), t)
+                _model_cycles(mname, mdname, plan, refs, t)
+                for inst in insts:  # shut down by their controllers: each exits 0 on its own
+                    code = inst.wait_exit()
+                    if code != 0:
+                        t.errors.append(
+                            f"the launcher of {inst.name} exited with {code}; its actors' logs: {inst.log_dir}"
+                        )
+            except BaseException as e:
+                t.errors.append(f"{type(e).__name__}: {e}")
+                raise
+        finally:
+            for inst in reversed(insts):
+                inst.stop()
     return t
+
+
+@dataclass
+class ModelPlan:
+    """The checkpoints (the served one and the one an RL update brings), the prompts and how many tokens."""
+
+    dir: Path
+    new_dir: Path
+    seed: int
+    prompts: list[list[int]]
+    new_tokens: int
+    block_size: int
+    same_weight_cycles: int
+
+    @staticmethod
+    def write(root: Path, seed: int, tp: int, quick: bool) -> ModelPlan:
+        # Heads and KV heads split by rank: a multiple of tp (2 query heads per KV head: GQA), 16 dims each
+        kv_heads, heads, hidden, layers, head_dim, vocab = tp * -(-2 // tp), 2 * tp * -(-2 // tp), 64, 2, 16, 256
+        seed %= 2**62
+        t0 = time.perf_counter()
+
+        def checkpoint(where: Path, seed: int) -> Path:
+            return write_checkpoint(
+                where,
+                seed,
+                hidden=hidden,
+                layers=layers,
+                heads=heads,
+                kv_heads=kv_heads,
+                head_dim=head_dim,
+                intermediate=tp * -(-128 // tp),
+                vocab=vocab,
+            )
+
+        served, update = checkpoint(root / "model", seed), checkpoint(root / "model-update", seed + 1)
+        bs = 4  # small blocks: prompts and decoding cross block boundaries
+        rng = random.Random(seed)
+        lengths = [1, bs - 1, bs, bs + 1, 3 * bs + 2] + ([] if quick else [10 * bs + 3, 2 * bs])
+        prompts = [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+        print(
+            f"model: LlamaForCausalLM, {layers} layers, hidden {hidden}, {heads} heads ({kv_heads} KV) of "
+            f"{head_dim}, vocab {vocab}, seeded {seed} (update: {seed + 1}), written "
+            f"without transformers in {(time.perf_counter() - t0) * 1e3:.0f} ms to {served}",
+            flush=True,
+        )
+        return ModelPlan(served, update, seed, prompts, 8 if quick else 16, bs, 1 if quick else 3)
+
+    def references(self) -> References:
+        return _references(self)
+
+
+@dataclass
+class References:
+    """What each checkpoint must generate: mpkv.models at TP=1 in this process, and transformers' generate when
+    it is importable (None otherwise)."""
+
+    names: list[str]
+    served: Greedy
+    update: Greedy
+    hf_served: list[list[int]] | None
+    hf_update: list[list[int]] | None
+
+
+def _references(plan: ModelPlan) -> References:
+    served = greedy(plan.dir, plan.prompts, plan.new_tokens, plan.block_size)
+    update = greedy(plan.new_dir, plan.prompts, plan.new_tokens, plan.block_size)
+    names = ["mpkv.models.LlamaModel in this process (TP=1, one prompt at a time, greedy)"]
+    try:
+        import transformers
+    except ImportError:
+        names.append("transformers is not importable here: not checked against it")
+        return References(names, served, update, None, None)
+    names.append(f"transformers {transformers.__version__} generate (greedy)")
+    return References(
+        names,
+        served,
+        update,
+        _hf_greedy(plan.dir, plan.prompts, plan.new_tokens),
+        _hf_greedy(plan.new_dir, plan.prompts, plan.new_tokens),
+    )
+
+
+def _hf_greedy(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # no progress bars nor notes on generation settings
+    transformers.logging.disable_progress_bar()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False)
+        out.append(seq[0, len(p) :].tolist())
+    return out
 
 
 def _cycles(name: str, dname: str, cycles: int, requests_per_cycle: int, rng: random.Random, t: Tally) -> None:
@@ -182,6 +314,89 @@ def _cycles(name: str, dname: str, cycles: int, requests_per_cycle: int, rng: ra
         c.close()
 
 
+def _model_cycles(name: str, dname: str, plan: ModelPlan, refs: References, t: Tally) -> None:
+    """Generate on the checkpoint's pair (prefill on ``name``, decode on ``dname``) and compare with the
+    references; then the RL cycles on both; then shut both down."""
+    pre, ctl = Client(name), Controller(name)
+    dec, dctl = Client(dname), Controller(dname)
+    print(
+        f"\nmodel: {len(plan.prompts)} prompts, {plan.new_tokens} tokens each, prefilled on {name} and decoded on "
+        f"{dname} (tp={dec.cfg.tp} each, block size {dec.cfg.block_size})",
+        flush=True,
+    )
+    got = _generate(pre, dec, plan, t)
+    for i, (prompt, tokens) in enumerate(zip(plan.prompts, got, strict=True)):
+        checks = [f"equal to the single-process reference: {_yes(tokens == refs.served.tokens[i])}"]
+        if refs.hf_served is not None:
+            checks.append(f"to transformers: {_yes(tokens == refs.hf_served[i])}")
+        print(f"  prompt {i} ({len(prompt):2} tokens) -> {tokens}  {', '.join(checks)}", flush=True)
+    _check("first generate", got, refs.served, refs.hf_served, t)
+    wv = ctl.weight_version
+    steps: list[tuple[str, Path | None, Greedy, list[list[int]] | None]] = [
+        ("same weights", None, refs.served, refs.hf_served)
+    ] * plan.same_weight_cycles
+    if refs.update.tokens == refs.served.tokens:  # else the check of the update could not fail
+        t.errors.append(f"model: the update checkpoint (seed {plan.seed + 1}) generates the served one's tokens")
+    steps.append((f"new weights (seed {plan.seed + 1})", plan.new_dir, refs.update, refs.hf_update))
+    steps.append((f"the first weights again (seed {plan.seed})", plan.dir, refs.served, refs.hf_served))
+    for what, source, want, hf in steps:
+        for c in (ctl, dctl):
+            c.pause()
+            c.clear()
+        wv += 1
+        for c in (ctl, dctl):
+            c.restore(wv, weights_from=None if source is None else str(source))
+            c.resume()
+        t.model_cycles += 1
+        got = _generate(pre, dec, plan, t)
+        ok = _check(f"RL cycle {t.model_cycles} ({what})", got, want, hf, t)
+        print(
+            f"model RL cycle {t.model_cycles}: pause, clear, restore weight version {wv} with {what}, resume "
+            f"(both instances): tokens equal to the reference{'s' if hf is not None else ''}: {_yes(ok)}",
+            flush=True,
+        )
+    pre.close()
+    dec.close()
+    for c in (ctl, dctl):
+        c.shutdown()
+        c.close()
+
+
+def _generate(pre: Client, dec: Client, plan: ModelPlan, t: Tally) -> list[list[int]]:
+    out = dec.generate(plan.prompts, plan.new_tokens, prefill_on=pre)
+    t.model_generates += 1
+    for c in (pre, dec):
+        if c.blocks.free != c.cfg.device_blocks:
+            t.errors.append(f"model: generate left {c.cfg.device_blocks - c.blocks.free} blocks of {c.name} taken")
+    return [o.tolist() for o in out]
+
+
+def _check(what: str, got: list[list[int]], want: Greedy, hf: list[list[int]] | None, t: Tally) -> bool:
+    """Whether ``got`` equals every reference; each difference is an error naming the prompt, the position, both
+    tokens, and how far the reference's pick was from its runner-up."""
+    ok = True
+    for i, tokens in enumerate(got):
+        t.model_tokens += len(tokens)
+        for ref, name in ((want.tokens[i], "mpkv.models at TP=1"), (hf[i] if hf is not None else None, "transformers")):
+            if ref is None or tokens == ref:
+                continue
+            ok = False
+            j = next(
+                (j for j, (a, b) in enumerate(zip(tokens, ref, strict=False)) if a != b), min(len(tokens), len(ref))
+            )
+            margin = want.margins[i][j] if j < len(want.margins[i]) else float("nan")
+            tie = " (a near-tie: TP sums in another order can flip it)" if margin < 1e-4 else ""
+            t.errors.append(
+                f"model {what}: prompt {i}: the instances generated {tokens}, {name} {ref}: they differ first at "
+                f"token {j}, where the reference's pick led its runner-up by {margin:.3g} logits{tie}"
+            )
+    return ok
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "NO"
+
+
 def _pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
@@ -194,7 +409,7 @@ def main(args: argparse.Namespace) -> int:
         f"mpkv demo: a prefill and a decode instance, tp={args.tp} each, {cycles} RL cycles, seed {seed} "
         f"(replay with MPKV_DEMO_SEED={seed})"
     )
-    t = run(cycles, args.tp, requests_per_cycle=4 if args.quick else 8, seed=seed)
+    t = run(cycles, args.tp, requests_per_cycle=4 if args.quick else 8, seed=seed, quick=args.quick)
     mib = 2**20
     print("\nsummary")
     print(f"  prefills                {t.prefills} ({t.kv_bytes_written / mib:.1f} MiB of KV written)")
@@ -209,6 +424,12 @@ def main(args: argparse.Namespace) -> int:
     print(f"  restore latency         p50 {_pct(t.restore_ms, 50):.1f} ms, p99 {_pct(t.restore_ms, 99):.1f} ms")
     print(f"  released per clear      {_pct([float(x) for x in t.released], 50) / mib:.1f} MiB (median, measured)")
     print(f"  stale KV refused        {t.stale_refusals} swap-ins of an old weight version")
+    print(
+        f"  model (Llama, real)     {t.model_generates} generates, {t.model_tokens} tokens compared, "
+        f"{t.model_cycles} RL cycles (on both instances)"
+    )
+    for ref in t.model_references:
+        print(f"    against {ref}")
     print(f"  errors                  {len(t.errors)}")
     for e in t.errors:
         print(f"    {e}")
