@@ -12,6 +12,7 @@ import random
 import signal
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -45,24 +46,36 @@ def _descendants(pid: int) -> set[int]:
 
 
 SESSION = uuid.uuid4().hex[:6]  # every instance a test creates is named t<SESSION>...
+# Instances that the tests of a module share (tests/instances.py's `shared`): a test may leave new names of one
+# (a restore makes pools under new names), so each test's check leaves them out; they are checked when it stops.
+SHARED: set[str] = set()
 
 
-def _shm_entries() -> set[str]:
+def _shm_entries(with_shared: bool = False) -> set[str]:
     # The names of this test session's instances (mpkv creates nothing else in /dev/shm: no multiprocessing
     # semaphores). Other programs, other test sessions, a benchmark, may come and go meanwhile.
     mine = "/" + naming.user_prefix() + "t" + SESSION
-    return {e for e in os.listdir(naming.SHM_DIR) if ("/" + e).startswith(mine)}
+    shared = () if with_shared else tuple("/" + naming.user_prefix() + s + "." for s in SHARED)
+    return {e for e in os.listdir(naming.SHM_DIR) if ("/" + e).startswith(mine) and not ("/" + e).startswith(shared)}
 
 
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    shm_before = _shm_entries()
+    with leak_check():
+        yield
+
+
+@contextmanager
+def leak_check(with_shared: bool = False) -> Iterator[None]:
+    """Fails if the block leaves a child process or a /dev/shm entry of this session behind (after removing them,
+    so that one leak does not cascade); ``with_shared``: the shared instances' names count too."""
+    shm_before = _shm_entries(with_shared)
     procs_before = _descendants(os.getpid())
     yield
     for p in mp.active_children():  # reaps exited ones; a live one is a leak
         p.join(timeout=5)
     leaked_procs = _descendants(os.getpid()) - procs_before
-    leaked_shm = _shm_entries() - shm_before
+    leaked_shm = _shm_entries(with_shared) - shm_before
     for pid in leaked_procs:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -84,10 +97,15 @@ def no_leaks() -> Iterator[None]:
         pytest.fail("; ".join(problems))
 
 
+def new_name() -> str:
+    """A fresh instance name, unique to this test run."""
+    return f"t{SESSION}{uuid.uuid4().hex[:8]}"
+
+
 @pytest.fixture
 def instance() -> str:
     """A fresh instance name, unique to this test run."""
-    return f"t{SESSION}{uuid.uuid4().hex[:8]}"
+    return new_name()
 
 
 @pytest.fixture

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import numpy as np
+from conftest import SHARED, leak_check, new_name
 
 from mpkv.client import Client
+from mpkv.controller import Controller
 from mpkv.launched import LaunchedInstance, launch_args
 from mpkv.verify import verify_kv
 
@@ -50,6 +56,31 @@ class Launched(LaunchedInstance):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def shared(*names: str) -> Iterator[None]:
+    """For a module-scoped fixture whose instances (``names``, launched in the block) its tests share: each test's
+    leak check leaves their names out (a test may restore, making pools under new names); the block's end checks
+    that stopping them left no process and no name behind. A test that uses one leaves it serving, as it found it."""
+    with leak_check(with_shared=True):
+        SHARED.update(names)
+        try:
+            yield
+        finally:
+            SHARED.difference_update(names)
+
+
+@contextmanager
+def shared_instance(tp: int = 2, **settings: Any) -> Iterator[Launched]:
+    """One instance (``Launched``'s settings) that the tests of a module share, each leaving it serving as it found
+    it; in the end a SHUTDOWN, which must still go through, and a leak check (``shared``)."""
+    name = new_name()
+    with shared(name), Launched(name, tp=tp, **settings) as inst:
+        yield inst
+        with Controller(name) as ctl:
+            ctl.shutdown()
+        assert inst.exit_code() == 0, list(inst.lines)[-20:]
 
 
 def prefill_and_verify(client: Client, rng: np.random.Generator, blocks: np.ndarray, wv: int) -> np.ndarray:

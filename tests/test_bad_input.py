@@ -13,12 +13,13 @@ import pathlib
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from instances import Launched, prefill_and_verify
+from instances import prefill_and_verify, shared_instance
 
 from mpkv import cli
 from mpkv.blocks import BadBlocks, BadRequest, BadTask
@@ -44,6 +45,13 @@ CLEAR = (MpkvError, ValueError, TypeError)  # what a bad argument may raise: a d
 FUZZ = settings(
     max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None
 )
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[str]:
+    """The one live instance of this module: each test leaves it serving; its SHUTDOWN at the end must go through."""
+    with shared_instance(tp=2) as inst:
+        yield inst.name
 
 
 def _all_alive(client: Client) -> None:
@@ -103,8 +111,8 @@ def _call(client: Client, op: tuple) -> None:
         pass
 
 
-def test_bad_input_fuzz_leaves_the_instance_serving(instance: str) -> None:
-    with Launched(instance, tp=2), Client(instance) as client:
+def test_bad_input_fuzz_leaves_the_instance_serving(served: str) -> None:
+    with Client(served) as client:
         cfg = client.cfg
         dev, host = _arrays(cfg.device_blocks), _arrays(cfg.host_blocks)
         tokens = st.one_of(
@@ -130,11 +138,12 @@ def test_bad_input_fuzz_leaves_the_instance_serving(instance: str) -> None:
             _all_alive(client)
 
         one()
-        _still_serves(instance, client)
+        _still_serves(served, client)
 
 
 def _still_serves(instance: str, client: Client) -> None:
-    """A prefill verifies byte for byte, and a whole RL cycle goes through the Controller."""
+    """A prefill verifies byte for byte, and a whole RL cycle goes through the Controller (and in the end, the
+    shared instance's SHUTDOWN)."""
     gen = np.random.default_rng(7)
     with Controller(instance) as ctl:
         wv = ctl.weight_version
@@ -144,13 +153,12 @@ def _still_serves(instance: str, client: Client) -> None:
         ctl.restore(wv + 1)
         ctl.resume()
         prefill_and_verify(client, gen, np.array([1, 4]), wv + 1)
-        ctl.shutdown()
 
 
-def test_bad_tasks_fail_themselves_not_the_actors(instance: str) -> None:
+def test_bad_tasks_fail_themselves_not_the_actors(served: str) -> None:
     """Tasks that skip the client's checks (another writer of the ring): every rank fails the task, with the
     reason; no actor dies."""
-    with Launched(instance, tp=2), Client(instance) as client:
+    with Client(served) as client:
         cfg, seq = client.cfg, client._seq
         two_d = np.zeros((2, 4), dtype=np.int32)
         raw = [
@@ -168,11 +176,11 @@ def test_bad_tasks_fail_themselves_not_the_actors(instance: str) -> None:
             with pytest.raises(TaskFailed, match=f"failed on 2 of 2 ranks: rank 0: .*{reason}"):
                 client.wait(client._submit(role, task, "raw task"))
         _all_alive(client)
-        _still_serves(instance, client)
+        _still_serves(served, client)
 
 
-def test_the_client_refuses_bad_arguments_before_the_ring(instance: str) -> None:
-    with Launched(instance, tp=2), Client(instance) as client:
+def test_the_client_refuses_bad_arguments_before_the_ring(served: str) -> None:
+    with Client(served) as client:
         ring = client._tasks[Role.WORKER]
         cases = [
             (BadRequest, "request's name must be a str, got int", lambda: client.prefill(123, [1], [0])),  # type: ignore[arg-type]
@@ -244,21 +252,28 @@ def _bad_launch_argv(name: str) -> st.SearchStrategy[list[str]]:
 
 
 def _run_cli(argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    code, _, err = _run_cli_out(argv)
+    return code, err
+
+
+def _run_cli_out(argv: list[str]) -> tuple[int, str, str]:
+    """`mpkv ARGV` in this process (what `python -m mpkv.cli` runs, without the start of a Python with torch):
+    exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
             code = cli.main(argv)
         except SystemExit as e:
             code = int(e.code or 0)
-    return code, err.getvalue()
+    return code, out.getvalue(), err.getvalue()
 
 
-def test_bad_cli_arguments_are_refused_in_one_line_before_anything_is_written(instance: str) -> None:
-    with Launched(instance, tp=2), Client(instance) as client:
+def test_bad_cli_arguments_are_refused_in_one_line_before_anything_is_written(served: str) -> None:
+    with Client(served) as client:
         word = client.inst.control.read(CONTROL_COMMAND)
 
         @settings(FUZZ, max_examples=120)
-        @given(argv=st.one_of(_bad_ctl_argv(instance), _bad_launch_argv(instance)))
+        @given(argv=st.one_of(_bad_ctl_argv(served), _bad_launch_argv(served)))
         def one(argv: list[str]) -> None:
             code, err = _run_cli(argv)
             assert code != 0, f"{argv} was accepted"
@@ -267,7 +282,7 @@ def test_bad_cli_arguments_are_refused_in_one_line_before_anything_is_written(in
 
         one()
         _all_alive(client)
-        _still_serves(instance, client)
+        _still_serves(served, client)
 
 
 def test_launch_refuses_a_negative_weight_version(instance: str) -> None:
@@ -300,14 +315,25 @@ MAX_WV = MAX_WEIGHT_VERSION
 def test_a_bad_config_file_is_refused_in_one_line_naming_the_field(
     instance: str, tmp_path: pathlib.Path, fields: dict[str, object], says: str
 ) -> None:
-    """`mpkv launch --config FILE` (the real command): an unknown, mistyped or out-of-range field is one line that
-    names it, with the valid range; a usage error (exit 2), and nothing is started."""
+    """`mpkv launch --config FILE`: an unknown, mistyped or out-of-range field is one line that names it, with the
+    valid range; a usage error (exit 2), and nothing is started. (In this process: the real command's own exit
+    and output are checked once, below.)"""
     path = tmp_path / "mpkv.json"
     path.write_text(json.dumps(fields))
+    code, out, err = _run_cli_out(["launch", "--name", instance, "--config", str(path)])
+    assert (code, out) == (2, ""), (code, out, err)
+    assert err.startswith(f"mpkv: launch {instance}: config: {says.format(path=path)}"), err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_a_bad_config_file_is_refused_by_the_real_command(instance: str, tmp_path: pathlib.Path) -> None:
+    """The same through `python -m mpkv.cli launch --config FILE`: exit 2, one line on stderr, nothing on stdout."""
+    path = tmp_path / "mpkv.json"
+    path.write_text(json.dumps({"tp": 1, "kv_head": 4}))
     args = [sys.executable, "-m", "mpkv.cli", "launch", "--name", instance, "--config", str(path)]
     out = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert (out.returncode, out.stdout) == (2, ""), (out.returncode, out.stdout, out.stderr)
-    assert out.stderr.startswith(f"mpkv: launch {instance}: config: {says.format(path=path)}"), out.stderr
+    assert out.stderr.startswith(f"mpkv: launch {instance}: config: unknown field 'kv_head' in {path}"), out.stderr
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
 
 
