@@ -56,6 +56,7 @@ from mpkv.bench.model_decode import (
     run_mpkv,
     run_reference,
     save_model,
+    token_differences,
     transformers,
 )
 from mpkv.client import Client, Ticket
@@ -380,10 +381,7 @@ def report(r: dict[str, Any]) -> list[str]:
             f"{w['tp1']['prefill_ms']:.1f} (Client.generate: a prefill task per prompt); prefill -> decode "
             f"{w['pd']['prefill_ms']:.1f} (one PD batch, shipped layer by layer)"
         )
-    for row in r["rows"]:
-        if not row["equal"]:
-            lines.append(f"TOKENS DIFFER at batch {row['batch']}: {row['first_diff']}")
-    return lines
+    return lines + token_differences(r["rows"])
 
 
 def main(args: argparse.Namespace) -> int:

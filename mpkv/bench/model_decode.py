@@ -294,10 +294,12 @@ def report(r: dict[str, Any]) -> list[str]:
             f"{floor:.2f} ms (a ceiling of {row['batch'] * 1e3 / floor:.0f} tok/s, "
             f"{row['batch'] * 1e3 / floor / b['decode_tok_s']:.2f}x the reference)"
         )
-    for row in r["rows"]:
-        if not row["equal"]:
-            lines.append(f"TOKENS DIFFER at batch {row['batch']}: {row['first_diff']}")
-    return lines
+    return lines + token_differences(r["rows"])
+
+
+def token_differences(rows: list[dict[str, Any]]) -> list[str]:
+    """A line for each batch size whose tokens differed from the reference's."""
+    return [f"TOKENS DIFFER at batch {row['batch']}: {row['first_diff']}" for row in rows if not row["equal"]]
 
 
 def bench(prompt_len: int, new: int, repeats: int) -> dict[str, Any]:
