@@ -207,8 +207,8 @@ def _references(plan: ModelPlan) -> References:
     names = ["mpkv.models.LlamaModel in this process (TP=1, one prompt at a time, greedy)"]
     try:
         import transformers
-    except ImportError:
-        names.append("transformers is not importable here: not checked against it")
+    except Exception as e:  # not installed (it is a test dependency only), or an install that is broken
+        names.append(f"not transformers: it is not importable here ({type(e).__name__}: {e})")
         return References(names, served, update, None, None)
     names.append(f"transformers {transformers.__version__} generate (greedy)")
     return References(
@@ -225,7 +225,7 @@ def _hf_greedy(model_dir: Path, prompts: list[list[int]], new_tokens: int) -> li
 
     transformers.logging.set_verbosity_error()  # no progress bars nor notes on generation settings
     transformers.logging.disable_progress_bar()
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)  # float32, as config.json says
     out = []
     for p in prompts:
         ids = torch.tensor([p])
@@ -337,8 +337,10 @@ def _model_cycles(name: str, dname: str, plan: ModelPlan, refs: References, t: T
     ] * plan.same_weight_cycles
     if refs.update.tokens == refs.served.tokens:  # else the check of the update could not fail
         t.errors.append(f"model: the update checkpoint (seed {plan.seed + 1}) generates the served one's tokens")
-    steps.append((f"new weights (seed {plan.seed + 1})", plan.new_dir, refs.update, refs.hf_update))
-    steps.append((f"the first weights again (seed {plan.seed})", plan.dir, refs.served, refs.hf_served))
+    steps.append(
+        (f"new weights of {plan.new_dir.name} (seed {plan.seed + 1})", plan.new_dir, refs.update, refs.hf_update)
+    )
+    steps.append((f"first weights again (seed {plan.seed})", plan.dir, refs.served, refs.hf_served))
     for what, source, want, hf in steps:
         for c in (ctl, dctl):
             c.pause()
@@ -351,7 +353,7 @@ def _model_cycles(name: str, dname: str, plan: ModelPlan, refs: References, t: T
         got = _generate(pre, dec, plan, t)
         ok = _check(f"RL cycle {t.model_cycles} ({what})", got, want, hf, t)
         print(
-            f"model RL cycle {t.model_cycles}: pause, clear, restore weight version {wv} with {what}, resume "
+            f"model RL cycle {t.model_cycles}: pause, clear, restore weight version {wv} with the {what}, resume "
             f"(both instances): tokens equal to the reference{'s' if hf is not None else ''}: {_yes(ok)}",
             flush=True,
         )
@@ -372,23 +374,25 @@ def _generate(pre: Client, dec: Client, plan: ModelPlan, t: Tally) -> list[list[
 
 
 def _check(what: str, got: list[list[int]], want: Greedy, hf: list[list[int]] | None, t: Tally) -> bool:
-    """Whether ``got`` equals every reference; each difference is an error naming the prompt, the position, both
-    tokens, and how far the reference's pick was from its runner-up."""
+    """Whether ``got`` equals every reference; each difference is an error naming the prompt, the references that
+    disagree with the instances (together when they agree with each other), the first position that differs, and
+    how far the reference's pick there was from its runner-up."""
     ok = True
     for i, tokens in enumerate(got):
         t.model_tokens += len(tokens)
+        refs: dict[tuple[int, ...], list[str]] = {}
         for ref, name in ((want.tokens[i], "mpkv.models at TP=1"), (hf[i] if hf is not None else None, "transformers")):
-            if ref is None or tokens == ref:
-                continue
+            if ref is not None and tokens != ref:
+                refs.setdefault(tuple(ref), []).append(name)
+        for differs, names in refs.items():
             ok = False
-            j = next(
-                (j for j, (a, b) in enumerate(zip(tokens, ref, strict=False)) if a != b), min(len(tokens), len(ref))
-            )
+            j = next((j for j, (a, b) in enumerate(zip(tokens, differs, strict=False)) if a != b), len(tokens))
             margin = want.margins[i][j] if j < len(want.margins[i]) else float("nan")
             tie = " (a near-tie: TP sums in another order can flip it)" if margin < 1e-4 else ""
             t.errors.append(
-                f"model {what}: prompt {i}: the instances generated {tokens}, {name} {ref}: they differ first at "
-                f"token {j}, where the reference's pick led its runner-up by {margin:.3g} logits{tie}"
+                f"model {what}: prompt {i}: the instances generated {tokens}, {' and '.join(names)} {list(differs)}: "
+                f"they differ first at token {j}, where the reference's pick led its runner-up by {margin:.3g} "
+                f"logits{tie}"
             )
     return ok
 
@@ -425,11 +429,11 @@ def main(args: argparse.Namespace) -> int:
     print(f"  released per clear      {_pct([float(x) for x in t.released], 50) / mib:.1f} MiB (median, measured)")
     print(f"  stale KV refused        {t.stale_refusals} swap-ins of an old weight version")
     print(
-        f"  model (Llama, real)     {t.model_generates} generates, {t.model_tokens} tokens compared, "
+        f"  model (a real Llama)    {t.model_generates} generates, {t.model_tokens} tokens compared, "
         f"{t.model_cycles} RL cycles (on both instances)"
     )
     for ref in t.model_references:
-        print(f"    against {ref}")
+        print(f"    checked against {ref}" if not ref.startswith("not ") else f"    {ref}")
     print(f"  errors                  {len(t.errors)}")
     for e in t.errors:
         print(f"    {e}")

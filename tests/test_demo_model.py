@@ -89,16 +89,18 @@ def test_demo_check_fails_on_a_difference_and_names_it() -> None:
     want = Greedy(tokens=[[1, 2, 3], [4, 5, 6]], margins=[[0.5, 0.5, 0.5], [0.5, 0.00001, 0.5]])
     t = demo.Tally()
     assert demo._check("same", [[1, 2, 3], [4, 5, 6]], want, [[1, 2, 3], [4, 5, 6]], t) and not t.errors
-    assert not demo._check("one off", [[1, 2, 3], [4, 9, 6]], want, None, t)
+    assert not demo._check("one off", [[1, 2, 3], [4, 9, 6]], want, [[1, 2, 3], [4, 5, 6]], t)
     assert t.errors == [
-        "model one off: prompt 1: the instances generated [4, 9, 6], mpkv.models at TP=1 [4, 5, 6]: they differ "
-        "first at token 1, where the reference's pick led its runner-up by 1e-05 logits (a near-tie: TP sums in "
-        "another order can flip it)"
+        "model one off: prompt 1: the instances generated [4, 9, 6], mpkv.models at TP=1 and transformers "
+        "[4, 5, 6]: they differ first at token 1, where the reference's pick led its runner-up by 1e-05 logits "
+        "(a near-tie: TP sums in another order can flip it)"
     ]
     t.errors.clear()
     assert not demo._check("hf", [[1, 2, 3], [4, 5, 6]], want, [[1, 2, 7], [4, 5, 6]], t)
-    assert (
-        len(t.errors) == 1
-        and "prompt 0" in t.errors[0]
-        and "transformers [1, 2, 7]: they differ first at token 2" in t.errors[0]
-    )
+    assert t.errors == [
+        "model hf: prompt 0: the instances generated [1, 2, 3], transformers [1, 2, 7]: they differ first at token "
+        "2, where the reference's pick led its runner-up by 0.5 logits"
+    ]
+    t.errors.clear()
+    assert not demo._check("no hf", [[1, 2]], Greedy([[1, 2, 3]], [[0.5, 0.5, 0.5]]), None, t)  # one token short
+    assert len(t.errors) == 1 and "first at token 2" in t.errors[0] and "mpkv.models at TP=1 [1, 2, 3]" in t.errors[0]
