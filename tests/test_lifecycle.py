@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
-from instances import Launched, prefill_and_verify, verify
+from instances import prefill_and_verify, shared_instance, verify
 
 from mpkv.blocks import BadBlocks, BadTask
 from mpkv.client import Client, InstanceNotServing, TaskFailed
 from mpkv.controller import CommandRefused, Controller
 from mpkv.errors import AttachError
+from mpkv.instance import CONTROL_COMMAND
 from mpkv.naming import list_names
 from mpkv.protocol import ActorState, Prefill, Role, SwapIn, SwapOut
 
 OWNERS = ["worker", "transfer"]
 
 
-@pytest.mark.parametrize("owner", OWNERS)
-def test_clear_with_attached_peers_releases_the_memory(instance: str, owner: str) -> None:
-    with Launched(instance, tp=2, owner=owner), Controller(instance) as ctl:
+# Launching is the slow part of these tests: they share one instance per kind (each test leaves it serving, as it
+# found it; its SHUTDOWN at the module's end must go through, and nothing of it may be left).
+@pytest.fixture(scope="module", params=OWNERS)
+def owned(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """(name, pool owner) of an instance at tp=2 whose device pools that role owns."""
+    with shared_instance(tp=2, owner=request.param) as inst:
+        yield inst.name, request.param
+
+
+@pytest.fixture(scope="module")
+def single() -> Iterator[str]:
+    """An instance at tp=1, with more device blocks than a completion carries."""
+    with shared_instance(tp=1, device_blocks=2048) as inst:
+        yield inst.name
+
+
+def test_clear_with_attached_peers_releases_the_memory(owned: tuple[str, str]) -> None:
+    instance, owner = owned
+    with Controller(instance) as ctl:
         pools_before = [n for n in list_names() if ".pool." in n and instance in n]
         assert len(pools_before) == 4  # device + host, 2 ranks
         ctl.pause()
@@ -32,13 +51,14 @@ def test_clear_with_attached_peers_releases_the_memory(instance: str, owner: str
         assert not [n for n in list_names() if ".pool." in n and instance in n], "pool segments survived the clear"
         st = ctl.status()
         assert {a.state for a in st.actors} == {"CLEARED"}
-        ctl.shutdown()
+        ctl.restore()
+        ctl.resume()
 
 
-@pytest.mark.parametrize("owner", OWNERS)
-def test_cycles_then_swaps_verify_every_byte(instance: str, owner: str, rng) -> None:
+def test_cycles_then_swaps_verify_every_byte(owned: tuple[str, str], rng) -> None:
+    instance, _ = owned
     gen = np.random.default_rng(rng.randrange(2**32))
-    with Launched(instance, tp=2, owner=owner), Controller(instance) as ctl, Client(instance) as client:
+    with Controller(instance) as ctl, Client(instance) as client:
         wv = ctl.weight_version
         for _ in range(3):
             blocks = gen.permutation(client.cfg.device_blocks)[:3].astype(np.int32)
@@ -56,35 +76,36 @@ def test_cycles_then_swaps_verify_every_byte(instance: str, owner: str, rng) -> 
             # No stale view survived: the new pool is zero where the old KV was, and new KV verifies.
             with pytest.raises(AssertionError, match="KV differs"):
                 verify(client, tokens, other, wv)
-        ctl.shutdown()
 
 
-def test_retries_are_idempotent_and_say_so(instance: str) -> None:
-    with Launched(instance, tp=1), Controller(instance) as ctl:
+def test_retries_are_idempotent_and_say_so(single: str) -> None:
+    with Controller(single) as ctl:
+        wv = ctl.weight_version + 6
         assert ctl.resume().message == "already running"
         assert not ctl.pause().already
         assert ctl.pause().message == "already paused"
         assert not ctl.clear().already
         assert ctl.clear().message == "already cleared"
         assert ctl.clear(host=False).already
-        assert not ctl.restore(7).already
-        assert ctl.restore(7).message == "already restored (weight version 7)"
+        assert not ctl.restore(wv).already
+        assert ctl.restore(wv).message == f"already restored (weight version {wv})"
         assert ctl.restore().already
         assert not ctl.resume().already
-        ctl.shutdown()
 
 
-def test_bad_commands_are_refused_and_change_nothing(instance: str) -> None:
+def test_bad_commands_are_refused_and_change_nothing(instance: str, single: str) -> None:
     with pytest.raises(AttachError, match=f"instance '{instance}' is not running here"):
         Controller(instance)
-    with Launched(instance, tp=1), Controller(instance) as ctl, Client(instance) as client:
+    with Controller(single) as ctl, Client(single) as client:
+        wv = ctl.weight_version
         with pytest.raises(CommandRefused, match="cannot clear a running instance: pause it first"):
             ctl.clear()
         ctl.pause()
         with pytest.raises(
-            CommandRefused, match="cannot restore weight version 9: the KV cache of weight version 1 is still live"
+            CommandRefused,
+            match=f"cannot restore weight version {wv + 8}: the KV cache of weight version {wv} is still live",
         ):
-            ctl.restore(9)
+            ctl.restore(wv + 8)
         with pytest.raises(InstanceNotServing, match="last command is PAUSE"):
             client.swap_out(np.array([1, 2]))
         ctl.clear()
@@ -93,15 +114,15 @@ def test_bad_commands_are_refused_and_change_nothing(instance: str) -> None:
         with pytest.raises(InstanceNotServing, match="last command is CLEAR"):
             client.prefill("r", np.arange(3), np.array([0]))
         st = ctl.status()
-        assert st.command.kind == "CLEAR" and st.weight_version == 1
+        assert st.command.kind == "CLEAR" and st.weight_version == wv
         assert {a.state for a in st.actors} == {"CLEARED"}
-        ctl.restore(2)
+        ctl.restore(wv + 1)
         ctl.resume()
-        ctl.shutdown()
 
 
-def test_bad_blocks_are_refused_before_anything_is_copied(instance: str) -> None:
-    with Launched(instance, tp=2), Client(instance) as client, Controller(instance) as ctl:
+def test_bad_blocks_are_refused_before_anything_is_copied(owned: tuple[str, str]) -> None:
+    instance, _ = owned
+    with Client(instance) as client:
         n = client.cfg.device_blocks
         with pytest.raises(BadBlocks, match=rf"device blocks \[{n}\] out of range: valid ids are 0..{n - 1}"):
             client.swap_out(np.array([0, n]))
@@ -119,10 +140,9 @@ def test_bad_blocks_are_refused_before_anything_is_copied(instance: str) -> None
         short = Prefill(next(client._seq), "short", np.arange(10, dtype=np.int32), np.array([4], dtype=np.int32))
         with pytest.raises(TaskFailed, match="10 tokens need 2 blocks of 8, got 1"):
             client.wait(client._submit(Role.WORKER, short, "raw prefill"))
-        ctl.shutdown()
 
 
-def test_a_clear_that_times_out_still_counts_as_a_clear(instance: str) -> None:
+def test_a_clear_that_times_out_still_counts_as_a_clear(single: str) -> None:
     """The clear fails at its deadline (one actor is stopped), then completes when it runs again: the instance
     must not look ready, and resume is refused until a restore."""
     import os
@@ -131,29 +151,32 @@ def test_a_clear_that_times_out_still_counts_as_a_clear(instance: str) -> None:
     from mpkv.controller import StepFailed
     from mpkv.protocol import actor_slot
 
-    with Launched(instance, tp=1), Controller(instance) as ctl:
+    with Controller(single) as ctl:
         ctl.pause()
+        epoch = ctl.inst.control.read(CONTROL_COMMAND).epoch + 1  # the CLEAR's
         pid = ctl.inst.status.read(actor_slot(Role.TRANSFER, 0)).writer.pid
         os.kill(pid, signal.SIGSTOP)
         try:
-            with pytest.raises(StepFailed, match="CLEAR@2 failed: .*did not acknowledge within 1 s"):
+            with pytest.raises(StepFailed, match=f"CLEAR@{epoch} failed: .*did not acknowledge within 1 s"):
                 ctl.clear(timeout_s=1)
         finally:
             os.kill(pid, signal.SIGCONT)
         for i in range(3):
-            ctl.inst.status.wait(i, lambda s: s.at_least(ActorState.CLEARED, 2), what="the late clear", timeout_s=60)
+            ctl.inst.status.wait(
+                i, lambda s: s.at_least(ActorState.CLEARED, epoch), what="the late clear", timeout_s=60
+            )
         with pytest.raises(CommandRefused, match="cannot resume: the KV cache is cleared"):
             ctl.resume()
         ctl.restore()
         ctl.resume()
-        ctl.shutdown()
 
 
-def test_status_while_a_trainer_holds_the_controller(instance: str) -> None:
+def test_status_while_a_trainer_holds_the_controller(single: str) -> None:
     import subprocess
     import sys
 
-    with Launched(instance, tp=1), Controller(instance) as trainer:
+    instance = single
+    with Controller(instance) as trainer:
         trainer.pause()  # the trainer's controller now holds the command block
         out = subprocess.run(
             [sys.executable, "-m", "mpkv.cli", "ctl", instance, "status", "--json"],
@@ -167,39 +190,35 @@ def test_status_while_a_trainer_holds_the_controller(instance: str) -> None:
         )  # a second controller, in another process
         assert out.returncode == 1 and "the command word" in out.stderr and "is written by pid" in out.stderr
         trainer.resume()
-        trainer.shutdown()
 
 
-def test_reads_larger_than_a_completion_fail_the_task_not_the_instance(instance: str) -> None:
-    with Launched(instance, tp=1, device_blocks=2048) as inst, Client(instance) as client:
+def test_reads_larger_than_a_completion_fail_the_task_not_the_instance(single: str) -> None:
+    """(The shared instance's SHUTDOWN, after this and the other tests, must go through: the fixture checks.)"""
+    with Client(single) as client:
+        assert client.cfg.device_blocks == 2048
         with pytest.raises(TaskFailed, match="more than the completion ring carries"):
             client.wait(client.read_blocks(np.arange(2048, dtype=np.int32)))
         client.wait(client.read_blocks(np.arange(4, dtype=np.int32)))  # still serving
-        with Controller(instance) as ctl:
-            ctl.shutdown()
-        assert inst.exit_code() == 0
 
 
-def test_a_new_client_never_gets_an_old_clients_results(instance: str) -> None:
-    with Launched(instance, tp=1):
-        first = Client(instance)
-        for _ in range(300):
-            first.read_blocks(np.arange(2, dtype=np.int32))  # never waited for
-        first.close()
-        with Client(instance) as second, Controller(instance) as ctl:
-            for _ in range(50):
-                (done,) = second.wait(second.read_blocks(np.arange(1, dtype=np.int32)))
-                assert len(done.data) == second.cfg.block_bytes, "got the completion of another client's task"
-            ctl.shutdown()
+def test_a_new_client_never_gets_an_old_clients_results(single: str) -> None:
+    first = Client(single)
+    for _ in range(300):
+        first.read_blocks(np.arange(2, dtype=np.int32))  # never waited for
+    first.close()
+    with Client(single) as second:
+        for _ in range(50):
+            (done,) = second.wait(second.read_blocks(np.arange(1, dtype=np.int32)))
+            assert len(done.data) == second.cfg.block_bytes, "got the completion of another client's task"
 
 
-@pytest.mark.parametrize("owner", OWNERS)
-def test_clear_with_swaps_in_flight(instance: str, owner: str) -> None:
+def test_clear_with_swaps_in_flight(owned: tuple[str, str]) -> None:
     """Swaps queued and not waited for, then pause and clear at once: every swap either finished before the
     pool went away or failed explicitly; no actor touched freed memory (none FAILED, the clear released it all),
     and after a restore the instance serves verified KV again."""
+    instance, _ = owned
     gen = np.random.default_rng(7)
-    with Launched(instance, tp=2, owner=owner), Controller(instance) as ctl, Client(instance) as client:
+    with Controller(instance) as ctl, Client(instance) as client:
         wv = ctl.weight_version
         blocks = gen.permutation(client.cfg.device_blocks)[:4].astype(np.int32)
         prefill_and_verify(client, gen, blocks, wv)
@@ -220,4 +239,3 @@ def test_clear_with_swaps_in_flight(instance: str, owner: str) -> None:
         ctl.restore()
         ctl.resume()
         prefill_and_verify(client, gen, blocks, wv)  # the instance serves again, same weights
-        ctl.shutdown()
