@@ -175,6 +175,11 @@ def _ctl(args: argparse.Namespace) -> int:
     ):
         if value and args.action != action:
             raise UsageError(f"ctl {args.name} {args.action}: {flag} applies to {action} only; nothing was done")
+    if args.weights_from is not None and args.weight_version is None:
+        raise UsageError(
+            f"ctl {args.name} restore: --weights-from publishes new weights, which need a new --weight-version; "
+            "nothing was done"
+        )
     with Controller(args.name, timeout_s=args.timeout) as ctl:
         if args.action == "status":
             # The record as JSON, or as report.status_lines (what mpkv-top shows too). The exit code is 1 when

@@ -166,7 +166,8 @@ class Client:
             if d.tokens is None or not np.array_equal(d.tokens, first):
                 raise MpkvError(
                     f"task {d.seq}: rank {d.rank} answered tokens {d.tokens}, rank {dones[0].rank} {first}: the "
-                    "ranks diverged (their logits differ); this is a bug in the model's tensor parallelism"
+                    "ranks diverged (their logits differ: ranks holding different weights, or a bug in the model's "
+                    "tensor parallelism)"
                 )
         return first
 
@@ -198,8 +199,8 @@ class Client:
         them, the rest in later rounds. ``prefill_on=Client(prefill instance)`` on a decode instance: prompts are
         prefilled there and shipped here layer by layer, then decoded here. Every task's completions must carry
         one weight version: a restore in between is an error, never tokens from KV of two versions."""
-        gen = generation.plan(self, prompts, max_new_tokens, temperature, top_p, seed, prefill_on)
-        return gen.run(timeout_s)
+        gen = generation.plan(self, prompts, max_new_tokens, temperature, top_p, seed, prefill_on, timeout_s)
+        return gen.run(float(timeout_s))
 
     def swap_out(self, blocks: np.ndarray) -> Ticket:
         ids = self._ids(blocks, self.cfg.device_blocks, "device blocks")
@@ -400,6 +401,13 @@ class Client:
                 sig = self.inst.status.read(actor_slot(role, rank))
                 if sig.value == ActorState.FAILED:
                     raise InstanceNotServing(f"instance {self.name}: {role.name.lower()} r{rank} has FAILED")
+                if cmd.value == Cmd.NONE and sig.value != ActorState.READY:
+                    # Still starting: a rank without its pool (or weights) yet would refuse a task that the
+                    # others run, and ranks must run the same tasks (I4: a model's collectives pair them up).
+                    raise InstanceNotServing(
+                        f"instance {self.name} is starting: {role.name.lower()} r{rank} is {sig.value.name}; "
+                        "tasks are taken once every actor is READY (mpkv.launch and `mpkv launch` wait for that)"
+                    )
 
     # -- completions ---------------------------------------------------------------------------------------------
     def wait(self, ticket: Ticket, timeout_s: float = 60.0) -> list[Done]:

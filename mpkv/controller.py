@@ -157,7 +157,6 @@ class Controller:
         """Re-allocate the cleared tiers and adopt ``weight_version``. ``weights_from``: a checkpoint directory of
         the same model (a checkpoint instance only) whose weights this version means; it is checked (config and
         every tensor's shape) before anything changes. Without it the workers keep the weights they hold."""
-        source = self._weight_source(weights_from)
         try:
             wv = self.weight_version if weight_version is None else operator.index(weight_version)
         except TypeError:
@@ -166,12 +165,20 @@ class Controller:
             raise CommandRefused(
                 f"a weight version is an integer from 0 to {MAX_WEIGHT_VERSION}, got {weight_version!r}"
             )
+        source = self._weight_source(weights_from, wv)
         return self._step(Cmd.RESTORE, wv, timeout_s, WeightSource(wv, source) if source else None)
 
-    def _weight_source(self, weights_from: str | None) -> str:
-        """``weights_from`` as an absolute path, checked against the model the instance serves, or ""."""
+    def _weight_source(self, weights_from: str | None, weight_version: int) -> str:
+        """``weights_from`` as an absolute path, checked against the model the instance serves, or "". New weights
+        take a new weight version (a version names one set of weights: the tiers' KV is versioned by it, I7), and
+        a version keeps the weights it was published with (a retried restore cannot give ranks two checkpoints)."""
         if weights_from is None:
             return ""
+        if weight_version == self.weight_version:
+            raise CommandRefused(
+                f"restore of {self.name}: weights_from publishes new weights, so it needs a new weight version; the "
+                f"instance serves weight version {weight_version} already"
+            )
         if not isinstance(weights_from, (str, os.PathLike)):
             raise CommandRefused(f"weights_from must be a checkpoint directory, got {weights_from!r:.80}")
         if not is_checkpoint(self.cfg.model):
@@ -187,8 +194,14 @@ class Controller:
         held = read_config(self.cfg.model)
         check_same_model(held, read_config(path), f"{path}/config.json")
         check_checkpoint(path, held, self.cfg.tp)
-        if len(str(path)) > MAX_MODEL_CHARS:
-            raise CommandRefused(f"weights_from: the path {str(path)!r:.80}... is longer than {MAX_MODEL_CHARS}")
+        if len(str(path).encode()) > MAX_MODEL_CHARS:
+            raise CommandRefused(f"weights_from: the path {str(path)!r:.80}... is longer than {MAX_MODEL_CHARS} bytes")
+        published = self.inst.read_weights()
+        if published.weight_version == weight_version and published.path != str(path):
+            raise CommandRefused(
+                f"restore of {self.name}: weight version {weight_version} was published from {published.path}; "
+                f"weights from {path} need a weight version of their own"
+            )
         return str(path)
 
     def resume(self, timeout_s: float | None = None) -> StepResult:

@@ -10,6 +10,7 @@ of the free list (something may still read them) and says so.
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,14 +19,16 @@ import numpy as np
 
 from mpkv.blocks import BadTask, check_sampling, check_tokens, int_array
 from mpkv.config import MODEL_FIELDS
-from mpkv.errors import MpkvError, StaleWeights
+from mpkv.errors import StaleWeights, TaskFailed, TransferFailed
 from mpkv.protocol import DecodeItem, Done, PdRole, Sampling
 
 if TYPE_CHECKING:
-    from mpkv.client import Client
+    from mpkv.client import Client, Ticket
     from mpkv.pd.leases import Lease
 
 _calls = itertools.count(1)
+MAX_TASK_BYTES = 1 << 18  # a wave's decode step or PD batch stays well inside a task ring's record (~512 KiB)
+ITEM_BYTES = 128  # an item's framing in a task, beside its ids (a request's name is at most 256 characters)
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -49,7 +52,9 @@ class Generation:
     requests: list[Request]
     max_new_tokens: int
     prefill_on: Client | None
-    versions: set[int] = field(default_factory=set)
+    versions: set[int] = field(default_factory=set)  # the weight versions of every completion
+    pools: dict[str, set[int]] = field(default_factory=dict)  # per instance, the pool epochs of its completions
+    in_flight: str = ""  # the task whose completions are being waited for ("" when every rank answered)
 
     def run(self, timeout_s: float) -> list[np.ndarray]:
         waiting = list(self.requests)
@@ -60,13 +65,18 @@ class Generation:
         return [np.array(r.out, dtype=np.int32) for r in self.requests]
 
     def _admit(self, waiting: list[Request]) -> list[Request]:
-        """The longest prefix of ``waiting`` whose blocks are free now, here and on the prefill instance (at least
-        one request: if even that one does not fit, taking its blocks says so)."""
+        """The longest prefix of ``waiting`` whose blocks are free now, here and on the prefill instance, and whose
+        tasks fit a ring's record (at least one request: if even that one does not fit, taking its blocks says
+        so)."""
         pre = self.prefill_on
         free, pre_free, wave = self.client.blocks.free, pre.blocks.free if pre else 0, list[Request]()
+        task_bytes = 0
         for r in waiting:
             prompt_blocks = blocks_for(len(r.prompt), pre.cfg.block_size) if pre else 0
-            if wave and (r.need > free or prompt_blocks > pre_free):
+            # A decode step carries every table, a PD batch every prompt and two tables: 4-byte ids, and room
+            # for each item's framing.
+            task_bytes += 4 * (r.need + len(r.prompt) + 2 * prompt_blocks) + ITEM_BYTES
+            if wave and (r.need > free or prompt_blocks > pre_free or task_bytes > MAX_TASK_BYTES):
                 break
             wave.append(r)
             free, pre_free = free - r.need, pre_free - prompt_blocks
@@ -85,37 +95,63 @@ class Generation:
                 for r in wave:
                     position = len(r.prompt) + len(r.out) - 1  # the last token's: its K/V go in now
                     items.append(DecodeItem(r.name, r.out[-1], position, r.table[: position // bs + 1], r.sampling))
-                for r, token in zip(wave, self._tokens(c, c.wait(c.decode(items), timeout_s)), strict=True):
+                tokens = self._wait(c, c.decode(items), timeout_s)
+                for r, token in zip(wave, tokens, strict=True):
                     r.out.append(int(token))
-        finally:
+        except BaseException as e:
+            if self.in_flight:  # a task may still write the wave's blocks: they stay allocated, and we say so
+                e.add_note(
+                    f"generate: {self.in_flight} did not complete on every rank; the blocks of its requests "
+                    f"{[r.name for r in wave]} stay allocated in {c.name}, as something may still write them"
+                )
+                raise
             for r in wave:
                 self._give_back(r)
+            raise
+        for r in wave:
+            self._give_back(r)
+
+    def _wait(self, c: Client, ticket: Ticket, timeout_s: float) -> np.ndarray:
+        """The tokens of one task; while its wait runs, the task counts as in flight unless every rank answered
+        (a TaskFailed carries every rank's completion)."""
+        self.in_flight = ticket.what
+        try:
+            dones = c.wait(ticket, timeout_s)
+        except TaskFailed:
+            self.in_flight = ""
+            raise
+        self.in_flight = ""
+        return self._tokens(c, dones)
 
     def _prefill_here(self, wave: list[Request], timeout_s: float) -> None:
         c, bs = self.client, self.client.cfg.block_size
         for r in wave:
             r.table = c.blocks.take(r.need, f"generate {r.name!r}")
-        s = [r.sampling for r in wave]
-        tickets = [
-            c.prefill(
-                r.name,
-                r.prompt,
-                r.table[: blocks_for(len(r.prompt), bs)],
-                temperature=si.temperature,
-                top_p=si.top_p,
-                seed=si.seed,
+        tickets = []
+        for r in wave:
+            s = r.sampling
+            prompt_blocks = r.table[: blocks_for(len(r.prompt), bs)]
+            tickets.append(
+                c.prefill(r.name, r.prompt, prompt_blocks, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
             )
-            for r, si in zip(wave, s, strict=True)
-        ]
-        for r, t in zip(wave, tickets, strict=True):
-            r.out.append(int(self._tokens(c, c.wait(t, timeout_s))[0]))
+        self.in_flight = f"the prefills of {len(tickets)} prompts"  # every one submitted, until each is collected
+        for i, (r, t) in enumerate(zip(wave, tickets, strict=True)):
+            try:
+                dones = c.wait(t, timeout_s)
+            except TaskFailed:
+                if i == len(tickets) - 1:
+                    self.in_flight = ""
+                raise
+            r.out.append(int(self._tokens(c, dones)[0]))
+        self.in_flight = ""
 
     def _prefill_there(self, wave: list[Request], timeout_s: float) -> None:
         """Prefill on ``prefill_on``, shipped into leases of this (decode) instance; the rest of each table comes
-        from this instance's free list."""
+        from this instance's free list. The prefill side's source blocks go back only once the batch settled."""
         c, pre = self.client, self.prefill_on
         assert pre is not None
         sources: list[np.ndarray] = []
+        settled = True
         try:
             batch = []
             for r in wave:
@@ -124,26 +160,39 @@ class Generation:
                 sources.append(pre.blocks.take(len(r.lease.blocks), f"generate {r.name!r} (prefill)"))
                 batch.append((r.name, r.prompt, sources[-1], r.lease, r.sampling))
             ticket = pre.send(c, batch)
+            self.in_flight, settled = f"the prefill -> decode batch of {len(wave)} prompts", False
             try:
                 dones = pre.wait_send(ticket, timeout_s)
-            except MpkvError:
-                if ticket.seq in pre._sends:  # not settled: the prefill side may still read its blocks
-                    sources.clear()
+            except TransferFailed:
+                settled = ticket.seq not in pre._sends  # else: some rank did not report; call wait_send to settle
                 raise
+            settled, self.in_flight = True, ""
             workers = dones[: pre.cfg.tp]  # the workers' completions come first, in rank order
             for r, token in zip(wave, self._tokens(pre, workers), strict=True):
                 r.out.append(int(token))
         finally:
-            for src in sources:
-                pre.blocks.give_back(src)
+            if settled:
+                self.in_flight = ""
+                for src in sources:
+                    pre.blocks.give_back(src)
 
     def _tokens(self, c: Client, dones: list[Done]) -> np.ndarray:
-        """The completions' tokens, after checking every task of this call ran on one weight version (I7)."""
+        """The completions' tokens, after checking that every task of this call ran on one weight version, and on
+        one pool of each instance (I7): a clear and restore in the middle, even to the same version, took the KV
+        that the next step reads."""
         self.versions.update(d.weight_version for d in dones)
         if len(self.versions) > 1:
             raise StaleWeights(
-                f"generate on {c.name}: the instance restored other weights in the middle of the call (weight "
-                f"versions {sorted(self.versions)}); its tokens would mix KV of two versions: generate again"
+                f"generate on {self.client.name}: completions of weight versions {sorted(self.versions)} (a restore "
+                "ran in the middle, or the prefill and decode instances serve different weights); its tokens would "
+                "mix KV of both: generate again"
+            )
+        epochs = self.pools.setdefault(c.name, set())
+        epochs.update(d.pool_epoch for d in dones)
+        if len(epochs) > 1:
+            raise StaleWeights(
+                f"generate on {self.client.name}: {c.name}'s pool was cleared and restored in the middle (pool "
+                f"epochs {sorted(epochs)}); the KV its next steps read is gone: generate again"
             )
         return c.tokens_of(dones)
 
@@ -168,8 +217,11 @@ def plan(
     top_p: object,
     seed: object,
     prefill_on: object,
+    timeout_s: object,
 ) -> Generation:
     cfg = client.cfg
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
+        raise BadTask(f"timeout_s must be a positive, finite number of seconds, got {timeout_s!r:.40}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise BadTask(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r:.40}")
     if seed is None:

@@ -241,7 +241,7 @@ class Instance:
         write_sync_record(self._blob(naming.WEIGHTS), 0, WEIGHTS_RECORD_BYTES, msgspec.msgpack.encode(source))
 
     def read_weights(self) -> WeightSource:
-        """What the controller published last (version 0 and no path until it published anything)."""
+        """What the controller published last (version -1 and no path until it published anything)."""
         raw = read_sync_record(self._blob(naming.WEIGHTS), 0, WEIGHTS_RECORD_BYTES)
         if not raw:
             return WeightSource(-1, "")

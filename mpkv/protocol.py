@@ -112,7 +112,7 @@ class WaitKind(enum.IntEnum):
     PEERS = 2  # waiting for the actors in aux to reach a state (the handshake)
     ACKS = 3  # the controller, waiting for the actors in aux to acknowledge
     PROGRESS = 4  # a messager, waiting for its worker's next layer (aux: the worker's slot)
-    BARRIER = 5  # a messager, at the per-batch barrier of its instance's messagers
+    BARRIER = 5  # a messager at the per-batch barrier of its instance's messagers; a worker in the all-reduce
 
 
 LINK_WAIT_BASE = 0x8000  # in a wait record, LINK_WAIT_BASE + i names link slot i of a decode instance
@@ -221,6 +221,7 @@ class Done(msgspec.Struct, tag=True):
     data: bytes = b""
     busy_s: float = 0.0  # a messager: seconds spent moving bytes (for `mpkv bench pd`)
     tokens: np.ndarray | None = None  # a worker's prefill or decode step: the next token of each request, in order
+    pool_epoch: int = 0  # a worker's: the restore epoch of the pool it wrote (a pool cleared since holds none of it)
 
 
 class ReadBlocks(msgspec.Struct, tag=True):

@@ -6,6 +6,8 @@ and changes nothing. The checkpoints are tiny seeded models written by ``transfo
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,10 @@ from hf_models import BLOCK, NEW_TOKENS, SMALL, perturbed_copy, prompts_for, ref
 import mpkv
 from mpkv import Client, Controller, DecodeItem
 from mpkv.config import resolve_model
-from mpkv.errors import BadTask, ModelError, PeerDied, TaskFailed
-from mpkv.generation import blocks_for
+from mpkv.errors import BadTask, CommandRefused, ModelError, PeerDied, StaleWeights, StepFailed, TaskFailed
+from mpkv.generation import Generation, blocks_for
 from mpkv.model import expected_tokens
+from mpkv.protocol import Done
 from mpkv.verify import verify_kv
 
 POOL = dict(block_size=BLOCK, device_blocks=32, host_blocks=16)
@@ -64,7 +67,7 @@ def test_llama_generate_swap_restore_and_bad_input(
     """One TP=1 instance through a request's whole life: generate, swap out and in mid-decode, bad input,
     clear/restore with the same weights, then with new weights from another directory."""
     with (
-        mpkv.launch(instance, tp=1, model=str(models["llama"]), **POOL),
+        mpkv.launch(instance, tp=1, model=str(models["llama"]), **POOL) as inst,
         Client(instance) as client,
         Controller(instance) as ctl,
     ):
@@ -81,6 +84,8 @@ def test_llama_generate_swap_restore_and_bad_input(
             client.generate([[1, VOCAB]], 2)
         with pytest.raises(BadTask, match="max_new_tokens must be an integer >= 1"):
             client.generate([[1]], 0)
+        with pytest.raises(BadTask, match="timeout_s must be a positive, finite number"):
+            client.generate([[1]], 2, timeout_s=0)
         assert client.blocks.free == POOL["device_blocks"]
 
         # Same weights, new version number: the same tokens.
@@ -104,6 +109,33 @@ def test_llama_generate_swap_restore_and_bad_input(
         ctl.restore(weight_version=3, weights_from=str(new))
         ctl.resume()
         assert _as_lists(client.generate(PROMPTS, NEW_TOKENS)) == new_want
+        with pytest.raises(CommandRefused, match="needs a new weight version; the instance serves weight version 3"):
+            ctl.restore(weight_version=3, weights_from=str(new))
+
+        # A trainer that saves every update into one directory: the same path is loaded again.
+        perturbed_copy(models["llama"], tmp_path / "newer", seed=17)
+        for f in (tmp_path / "newer").glob("*.safetensors"):
+            f.replace(new / f.name)
+        newer_want = reference(new, PROMPTS, NEW_TOKENS)[0]
+        assert newer_want != new_want
+        ctl.pause(), ctl.clear(), ctl.restore(weight_version=4, weights_from=str(new)), ctl.resume()
+        assert _as_lists(client.generate(PROMPTS, NEW_TOKENS)) == newer_want
+
+        # A restore that timed out (the worker stopped) may be retried, but only with the weights it published:
+        # a rank that adopted the version already must not hold other weights than a rank that adopts it later.
+        worker = inst.pids["worker:r0"]
+        ctl.pause(), ctl.clear()
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            with pytest.raises(StepFailed, match="worker r0"):
+                ctl.restore(weight_version=5, weights_from=str(models["llama"]), timeout_s=2)
+            with pytest.raises(CommandRefused, match="weight version 5 was published from .*need a weight version"):
+                ctl.restore(weight_version=5, weights_from=str(new))
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        ctl.restore(weight_version=5, weights_from=str(models["llama"]))
+        ctl.resume()
+        assert _as_lists(client.generate(PROMPTS, NEW_TOKENS)) == want["llama"]  # the first weights, again
 
 
 def _swap_mid_decode(client: Client, prompt: list[int], want: list[int]) -> None:
@@ -218,3 +250,28 @@ def test_a_runner_named_module_class_decodes_byte_exactly(instance: str) -> None
 def test_a_runner_that_cannot_be_built_is_refused_before_launch(model: str, match: str) -> None:
     with pytest.raises(ValueError, match=f"--model: .*{match}"):
         resolve_model({"model": model}, lambda f: "--" + f)
+
+
+def test_completions_of_two_pools_or_versions_are_refused() -> None:
+    """generate's I7 check on what each completion says it read: one weight version, one pool per instance."""
+
+    class Named:
+        name = "inst"
+
+        @staticmethod
+        def tokens_of(dones: list[Done]) -> np.ndarray:
+            return np.zeros(1, np.int32)
+
+    def done(version: int, epoch: int) -> Done:
+        return Done(1, 0, weight_version=version, tokens=np.zeros(1, np.int32), pool_epoch=epoch)
+
+    gen = Generation(Named(), [], 2, None)  # type: ignore[arg-type]
+    gen._tokens(Named(), [done(1, 3)])  # type: ignore[arg-type]
+    with pytest.raises(
+        StaleWeights, match=r"inst's pool was cleared and restored in the middle \(pool epochs \[3, 5\]\)"
+    ):
+        gen._tokens(Named(), [done(1, 5)])  # type: ignore[arg-type]
+    gen = Generation(Named(), [], 2, None)  # type: ignore[arg-type]
+    gen._tokens(Named(), [done(1, 3)])  # type: ignore[arg-type]
+    with pytest.raises(StaleWeights, match=r"weight versions \[1, 2\]"):
+        gen._tokens(Named(), [done(2, 3)])  # type: ignore[arg-type]

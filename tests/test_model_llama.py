@@ -512,3 +512,28 @@ def test_half_precision_tokens_equal_transformers_generate(
     for i, p in enumerate(prompts):
         assert tokens[i] == want_tokens[i], f"prompt of {len(p)} tokens"
         torch.testing.assert_close(logits[:, i].float(), want_logits[i].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_checkpoint_another_user_could_write_is_refused(llama_copy: tuple[Path, ModelConfig]) -> None:
+    """I8: weights that anyone could swap under the instance are not loaded (the directory, config.json, a
+    shard), each named with what to do."""
+    d, cfg = llama_copy
+    for path in (d, d / "config.json", d / "model.safetensors"):
+        mode = path.stat().st_mode
+        path.chmod(mode | 0o002)
+        try:
+            with pytest.raises(ModelError, match=f"{path} is writable by every user .*chmod o-w"):
+                read_config(d)
+                load_weights(d, cfg)
+        finally:
+            path.chmod(mode)
+    load_weights(d, cfg)  # as it was: loads
+
+
+def test_extreme_sampling_values_stay_finite() -> None:
+    """A temperature or top_p below float32's range must not turn the distribution into NaN (multinomial would
+    raise, and the worker with it): it behaves as greedy."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(SEED))
+    want = logits.argmax(-1).tolist()
+    for s in (Sampling(1e-300, 1.0, 1), Sampling(1e-40, 1.0, 2), Sampling(1.0, 1e-300, 3)):
+        assert next_tokens(logits, [s] * 3, [0, 1, 2]) == want

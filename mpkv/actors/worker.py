@@ -26,7 +26,20 @@ from mpkv.actors.runtime import PEER_TIMEOUT_S, Actor, TaskError
 from mpkv.blocks import BadBlocks, BadTask, check_decode_item, check_ids, check_sampling, check_tokens
 from mpkv.instance import Instance
 from mpkv.model import AllReduce, ModelRunner, build_runner
-from mpkv.protocol import Decode, DecodeItem, Done, PdRole, Prefill, PrefillSend, Progress, Role, Sampling
+from mpkv.protocol import (
+    Decode,
+    DecodeItem,
+    Done,
+    PdRole,
+    Prefill,
+    PrefillSend,
+    Progress,
+    Role,
+    Sampling,
+    WaitKind,
+    actor_slot,
+    pack_slots,
+)
 from mpkv.shm.allreduce import AllReduce as ShmAllReduce
 
 
@@ -79,7 +92,11 @@ class Worker(Actor):
         self.model: ModelRunner = build_runner(inst.cfg, rank, self.device, self._all_reduce())
 
     def _beat(self) -> None:
-        self.heartbeat()  # waiting for the other ranks inside a task: still alive, and saying so
+        """Between the slices of a wait in the all-reduce (one that outlasts a slice): still alive, and waiting
+        for the other workers (I2: mpkv-top draws the wait)."""
+        self.heartbeat()
+        others = [actor_slot(Role.WORKER, r) for r in range(self.cfg.tp) if r != self.rank]
+        self._note_wait(WaitKind.BARRIER, pack_slots(others[:4]))
 
     def _all_reduce(self) -> AllReduce | None:
         collective = self.collective
@@ -90,6 +107,8 @@ class Worker(Actor):
             # The shared buffers are host memory: a device tensor goes through the host (NCCL is the GPU's way).
             host = t.contiguous() if t.device.type == "cpu" else t.cpu()
             collective(host)
+            if self._waiting[0] == WaitKind.BARRIER:  # a long wait was published (``_beat``): it is over
+                self._note_wait(WaitKind.NONE, 0)
             return host if host.device == t.device else host.to(t.device)
 
         return all_reduce
@@ -137,6 +156,7 @@ class Worker(Actor):
             weight_version=self.weight_version,
             layers_done=layers_done,
             tokens=np.asarray(tokens, dtype=np.int32),
+            pool_epoch=self.pool_epoch,
         )
 
     def _pool(self) -> torch.Tensor:

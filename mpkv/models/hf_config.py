@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,8 +63,29 @@ class ModelConfig:
             raise ModelError(f"config: intermediate_size ({self.intermediate}) is not divisible by tp {tp}")
 
 
+def check_trusted(path: Path) -> None:
+    """Refuse a checkpoint directory or file that another user could have written (I8): one owned by someone else
+    than this user or root, or writable by everyone. Links are followed (the Hugging Face cache links each file
+    of a snapshot to a blob): it is the target that is loaded. Group-writable is accepted: a group is a choice of
+    whom to trust."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise ModelError(f"{path}: cannot be read ({e.strerror})") from None
+    if st.st_uid not in (os.getuid(), 0):
+        raise ModelError(
+            f"{path} belongs to uid {st.st_uid}, not to this user ({os.getuid()}) or root: another user could "
+            "change the weights under the instance; copy the checkpoint to a directory of your own"
+        )
+    if st.st_mode & stat.S_IWOTH:
+        raise ModelError(f"{path} is writable by every user (mode {stat.filemode(st.st_mode)}); chmod o-w it")
+
+
 def read_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / "config.json"
+    check_trusted(Path(model_dir))
+    if path.exists():
+        check_trusted(path)
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:

@@ -2,8 +2,8 @@
 Llama-family model (``LlamaModel``), its weights loaded by version.
 
 Which weights a weight version means: the directory the controller published for that version
-(``Controller.restore(weight_version, weights_from=DIR)``), else the weights the worker holds already (a restore
-to a new version number with the same checkpoint, as an RL loop does between updates that change nothing here),
+(``Controller.restore(weight_version, weights_from=DIR)``; loaded again even if it is the directory of the weights
+held), else the weights the worker holds already (a restore to a new version number with the same checkpoint),
 else, at start-up, the configured ``CacheConfig.model``. A directory must describe the same model (architecture
 and every shape): anything else is a ModelError naming the difference, and the weights held stay as they were.
 """
@@ -40,9 +40,11 @@ class HFRunner:
         self.model: LlamaModel | None = None
 
     def load(self, weight_version: int, source: str) -> None:
-        src = source or self.source or self.cfg.model
-        if src == self.source and self.model is not None:
-            return
+        if not source and self.model is not None:
+            return  # a new version number for the weights held
+        # A published source is loaded even from the directory of the weights held: a trainer may save every
+        # update into one directory, so a path says nothing about whether its files changed.
+        src = source or self.cfg.model
         if src != self.cfg.model:
             check_same_model(self.model_cfg, read_config(src), f"{src}/config.json")
             check_checkpoint(src, self.model_cfg, self.cfg.tp)

@@ -32,7 +32,11 @@ def next_tokens(logits: torch.Tensor, samplings: Sequence[Sampling], positions: 
 
 
 def sample(logits: torch.Tensor, s: Sampling, g: torch.Generator) -> torch.Tensor:
-    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+    logits = logits.float()
+    # Shifted so the largest is 0 before dividing: a tiny temperature sends the others to -inf (probability 0),
+    # never the largest to inf (softmax of inf is NaN, and multinomial refuses it); and no smaller than 1e-30,
+    # which float32 still holds (a temperature of 1e-300 would be 0 there: 0 / 0).
+    probs = torch.softmax((logits - logits.max()) / max(s.temperature, 1e-30), dim=-1)
     if s.top_p < 1:
         probs = _top_p(probs, s.top_p)
     return torch.multinomial(probs, 1, generator=g)[0]
@@ -43,5 +47,7 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     ``top_p`` (so the most likely one always stays)."""
     ordered, order = probs.sort(descending=True)
     before = ordered.cumsum(-1) - ordered
-    ordered = torch.where(before < top_p, ordered, torch.zeros_like(ordered))
+    keep = before < top_p
+    keep[..., 0] = True  # explicitly: a top_p below float32's range compares as 0 < 0
+    ordered = torch.where(keep, ordered, torch.zeros_like(ordered))
     return torch.zeros_like(probs).scatter(-1, order, ordered)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from mpkv.errors import ModelError
-from mpkv.models.hf_config import ModelConfig
+from mpkv.models.hf_config import ModelConfig, check_trusted
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -151,12 +151,14 @@ class _Checkpoint:
     """Where each tensor lives: the shard index when there is one, else the one ``.safetensors`` file."""
 
     def __init__(self, model_dir: Path) -> None:
+        check_trusted(model_dir)
         self.dir = model_dir
         self._open: dict[str, Any] = {}  # file name -> safe_open handle, opened once
         self.where = self._index() if (model_dir / INDEX_FILE).exists() else self._single()
 
     def _index(self) -> dict[str, Path]:
         path = self.dir / INDEX_FILE
+        check_trusted(path)
         try:
             index = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -187,6 +189,7 @@ class _Checkpoint:
         from safetensors import safe_open
 
         if path.name not in self._open:
+            check_trusted(path)
             try:
                 self._open[path.name] = safe_open(str(path), framework="pt")
             except Exception as e:  # safetensors raises its own error type for a corrupt header
