@@ -42,7 +42,7 @@ from mpkv.errors import (  # noqa: E402
     WaitTimeout,
 )
 from mpkv.launched import LaunchedInstance, launch  # noqa: E402
-from mpkv.protocol import DecodeItem, Sampling  # noqa: E402
+from mpkv.protocol import DecodeItem, PrefillItem, Sampling  # noqa: E402
 
 __all__ = [
     "AttachError",
@@ -68,6 +68,7 @@ __all__ = [
     "NixlUnavailable",
     "NotOurs",
     "PeerDied",
+    "PrefillItem",
     "ProtocolError",
     "Sampling",
     "StaleWeights",

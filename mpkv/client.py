@@ -54,6 +54,8 @@ from mpkv.protocol import (
     LeaseState,
     PdRole,
     Prefill,
+    PrefillBatch,
+    PrefillItem,
     PrefillSend,
     ReadBlocks,
     Role,
@@ -127,6 +129,24 @@ class Client:
         check_sampling(temperature, top_p, seed, f"prefill {request!r}")
         task = Prefill(next(self._seq), request, toks, ids, Sampling(float(temperature), float(top_p), seed))
         return self._submit(Role.WORKER, task, f"prefill {request!r}")
+
+    def prefill_batch(self, items: Sequence[PrefillItem]) -> Ticket:
+        """Prefill several requests in one task (one forward over all their tokens): each item's tokens into its
+        blocks (ceil(len / block_size) of them; no block in two items); ``tokens_of(wait(ticket))`` holds each
+        request's first generated token, in order."""
+        if not isinstance(items, (list, tuple)) or not items or not all(isinstance(i, PrefillItem) for i in items):
+            raise BadTask(f"a batched prefill is a non-empty list of mpkv.PrefillItem, got {items!r:.80}")
+        checked = []
+        for it in items:
+            request = check_request(it.request)
+            ids = self._ids(it.blocks, self.cfg.device_blocks, f"prefill {request!r}: device blocks")
+            toks = check_tokens(it.tokens, self.cfg.vocab, self.cfg.block_size, len(ids), f"prefill {request!r}")
+            s = it.sampling
+            check_sampling(s.temperature, s.top_p, s.seed, f"prefill {request!r}")
+            checked.append(PrefillItem(request, toks, ids, s))
+        check_ids(np.concatenate([it.blocks for it in checked]), self.cfg.device_blocks, "prefill batch: device blocks")
+        task = PrefillBatch(next(self._seq), checked)
+        return self._submit(Role.WORKER, task, f"prefill of {len(checked)} requests")
 
     def decode(self, items: Sequence[DecodeItem]) -> Ticket:
         """One decode step of running requests: each item's ``token`` goes at its ``position`` (its tokens already
@@ -364,7 +384,10 @@ class Client:
         raise TransferFailed(f"{ticket.what} (task {ticket.seq}) failed: {'; '.join(reasons + late)}{extra}", dones)
 
     def _submit(
-        self, role: Role, task: Prefill | Decode | SwapOut | SwapIn | ReadBlocks | PrefillSend, what: str
+        self,
+        role: Role,
+        task: Prefill | PrefillBatch | Decode | SwapOut | SwapIn | ReadBlocks | PrefillSend,
+        what: str,
     ) -> Ticket:
         ring = self._tasks[role]
         # The check and the put, as one step for a PAUSE or SHUTDOWN (NOTE [ submission gate ]); the gate is a flag,

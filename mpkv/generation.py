@@ -20,7 +20,7 @@ import numpy as np
 from mpkv.blocks import BadTask, check_sampling, check_tokens, int_array
 from mpkv.config import MODEL_FIELDS
 from mpkv.errors import StaleWeights, TaskFailed, TransferFailed
-from mpkv.protocol import DecodeItem, Done, PdRole, Sampling
+from mpkv.protocol import DecodeItem, Done, PdRole, PrefillItem, Sampling
 
 if TYPE_CHECKING:
     from mpkv.client import Client, Ticket
@@ -124,26 +124,13 @@ class Generation:
         return self._tokens(c, dones)
 
     def _prefill_here(self, wave: list[Request], timeout_s: float) -> None:
+        """The wave's prompts in one batched prefill (one forward over all their tokens)."""
         c, bs = self.client, self.client.cfg.block_size
         for r in wave:
             r.table = c.blocks.take(r.need, f"generate {r.name!r}")
-        tickets = []
-        for r in wave:
-            s = r.sampling
-            prompt_blocks = r.table[: blocks_for(len(r.prompt), bs)]
-            tickets.append(
-                c.prefill(r.name, r.prompt, prompt_blocks, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
-            )
-        self.in_flight = f"the prefills of {len(tickets)} prompts"  # every one submitted, until each is collected
-        for i, (r, t) in enumerate(zip(wave, tickets, strict=True)):
-            try:
-                dones = c.wait(t, timeout_s)
-            except TaskFailed:
-                if i == len(tickets) - 1:
-                    self.in_flight = ""
-                raise
-            r.out.append(int(self._tokens(c, dones)[0]))
-        self.in_flight = ""
+        items = [PrefillItem(r.name, r.prompt, r.table[: blocks_for(len(r.prompt), bs)], r.sampling) for r in wave]
+        for r, token in zip(wave, self._wait(c, c.prefill_batch(items), timeout_s), strict=True):
+            r.out.append(int(token))
 
     def _prefill_there(self, wave: list[Request], timeout_s: float) -> None:
         """Prefill on ``prefill_on``, shipped into leases of this (decode) instance; the rest of each table comes

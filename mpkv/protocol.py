@@ -175,6 +175,22 @@ class Prefill(msgspec.Struct, tag=True):
     sampling: Sampling = GREEDY
 
 
+class PrefillItem(msgspec.Struct):
+    """One request of a batched prefill: as ``Prefill``, without the task's sequence number."""
+
+    request: str
+    tokens: np.ndarray  # int32 token ids
+    blocks: np.ndarray  # int32 device block ids, ceil(len(tokens) / block_size) of them
+    sampling: Sampling = GREEDY
+
+
+class PrefillBatch(msgspec.Struct, tag=True):
+    """Worker: prefill several requests in one forward; ``Done.tokens`` holds each one's first token, in order."""
+
+    seq: int
+    items: list[PrefillItem]
+
+
 class DecodeItem(msgspec.Struct):
     """One running request of a decode step: ``token`` goes at ``position`` (the request's tokens whose K/V are
     in the pool already); ``blocks`` is its block table up to and including the block of ``position``."""
@@ -258,6 +274,6 @@ class PrefillSend(msgspec.Struct, tag=True):
     layerwise: bool = True  # False: ship only after the last layer (the baseline `mpkv bench pd` compares with)
 
 
-TASK_TYPES = (Prefill, Decode, SwapOut, SwapIn, ReadBlocks, PrefillSend)
+TASK_TYPES = (Prefill, PrefillBatch, Decode, SwapOut, SwapIn, ReadBlocks, PrefillSend)
 TASK_CODEC = Codec(*TASK_TYPES)
 DONE_CODEC = Codec(Done)

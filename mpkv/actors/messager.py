@@ -35,6 +35,7 @@ from mpkv.protocol import (
     Done,
     PdRole,
     Prefill,
+    PrefillBatch,
     PrefillSend,
     Role,
     WaitKind,
@@ -63,7 +64,7 @@ def _diverge() -> tuple[int, int] | None:
 class Messager(Actor):
     role = Role.MESSAGER
     poolless = (PrefillSend,)  # every batch reaches the barrier, pool or not
-    ignores = (Prefill, Decode)  # the workers' plain prefills and decode steps ship nothing
+    ignores = (Prefill, PrefillBatch, Decode)  # the workers' plain prefills and decode steps ship nothing
 
     def __init__(self, inst: Instance, rank: int) -> None:
         self.links: dict[str, Link | NixlLink] = {}

@@ -32,6 +32,7 @@ from mpkv.protocol import (
     Done,
     PdRole,
     Prefill,
+    PrefillBatch,
     PrefillSend,
     Progress,
     Role,
@@ -168,6 +169,17 @@ class Worker(Actor):
         tokens = self._run(lambda: self.model.prefill([checked], self._pool(), _no_progress))
         return self._done(task.seq, tokens, self.cfg.layers)
 
+    def prefill_batch(self, task: PrefillBatch) -> Done:
+        if not task.items:
+            raise TaskError("a batched prefill needs at least one request")
+        batch = [self._checked(task.seq, it.request, it.tokens, it.blocks, it.sampling) for it in task.items]
+        try:
+            check_ids(np.concatenate([r.blocks for r in batch]), self.cfg.device_blocks, "prefill batch: device blocks")
+        except BadTask as e:
+            raise TaskError(str(e)) from None
+        tokens = self._run(lambda: self.model.prefill(batch, self._pool(), _no_progress))
+        return self._done(task.seq, tokens, self.cfg.layers)
+
     def decode(self, task: Decode) -> Done:
         items = self._checked_decode(task)
         return self._done(task.seq, self._run(lambda: self.model.decode(items, self._pool())))
@@ -202,4 +214,9 @@ class Worker(Actor):
             self.collective.close()
         super().close()
 
-    handlers: ClassVar[dict[type, Any]] = {Prefill: prefill, Decode: decode, PrefillSend: prefill_send}
+    handlers: ClassVar[dict[type, Any]] = {
+        Prefill: prefill,
+        PrefillBatch: prefill_batch,
+        Decode: decode,
+        PrefillSend: prefill_send,
+    }
