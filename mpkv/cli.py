@@ -358,7 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     gp.add_argument("--json", action="store_true", help="print one JSON object of the prompts and their tokens")
     gp.set_defaults(func=_generate)
 
-    dp = sub.add_parser("demo", help="the main job: a TP=2 instance, prefills, swaps, RL cycles, every byte verified")
+    dp = sub.add_parser(
+        "demo",
+        help="the main job: TP=2 instances, prefills, swaps, RL cycles, every byte verified; a real Llama "
+        "checkpoint prefilled on one instance, decoded on another, tokens checked against the reference",
+    )
     dp.add_argument("--cycles", type=positive_int, default=20, help="RL cycles to run")
     dp.add_argument("--tp", type=positive_int, default=2, help="tensor-parallel ranks")
     dp.add_argument("--quick", action="store_true", help="a short run")
