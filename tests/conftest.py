@@ -11,7 +11,7 @@ import os
 import random
 import signal
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -51,12 +51,14 @@ SESSION = uuid.uuid4().hex[:6]  # every instance a test creates is named t<SESSI
 SHARED: set[str] = set()
 
 
-def _shm_entries(with_shared: bool = False) -> set[str]:
-    # The names of this test session's instances (mpkv creates nothing else in /dev/shm: no multiprocessing
-    # semaphores). Other programs, other test sessions, a benchmark, may come and go meanwhile.
-    mine = "/" + naming.user_prefix() + "t" + SESSION
-    shared = () if with_shared else tuple("/" + naming.user_prefix() + s + "." for s in SHARED)
-    return {e for e in os.listdir(naming.SHM_DIR) if ("/" + e).startswith(mine) and not ("/" + e).startswith(shared)}
+def _shm_entries(only: Collection[str] = ()) -> set[str]:
+    # The names of this test session's instances but the shared ones, or (``only``) of these instances (mpkv creates
+    # nothing else in /dev/shm: no multiprocessing semaphores). Other programs, other test sessions, a benchmark, may
+    # come and go meanwhile.
+    user = "/" + naming.user_prefix()
+    mine = tuple(user + s + "." for s in only) or (user + "t" + SESSION,)
+    skip = () if only else tuple(user + s + "." for s in SHARED)
+    return {e for e in os.listdir(naming.SHM_DIR) if ("/" + e).startswith(mine) and not ("/" + e).startswith(skip)}
 
 
 @pytest.fixture(autouse=True)
@@ -66,16 +68,16 @@ def no_leaks() -> Iterator[None]:
 
 
 @contextmanager
-def leak_check(with_shared: bool = False) -> Iterator[None]:
+def leak_check(only: Collection[str] = ()) -> Iterator[None]:
     """Fails if the block leaves a child process or a /dev/shm entry of this session behind (after removing them,
-    so that one leak does not cascade); ``with_shared``: the shared instances' names count too."""
-    shm_before = _shm_entries(with_shared)
+    so that one leak does not cascade); ``only``: the entries of these instances (shared ones), no others."""
+    shm_before = _shm_entries(only)
     procs_before = _descendants(os.getpid())
     yield
     for p in mp.active_children():  # reaps exited ones; a live one is a leak
         p.join(timeout=5)
     leaked_procs = _descendants(os.getpid()) - procs_before
-    leaked_shm = _shm_entries(with_shared) - shm_before
+    leaked_shm = _shm_entries(only) - shm_before
     for pid in leaked_procs:
         try:
             os.kill(pid, signal.SIGKILL)

@@ -63,7 +63,7 @@ def shared(*names: str) -> Iterator[None]:
     """For a module-scoped fixture whose instances (``names``, launched in the block) its tests share: each test's
     leak check leaves their names out (a test may restore, making pools under new names); the block's end checks
     that stopping them left no process and no name behind. A test that uses one leaves it serving, as it found it."""
-    with leak_check(with_shared=True):
+    with leak_check(only=names):
         SHARED.update(names)
         try:
             yield

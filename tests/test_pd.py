@@ -7,14 +7,13 @@ import os
 import random
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from conftest import SESSION
-from instances import Launched
+from conftest import new_name
+from instances import Launched, shared
 
 from mpkv.blocks import BadTask
 from mpkv.client import Client, TransferFailed
@@ -37,16 +36,35 @@ def pd_pair(name: str, prefill_env: dict[str, str] | None = None) -> Iterator[tu
         yield p, d
 
 
+@contextmanager
+def shared_pd_pair(prefill_env: dict[str, str]) -> Iterator[tuple[Launched, Launched]]:
+    """A pair that the tests of this module share (launching a pair is the slow part of these tests): each test
+    leaves it serving, every lease given back, both instances at one weight version; in the end both SHUTDOWNs must
+    go through, and nothing is left."""
+    name = new_name()
+    with shared(f"{name}d", f"{name}p"), pd_pair(name, prefill_env=prefill_env) as (p, d):
+        yield p, d
+        for inst in (d, p):
+            with Controller(inst.name) as ctl:
+                ctl.shutdown()
+            assert inst.exit_code() == 0, list(inst.lines)[-20:]
+
+
 @pytest.fixture(scope="module")
 def shared_pair() -> Iterator[tuple[Launched, Launched]]:
-    """One pair for the tests that leave it as they found it: every lease given back, and the same names in
-    /dev/shm (no clear or restore, which make pools under new names; no fault). Launching a pair is the slow part
-    of these tests. The prefill instance runs with small random per-rank delays (seed 000's race, for every test
-    that uses it), their seed printed for a replay."""
+    """The prefill instance runs with small random per-rank delays (seed 000's race, for every test that uses it),
+    their seed printed for a replay."""
     seed = int(os.environ.get("MPKV_TEST_SEED", random.randrange(2**31)))
     print(f"[seed] shared pd pair: MPKV_JITTER_SEED={seed} (replay with MPKV_TEST_SEED={seed})")
-    env = {"MPKV_JITTER_US": "1500", "MPKV_JITTER_SEED": str(seed)}
-    with pd_pair(f"t{SESSION}{uuid.uuid4().hex[:8]}", prefill_env=env) as pair:
+    with shared_pd_pair({"MPKV_JITTER_US": "1500", "MPKV_JITTER_SEED": str(seed)}) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def slow_pair() -> Iterator[tuple[Launched, Launched]]:
+    """The prefill instance's ranks wait up to 0.3 s at each point (layer progress, destination, task): a batch is
+    in flight long enough for a pause or a clear to land in the middle of it."""
+    with shared_pd_pair({"MPKV_JITTER_US": "300000"}) as pair:
         yield pair
 
 
@@ -213,90 +231,93 @@ def test_kill_9_mid_transfer_fails_the_transfer(instance: str, rng, victim: str)
         eng.close()
 
 
-def test_decode_clear_with_transfers_in_flight(instance: str, rng) -> None:
+def test_decode_clear_with_transfers_in_flight(slow_pair: tuple[Launched, Launched], rng) -> None:
     """RL on PD: the decode instance pauses and clears while a batch is being shipped into it. The clear
     finishes (the links let go of the pool), the batch is reported failed, and after restore new transfers land."""
     gen = np.random.default_rng(rng.randrange(2**32))
-    with pd_pair(instance, prefill_env={"MPKV_JITTER_US": "300000"}) as (p, d):
-        eng = Engine(p.name, d.name, gen)
-        with Controller(d.name) as dctl, Controller(p.name) as pctl:
-            batch = [eng.request("inflight.0"), eng.request("inflight.1")]
-            ticket = eng.p.send(eng.d, batch)
-            until_waiting(p.name, Role.MESSAGER, 0, WaitKind.PROGRESS)  # the link is open, layers are coming
-            dctl.pause()
-            res = dctl.clear()
-            assert sum(res.released_bytes.values()) > 0
-            with pytest.raises(TransferFailed) as err:
-                eng.p.wait_send(ticket, timeout_s=50)
-            # Either a messager let go mid-batch, or (if its layers all came in time) the pool was gone at the end.
-            text = str(err.value)
-            assert "while the batch was being shipped" in text or "shipped, but" in text, text
-            for _, _, src, lease in batch:
-                assert lease.state == LeaseState.FAILED
-                eng.free.extend(src.tolist())
-            dctl.restore(3)
-            dctl.resume()
-            # The decode instance now serves weight version 3; KV from the prefill's version 1 is refused (I7).
-            stale = [eng.request("stale.0")]
-            with pytest.raises(TransferFailed, match="weight version"):
-                eng.p.wait_send(eng.p.send(eng.d, stale), timeout_s=50)
-            assert stale[0][3].state == LeaseState.FAILED
-            eng.done_with(stale)
-            # The prefill instance takes its RL step too: its KV now comes from weight version 3 as well.
-            pctl.pause()
-            pctl.clear()
-            pctl.restore(3)
-            pctl.resume()
-            eng.wv = 3
-            after = [eng.request("after.0")]
-            eng.p.wait_send(eng.p.send(eng.d, after), timeout_s=50)
-            eng.verify(after)
-            assert all(lease.state == LeaseState.FREE for lease in [b[3] for b in batch]), "old leases not returned"
-            dctl.shutdown()
-            pctl.shutdown()
-        eng.close()
+    p, d = slow_pair
+    eng = Engine(p.name, d.name, gen)
+    with Controller(d.name) as dctl, Controller(p.name) as pctl:
+        eng.wv = old = dctl.weight_version
+        new = old + 2
+        batch = [eng.request("inflight.0"), eng.request("inflight.1")]
+        ticket = eng.p.send(eng.d, batch)
+        until_waiting(p.name, Role.MESSAGER, 0, WaitKind.PROGRESS)  # the link is open, layers are coming
+        dctl.pause()
+        res = dctl.clear()
+        assert sum(res.released_bytes.values()) > 0
+        with pytest.raises(TransferFailed) as err:
+            eng.p.wait_send(ticket, timeout_s=50)
+        # Either a messager let go mid-batch, or (if its layers all came in time) the pool was gone at the end.
+        text = str(err.value)
+        assert "while the batch was being shipped" in text or "shipped, but" in text, text
+        for _, _, src, lease in batch:
+            assert lease.state == LeaseState.FAILED
+            eng.free.extend(src.tolist())
+        dctl.restore(new)
+        dctl.resume()
+        # The decode instance now serves weight version new; KV from the prefill's version old is refused (I7).
+        stale = [eng.request("stale.0")]
+        with pytest.raises(TransferFailed, match="weight version"):
+            eng.p.wait_send(eng.p.send(eng.d, stale), timeout_s=50)
+        assert stale[0][3].state == LeaseState.FAILED
+        eng.done_with(stale)
+        # The prefill instance takes its RL step too: its KV now comes from weight version new as well.
+        pctl.pause()
+        pctl.clear()
+        pctl.restore(new)
+        pctl.resume()
+        eng.wv = new
+        after = [eng.request("after.0")]
+        eng.p.wait_send(eng.p.send(eng.d, after), timeout_s=50)
+        eng.verify(after)
+        assert all(lease.state == LeaseState.FREE for lease in [b[3] for b in batch]), "old leases not returned"
+        eng.done_with(after)
+    eng.close()
 
 
 @pytest.mark.parametrize("when", ["shipped", "in_flight"])
-def test_decode_clear_restore_before_wait_send(instance: str, rng, when: str) -> None:
+def test_decode_clear_restore_before_wait_send(
+    shared_pair: tuple[Launched, Launched], slow_pair: tuple[Launched, Launched], rng, when: str
+) -> None:
     """The decode instance clears and restores its pool after a batch was shipped into it (every prefill messager
     reported) or while it is being shipped, before the engine's wait_send. wait_send fails the batch naming the
     clear (never a LeaseError of the allocator), the allocator takes each lease back exactly once (every block
     free once), the client keeps no record of the batch, and the next lease, send and wait_send land."""
     gen = np.random.default_rng(rng.randrange(2**32))
-    env = {"MPKV_JITTER_US": "300000"} if when == "in_flight" else None
-    with pd_pair(instance, prefill_env=env) as (p, d):
-        eng = Engine(p.name, d.name, gen)
-        with Controller(d.name) as dctl:
-            for r in range(eng.cfg.tp):  # idle before the send: a later idle record means the batch is reported
-                until_waiting(p.name, Role.MESSAGER, r, WaitKind.COMMAND)
-            t0 = time.monotonic_ns()
-            batch = [eng.request("gone.0"), eng.request("gone.1")]
-            ticket = eng.p.send(eng.d, batch)
-            if when == "shipped":
-                for r in range(eng.cfg.tp):
-                    until_waiting(p.name, Role.MESSAGER, r, WaitKind.COMMAND, since_ns=t0)
-            else:
-                until_waiting(p.name, Role.MESSAGER, 0, WaitKind.PROGRESS)
-            dctl.pause()
-            dctl.clear()
-            dctl.restore()
-            dctl.resume()
-            with pytest.raises(TransferFailed, match="clear") as err:
-                eng.p.wait_send(ticket, timeout_s=50)
-            assert "still in use" not in str(err.value), err.value
-            assert ticket.seq not in eng.p._sends, "the client kept a record of a settled batch"
-            for _, _, src, lease in batch:
-                assert lease.state == LeaseState.FREE, lease
-                eng.d.allocator.release(lease)  # the allocator took it back already: a second release changes nothing
-                eng.free.extend(src.tolist())
-            free = eng.d.allocator.free
-            assert sorted(free) == list(range(eng.cfg.device_blocks)), "a block was returned twice, or never"
-            after = [eng.request("after.0"), eng.request("after.1")]
-            eng.p.wait_send(eng.p.send(eng.d, after), timeout_s=50)
-            eng.verify(after)
-            eng.done_with(after)
-        eng.close()
+    p, d = shared_pair if when == "shipped" else slow_pair
+    eng = Engine(p.name, d.name, gen)
+    with Controller(d.name) as dctl:
+        eng.wv = dctl.weight_version
+        for r in range(eng.cfg.tp):  # idle before the send: a later idle record means the batch is reported
+            until_waiting(p.name, Role.MESSAGER, r, WaitKind.COMMAND)
+        t0 = time.monotonic_ns()
+        batch = [eng.request("gone.0"), eng.request("gone.1")]
+        ticket = eng.p.send(eng.d, batch)
+        if when == "shipped":
+            for r in range(eng.cfg.tp):
+                until_waiting(p.name, Role.MESSAGER, r, WaitKind.COMMAND, since_ns=t0)
+        else:
+            until_waiting(p.name, Role.MESSAGER, 0, WaitKind.PROGRESS)
+        dctl.pause()
+        dctl.clear()
+        dctl.restore()
+        dctl.resume()
+        with pytest.raises(TransferFailed, match="clear") as err:
+            eng.p.wait_send(ticket, timeout_s=50)
+        assert "still in use" not in str(err.value), err.value
+        assert ticket.seq not in eng.p._sends, "the client kept a record of a settled batch"
+        for _, _, src, lease in batch:
+            assert lease.state == LeaseState.FREE, lease
+            eng.d.allocator.release(lease)  # the allocator took it back already: a second release changes nothing
+            eng.free.extend(src.tolist())
+        free = eng.d.allocator.blocks._free  # (the decode client's one free list since Client.blocks)
+        assert sorted(free) == list(range(eng.cfg.device_blocks)), "a block was returned twice, or never"
+        after = [eng.request("after.0"), eng.request("after.1")]
+        eng.p.wait_send(eng.p.send(eng.d, after), timeout_s=50)
+        eng.verify(after)
+        eng.done_with(after)
+    eng.close()
 
 
 def test_cross_host_path_over_loopback(instance: str, rng) -> None:
@@ -318,70 +339,53 @@ def test_cross_host_path_over_loopback(instance: str, rng) -> None:
         eng.close()
 
 
-def test_prefill_pause_drains_transfers_in_flight(instance: str, rng) -> None:
+def test_prefill_pause_drains_transfers_in_flight(slow_pair: tuple[Launched, Launched], rng) -> None:
     """RL on PD, the prefill side: a pause with a batch in flight returns once the batch is shipped (drained),
     the batch is complete and verified, and after clear/restore the new weights' KV lands on decode."""
     gen = np.random.default_rng(rng.randrange(2**32))
-    with pd_pair(instance, prefill_env={"MPKV_JITTER_US": "100000"}) as (p, d):
-        eng = Engine(p.name, d.name, gen)
-        with Controller(p.name) as pctl:
-            batch = [eng.request("drained.0"), eng.request("drained.1")]
-            ticket = eng.p.send(eng.d, batch)
-            until_waiting(p.name, Role.MESSAGER, 0, WaitKind.PROGRESS)
-            pctl.pause()  # drains: every task read before the pause is finished
-            # so the completions are there already: a glance at the rings finds them, nothing is waited for
-            dones = eng.p.wait_send(ticket, timeout_s=GLANCE_S)
-            assert len(set(barrier_keys(dones).values())) == 1
-            eng.verify(batch)
-            eng.done_with(batch)
-            pctl.clear()
-            pctl.restore(5)
-            pctl.resume()
-            with Controller(d.name) as dctl:  # both sides move to the new weights
-                dctl.pause()
-                dctl.clear()
-                dctl.restore(5)
-                dctl.resume()
-            eng.wv = 5
-            after = [eng.request("after.0"), eng.request("after.1")]
-            eng.p.wait_send(eng.p.send(eng.d, after), timeout_s=50)
-            eng.verify(after)
-            pctl.shutdown()
-        eng.close()
+    p, d = slow_pair
+    eng = Engine(p.name, d.name, gen)
+    with Controller(p.name) as pctl:
+        eng.wv = pctl.weight_version
+        new = eng.wv + 1
+        batch = [eng.request("drained.0"), eng.request("drained.1")]
+        ticket = eng.p.send(eng.d, batch)
+        until_waiting(p.name, Role.MESSAGER, 0, WaitKind.PROGRESS)
+        pctl.pause()  # drains: every task read before the pause is finished
+        # so the completions are there already: a glance at the rings finds them, nothing is waited for
+        dones = eng.p.wait_send(ticket, timeout_s=GLANCE_S)
+        assert len(set(barrier_keys(dones).values())) == 1
+        eng.verify(batch)
+        eng.done_with(batch)
+        pctl.clear()
+        pctl.restore(new)
+        pctl.resume()
+        with Controller(d.name) as dctl:  # both sides move to the new weights
+            dctl.pause()
+            dctl.clear()
+            dctl.restore(new)
+            dctl.resume()
+        eng.wv = new
+        after = [eng.request("after.0"), eng.request("after.1")]
+        eng.p.wait_send(eng.p.send(eng.d, after), timeout_s=50)
+        eng.verify(after)
+        eng.done_with(after)
+    eng.close()
 
 
 def test_a_transfer_that_times_out_keeps_its_blocks_until_settled(instance: str, rng) -> None:
     """A batch held up past the caller's deadline fails, but its blocks stay in use (release refuses) until every
-    messager reported or died: a late copy can never land in blocks the decode side gave to someone else."""
-    gen = np.random.default_rng(rng.randrange(2**32))
-    with pd_pair(instance, prefill_env={"MPKV_FAULT": "worker:1:task:hang"}) as (p, d):
-        eng = Engine(p.name, d.name, gen)
-        batch = [eng.request("slow.0")]
-        lease = batch[0][3]
-        ticket = eng.p.send(eng.d, batch)
-        with pytest.raises(TransferFailed, match="still in use"):
-            eng.p.wait_send(ticket, timeout_s=1)
-        assert lease.state == LeaseState.FAILED
-        with pytest.raises(LeaseError, match="may still be written"):
-            eng.d.allocator.release(lease)
-        os.kill(pid_of(p, "worker:r1"), signal.SIGKILL)  # the stuck worker goes: the batch can settle now
-        with pytest.raises(TransferFailed) as err:
-            eng.p.wait_send(ticket, timeout_s=50)
-        assert "still in use" not in str(err.value), err.value
-        eng.d.allocator.release(lease)  # settled: the blocks are the allocator's again
-        assert p.exit_code() == 1
-        eng.close()
+    messager reported or died: a late copy can never land in blocks the decode side gave to someone else.
 
-
-def test_wait_send_waits_for_all_ranks_to_one_deadline(instance: str, rng) -> None:
-    """wait_send's timeout bounds the whole call, not each rank: with worker r1 stuck (and the messagers waiting
+    And wait_send's timeout bounds the whole call, not each rank: with worker r1 stuck (and the messagers waiting
     for it), only the first rank that has not reported is waited for; by then the one deadline has passed, so
     every later one is only glanced at, and the failure says so. (Each rank used to get a full timeout of its own:
     up to 2 * tp timeouts in all.)"""
     gen = np.random.default_rng(rng.randrange(2**32))
     with pd_pair(instance, prefill_env={"MPKV_FAULT": "worker:1:task:hang"}) as (p, d):
         eng = Engine(p.name, d.name, gen)
-        batch = [eng.request("stuck.0")]
+        batch = [eng.request("slow.0")]
+        lease = batch[0][3]
         ticket = eng.p.send(eng.d, batch)
         with pytest.raises(TransferFailed, match="still in use") as err:
             eng.p.wait_send(ticket, timeout_s=1)
@@ -390,11 +394,14 @@ def test_wait_send_waits_for_all_ranks_to_one_deadline(instance: str, rng) -> No
         assert late >= 2, f"fewer than two ranks late, nothing to show: {text}"
         assert text.count("timed out after") == 1, f"more than one rank was waited for on its own: {text}"
         assert text.count("past the one deadline of this wait") == late - 1, text
+        assert lease.state == LeaseState.FAILED
+        with pytest.raises(LeaseError, match="may still be written"):
+            eng.d.allocator.release(lease)
         os.kill(pid_of(p, "worker:r1"), signal.SIGKILL)  # the stuck worker goes: the batch can settle now
         with pytest.raises(TransferFailed) as err:
             eng.p.wait_send(ticket, timeout_s=50)
         assert "still in use" not in str(err.value), err.value
-        eng.d.allocator.release(batch[0][3])
+        eng.d.allocator.release(lease)  # settled: the blocks are the allocator's again
         assert p.exit_code() == 1
         eng.close()
 
