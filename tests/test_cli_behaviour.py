@@ -3,6 +3,8 @@ exit code for `ctl status`, and a quiet end when the reader of their output leav
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -10,12 +12,14 @@ import select
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 from instances import SMALL, Launched
 
+from mpkv import cli, top
 from mpkv.logs import LEVELS
 from mpkv.naming import launcher_title, list_names
 
@@ -26,6 +30,19 @@ TOP = [sys.executable, "-m", "mpkv.top"]
 
 def run(args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=DEADLINE_S, **kw)  # type: ignore[call-overload]
+
+
+def in_process(main: Callable[[list[str]], int], argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """What `mpkv ARGV` (``main``: cli.main, or top.main for mpkv-top) exits with and prints, run in this process:
+    the same code as the real command's, without starting a Python that imports torch (the real command itself:
+    test_version_prints_the_installed_version, test_a_usage_error_through_the_real_command)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's exits (usage errors, --help)
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def wait_exited(pid: int) -> None:
@@ -72,6 +89,15 @@ ERRORS = [
 
 @pytest.mark.parametrize(("argv", "code", "says"), ERRORS, ids=[" ".join(argv) for argv, _, _ in ERRORS])
 def test_errors_are_one_mpkv_line_and_usage_errors_exit_2(instance: str, argv: list[str], code: int, says: str) -> None:
+    out = in_process(cli.main, [a.format(i=instance) for a in argv])
+    assert (out.returncode, out.stdout) == (code, ""), (out.returncode, out.stdout, out.stderr)
+    assert out.stderr.startswith(says.format(i=instance)), out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_usage_error_through_the_real_command(instance: str) -> None:
+    """The first of ERRORS as `python -m mpkv.cli ...`: the process's exit code and output are the same."""
+    argv, code, says = ERRORS[0]
     out = run([*MPKV, *(a.format(i=instance) for a in argv)])
     assert (out.returncode, out.stdout) == (code, ""), (out.returncode, out.stdout, out.stderr)
     assert out.stderr.startswith(says.format(i=instance)), out.stderr
@@ -100,7 +126,7 @@ def _option_entries(help_text: str) -> dict[str, str]:
     ids=lambda c: " ".join(c) if isinstance(c, list) else c,
 )
 def test_every_flag_help_shows_its_default(command: list[str] | str) -> None:
-    out = run(TOP + ["--help"] if command == "mpkv-top" else [*MPKV, *command, "--help"])
+    out = in_process(top.main, ["--help"]) if command == "mpkv-top" else in_process(cli.main, [*command, "--help"])
     assert out.returncode == 0, out.stderr
     entries = {k: v for k, v in _option_entries(out.stdout).items() if k not in ("-h", "--version")}
     assert entries or command == [], out.stdout
