@@ -9,7 +9,7 @@ prompts (all of one length: no padding) go through
          worker runs one thread too: mpkv.actors.entry);
   alone  mpkv's paged ``LlamaModel`` in this process (prefill, then one decode call per token): the model's own
          cost, with no task path;
-  tp1    ``Client.generate`` on an instance launched with the checkpoint, TP=1: a prefill task per prompt, then
+  tp1    ``Client.generate`` on an instance launched with the checkpoint, TP=1: one batched prefill task, then
          one decode task per token over the whole batch, each a round trip client -> worker -> client;
   tp2    the same on a TP=2 instance (two workers, an all-reduce per layer through shared memory);
   pd     ``Client.generate(prompts, n, prefill_on=...)`` on a TP=1 decode instance with a TP=1 prefill instance:
@@ -131,14 +131,14 @@ class Step:
 
 def run_served(s: Served, prompts: list[list[int]], new: int) -> tuple[Run, Step]:
     c, pre = s.decode, s.prefill
-    c.reset(snap_at=0 if pre is not None else len(prompts))  # the decode steps start after this many waits
+    c.reset(snap_at=0 if pre is not None else 1)  # the decode steps start after the prefill's one wait
     if pre is not None:
         pre.reset(snap_at=-1)
     t0 = time.perf_counter()
     out = c.generate(prompts, new, prefill_on=pre)
     c.snap()
     marks = sorted(c.marks + (pre.marks if pre is not None else []))
-    first_waits = 1 if pre is not None else len(prompts)
+    first_waits = 1  # one batched prefill (a PD batch, or one PrefillBatch task)
     assert len(marks) == first_waits + new - 1, f"{len(marks)} waits, expected {first_waits + new - 1}"
     first, last = marks[first_waits - 1], marks[-1]
     (w0, p0), (w1, p1) = c.snaps
@@ -211,7 +211,7 @@ def measure(
             return run_reference(local.ref, prompts, new), None
         if who == "alone":
             r = run_mpkv(local.model, local.pool, prompts, tables, new)
-            t0 = time.perf_counter()  # and the prefill one prompt at a time, as Client.generate submits it
+            t0 = time.perf_counter()  # and the prefill one prompt at a time, for comparison with the batched one
             for p, table in zip(prompts, tables, strict=True):
                 local.model.prefill([p], [table], local.pool)
             each.append(time.perf_counter() - t0)
@@ -378,7 +378,7 @@ def report(r: dict[str, Any]) -> list[str]:
         lines.append(
             f"prefill of batch {row['batch']}, ms: model alone {w['alone']['prefill_ms']:.1f} (one forward over "
             f"every prompt), {w['alone']['prefill_each_ms']:.1f} (one prompt at a time); instance TP=1 "
-            f"{w['tp1']['prefill_ms']:.1f} (Client.generate: a prefill task per prompt); prefill -> decode "
+            f"{w['tp1']['prefill_ms']:.1f} (Client.generate: one batched prefill task); prefill -> decode "
             f"{w['pd']['prefill_ms']:.1f} (one PD batch, shipped layer by layer)"
         )
     return lines + token_differences(r["rows"])
