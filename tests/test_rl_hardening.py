@@ -9,12 +9,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import procs
 import pytest
 from helpers import Child
-from instances import Launched, prefill_and_verify, verify
+from instances import Launched, prefill_and_verify, shared_instance, verify
 
 from mpkv import status
 from mpkv.client import Client
@@ -28,13 +29,30 @@ def _pid(ctl: Controller, role: Role, rank: int) -> int:
     return ctl.inst.status.read(actor_slot(role, rank)).writer.pid
 
 
-def test_a_restore_after_a_clear_that_timed_out_is_refused_until_the_clear_is_done(instance: str) -> None:
+# Launching is the slow part: tests that leave their instance serving share one per module and tp (the fixture's
+# SHUTDOWN at the end must go through, and nothing of it may be left).
+@pytest.fixture(scope="module")
+def served2() -> Iterator[str]:
+    with shared_instance(tp=2, weight_version=41) as inst:
+        yield inst.name
+
+
+@pytest.fixture(scope="module")
+def served1() -> Iterator[str]:
+    with shared_instance(tp=1) as inst:
+        yield inst.name
+
+
+def test_a_restore_after_a_clear_that_timed_out_is_refused_until_the_clear_is_done(served2: str) -> None:
     """Reproduces: pause; SIGSTOP rank 0's transfer manager and messager; clear(timeout_s=1) fails; restore(77)
     used to succeed over the still-mapped pools (every actor kept weight version 41 and served the old KV)."""
     np_rng = np.random.default_rng(7)
     blocks = np.arange(4, dtype=np.int32)
-    with Launched(instance, tp=2, weight_version=41), Controller(instance) as ctl, Client(instance) as client:
-        old_tokens = prefill_and_verify(client, np_rng, blocks, 41)
+    instance = served2
+    with Controller(instance) as ctl, Client(instance) as client:
+        old = ctl.weight_version  # 41 when launched
+        new = old + 36
+        old_tokens = prefill_and_verify(client, np_rng, blocks, old)
         ctl.pause()
         stopped = [_pid(ctl, Role.TRANSFER, 0), _pid(ctl, Role.MESSAGER, 0)]
         for pid in stopped:
@@ -48,7 +66,7 @@ def test_a_restore_after_a_clear_that_timed_out_is_refused_until_the_clear_is_do
             assert status.step.done is False
             assert any(p.startswith(("transfer r0", "messager r0")) for p in status.step.pending)
             with pytest.raises(CommandRefused, match=r"CLEAR@\d+, was not acknowledged by every actor"):
-                ctl.restore(77)
+                ctl.restore(new)
             with pytest.raises(CommandRefused, match="was not acknowledged"):
                 ctl.resume()
         finally:
@@ -56,61 +74,63 @@ def test_a_restore_after_a_clear_that_timed_out_is_refused_until_the_clear_is_do
                 os.kill(pid, signal.SIGCONT)
         ctl.clear(timeout_s=30)  # the retry: now every actor acknowledges
         assert ctl.status().step.done is True
-        ctl.restore(77)
+        ctl.restore(new)
         ctl.resume()
         for rank in range(2):
             for role in (Role.WORKER, Role.TRANSFER, Role.MESSAGER):
                 sig = ctl.inst.status.read(actor_slot(role, rank))
-                assert (sig.value, sig.aux) == (ActorState.READY, 77), f"{role.name} r{rank}: {sig}"
-        # No KV of version 41 is served: the blocks read back are the fresh pool's, not the old prefill's.
-        with pytest.raises(AssertionError, match="KV differs from weight version 77"):
-            verify(client, old_tokens, blocks, 77)
-        prefill_and_verify(client, np_rng, blocks, 77)
+                assert (sig.value, sig.aux) == (ActorState.READY, new), f"{role.name} r{rank}: {sig}"
+        # No KV of the old version is served: the blocks read back are the fresh pool's, not the old prefill's.
+        with pytest.raises(AssertionError, match=f"KV differs from weight version {new}"):
+            verify(client, old_tokens, blocks, new)
+        prefill_and_verify(client, np_rng, blocks, new)
 
 
-def test_a_restore_that_timed_out_is_retried_or_cleared(instance: str) -> None:
+def test_a_restore_that_timed_out_is_retried_or_cleared(served2: str) -> None:
     """A RESTORE that timed out on one rank: a restore of another version is refused; the retry completes, with
     the attacher of the stopped rank mapping the pool its owner allocated at the first try."""
     np_rng = np.random.default_rng(11)
     blocks = np.arange(2, dtype=np.int32)
-    with Launched(instance, tp=2), Controller(instance) as ctl, Client(instance) as client:
+    instance = served2
+    with Controller(instance) as ctl, Client(instance) as client:
+        new = ctl.weight_version + 4
         ctl.pause()
         ctl.clear()
         stopped = _pid(ctl, Role.TRANSFER, 1)
         os.kill(stopped, signal.SIGSTOP)
         try:
             with pytest.raises(StepFailed, match=r"RESTORE@\d+ failed: transfer r1 did not acknowledge"):
-                ctl.restore(5, timeout_s=1)
+                ctl.restore(new, timeout_s=1)
             with pytest.raises(CommandRefused, match="retry restore, clear both tiers or shut down"):
-                ctl.restore(6)
+                ctl.restore(new + 1)
         finally:
             os.kill(stopped, signal.SIGCONT)
-        ctl.restore(5)
-        assert ctl.weight_version == 5
+        ctl.restore(new)
+        assert ctl.weight_version == new
         ctl.resume()
-        prefill_and_verify(client, np_rng, blocks, 5)
+        prefill_and_verify(client, np_rng, blocks, new)
 
 
 @pytest.mark.parametrize("close", [True, False], ids=["closed", "open"])
-def test_a_closed_controller_hands_the_instance_over(instance: str, close: bool) -> None:
+def test_a_closed_controller_hands_the_instance_over(served1: str, close: bool) -> None:
     """A trainer that closed its Controller no longer locks out `mpkv ctl` from another shell; one that keeps it
     open does, and the refusal names the trainer's pid."""
-    with Launched(instance, tp=1):
-        trainer = Child(procs.trainer_that_closes, instance, close)
-        try:
-            assert trainer.recv(60) == "paused"
-            with Controller(instance) as shell:
-                if close:
+    instance = served1
+    trainer = Child(procs.trainer_that_closes, instance, close)
+    try:
+        assert trainer.recv(60) == "paused"
+        with Controller(instance) as shell:
+            if close:
+                shell.resume()
+            else:
+                with pytest.raises(AttachError, match=rf"is written by pid {trainer.pid}"):
                     shell.resume()
-                else:
-                    with pytest.raises(AttachError, match=rf"is written by pid {trainer.pid}"):
-                        shell.resume()
-        finally:
-            trainer.conn.send("exit")
-            trainer.join(30)
-        with Controller(instance) as shell:  # a trainer that exited never holds the block
-            shell.pause()
-            shell.resume()
+    finally:
+        trainer.conn.send("exit")
+        trainer.join(30)
+    with Controller(instance) as shell:  # a trainer that exited never holds the block
+        shell.pause()
+        shell.resume()
 
 
 def test_a_task_put_while_a_shutdown_is_issued_is_served_by_every_rank_or_none(instance: str) -> None:
@@ -177,17 +197,17 @@ def test_a_controller_killed_mid_write_of_a_command_takes_nothing_down(instance:
             prefill_and_verify(client, np_rng, np.arange(2, dtype=np.int32), 1)
 
 
-def test_two_controllers_of_one_process_hold_the_block_until_both_closed(instance: str) -> None:
+def test_two_controllers_of_one_process_hold_the_block_until_both_closed(served1: str) -> None:
     """The claim on the command block is per process: closing one of two Controllers of a trainer must not let
     another process become a second writer while the other Controller still writes."""
+    instance = served1
     shell = [sys.executable, "-m", "mpkv.cli", "ctl", instance, "resume"]
-    with Launched(instance, tp=1):
-        first, second = Controller(instance), Controller(instance)
-        first.pause()
-        second.pause()  # already paused: it holds the block too
-        first.close()
-        out = subprocess.run(shell, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 1 and "is written by pid" in out.stderr, out.stderr
-        second.close()
-        out = subprocess.run(shell, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stderr
+    first, second = Controller(instance), Controller(instance)
+    first.pause()
+    second.pause()  # already paused: it holds the block too
+    first.close()
+    out = subprocess.run(shell, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "is written by pid" in out.stderr, out.stderr
+    second.close()
+    out = subprocess.run(shell, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
