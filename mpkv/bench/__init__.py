@@ -1,1 +1,19 @@
 """Benchmarks behind `mpkv bench`: each compares side by side in one run and reports ratios."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def emit(lines: list[str], raw: dict[str, Any], json_path: str | None) -> None:
+    """Print a benchmark's report, and write its raw results as JSON when asked (``--json FILE``)."""
+    print("\n".join(lines))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(raw, f, indent=2, default=str)
+
+
+def all_equal(raw: dict[str, Any]) -> int:
+    """The exit code of a benchmark that checks its results in the run: 1 if any row's results differed."""
+    return 0 if all(row["equal"] for row in raw["rows"]) else 1

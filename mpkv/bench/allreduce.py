@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import statistics
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 
 from mpkv import naming
+from mpkv.bench import all_equal, emit
 from mpkv.bench.links import CTX
 from mpkv.shm.allreduce import AllReduce, create_allreduce
 from mpkv.shm.proc import cpu_seconds
@@ -307,11 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 3 if args.quick else args.repeats
     plan = Plan(args.tp, repeats, tuple(iters_for(t * h * 4, args.quick) for _, t, h in CASES))
     r = bench(plan)
-    print("\n".join(report(r)))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
-    return 0 if all(row["equal"] for row in r["rows"]) else 1
+    emit(report(r), r, args.json)
+    return all_equal(r)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import enum
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mpkv.bench import emit
 from mpkv.config import CacheConfig
 from mpkv.launched import LaunchedInstance, launch
 from mpkv.shm.proc import cpu_seconds
@@ -278,8 +278,5 @@ def main(args: argparse.Namespace) -> int:
     else:
         r = bench_swap(args.quick)
         lines = report_swap(r)
-    print("\n".join(lines))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+    emit(lines, r, args.json)
     return 0

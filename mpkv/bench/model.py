@@ -28,7 +28,6 @@ between two processes measured here: a step is two of those, client -> worker ->
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -42,6 +41,7 @@ from typing import Any
 
 import torch
 
+from mpkv.bench import all_equal, emit
 from mpkv.bench.lifecycle import one_way_signal_us
 from mpkv.bench.model_decode import (
     BATCHES,
@@ -387,8 +387,5 @@ def report(r: dict[str, Any]) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     prompt_len, new, repeats = (16, 8, 1) if args.quick else (64, 64, 5)
     r = bench(prompt_len, new, repeats, args.quick)
-    print("\n".join(report(r)))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2, default=str)
-    return 0 if all(row["equal"] for row in r["rows"]) else 1
+    emit(report(r), r, args.json)
+    return all_equal(r)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -39,6 +38,7 @@ from typing import Any
 
 import torch
 
+from mpkv.bench import all_equal, emit
 from mpkv.models import LlamaModel, load_weights, read_config
 from mpkv.shm.proc import cpu_seconds
 
@@ -334,11 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt_len, args.new_tokens, args.repeats = 16, 16, 3
     # No grad mode set here: generate sets its own, and mpkv's model is measured as a caller would use it.
     r = bench(args.prompt_len, args.new_tokens, args.repeats)
-    print("\n".join(report(r)))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
-    return 0 if all(row["equal"] for row in r["rows"]) else 1
+    emit(report(r), r, args.json)
+    return all_equal(r)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mpkv.bench import emit
 from mpkv.bench.lifecycle import launched
 from mpkv.client import Client
 from mpkv.config import CacheConfig
@@ -154,8 +155,5 @@ def report_pd(r: dict[str, Any]) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     r = bench_pd(args.quick)
-    print("\n".join(report_pd(r)))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=2)
+    emit(report_pd(r), r, args.json)
     return 0
