@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import pytest
 from conftest import SHARED, leak_check, new_name
 
 from mpkv.client import Client
@@ -81,6 +82,24 @@ def shared_instance(tp: int = 2, **settings: Any) -> Iterator[Launched]:
         with Controller(name) as ctl:
             ctl.shutdown()
         assert inst.exit_code() == 0, list(inst.lines)[-20:]
+
+
+def back_to_serving(request: pytest.FixtureRequest, *fixtures: str) -> None:
+    """After a test, the shared instances it used (``fixtures``: their names, or (name, ...) tuples) serve again: a
+    test that failed half-way may have left one paused or cleared, and the next test would fail for it (one failure,
+    not a cascade). What every step admits after a step all actors acknowledged: pause, full clear, restore, resume."""
+    for fixture in fixtures:
+        if fixture not in request.fixturenames:
+            continue
+        value = request.getfixturevalue(fixture)
+        with Controller(value if isinstance(value, str) else value[0]) as ctl:
+            st = ctl.status()
+            if st.step.done and st.command.kind in ("NONE", "RESUME"):
+                continue
+            ctl.pause()
+            ctl.clear()
+            ctl.restore()
+            ctl.resume()
 
 
 def prefill_and_verify(client: Client, rng: np.random.Generator, blocks: np.ndarray, wv: int) -> np.ndarray:

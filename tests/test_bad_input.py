@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from instances import prefill_and_verify, shared_instance
+from instances import back_to_serving, prefill_and_verify, shared_instance
 
 from mpkv import cli
 from mpkv.blocks import BadBlocks, BadRequest, BadTask
@@ -45,6 +45,12 @@ CLEAR = (MpkvError, ValueError, TypeError)  # what a bad argument may raise: a d
 FUZZ = settings(
     max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None
 )
+
+
+@pytest.fixture(autouse=True)
+def _serving_after(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    back_to_serving(request, "served")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from instances import prefill_and_verify, shared_instance, verify
+from instances import back_to_serving, prefill_and_verify, shared_instance, verify
 
 from mpkv.blocks import BadBlocks, BadTask
 from mpkv.client import Client, InstanceNotServing, TaskFailed
@@ -17,6 +17,12 @@ from mpkv.naming import list_names
 from mpkv.protocol import ActorState, Prefill, Role, SwapIn, SwapOut
 
 OWNERS = ["worker", "transfer"]
+
+
+@pytest.fixture(autouse=True)
+def _serving_after(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    back_to_serving(request, "owned", "single")
 
 
 # Launching is the slow part of these tests: they share one instance per kind (each test leaves it serving, as it

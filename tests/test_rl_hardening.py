@@ -15,7 +15,7 @@ import numpy as np
 import procs
 import pytest
 from helpers import Child
-from instances import Launched, prefill_and_verify, shared_instance, verify
+from instances import Launched, back_to_serving, prefill_and_verify, shared_instance, verify
 
 from mpkv import status
 from mpkv.client import Client
@@ -27,6 +27,12 @@ from mpkv.protocol import ActorState, Cmd, Role, actor_slot
 
 def _pid(ctl: Controller, role: Role, rank: int) -> int:
     return ctl.inst.status.read(actor_slot(role, rank)).writer.pid
+
+
+@pytest.fixture(autouse=True)
+def _serving_after(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    back_to_serving(request, "served1", "served2")
 
 
 # Launching is the slow part: tests that leave their instance serving share one per module and tp (the fixture's
