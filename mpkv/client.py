@@ -422,8 +422,8 @@ class Client:
         for rank in range(self.cfg.tp):
             for role in ROLES:
                 sig = self.inst.status.read(actor_slot(role, rank))
-                if sig.value == ActorState.FAILED:
-                    raise InstanceNotServing(f"instance {self.name}: {role.name.lower()} r{rank} has FAILED")
+                if sig.value in (ActorState.FAILED, ActorState.STOPPED):
+                    raise InstanceNotServing(f"instance {self.name}: {role.name.lower()} r{rank} has {sig.value.name}")
                 if cmd.value == Cmd.NONE and sig.value != ActorState.READY:
                     # Still starting: a rank without its pool (or weights) yet would refuse a task that the
                     # others run, and ranks must run the same tasks (I4: a model's collectives pair them up).

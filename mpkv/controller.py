@@ -75,6 +75,38 @@ def shm_used_bytes() -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
+def publish_refusal(inst: Instance, weight_version: int, path: str) -> str:
+    """Why publishing ``path`` as ``weight_version`` is refused, or "". A weight version names one set of weights
+    (the tiers' KV is versioned by it, I7), loaded by every rank at one publication:
+    - new weights need a new version: not the version served now, nor one published from another directory;
+    - the version last published from ``path`` may be restored again only while that restore is the pending step
+      (a retry after a timeout: the ranks that adopted it already keep what they loaded, the others load the
+      same directory, which must not change meanwhile) or once every actor adopted it (a repeat: "already", or
+      fresh pools for the weights every rank holds). Otherwise some ranks may have loaded an earlier content of
+      the directory than the others would now: a new version makes every rank load it again."""
+    last, statuses, _, served = status.settled(inst)
+    published = inst.read_weights()
+    if published.weight_version == weight_version:
+        if published.path != path:
+            return (
+                f"weight version {weight_version} was published from {published.path}; weights from {path} need a "
+                "weight version of their own"
+            )
+        pending = last.kind == Cmd.RESTORE and last.aux == weight_version and not step_done(last, statuses)
+        if pending or served == weight_version:
+            return ""
+        return (
+            f"weight version {weight_version} was published from {path} by a restore that did not complete; some "
+            "ranks may hold an earlier content of that directory: publish it under a new weight version"
+        )
+    if served == weight_version:
+        return (
+            f"weights_from publishes new weights, so it needs a new weight version; the instance serves weight "
+            f"version {weight_version} already"
+        )
+    return ""
+
+
 class Controller:
     def __init__(self, name: str, timeout_s: float = 60.0) -> None:
         self.inst = Instance.attach(name)
@@ -174,11 +206,6 @@ class Controller:
         a version keeps the weights it was published with (a retried restore cannot give ranks two checkpoints)."""
         if weights_from is None:
             return ""
-        if weight_version == self.weight_version:
-            raise CommandRefused(
-                f"restore of {self.name}: weights_from publishes new weights, so it needs a new weight version; the "
-                f"instance serves weight version {weight_version} already"
-            )
         if not isinstance(weights_from, (str, os.PathLike)):
             raise CommandRefused(f"weights_from must be a checkpoint directory, got {weights_from!r:.80}")
         if not is_checkpoint(self.cfg.model):
@@ -196,12 +223,9 @@ class Controller:
         check_checkpoint(path, held, self.cfg.tp)
         if len(str(path).encode()) > MAX_MODEL_CHARS:
             raise CommandRefused(f"weights_from: the path {str(path)!r:.80}... is longer than {MAX_MODEL_CHARS} bytes")
-        published = self.inst.read_weights()
-        if published.weight_version == weight_version and published.path != str(path):
-            raise CommandRefused(
-                f"restore of {self.name}: weight version {weight_version} was published from {published.path}; "
-                f"weights from {path} need a weight version of their own"
-            )
+        why = publish_refusal(self.inst, weight_version, str(path))
+        if why:
+            raise CommandRefused(f"restore of {self.name}: {why}")
         return str(path)
 
     def resume(self, timeout_s: float | None = None) -> StepResult:

@@ -20,6 +20,7 @@ import numpy as np
 from mpkv.blocks import BadTask, check_sampling, check_tokens, int_array
 from mpkv.config import MODEL_FIELDS
 from mpkv.errors import StaleWeights, TaskFailed, TransferFailed
+from mpkv.instance import MAX_LEASES
 from mpkv.protocol import DecodeItem, Done, PdRole, PrefillItem, Sampling
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ class Generation:
     max_new_tokens: int
     prefill_on: Client | None
     versions: set[int] = field(default_factory=set)  # the weight versions of every completion
-    pools: dict[str, set[int]] = field(default_factory=dict)  # per instance, the pool epochs of its completions
+    pools: dict[tuple[str, int], set[int]] = field(default_factory=dict)  # per (instance, rank), this wave's pools
     in_flight: str = ""  # the task whose completions are being waited for ("" when every rank answered)
 
     def run(self, timeout_s: float) -> list[np.ndarray]:
@@ -70,20 +71,21 @@ class Generation:
         so)."""
         pre = self.prefill_on
         free, pre_free, wave = self.client.blocks.free, pre.blocks.free if pre else 0, list[Request]()
-        task_bytes = 0
+        task_bytes, leases = 0, (MAX_LEASES - len(self.client.allocator.leases)) if pre else len(waiting)
         for r in waiting:
             prompt_blocks = blocks_for(len(r.prompt), pre.cfg.block_size) if pre else 0
             # A decode step carries every table, a PD batch every prompt and two tables: 4-byte ids, and room
             # for each item's framing.
             task_bytes += 4 * (r.need + len(r.prompt) + 2 * prompt_blocks) + ITEM_BYTES
-            if wave and (r.need > free or prompt_blocks > pre_free or task_bytes > MAX_TASK_BYTES):
+            if wave and (r.need > free or prompt_blocks > pre_free or task_bytes > MAX_TASK_BYTES or not leases):
                 break
             wave.append(r)
-            free, pre_free = free - r.need, pre_free - prompt_blocks
+            free, pre_free, leases = free - r.need, pre_free - prompt_blocks, leases - 1
         return wave
 
     def _run_wave(self, wave: list[Request], timeout_s: float) -> None:
         c = self.client
+        self.pools.clear()  # waves share no KV: a clear and restore between two is no harm to either
         try:
             if self.prefill_on is None:
                 self._prefill_here(wave, timeout_s)
@@ -174,13 +176,14 @@ class Generation:
                 "ran in the middle, or the prefill and decode instances serve different weights); its tokens would "
                 "mix KV of both: generate again"
             )
-        epochs = self.pools.setdefault(c.name, set())
-        epochs.update(d.pool_epoch for d in dones)
-        if len(epochs) > 1:
-            raise StaleWeights(
-                f"generate on {self.client.name}: {c.name}'s pool was cleared and restored in the middle (pool "
-                f"epochs {sorted(epochs)}); the KV its next steps read is gone: generate again"
-            )
+        for d in dones:  # per rank: after a retried restore, ranks may serve pools of different epochs
+            epochs = self.pools.setdefault((c.name, d.rank), set())
+            epochs.add(d.pool_epoch)
+            if len(epochs) > 1:
+                raise StaleWeights(
+                    f"generate on {self.client.name}: the pool of {c.name} rank {d.rank} was cleared and restored in "
+                    f"the middle (pool epochs {sorted(epochs)}); the KV its next steps read is gone: generate again"
+                )
         return c.tokens_of(dones)
 
     def _give_back(self, r: Request) -> None:

@@ -73,6 +73,8 @@ def test_llama_generate_swap_restore_and_bad_input(
     ):
         assert _as_lists(client.generate(PROMPTS, NEW_TOKENS)) == want["llama"]
         _swap_mid_decode(client, PROMPTS[-1], want["llama"][-1])
+        with pytest.raises(CommandRefused, match="needs a new weight version; the instance serves weight version 1"):
+            ctl.restore(weight_version=1, weights_from=str(models["llama"]))
 
         # Bad input: each refused by name before anything is submitted; every block stays free.
         pool_tokens = POOL["device_blocks"] * BLOCK
@@ -109,8 +111,8 @@ def test_llama_generate_swap_restore_and_bad_input(
         ctl.restore(weight_version=3, weights_from=str(new))
         ctl.resume()
         assert _as_lists(client.generate(PROMPTS, NEW_TOKENS)) == new_want
-        with pytest.raises(CommandRefused, match="needs a new weight version; the instance serves weight version 3"):
-            ctl.restore(weight_version=3, weights_from=str(new))
+        with pytest.raises(CommandRefused, match="weight version 3 was published from .*/new; weights from .* need"):
+            ctl.restore(weight_version=3, weights_from=str(models["llama"]))
 
         # A trainer that saves every update into one directory: the same path is loaded again.
         perturbed_copy(models["llama"], tmp_path / "newer", seed=17)
@@ -123,17 +125,24 @@ def test_llama_generate_swap_restore_and_bad_input(
 
         # A restore that timed out (the worker stopped) may be retried, but only with the weights it published:
         # a rank that adopted the version already must not hold other weights than a rank that adopts it later.
-        worker = inst.pids["worker:r0"]
+        # Once another step came in between, the version is spent: its ranks may hold different contents.
+        worker, first = inst.pids["worker:r0"], str(models["llama"])
         ctl.pause(), ctl.clear()
         os.kill(worker, signal.SIGSTOP)
         try:
             with pytest.raises(StepFailed, match="worker r0"):
-                ctl.restore(weight_version=5, weights_from=str(models["llama"]), timeout_s=2)
+                ctl.restore(weight_version=5, weights_from=first, timeout_s=2)
             with pytest.raises(CommandRefused, match="weight version 5 was published from .*need a weight version"):
                 ctl.restore(weight_version=5, weights_from=str(new))
+            with pytest.raises(StepFailed, match="worker r0"):
+                ctl.clear(timeout_s=2)
         finally:
             os.kill(worker, signal.SIGCONT)
-        ctl.restore(weight_version=5, weights_from=str(models["llama"]))
+        ctl.clear()
+        with pytest.raises(CommandRefused, match="by a restore that did not complete; .* under a new weight version"):
+            ctl.restore(weight_version=5, weights_from=first)
+        ctl.restore(weight_version=6, weights_from=first)
+        assert ctl.restore(weight_version=6, weights_from=first).already  # a repeat: done already, not refused
         ctl.resume()
         assert _as_lists(client.generate(PROMPTS, NEW_TOKENS)) == want["llama"]  # the first weights, again
 
@@ -262,15 +271,13 @@ def test_completions_of_two_pools_or_versions_are_refused() -> None:
         def tokens_of(dones: list[Done]) -> np.ndarray:
             return np.zeros(1, np.int32)
 
-    def done(version: int, epoch: int) -> Done:
-        return Done(1, 0, weight_version=version, tokens=np.zeros(1, np.int32), pool_epoch=epoch)
+    def done(version: int, epoch: int, rank: int = 0) -> Done:
+        return Done(1, rank, weight_version=version, tokens=np.zeros(1, np.int32), pool_epoch=epoch)
 
     gen = Generation(Named(), [], 2, None)  # type: ignore[arg-type]
-    gen._tokens(Named(), [done(1, 3)])  # type: ignore[arg-type]
-    with pytest.raises(
-        StaleWeights, match=r"inst's pool was cleared and restored in the middle \(pool epochs \[3, 5\]\)"
-    ):
-        gen._tokens(Named(), [done(1, 5)])  # type: ignore[arg-type]
+    gen._tokens(Named(), [done(1, 3), done(1, 4, rank=1)])  # type: ignore[arg-type]  # ranks of a retried restore
+    with pytest.raises(StaleWeights, match=r"the pool of inst rank 0 was cleared and restored in the middle"):
+        gen._tokens(Named(), [done(1, 5), done(1, 4, rank=1)])  # type: ignore[arg-type]
     gen = Generation(Named(), [], 2, None)  # type: ignore[arg-type]
     gen._tokens(Named(), [done(1, 3)])  # type: ignore[arg-type]
     with pytest.raises(StaleWeights, match=r"weight versions \[1, 2\]"):

@@ -48,6 +48,7 @@ class HFRunner:
         if src != self.cfg.model:
             check_same_model(self.model_cfg, read_config(src), f"{src}/config.json")
             check_checkpoint(src, self.model_cfg, self.cfg.tp)
+        self.model = None  # the old weights go first: never two copies in memory (a failed load fails the worker)
         weights = load_weights(src, self.model_cfg, self.rank, self.cfg.tp, self.cfg.torch_dtype, self.device)
         tp = self.cfg.tp
         self.model = LlamaModel(self.model_cfg, weights, rank=self.rank, tp=tp, all_reduce=self.all_reduce)
