@@ -13,6 +13,7 @@ import signal
 import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -59,6 +60,23 @@ def _shm_entries(only: Collection[str] = ()) -> set[str]:
     mine = tuple(user + s + "." for s in only) or (user + "t" + SESSION,)
     skip = () if only else tuple(user + s + "." for s in SHARED)
     return {e for e in os.listdir(naming.SHM_DIR) if ("/" + e).startswith(mine) and not ("/" + e).startswith(skip)}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests that share a launched instance (tests/instances.py's `shared`) carry an xdist_group mark: under -n, each
+    # group goes to one worker (loadgroup is xdist's load for every other test), or every worker that gets one of
+    # them launches the instance again, and again whenever other modules' tests came in between. A worker parses
+    # the command line afresh (-n: load), so it is told in its workerinput to name its tests by group.
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
+    if getattr(config, "workerinput", {}).get("mpkv_loadgroup"):
+        config.option.loadgroup = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    if node.config.getvalue("dist") == "loadgroup":
+        node.workerinput["mpkv_loadgroup"] = True
 
 
 @pytest.fixture(autouse=True)

@@ -42,6 +42,9 @@ from mpkv.protocol import (
 )
 
 CLEAR = (MpkvError, ValueError, TypeError)  # what a bad argument may raise: a diagnosis, nothing else
+
+# Its tests share launched instances (module fixtures): under -n they run on one worker.
+pytestmark = pytest.mark.xdist_group("bad_input")
 FUZZ = settings(
     max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None
 )

@@ -16,6 +16,9 @@ from mpkv.client import BadTicket, Client, Ticket
 from mpkv.errors import WaitTimeout
 from mpkv.protocol import Role, actor_slot
 
+# Its tests share one launched instance (a module fixture): under -n they run on one worker.
+pytestmark = pytest.mark.xdist_group("client_wait")
+
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[str]:

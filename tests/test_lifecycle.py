@@ -18,6 +18,9 @@ from mpkv.protocol import ActorState, Prefill, Role, SwapIn, SwapOut
 
 OWNERS = ["worker", "transfer"]
 
+# Its tests share launched instances (module fixtures): under -n they run on one worker.
+pytestmark = pytest.mark.xdist_group("lifecycle")
+
 
 @pytest.fixture(autouse=True)
 def _serving_after(request: pytest.FixtureRequest) -> Iterator[None]:

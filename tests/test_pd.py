@@ -25,6 +25,8 @@ from mpkv.verify import verify_kv
 
 PD = dict(layers=3, device_blocks=96)
 GLANCE_S = 1e-6  # a wait of this long reads what is in a completion ring and waits for nothing more
+# The tests of the module pairs (shared_pair, slow_pair): under -n they run on one worker, which launches each once.
+ON_SHARED_PAIRS = pytest.mark.xdist_group("pd_shared_pairs")
 
 
 @contextmanager
@@ -126,6 +128,7 @@ def barrier_keys(dones: list) -> dict[int, bytes]:  # type: ignore[type-arg]
     return keys
 
 
+@ON_SHARED_PAIRS
 def test_layerwise_transfer_lands_every_byte(shared_pair: tuple[Launched, Launched], rng) -> None:
     gen = np.random.default_rng(rng.randrange(2**32))
     p, d = shared_pair
@@ -157,6 +160,7 @@ def test_layerwise_transfer_lands_every_byte(shared_pair: tuple[Launched, Launch
     eng.close()
 
 
+@ON_SHARED_PAIRS
 def test_seed_race_randomized_delays(shared_pair: tuple[Launched, Launched], rng) -> None:
     """Seed 000: ranks see destination info, layer progress and tasks at different times. With random per-rank
     delays at each of those points (the shared pair's), 200 batches of random size: no hang, same barrier keys,
@@ -231,6 +235,7 @@ def test_kill_9_mid_transfer_fails_the_transfer(instance: str, rng, victim: str)
         eng.close()
 
 
+@ON_SHARED_PAIRS
 def test_decode_clear_with_transfers_in_flight(slow_pair: tuple[Launched, Launched], rng) -> None:
     """RL on PD: the decode instance pauses and clears while a batch is being shipped into it. The clear
     finishes (the links let go of the pool), the batch is reported failed, and after restore new transfers land."""
@@ -276,6 +281,7 @@ def test_decode_clear_with_transfers_in_flight(slow_pair: tuple[Launched, Launch
     eng.close()
 
 
+@ON_SHARED_PAIRS
 @pytest.mark.parametrize("when", ["shipped", "in_flight"])
 def test_decode_clear_restore_before_wait_send(
     shared_pair: tuple[Launched, Launched], slow_pair: tuple[Launched, Launched], rng, when: str
@@ -339,6 +345,7 @@ def test_cross_host_path_over_loopback(instance: str, rng) -> None:
         eng.close()
 
 
+@ON_SHARED_PAIRS
 def test_prefill_pause_drains_transfers_in_flight(slow_pair: tuple[Launched, Launched], rng) -> None:
     """RL on PD, the prefill side: a pause with a batch in flight returns once the batch is shipped (drained),
     the batch is complete and verified, and after clear/restore the new weights' KV lands on decode."""

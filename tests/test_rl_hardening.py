@@ -24,6 +24,9 @@ from mpkv.errors import AttachError
 from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, FENCE_CLOSING, Instance
 from mpkv.protocol import ActorState, Cmd, Role, actor_slot
 
+# Its tests share launched instances (module fixtures): under -n they run on one worker.
+pytestmark = pytest.mark.xdist_group("rl_hardening")
+
 
 def _pid(ctl: Controller, role: Role, rank: int) -> int:
     return ctl.inst.status.read(actor_slot(role, rank)).writer.pid
