@@ -67,6 +67,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # group goes to one worker (loadgroup is xdist's load for every other test), or every worker that gets one of
     # them launches the instance again, and again whenever other modules' tests came in between. A worker parses
     # the command line afresh (-n: load), so it is told in its workerinput to name its tests by group.
+    config.addinivalue_line("markers", "xdist_group(name): under -n, run on one worker (declared by pytest-xdist too)")
     if getattr(config.option, "dist", "no") == "load":
         config.option.dist = "loadgroup"
     if getattr(config, "workerinput", {}).get("mpkv_loadgroup"):
