@@ -63,7 +63,6 @@ from mpkv.protocol import (
     unpack_slots,
 )
 from mpkv.report import NO_WAIT, Wait, actor_map, culprits, wait_chain
-from mpkv.shm.allreduce import create_allreduce
 from mpkv.shm.barrier import create_barrier
 from mpkv.shm.records import read_sync_record, write_sync_record
 from mpkv.shm.registry import Registry
@@ -136,6 +135,8 @@ class Instance:
                 elif o.kind == SegmentKind.RING:
                     owned.append(create_ring(reg, o.obj, o.record_bytes, nreaders=o.count))
                 elif o.kind == SegmentKind.BARRIER and o.record_bytes:
+                    from mpkv.shm.allreduce import create_allreduce  # imports torch: only where an instance has one
+
                     owned.append(create_allreduce(reg, o.obj, o.count, o.record_bytes))
                 elif o.kind == SegmentKind.BARRIER:
                     owned.append(create_barrier(reg, o.obj, o.count))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import mpkv
 from mpkv import errors
@@ -26,3 +28,14 @@ def test_every_error_is_defined_in_errors_and_exported() -> None:
         for name, obj in inspect.getmembers(module, inspect.isclass):
             if issubclass(obj, Exception) and obj.__module__ == info.name:
                 assert name in internal, f"{info.name} defines {name}: public errors belong in mpkv.errors"
+
+
+def test_importing_mpkv_and_its_commands_does_not_import_torch() -> None:
+    """`mpkv --version`, a usage error, `mpkv ctl`, `mpkv-top`: none needs torch (seconds of CPU per start, which a
+    2-core machine running an instance feels); only the actors and the models import it."""
+    code = (
+        "import sys, mpkv, mpkv.cli, mpkv.top, mpkv.controller\n"
+        "print(sorted(m for m in ('torch', 'safetensors') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr)
