@@ -38,7 +38,11 @@ class ModelRunner(Protocol):
     ``source`` is a checkpoint directory published for that version, or "" (keep the weights held, or load the
     configured ones). ``prefill`` writes every layer's K/V of each request's tokens and calls ``on_layer_done(l)``
     once layer l is written for the whole batch (a prefill instance ships it then); ``decode`` writes the K/V of
-    each item's token at its position. Both return the next token of each request, in order."""
+    each item's token at its position. Both return the next token of each request, in order.
+
+    Under tensor parallelism every rank must run the same collectives: input a runner refuses (``BadTask``, which
+    fails the task and not the worker) must be refused before its first ``all_reduce``, alike on every rank; any
+    other exception fails the worker."""
 
     def load(self, weight_version: int, source: str) -> None: ...
 
