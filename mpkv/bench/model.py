@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,7 @@ from typing import Any
 
 import torch
 
-from mpkv.bench import all_equal, emit
+from mpkv.bench import all_equal, emit, scratch_dir
 from mpkv.bench.lifecycle import one_way_signal_us
 from mpkv.bench.model_decode import (
     BATCHES,
@@ -270,7 +269,7 @@ def bench(prompt_len: int, new: int, repeats: int, quick: bool) -> dict[str, Any
     torch.set_num_threads(1)  # the reference and the model alone: one thread, as each worker
     hf = transformers()
     blocks = pool_blocks(prompt_len, new)
-    with tempfile.TemporaryDirectory(prefix="mpkv-bench-model-") as tmp:
+    with scratch_dir("model") as tmp:
         model_dir = save_model(Path(tmp) / "llama")
         locals_: list[Local] = []
 

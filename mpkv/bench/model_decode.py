@@ -30,7 +30,6 @@ import importlib
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 
 import torch
 
-from mpkv.bench import all_equal, emit
+from mpkv.bench import all_equal, emit, scratch_dir
 from mpkv.models import LlamaModel, load_weights, read_config
 from mpkv.shm.proc import cpu_seconds
 
@@ -305,7 +304,7 @@ def token_differences(rows: list[dict[str, Any]]) -> list[str]:
 def bench(prompt_len: int, new: int, repeats: int) -> dict[str, Any]:
     torch.set_num_threads(1)  # the same for both: one core each, the other left to the rest of the machine
     hf = transformers()
-    with tempfile.TemporaryDirectory(prefix="mpkv-bench-model-") as tmp:
+    with scratch_dir("model") as tmp:
         model_dir = save_model(Path(tmp) / "llama")
         attn = hf.AutoModelForCausalLM.from_pretrained(model_dir).config._attn_implementation
         rows = [measure(model_dir, b, prompt_len, new, repeats) for b in BATCHES]
