@@ -307,11 +307,7 @@ def _cycles(name: str, dname: str, cycles: int, requests_per_cycle: int, rng: ra
             f"now weight version {wv}, {t.verified_bytes / 2**20:.1f} MiB verified so far",
             flush=True,
         )
-    client.close()
-    decode.close()
-    for c in (ctl, dctl):
-        c.shutdown()
-        c.close()
+    _shut_down((client, decode), (ctl, dctl))
 
 
 def _model_cycles(name: str, dname: str, plan: ModelPlan, refs: References, t: Tally) -> None:
@@ -357,9 +353,14 @@ def _model_cycles(name: str, dname: str, plan: ModelPlan, refs: References, t: T
             f"(both instances): tokens equal to the reference{'s' if hf is not None else ''}: {_yes(ok)}",
             flush=True,
         )
-    pre.close()
-    dec.close()
-    for c in (ctl, dctl):
+    _shut_down((pre, dec), (ctl, dctl))
+
+
+def _shut_down(clients: tuple[Client, ...], controllers: tuple[Controller, ...]) -> None:
+    """Close a pair's clients, then shut both instances down through their controllers."""
+    for client in clients:
+        client.close()
+    for c in controllers:
         c.shutdown()
         c.close()
 
