@@ -1,10 +1,12 @@
-"""``Client.generate``: prompts in, generated token ids out, through the instance's tasks (a prefill per prompt,
-then one decode step per token over every running request), with the blocks taken from the client's allocator.
+"""``Client.generate``: prompts in, generated token ids out, through the instance's tasks, in waves of as many
+prompts as the pools, a task's record and the lease table hold: one batched prefill per wave (or one PD batch,
+shipped into this decode instance), then one decode step per token over the wave's requests. Blocks come from
+the client's allocator.
 
 Everything a caller can get wrong is checked before the first task is submitted (``plan``): prompt ids, the
-vocabulary, ``max_new_tokens``, sampling values, a prompt that cannot fit the pool at all, a PD pair that does
-not match. Blocks are given back on every path; a PD transfer that did not settle keeps its source blocks out
-of the free list (something may still read them) and says so.
+vocabulary, ``max_new_tokens``, sampling values, ``timeout_s``, a prompt that cannot fit the pool at all, a PD
+pair that does not match. Blocks are given back once every rank answered; the blocks of a task still in flight
+(its wait ended otherwise) stay allocated, as something may still write them, and the exception says so.
 """
 
 from __future__ import annotations
