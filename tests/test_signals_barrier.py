@@ -160,3 +160,20 @@ def test_a_record_left_mid_write_is_reported_not_spun_on(registry: Registry) -> 
         arr.read(0)  # returns (raises) at all: a reader that spun forever would hang the test until its timeout
     arr.close()
     registry.release(seg)
+
+
+def test_a_wait_knows_which_ranks_have_not_arrived(registry: Registry) -> None:
+    """``pending`` (what a waiter's ``between`` reads to publish whom it waits for) holds the ranks not arrived
+    yet, not every other rank: rank 1 arrives, rank 2 never does; then it is empty again."""
+    seg = create_barrier(registry, "barrier", 3)
+    arriving = Child(procs.barrier_forever, seg.name, 1)
+    assert arriving.recv(30) == "started"
+    b0 = Barrier(seg.name, 0)
+    seen: list[list[int]] = []
+    with pytest.raises(WaitTimeout, match="rank 2 of barrier"):
+        b0.wait(BarrierKey(1, "step"), timeout_s=2.0, between=lambda: seen.append(list(b0.pending)))
+    assert seen and seen[-1] == [2], seen  # rank 1 arrived at once: only rank 2 is waited for at the end
+    assert b0.pending == []
+    arriving.kill()
+    b0.close()
+    registry.release(seg)

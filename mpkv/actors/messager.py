@@ -139,10 +139,18 @@ class Messager(Actor):
         self._note_wait(WaitKind.BARRIER, pack_slots(others[:4]))
         try:
             # Links are polled while we wait: a decode instance clearing its pool never waits for our peers.
-            self.barrier.wait(key, timeout_s=PEER_TIMEOUT_S, between=self.poll)
+            self.barrier.wait(key, timeout_s=PEER_TIMEOUT_S, between=self._at_barrier)
         finally:
             self._note_wait(WaitKind.NONE, 0)
         return Done(task.seq, self.rank, error=error, layers_done=layers, data=str(key).encode(), busy_s=self.busy_s)
+
+    def _at_barrier(self) -> None:
+        """Between the slices of a wait at the batch barrier: poll the links, and name only the messagers that have
+        not arrived (naming all of them would draw a cycle among the ranks that wait for the same late one)."""
+        self.poll()
+        assert self.barrier is not None
+        late = [actor_slot(Role.MESSAGER, r) for r in self.barrier.pending]
+        self._note_wait(WaitKind.BARRIER, pack_slots(late[:4]))
 
     def _ship(self, task: PrefillSend) -> int:
         if self.pool is None:

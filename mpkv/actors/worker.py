@@ -96,8 +96,9 @@ class Worker(Actor):
         """Between the slices of a wait in the all-reduce (one that outlasts a slice): still alive, and waiting
         for the other workers (I2: mpkv-top draws the wait)."""
         self.heartbeat()
-        others = [actor_slot(Role.WORKER, r) for r in range(self.cfg.tp) if r != self.rank]
-        self._note_wait(WaitKind.BARRIER, pack_slots(others[:4]))
+        assert self.collective is not None
+        late = [actor_slot(Role.WORKER, r) for r in self.collective.waiting_for]  # not the ranks arrived already
+        self._note_wait(WaitKind.BARRIER, pack_slots(late[:4]))
 
     def _all_reduce(self) -> AllReduce | None:
         collective = self.collective

@@ -235,6 +235,11 @@ class AllReduce:
             "the same generation (tear the instance down)"
         )
 
+    @property
+    def waiting_for(self) -> list[int]:
+        """During a wait (from ``between``): the ranks that have not arrived yet."""
+        return list(self._barrier.pending)
+
     def close(self) -> None:
         """Drop the views, then unmap. Idempotent. The creator (the launcher's registry) unlinks the name."""
         self._plans.clear()

@@ -72,6 +72,7 @@ class Barrier:
             self.seg.close()
             raise
         self.generation = int(_native.load_u64(self.seg.buf, self._off + layout.BAR_ARRIVED))
+        self.pending: list[int] = []  # in a wait: the ranks not seen arriving yet (a wait record names them)
 
     def _rank_off(self, rank: int) -> int:
         return _RANKS + rank * layout.BARRIER_RANK_BYTES
@@ -107,7 +108,8 @@ class Barrier:
         self, key: BarrierKey, timeout_s: float = DEFAULT_TIMEOUT_S, between: Callable[[], None] | None = None
     ) -> int:
         """Arrive with ``key`` and wait for every rank to arrive with the same key. Returns the generation.
-        ``between`` runs between liveness slices (0.1 s): a caller's duties that must not wait for the barrier."""
+        ``between`` runs between liveness slices (0.1 s): a caller's duties that must not wait for the barrier (it
+        may read ``pending``: the ranks it still waits for)."""
         buf, off = self.seg.buf, self._off
         gen = self.generation + 1
         key_off = off + layout.BAR_KEY0 + (gen % 2) * layout.BAR_KEY_BYTES
@@ -115,7 +117,7 @@ class Barrier:
         flags = _RANKS + layout.BAR_SLEEPING
         _native.store_notify(buf, off + layout.BAR_ARRIVED, gen, flags, layout.BARRIER_RANK_BYTES, self.nranks)
         self.generation = gen
-        pending = [r for r in range(self.nranks) if r != self.rank]
+        pending = self.pending = [r for r in range(self.nranks) if r != self.rank]
         _native.store_u64(buf, off + layout.BAR_WAIT_SINCE, time.monotonic_ns())
 
         def step(slice_s: float, spin_s: float) -> bool:
@@ -150,6 +152,7 @@ class Barrier:
             )
         finally:
             _native.store_u64(buf, off + layout.BAR_WAIT_SINCE, 0)
+            self.pending = []
         return gen
 
     def close(self) -> None:
