@@ -36,7 +36,6 @@ class HFRunner:
     def __init__(self, cfg: CacheConfig, rank: int, device: torch.device, all_reduce: AllReduce | None) -> None:
         self.cfg, self.rank, self.device, self.all_reduce = cfg, rank, device, all_reduce
         self.model_cfg = read_config(cfg.model)
-        self.source = ""  # the directory of the weights held
         self.model: LlamaModel | None = None
 
     def load(self, weight_version: int, source: str) -> None:
@@ -52,7 +51,6 @@ class HFRunner:
         weights = load_weights(src, self.model_cfg, self.rank, self.cfg.tp, self.cfg.torch_dtype, self.device)
         tp = self.cfg.tp
         self.model = LlamaModel(self.model_cfg, weights, rank=self.rank, tp=tp, all_reduce=self.all_reduce)
-        self.source = src
 
     def _model(self) -> LlamaModel:
         if self.model is None:
