@@ -6,10 +6,12 @@ Errors name the bad values."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
 from mpkv.errors import BadBlocks, BadRequest, BadTask, MpkvError  # noqa: F401 (re-exported)
+from mpkv.protocol import DecodeItem, PrefillItem
 
 MAX_REQUEST_CHARS = 256  # a request's name travels in every task and completion, and shows in errors and logs
 TOKEN_ID_LIMIT = 2**31  # token ids travel as int32
@@ -110,3 +112,37 @@ def check_decode_item(
             f"got {len(ids)}"
         )
     return request, int(token), int(position), ids
+
+
+def checked_decode_step(items: Sequence[DecodeItem], vocab: int, block_size: int, n_blocks: int) -> list[DecodeItem]:
+    """A decode step's items, each checked (``check_decode_item``, ``check_sampling``), with no block in two of them;
+    blocks as int32 (as the task carries them)."""
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(i, DecodeItem) for i in items):
+        raise BadTask(f"a decode step is a non-empty list of mpkv.DecodeItem, got {items!r:.80}")
+    checked = []
+    for it in items:
+        request, token, position, ids = check_decode_item(
+            it.request, it.token, it.position, it.blocks, vocab, block_size, n_blocks
+        )
+        check_sampling(it.sampling.temperature, it.sampling.top_p, it.sampling.seed, f"decode {request!r}")
+        checked.append(DecodeItem(request, token, position, ids.astype(np.int32), it.sampling))
+    check_ids(np.concatenate([it.blocks for it in checked]), n_blocks, "decode step: device blocks")
+    return checked
+
+
+def checked_prefill_batch(
+    items: Sequence[PrefillItem], vocab: int, block_size: int, n_blocks: int
+) -> list[PrefillItem]:
+    """A batched prefill's items, each checked (request, blocks, tokens filling them, sampling), with no block in
+    two of them."""
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(i, PrefillItem) for i in items):
+        raise BadTask(f"a batched prefill is a non-empty list of mpkv.PrefillItem, got {items!r:.80}")
+    checked = []
+    for it in items:
+        request = check_request(it.request)
+        ids = check_ids(it.blocks, n_blocks, f"prefill {request!r}: device blocks").astype(np.int32)
+        toks = check_tokens(it.tokens, vocab, block_size, len(ids), f"prefill {request!r}")
+        check_sampling(it.sampling.temperature, it.sampling.top_p, it.sampling.seed, f"prefill {request!r}")
+        checked.append(PrefillItem(request, toks, ids, it.sampling))
+    check_ids(np.concatenate([it.blocks for it in checked]), n_blocks, "prefill batch: device blocks")
+    return checked

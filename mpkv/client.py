@@ -32,12 +32,13 @@ from mpkv.blocks import (
     BadBlocks,
     BadRequest,
     BadTask,
-    check_decode_item,
     check_flag,
     check_ids,
     check_request,
     check_sampling,
     check_tokens,
+    checked_decode_step,
+    checked_prefill_batch,
 )
 from mpkv.errors import BadTicket, InstanceNotServing, MpkvError, PeerDied, TaskFailed, TransferFailed, WaitTimeout
 from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, TASK_ROLES, Instance
@@ -134,17 +135,7 @@ class Client:
         """Prefill several requests in one task (one forward over all their tokens): each item's tokens into its
         blocks (ceil(len / block_size) of them; no block in two items); ``tokens_of(wait(ticket))`` holds each
         request's first generated token, in order."""
-        if not isinstance(items, (list, tuple)) or not items or not all(isinstance(i, PrefillItem) for i in items):
-            raise BadTask(f"a batched prefill is a non-empty list of mpkv.PrefillItem, got {items!r:.80}")
-        checked = []
-        for it in items:
-            request = check_request(it.request)
-            ids = self._ids(it.blocks, self.cfg.device_blocks, f"prefill {request!r}: device blocks")
-            toks = check_tokens(it.tokens, self.cfg.vocab, self.cfg.block_size, len(ids), f"prefill {request!r}")
-            s = it.sampling
-            check_sampling(s.temperature, s.top_p, s.seed, f"prefill {request!r}")
-            checked.append(PrefillItem(request, toks, ids, s))
-        check_ids(np.concatenate([it.blocks for it in checked]), self.cfg.device_blocks, "prefill batch: device blocks")
+        checked = checked_prefill_batch(items, self.cfg.vocab, self.cfg.block_size, self.cfg.device_blocks)
         task = PrefillBatch(next(self._seq), checked)
         return self._submit(Role.WORKER, task, f"prefill of {len(checked)} requests")
 
@@ -152,24 +143,8 @@ class Client:
         """One decode step of running requests: each item's ``token`` goes at its ``position`` (its tokens already
         in the pool), its K/V written through ``blocks`` (its block table up to that position's block);
         ``tokens_of(wait(ticket))`` holds each item's next token, in order."""
-        if not isinstance(items, (list, tuple)) or not items or not all(isinstance(i, DecodeItem) for i in items):
-            raise BadTask(f"a decode step is a non-empty list of mpkv.DecodeItem, got {items!r:.80}")
-        checked = []
-        for it in items:
-            request, token, position, ids = check_decode_item(
-                it.request,
-                it.token,
-                it.position,
-                it.blocks,
-                self.cfg.vocab,
-                self.cfg.block_size,
-                self.cfg.device_blocks,
-            )
-            s = it.sampling
-            check_sampling(s.temperature, s.top_p, s.seed, f"decode {request!r}")
-            checked.append(DecodeItem(request, token, position, ids.astype(np.int32), s))
+        checked = checked_decode_step(items, self.cfg.vocab, self.cfg.block_size, self.cfg.device_blocks)
         every = np.concatenate([it.blocks for it in checked])
-        check_ids(every, self.cfg.device_blocks, "decode step: device blocks")  # no block in two requests
         if self._allocator is not None:
             self._allocator.check_readable(every)
         task = Decode(next(self._seq), checked)

@@ -23,12 +23,19 @@ import torch
 from mpkv import naming
 from mpkv.actors.entry import jitter
 from mpkv.actors.runtime import PEER_TIMEOUT_S, Actor, TaskError
-from mpkv.blocks import BadBlocks, BadTask, check_decode_item, check_ids, check_sampling, check_tokens
+from mpkv.blocks import (
+    BadBlocks,
+    BadTask,
+    check_ids,
+    check_sampling,
+    check_tokens,
+    checked_decode_step,
+    checked_prefill_batch,
+)
 from mpkv.instance import Instance
 from mpkv.model import AllReduce, ModelRunner, build_runner
 from mpkv.protocol import (
     Decode,
-    DecodeItem,
     Done,
     PdRole,
     Prefill,
@@ -132,21 +139,13 @@ class Worker(Actor):
             raise TaskError(f"prefill {request!r:.80}: {e}" if isinstance(e, BadBlocks) else str(e)) from None
         return Prefill(seq, request, toks, ids, sampling)
 
-    def _checked_decode(self, task: Decode) -> list[DecodeItem]:
-        cfg, items = self.cfg, []
+    def _task_checked(self, check: Any, items: Any) -> Any:
+        """``check(items, vocab, block_size, blocks)``; what it refuses fails the task (alike on every rank: the same
+        bytes), not the worker."""
         try:
-            if not task.items:
-                raise BadTask("a decode step needs at least one request")
-            for it in task.items:
-                request, token, position, ids = check_decode_item(
-                    it.request, it.token, it.position, it.blocks, cfg.vocab, cfg.block_size, cfg.device_blocks
-                )
-                check_sampling(it.sampling.temperature, it.sampling.top_p, it.sampling.seed, f"decode {request!r}")
-                items.append(DecodeItem(request, token, position, ids, it.sampling))
-            check_ids(np.concatenate([it.blocks for it in items]), cfg.device_blocks, "decode step: device blocks")
+            return check(items, self.cfg.vocab, self.cfg.block_size, self.cfg.device_blocks)
         except BadTask as e:
             raise TaskError(str(e)) from None
-        return items
 
     # -- tasks -----------------------------------------------------------------------------------------------------
     def _done(self, seq: int, tokens: list[int], layers_done: int = 0) -> Done:
@@ -171,18 +170,13 @@ class Worker(Actor):
         return self._done(task.seq, tokens, self.cfg.layers)
 
     def prefill_batch(self, task: PrefillBatch) -> Done:
-        if not task.items:
-            raise TaskError("a batched prefill needs at least one request")
-        batch = [self._checked(task.seq, it.request, it.tokens, it.blocks, it.sampling) for it in task.items]
-        try:
-            check_ids(np.concatenate([r.blocks for r in batch]), self.cfg.device_blocks, "prefill batch: device blocks")
-        except BadTask as e:
-            raise TaskError(str(e)) from None
+        items = self._task_checked(checked_prefill_batch, task.items)
+        batch = [Prefill(task.seq, it.request, it.tokens, it.blocks, it.sampling) for it in items]
         tokens = self._run(lambda: self.model.prefill(batch, self._pool(), _no_progress))
         return self._done(task.seq, tokens, self.cfg.layers)
 
     def decode(self, task: Decode) -> Done:
-        items = self._checked_decode(task)
+        items = self._task_checked(checked_decode_step, task.items)
         return self._done(task.seq, self._run(lambda: self.model.decode(items, self._pool())))
 
     def prefill_send(self, task: PrefillSend) -> Done:
