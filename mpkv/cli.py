@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -165,21 +166,27 @@ def _config_file(path: str) -> dict[str, Any]:
 
 
 def _ctl(args: argparse.Namespace) -> int:
-    from mpkv.controller import Controller
+    from mpkv.controller import SLEEP_TAGS, Controller, StepResult
 
-    for flag, value, action in (
-        ("--weight-version", args.weight_version is not None, "restore"),
-        ("--weights-from", args.weights_from is not None, "restore"),
-        ("--device-only", args.device_only, "clear"),
-        ("--host-only", args.host_only, "clear"),
+    for flag, value, actions in (
+        ("--weight-version", args.weight_version is not None, ("restore", "update-weights", "wake-up")),
+        ("--from", args.weights_from is not None, ("restore", "update-weights")),
+        ("--device-only", args.device_only, ("clear",)),
+        ("--host-only", args.host_only, ("clear",)),
+        ("--weights", args.weights, ("clear",)),
+        ("--tags", args.tags is not None, ("sleep",)),
     ):
-        if value and args.action != action:
-            raise UsageError(f"ctl {args.name} {args.action}: {flag} applies to {action} only; nothing was done")
+        if value and args.action not in actions:
+            raise UsageError(
+                f"ctl {args.name} {args.action}: {flag} applies to {' and '.join(actions)} only; nothing was done"
+            )
     if args.weights_from is not None and args.weight_version is None:
         raise UsageError(
-            f"ctl {args.name} restore: --weights-from publishes new weights, which need a new --weight-version; "
+            f"ctl {args.name} {args.action}: --from publishes new weights, which need a new --weight-version; "
             "nothing was done"
         )
+    if args.action == "update-weights" and args.weights_from is None:
+        raise UsageError(f"ctl {args.name} update-weights needs --from DIR and --weight-version N; nothing was done")
     with Controller(args.name, timeout_s=args.timeout) as ctl:
         if args.action == "status":
             # The record as JSON, or as report.status_lines (what mpkv-top shows too). The exit code is 1 when
@@ -193,9 +200,19 @@ def _ctl(args: argparse.Namespace) -> int:
                 print(f"mpkv: instance {st.instance} is not healthy: {'; '.join(sick)}", file=sys.stderr)
             return 1 if sick else 0
         if args.action == "clear":
-            res = ctl.clear(device=not args.host_only, host=not args.device_only)
+            res = ctl.clear(device=not args.host_only, host=not args.device_only, weights=args.weights)
         elif args.action == "restore":
             res = ctl.restore(args.weight_version, weights_from=args.weights_from)
+        elif args.action == "update-weights":
+            t0 = time.perf_counter()
+            with ctl.weight_update(args.weight_version) as push:
+                push(args.weights_from)
+            res = StepResult("UPDATE-WEIGHTS", ctl.status().command.epoch, latency_s=time.perf_counter() - t0)
+            res.message = f"serving weight version {ctl.weight_version} from {args.weights_from}"
+        elif args.action == "sleep":
+            res = ctl.sleep(args.tags.split(",") if args.tags is not None else SLEEP_TAGS)
+        elif args.action == "wake-up":
+            res = ctl.wake_up(args.weight_version)
         else:
             res = getattr(ctl, args.action)()
         if args.json:
@@ -208,6 +225,8 @@ def _ctl(args: argparse.Namespace) -> int:
                 extra = (
                     f"; released {sum(res.released_bytes.values())} B (actors), /dev/shm -{res.shm_released_bytes} B"
                 )
+            if res.message:
+                extra += f"; {res.message}"
             print(
                 f"{args.name}: {res.command.lower()} done at epoch {res.epoch} in {res.latency_s * 1e3:.1f} ms{extra}"
             )
@@ -329,18 +348,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     cp = sub.add_parser("ctl", help="control a running instance (the RL transaction)")
     cp.add_argument("name", type=instance_name, help="the instance")
-    cp.add_argument("action", choices=["status", "pause", "resume", "clear", "restore", "shutdown"])
+    cp.add_argument(
+        "action",
+        choices=["status", "pause", "resume", "clear", "restore", "shutdown", "update-weights", "sleep", "wake-up"],
+        help="update-weights: pause, clear, publish --from DIR as --weight-version, restore, resume; sleep: pause "
+        "and clear (--tags); wake-up: restore and resume",
+    )
     cp.add_argument("--timeout", type=seconds, default=60.0, help="seconds to wait for every actor")
     cp.add_argument("--json", action="store_true", help="print the result as JSON")
     cp.add_argument(
-        "--weight-version", type=config_flag("weight_version"), help="restore: the new weight version (default: same)"
+        "--weight-version",
+        type=config_flag("weight_version"),
+        help="restore, wake-up: the weight version (default: the one served; another must be published); "
+        "update-weights: the new version",
     )
     cp.add_argument(
+        "--from",
         "--weights-from",
+        dest="weights_from",
         metavar="DIR",
-        help="restore: a checkpoint directory of the same model whose weights the new version means (default: the "
-        "weights the workers hold)",
+        help="update-weights, restore: a checkpoint directory of the same model to publish as --weight-version",
     )
+    cp.add_argument("--weights", action="store_true", help="clear: the workers' weights too (restore reloads them)")
+    cp.add_argument("--tags", help="sleep: what to free, of kv_cache,weights (default: both)")
     tier = cp.add_mutually_exclusive_group()
     tier.add_argument("--device-only", action="store_true", help="clear: only the device tier")
     tier.add_argument("--host-only", action="store_true", help="clear: only the host tier")

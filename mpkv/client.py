@@ -41,6 +41,7 @@ from mpkv.blocks import (
     checked_prefill_batch,
 )
 from mpkv.errors import BadTicket, InstanceNotServing, MpkvError, PeerDied, TaskFailed, TransferFailed, WaitTimeout
+from mpkv.generation import Generated
 from mpkv.instance import CONTROL_COMMAND, CONTROL_FENCE, TASK_ROLES, Instance
 from mpkv.pd.leases import Allocator, Lease, LeaseError
 from mpkv.protocol import (
@@ -187,8 +188,9 @@ class Client:
         prefill_on: Client | None = None,
         top_p: float = 1.0,
         timeout_s: float = 60.0,
-    ) -> list[np.ndarray]:
-        """The ``max_new_tokens`` tokens generated after each prompt (a prompt: token ids), int32. Greedy unless
+    ) -> Generated:
+        """The ``max_new_tokens`` tokens generated after each prompt (a prompt: token ids), int32, as a list whose
+        ``weight_version`` says which weights computed them. Greedy unless
         ``temperature > 0``; then prompt i draws with seed ``seed + i`` (``seed=None``: a fresh one), the same on
         every rank and instance. Blocks come from ``self.blocks``; prompts run together as far as the pool holds
         them, the rest in later rounds. ``prefill_on=Client(prefill instance)`` on a decode instance: prompts are

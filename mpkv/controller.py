@@ -8,18 +8,27 @@ The byte-level protocol, for trainers in other languages: docs/control-block.md.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mpkv import naming, status
-from mpkv.config import MAX_MODEL_CHARS, is_checkpoint
-from mpkv.errors import CommandRefused, MpkvError, PeerDied, StepFailed, WaitTimeout  # noqa: F401 (re-exported)
+from mpkv.config import is_checkpoint
+from mpkv.errors import (
+    CommandRefused,
+    ModelError,
+    MpkvError,
+    PeerDied,
+    StepFailed,
+    WaitTimeout,
+    WeightUpdateFailed,
+)
 from mpkv.handshake import Command, check_command, step_done
 from mpkv.instance import (
     CONTROL_COMMAND,
@@ -27,7 +36,6 @@ from mpkv.instance import (
     CONTROL_LEDGER,
     FENCE_CLOSING,
     Instance,
-    WeightSource,
     controller_wait_slot,
 )
 from mpkv.layout import SegmentKind
@@ -50,6 +58,9 @@ from mpkv.shm.segment import Segment
 from mpkv.shm.signals import Signal, SignalWriter
 from mpkv.shm.waiting import check_timeout
 from mpkv.topology import pack_ledger
+
+if TYPE_CHECKING:
+    from mpkv.publication import Draft, Publisher
 
 S = ActorState
 
@@ -75,36 +86,19 @@ def shm_used_bytes() -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
-def publish_refusal(inst: Instance, weight_version: int, path: str) -> str:
-    """Why publishing ``path`` as ``weight_version`` is refused, or "". A weight version names one set of weights
-    (the tiers' KV is versioned by it, I7), loaded by every rank at one publication:
-    - new weights need a new version: not the version served now, nor one published from another directory;
-    - the version last published from ``path`` may be restored again only while that restore is the pending step
-      (a retry after a timeout: the ranks that adopted it already keep what they loaded, the others load the
-      same directory, which must not change meanwhile) or once every actor adopted it (a repeat: "already", or
-      fresh pools for the weights every rank holds). Otherwise some ranks may have loaded an earlier content of
-      the directory than the others would now: a new version makes every rank load it again."""
-    last, statuses, _, served = status.settled(inst)
-    published = inst.read_weights()
-    if published.weight_version == weight_version:
-        if published.path != path:
-            return (
-                f"weight version {weight_version} was published from {published.path}; weights from {path} need a "
-                "weight version of their own"
-            )
-        pending = last.kind == Cmd.RESTORE and last.aux == weight_version and not step_done(last, statuses)
-        if pending or served == weight_version:
-            return ""
-        return (
-            f"weight version {weight_version} was published from {path} by a restore that did not complete; some "
-            "ranks may hold an earlier content of that directory: publish it under a new weight version"
-        )
-    if served == weight_version:
-        return (
-            f"weights_from publishes new weights, so it needs a new weight version; the instance serves weight "
-            f"version {weight_version} already"
-        )
-    return ""
+@dataclass
+class Published:
+    """What ``update_weights`` did: the version, the bytes copied, how long it took, whether it reused buffers."""
+
+    weight_version: int
+    nbytes: int
+    seconds: float
+    buckets: int
+    reused: bool
+
+
+SLEEP_TAGS = ("kv_cache", "weights")  # what sleep() frees: the KV tiers (device and host), the workers' weights
+NamedTensors = Mapping[str, Any] | Iterable[tuple[str, Any]]
 
 
 class Controller:
@@ -114,6 +108,7 @@ class Controller:
         self._writers: tuple[SignalWriter[Cmd], SignalWriter[Cmd], SignalWriter[WaitKind]] | None = None
         self._release: Callable[[], object] = lambda: None
         self._fences: dict[Role, SignalWriter[Cmd]] = {}
+        self._publisher: Publisher | None = None
 
     def _claim(self) -> tuple[SignalWriter[Cmd], SignalWriter[Cmd], SignalWriter[WaitKind]]:
         """Become the one writer of the command block, at the first command (``status`` needs no claim)."""
@@ -169,10 +164,19 @@ class Controller:
     def pause(self, timeout_s: float | None = None) -> StepResult:
         return self._step(Cmd.PAUSE, 0, timeout_s)
 
-    def clear(self, device: bool = True, host: bool = True, timeout_s: float | None = None) -> StepResult:
-        flags = (ClearFlags.DEVICE if device else 0) | (ClearFlags.HOST if host else 0)
+    def clear(
+        self, device: bool = True, host: bool = True, timeout_s: float | None = None, *, weights: bool = False
+    ) -> StepResult:
+        """Free the tiers named: the device and host KV pools, and (``weights``) the workers' model weights, which
+        the next restore loads again from what was published for its weight version. ``released_bytes``: what
+        each actor freed, as it measured it."""
+        flags = (
+            (ClearFlags.DEVICE if device else 0)
+            | (ClearFlags.HOST if host else 0)
+            | (ClearFlags.WEIGHTS if weights else 0)
+        )
         if not flags:
-            raise CommandRefused("clear needs device=True, host=True or both")
+            raise CommandRefused("clear needs device=True, host=True, weights=True or a combination")
         before = shm_used_bytes()
         res = self._step(Cmd.CLEAR, int(flags), timeout_s)
         if not res.already:
@@ -186,47 +190,232 @@ class Controller:
     def restore(
         self, weight_version: int | None = None, timeout_s: float | None = None, *, weights_from: str | None = None
     ) -> StepResult:
-        """Re-allocate the cleared tiers and adopt ``weight_version``. ``weights_from``: a checkpoint directory of
-        the same model (a checkpoint instance only) whose weights this version means; it is checked (config and
-        every tensor's shape) before anything changes. Without it the workers keep the weights they hold."""
+        """Re-allocate the cleared tiers and adopt ``weight_version`` (default: the one served): every worker loads
+        the weights published for it before it acknowledges. On an instance of a checkpoint, a version other than
+        the one served must have been published (``update_weights``); ``weights_from=DIR`` publishes a checkpoint
+        directory of the same model as that version first. The synthetic model is seeded by any version."""
+        wv = self._version(self.weight_version if weight_version is None else weight_version)
+        if weights_from is not None:
+            self.update_weights(weights_from, wv)
+        if is_checkpoint(self.cfg.model):
+            self._check_restore(wv)
+        return self._step(Cmd.RESTORE, wv, timeout_s)
+
+    def _version(self, weight_version: object) -> int:
         try:
-            wv = self.weight_version if weight_version is None else operator.index(weight_version)
+            wv = operator.index(weight_version)  # type: ignore[arg-type]
         except TypeError:
             wv = -1
         if isinstance(weight_version, bool) or not 0 <= wv <= MAX_WEIGHT_VERSION:
             raise CommandRefused(
                 f"a weight version is an integer from 0 to {MAX_WEIGHT_VERSION}, got {weight_version!r}"
             )
-        source = self._weight_source(weights_from, wv)
-        return self._step(Cmd.RESTORE, wv, timeout_s, WeightSource(wv, source) if source else None)
+        return wv
 
-    def _weight_source(self, weights_from: str | None, weight_version: int) -> str:
-        """``weights_from`` as an absolute path, checked against the model the instance serves, or "". New weights
-        take a new weight version (a version names one set of weights: the tiers' KV is versioned by it, I7), and
-        a version keeps the weights it was published with (a retried restore cannot give ranks two checkpoints)."""
-        if weights_from is None:
-            return ""
-        if not isinstance(weights_from, (str, os.PathLike)):
-            raise CommandRefused(f"weights_from must be a checkpoint directory, got {weights_from!r:.80}")
+    def _check_restore(self, wv: int) -> None:
+        served = self.weight_version
+        if wv < served:
+            raise CommandRefused(
+                f"restore of {self.name}: weight version {wv} is older than the one served ({served}); weight "
+                "versions only grow (the KV of every tier is named by them)"
+            )
+        pub = self.inst.read_weights().find(wv)
+        if pub is None and wv != served:
+            raise CommandRefused(
+                f"restore of {self.name}: weight version {wv} was never published; publish it first "
+                f"(Controller.update_weights(weights, {wv}), or restore(..., weights_from=DIR))"
+            )
+        if pub is not None and pub.backend == "cuda":
+            # CUDA IPC shares are made per load, by the process that holds the memory (mpkv.publication).
+            if self._publisher is None or not self._publisher.holds(pub):
+                raise CommandRefused(
+                    f"restore of {self.name}: the weights of version {wv} live in the CUDA memory of process "
+                    f"{pub.writer}, not this controller's; restore from the controller that published them, or "
+                    "publish them again from this one"
+                )
+            self._publisher.export(wv)
+
+    # -- weights from the trainer -----------------------------------------------------------------------------------
+    def update_weights(self, weights: NamedTensors | str | os.PathLike[str], weight_version: int) -> Published:
+        """Publish ``weights`` as ``weight_version`` for the instance (NOTE [ weight publications ] in
+        mpkv.publication): a mapping (or pairs) of Hugging Face parameter names to full, unsharded tensors in the
+        instance's dtype, or a checkpoint directory of the same model. Every name, shape and dtype is checked
+        against the model before anything is published: a mismatch is a ModelError naming the tensor, and nothing
+        changes. The instance goes on serving what it serves; ``restore(weight_version)`` loads them."""
+        wv = self._check_publish(weight_version)
+        named = self._checked_weights(weights)
+        t0 = time.perf_counter()
+        draft, reused = self._begin(wv)
+        for name, tensor in named:
+            draft.put(name, tensor.load() if isinstance(tensor, _Lazy) else tensor)
+        draft.finish()
+        return Published(wv, draft.bytes, time.perf_counter() - t0, len(draft.bufs.sizes), reused)
+
+    def _check_publish(self, weight_version: object) -> int:
+        wv = self._version(weight_version)
         if not is_checkpoint(self.cfg.model):
             raise CommandRefused(
-                f"instance {self.name} runs the model {self.cfg.model!r}, which loads no checkpoint; weights_from "
-                "needs an instance launched with --model DIR"
+                f"instance {self.name} runs the model {self.cfg.model!r}, which has no named weights to update; "
+                "update_weights needs an instance launched with --model DIR"
             )
+        self._claim()  # the one writer of the weights record is the holder of the command block
+        last, statuses, _, served = status.settled(self.inst)
+        if last.kind == Cmd.SHUTDOWN:
+            raise CommandRefused(f"update_weights refused for instance {self.name}: it is shutting down")
+        if last.kind == Cmd.RESTORE and not step_done(last, statuses):
+            raise CommandRefused(
+                f"update_weights refused for instance {self.name}: RESTORE@{last.epoch} (weight version {last.aux}) is "
+                "not acknowledged by every actor and some may be loading weights now; retry the restore, or clear "
+                "both tiers, first"
+            )
+        if wv <= served:
+            raise CommandRefused(
+                f"update_weights refused for instance {self.name}: weight version {wv} is not newer than the one "
+                f"served ({served}); new weights need a higher weight version"
+            )
+        return wv
+
+    def _checked_weights(self, weights: object) -> list[tuple[str, Any]]:
+        """Every tensor of ``weights``, checked against the model (names, shapes, dtypes), in the model's order."""
+        import torch
+
+        from mpkv.publication import check_tensor, expected_tensors
+
+        pub = self._publisher_of()
+        expected = expected_tensors(pub.model_cfg)
+        if isinstance(weights, (str, os.PathLike)):
+            return self._checkpoint_tensors(Path(weights), expected, pub.dtype)
+        if isinstance(weights, Mapping):
+            pairs = list(weights.items())
+        elif isinstance(weights, Iterable) and not isinstance(weights, (bytes, torch.Tensor)):
+            pairs = list(weights)
+        else:
+            raise CommandRefused(
+                f"weights must be a mapping of parameter names to tensors (or (name, tensor) pairs) or a checkpoint "
+                f"directory, got {type(weights).__name__}"
+            )
+        seen: dict[str, Any] = {}
+        for pair in pairs:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise CommandRefused(f"weights: expected (name, tensor) pairs, got {pair!r:.80}")
+            name, tensor = pair
+            if name == "lm_head.weight" and pub.model_cfg.tie_embeddings:
+                raise ModelError(
+                    "tensor lm_head.weight: this model ties it to model.embed_tokens.weight; push the embedding only "
+                    "(as named_parameters() gives it); nothing was published"
+                )
+            if name in seen:
+                raise ModelError(f"tensor {name} is given twice; nothing was published")
+            check_tensor(name, tensor, expected.get(name), pub.dtype)
+            seen[name] = tensor
+        missing = [n for n in expected if n not in seen]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ModelError(
+                f"tensor {', '.join(missing[:3])}{more} missing: push every parameter; nothing was published"
+            )
+        return [(n, seen[n]) for n in expected]
+
+    def _checkpoint_tensors(
+        self, path: Path, expected: Mapping[str, tuple[int, ...]], dtype: Any
+    ) -> list[tuple[str, Any]]:
         from mpkv.models.hf_config import read_config
         from mpkv.models.runner import check_same_model
-        from mpkv.models.weights import check_checkpoint
+        from mpkv.models.weights import _Checkpoint, _Part, check_checkpoint
 
-        path = Path(weights_from).expanduser().resolve()
-        held = read_config(self.cfg.model)
+        path = path.expanduser().resolve()
+        held = self._publisher_of().model_cfg
         check_same_model(held, read_config(path), f"{path}/config.json")
-        check_checkpoint(path, held, self.cfg.tp)
-        if len(str(path).encode()) > MAX_MODEL_CHARS:
-            raise CommandRefused(f"weights_from: the path {str(path)!r:.80}... is longer than {MAX_MODEL_CHARS} bytes")
-        why = publish_refusal(self.inst, weight_version, str(path))
-        if why:
-            raise CommandRefused(f"restore of {self.name}: {why}")
-        return str(path)
+        check_checkpoint(path, held, 1)
+        ckpt = _Checkpoint(path)
+        # Read one at a time as they are copied: a checkpoint is converted to the instance's dtype on the way.
+        return [(name, _Lazy(ckpt, _Part(name, shape), dtype)) for name, shape in expected.items()]
+
+    def _publisher_of(self) -> Publisher:
+        if self._publisher is None:
+            from mpkv.models.hf_config import read_config
+            from mpkv.publication import Publisher
+
+            self._publisher = Publisher(self.inst, read_config(self.cfg.model), self.cfg.torch_dtype)
+        return self._publisher
+
+    def _begin(self, wv: int) -> tuple[Draft, bool]:
+        pub = self._publisher_of()
+        draft = pub.begin(wv, self.weight_version)
+        return draft, draft.reused
+
+    # -- one-call steps -----------------------------------------------------------------------------------------------
+    def sleep(self, tags: Iterable[str] = SLEEP_TAGS, timeout_s: float | None = None) -> StepResult:
+        """Pause, then clear what ``tags`` names: ``kv_cache`` (the device and host KV tiers), ``weights`` (the
+        workers' weights). ``wake_up`` brings it back."""
+        tags = (tags,) if isinstance(tags, str) else tuple(tags)
+        unknown = [t for t in tags if t not in SLEEP_TAGS]
+        if unknown or not tags:
+            raise CommandRefused(f"sleep: tags must be some of {', '.join(SLEEP_TAGS)}; got {list(tags)}")
+        kv = "kv_cache" in tags
+        self.pause(timeout_s)
+        return self.clear(device=kv, host=kv, weights="weights" in tags, timeout_s=timeout_s)
+
+    def wake_up(self, weight_version: int | None = None, timeout_s: float | None = None) -> StepResult:
+        """Restore (``weight_version``: default, the one served; else a published one) and resume."""
+        self.restore(weight_version, timeout_s)
+        return self.resume(timeout_s)
+
+    @contextlib.contextmanager
+    def weight_update(
+        self, weight_version: int, timeout_s: float | None = None
+    ) -> Iterator[Callable[[NamedTensors], None]]:
+        """``with ctl.weight_update(v) as push: push(named_tensors)``: pause, clear both KV tiers, publish what is
+        pushed (in as many calls as the trainer likes, each checked as it comes), restore ``v`` and resume. On any
+        failure a WeightUpdateFailed names the step and the instance is back on the weights it served before (or
+        the error says why it could not be)."""
+        wv = self._check_publish(weight_version)
+        old, step = self.weight_version, "pause"
+        try:
+            self.pause(timeout_s)
+            step = "clear"
+            self.clear(timeout_s=timeout_s)  # no KV of the old version survives (I7)
+            step = "push"
+            draft, _ = self._begin(wv)
+            dtype = self._publisher_of().dtype
+
+            def push(named: NamedTensors | str | os.PathLike[str]) -> None:
+                for name, tensor in self._pairs(named, dtype):
+                    draft.put(name, tensor.load() if isinstance(tensor, _Lazy) else tensor)
+
+            yield push
+            step = "publish"
+            draft.finish()
+            step = "restore"
+            self.restore(wv, timeout_s)
+            step = "resume"
+            self.resume(timeout_s)
+        except Exception as e:
+            raise WeightUpdateFailed(self._roll_back(wv, old, step, e)) from e
+
+    def _pairs(self, named: object, dtype: Any) -> list[tuple[str, Any]]:
+        """What one ``push`` gives: a mapping, (name, tensor) pairs, or a checkpoint directory (read lazily)."""
+        if isinstance(named, (str, os.PathLike)):
+            from mpkv.publication import expected_tensors
+
+            return self._checkpoint_tensors(Path(named), expected_tensors(self._publisher_of().model_cfg), dtype)
+        if isinstance(named, Mapping):
+            return list(named.items())
+        pairs = list(named)  # type: ignore[call-overload]
+        if not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in pairs):
+            raise CommandRefused("push takes a mapping of parameter names to tensors, or (name, tensor) pairs")
+        return pairs
+
+    def _roll_back(self, wv: int, old: int, step: str, error: Exception) -> str:
+        what = f"weight update of {self.name} to version {wv} failed at {step}: {error}"
+        if step in ("restore", "resume"):
+            return f"{what}; the instance is not serving (see `mpkv ctl {self.name} status`): shut it down"
+        try:
+            self.restore(old)
+            self.resume()
+        except MpkvError as again:
+            return f"{what}; going back to weight version {old} failed too: {again}"
+        return f"{what}; the instance serves weight version {old} again"
 
     def resume(self, timeout_s: float | None = None) -> StepResult:
         return self._step(Cmd.RESUME, 0, timeout_s)
@@ -246,7 +435,11 @@ class Controller:
 
     def close(self) -> None:
         """Give up the command block (another controller, e.g. `mpkv ctl` in a shell, may then drive the instance)
-        and unmap the instance. A controller that is never closed holds the block until its process exits."""
+        and unmap the instance. A controller that is never closed holds the block until its process exits. Weights
+        it published stay (cpu) for the instance to load; on cuda they go with it."""
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
         self._release()
         self.inst.close()
 
@@ -257,7 +450,7 @@ class Controller:
         self.close()
 
     # -- one step ---------------------------------------------------------------------------------------------
-    def _step(self, kind: Cmd, aux: int, timeout_s: float | None, weights: WeightSource | None = None) -> StepResult:
+    def _step(self, kind: Cmd, aux: int, timeout_s: float | None) -> StepResult:
         wait_s = check_timeout(self.timeout_s if timeout_s is None else timeout_s)
         cmd_w, ledger_w, _ = self._claim()  # before reading the block: a claim repairs a slot torn by a dead writer
         last, statuses, cleared, weight_version = status.settled(self.inst)
@@ -275,8 +468,6 @@ class Controller:
         deadline = time.monotonic() + wait_s
         if kind in (Cmd.PAUSE, Cmd.SHUTDOWN):
             self._close_rings(kind, epoch, last, deadline)
-        if weights is not None:  # before the command: a worker adopting the version reads it then
-            self.inst.write_weights(weights)
         cmd_w.write(kind, epoch, aux)
         if kind == Cmd.CLEAR:  # after the command (settled_ledger counts the command word itself from now on)
             ledger_w.write(kind, epoch, pack_ledger(weight_version, cleared | ClearFlags(aux)))
@@ -336,3 +527,14 @@ class Controller:
                     continue
                 if stale:
                     raise StepFailed(f"clear failed: {actor_name(role, rank)} (pid {pid}) still maps {stale[0]}")
+
+
+class _Lazy:
+    """A checkpoint tensor read (and converted to the instance's dtype) only when it is copied."""
+
+    def __init__(self, ckpt: Any, part: Any, dtype: Any) -> None:
+        self.ckpt, self.part, self.dtype = ckpt, part, dtype
+        self.shape = part.shape
+
+    def load(self) -> Any:
+        return self.ckpt.read(self.part).to(self.dtype)

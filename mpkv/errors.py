@@ -62,6 +62,11 @@ class StepFailed(MpkvError):
     """An actor failed or died during a step; the message names it, its rank and the step."""
 
 
+class WeightUpdateFailed(MpkvError):
+    """A one-call weight update (``Controller.weight_update``) failed at a named step; the message says which,
+    why, and the state it left the instance in (serving the old weights again, or what to do)."""
+
+
 class InstanceNotServing(MpkvError):
     """The instance is paused, cleared or failed: the task was not submitted."""
 

@@ -38,6 +38,15 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+class Generated(list[np.ndarray]):
+    """What ``Client.generate`` returns: each prompt's tokens (int32), and ``weight_version``, the one weight
+    version every token of the call was computed with."""
+
+    def __init__(self, tokens: list[np.ndarray], weight_version: int) -> None:
+        super().__init__(tokens)
+        self.weight_version = weight_version
+
+
 @dataclass
 class Request:
     name: str
@@ -59,13 +68,14 @@ class Generation:
     pools: dict[tuple[str, int], set[int]] = field(default_factory=dict)  # per (instance, rank), this wave's pools
     in_flight: str = ""  # the task whose completions are being waited for ("" when every rank answered)
 
-    def run(self, timeout_s: float) -> list[np.ndarray]:
+    def run(self, timeout_s: float) -> Generated:
         waiting = list(self.requests)
         while waiting:
             wave = self._admit(waiting)
             waiting = waiting[len(wave) :]
             self._run_wave(wave, timeout_s)
-        return [np.array(r.out, dtype=np.int32) for r in self.requests]
+        (version,) = self.versions  # exactly one: two raised StaleWeights
+        return Generated([np.array(r.out, dtype=np.int32) for r in self.requests], version)
 
     def _admit(self, waiting: list[Request]) -> list[Request]:
         """The longest prefix of ``waiting`` whose blocks are free now, here and on the prefill instance, and whose

@@ -8,12 +8,14 @@ status slot with the same epoch; nobody else writes there (invariant I1). Per ra
     start-up   owner: allocate, publish handle -> PUBLISHED@0 -> READY@0
                attacher: wait owner >= PUBLISHED@0, attach -> READY@0
     PAUSE      everyone: finish or fail every task already read -> PAUSED@e
-    CLEAR      attacher: drop every view of the device pool -> DETACHED@e; release its host pool if it owns one
-                         -> CLEARED@e.  Waits for nobody.
+    CLEAR      attacher: drop every view of the device pool -> DETACHED@e; release its host pool if it owns one,
+                         a worker its model weights if the clear names them -> CLEARED@e.  Waits for nobody.
                owner:    wait every live attacher >= DETACHED@e (a dead one holds no mapping; a FAILED one
                          dropped its views before it published FAILED), free the pool -> CLEARED@e
     RESTORE    owner:    allocate a fresh pool (a new name: no stale view can alias it), publish -> PUBLISHED@e
                          -> RESTORED@e.  Waits for nobody.
+               a worker (owner or attacher) whose weights were cleared loads them again before RESTORED@e;
+               one that adopts a new weight version loads that version's weights as it maps the pool.
                attacher: wait owner >= PUBLISHED@e, attach -> RESTORED@e
     RESUME     everyone -> READY@e
     SHUTDOWN   drain as PAUSE (-> PAUSED@e), then as CLEAR, ending in STOPPED@e
@@ -47,6 +49,7 @@ from dataclasses import dataclass
 from mpkv.protocol import ACK_OF, ActorState, ClearFlags, Cmd
 
 S = ActorState
+FULL_CLEAR = ClearFlags.DEVICE | ClearFlags.HOST  # both KV tiers: a way out of any unfinished step
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class Command:
 
     @property
     def flags(self) -> ClearFlags:
-        return ClearFlags(self.aux & 3) if self.kind == Cmd.CLEAR else ClearFlags(3)
+        return ClearFlags(self.aux & 7) if self.kind == Cmd.CLEAR else ClearFlags.DEVICE | ClearFlags.HOST
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,8 @@ class Act(enum.IntEnum):
     RELEASE_HOST = 7  # free this actor's host pool (if it owns one), then publish
     RESTORE_HOST = 8  # re-allocate this actor's host pool (if it owns one) for the new weight version
     FAIL = 9  # publish FAILED with ``reason``
+    RELEASE_WEIGHTS = 10  # a worker: drop its model weights, then publish
+    LOAD_WEIGHTS = 11  # a worker: load the weights of the weight version it serves, then publish
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ class View:
     owns_host: bool  # this actor owns a host pool
     host_live: bool  # ... and it is allocated now
     peers: Sequence[Status | None]
+    owns_weights: bool = False  # this actor runs the model (a worker)
+    weights_live: bool = False  # ... and holds the weights of the version it serves (they were not cleared)
 
 
 @dataclass(frozen=True)
@@ -161,6 +168,8 @@ def _bring_up(v: View, e: int, target: ActorState) -> Decision:
             return Decision(Act.ATTACH, Status(S.PUBLISHED, e))
     if v.owns_host and not v.host_live:
         return Decision(Act.RESTORE_HOST, Status(S.PUBLISHED, e))
+    if v.owns_weights and not v.weights_live:
+        return Decision(Act.LOAD_WEIGHTS, Status(S.PUBLISHED, e))
     return Decision(Act.ACK, Status(target, e))
 
 
@@ -174,6 +183,8 @@ def _tear_down(v: View, e: int, target: ActorState, flags: ClearFlags) -> Decisi
         return Decision(Act.FREE, Status(S.DETACHED, e))
     if ClearFlags.HOST in flags and v.owns_host and v.host_live:
         return Decision(Act.RELEASE_HOST, Status(S.DETACHED, e))
+    if ClearFlags.WEIGHTS in flags and v.owns_weights and v.weights_live:
+        return Decision(Act.RELEASE_WEIGHTS, Status(S.DETACHED, e))
     return Decision(Act.ACK, Status(target, e))
 
 
@@ -250,7 +261,7 @@ def check_command(
             return Refusal("already shut down", already=True) if done else None
         return Refusal("the instance is shutting down")
     if not done:
-        full_clear = kind == Cmd.CLEAR and ClearFlags(aux) == ClearFlags.DEVICE | ClearFlags.HOST
+        full_clear = kind == Cmd.CLEAR and ClearFlags(aux) & FULL_CLEAR == FULL_CLEAR
         if kind == Cmd.SHUTDOWN or (kind, aux) == (last.kind, last.aux):
             return None
         if full_clear and last.kind in (Cmd.CLEAR, Cmd.RESTORE):

@@ -3,7 +3,7 @@
     object              kind      written by                         read by
     config              blob      launcher (once, before ready)      everyone
     control             signals   the controller: slot 0 = command (Cmd, epoch, aux),
-                                  slot 1 = ledger (last completed CLEAR/RESTORE; aux = weight version << 2
+                                  slot 1 = ledger (last completed CLEAR/RESTORE; aux = weight version << 3
                                   | ClearFlags cleared since the last restore),
                                   slots 2, 3 = the drain fences of tasks.worker, tasks.transfer (the PAUSE or
                                   SHUTDOWN, its epoch; aux = the ring position every reader drains up to;
@@ -15,8 +15,11 @@
     usage               signals   slot r: transfer r's host pool (HostTier; epoch = slots in use)
     errors              blob      record actor_slot(...): that actor only (before it publishes FAILED)
     handles             blob      record r: rank r's pool owner (before it publishes PUBLISHED)
-    weights             blob      the controller: the checkpoint published for a weight version (WeightSource),
-                                  written before the RESTORE that adopts it; the workers read it
+    weights             blob      the controller: two slots of weights published for a weight version
+                                  (mpkv.publication.Publications); the workers read it when they load
+    wts.<id>.b<k>.<random>  weights   a trainer's published weights: buckets and manifest (mpkv.publication),
+    wts.<id>.m.<random>               made by the publishing controller, reclaimed by the launcher once
+                                      unreferenced and their maker dead
     tasks.<role>        ring      the client (one writer); reader r = that role's rank r. On a prefill
                                   instance, tasks.worker also has readers tp + r: messager r (one task stream)
     done.<role>.r<r>    ring      that actor; the client reads (done.messager.r<r>: prefill instances)
@@ -62,6 +65,7 @@ from mpkv.protocol import (
     actor_slot,
     unpack_slots,
 )
+from mpkv.publication import Publications
 from mpkv.report import NO_WAIT, Wait, actor_map, culprits, wait_chain
 from mpkv.shm.barrier import create_barrier
 from mpkv.shm.records import read_sync_record, write_sync_record
@@ -91,13 +95,6 @@ from mpkv.topology import (  # noqa: F401 (the instance's shape, re-exported for
 
 _LEN = struct.Struct("<I")
 FENCE_CLOSING = 2**64 - 1  # a fence's aux while the controller waits for the ring's writer to finish a put
-
-
-class WeightSource(msgspec.Struct, frozen=True):
-    """The checkpoint directory published for a weight version (object ``weights``)."""
-
-    weight_version: int
-    path: str
 
 
 class Instance:
@@ -237,17 +234,18 @@ class Instance:
             read_sync_record(self._blob(naming.HANDLES), rank, HANDLE_RECORD_BYTES), type=PoolHandle
         )
 
-    def write_weights(self, source: WeightSource) -> None:
-        """The controller, before the RESTORE that adopts ``source.weight_version``."""
-        write_sync_record(self._blob(naming.WEIGHTS), 0, WEIGHTS_RECORD_BYTES, msgspec.msgpack.encode(source))
+    def write_weights(self, record: Publications) -> None:
+        """The controller that holds the command block (mpkv.publication.Publisher)."""
+        write_sync_record(self._blob(naming.WEIGHTS), 0, WEIGHTS_RECORD_BYTES, msgspec.msgpack.encode(record))
 
-    def read_weights(self) -> WeightSource:
-        """What the controller published last (version -1 and no path until it published anything)."""
+    def read_weights(self) -> Publications:
+        """The two publication slots (NOTE [ weight publications ] in mpkv.publication); both empty until a trainer
+        published anything."""
         raw = read_sync_record(self._blob(naming.WEIGHTS), 0, WEIGHTS_RECORD_BYTES)
         if not raw:
-            return WeightSource(-1, "")
+            return Publications()
         try:
-            return msgspec.msgpack.decode(raw, type=WeightSource)
+            return msgspec.msgpack.decode(raw, type=Publications)
         except msgspec.DecodeError as e:
             raise MpkvError(f"{self.name_of(naming.WEIGHTS)}: not a weights record mpkv wrote ({e})") from None
 

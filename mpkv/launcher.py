@@ -27,9 +27,10 @@ from loguru import logger
 from mpkv import logs, naming
 from mpkv.actors.entry import actor_main, set_process_title
 from mpkv.config import CacheConfig
-from mpkv.errors import LaunchError, MpkvError, PeerDied, UnsafeDir, WaitTimeout  # noqa: F401 (re-exported)
+from mpkv.errors import LaunchError, MpkvError, PeerDied, UnsafeDir, WaitTimeout
 from mpkv.instance import CONTROL_COMMAND, Instance, launcher_slot
 from mpkv.protocol import ROLES, ActorState, Cmd, Role, actor_name, actor_slot
+from mpkv.publication import reclaim
 from mpkv.shm.cleanup import cleanup
 from mpkv.shm.proc import ProcId
 from mpkv.shm.signals import SignalWriter, TornSlot
@@ -37,6 +38,7 @@ from mpkv.shm.waiting import MAX_WORDS, Peer, WakeSet, wait_until
 
 S = ActorState
 GRACE_S = 5.0
+RECLAIM_S = 2.0  # how often the launcher looks for weight segments of dead publishers
 SHUTDOWN_GRACE_S = 60.0
 INTERRUPTED = 128 + signal.SIGINT  # the exit code of `mpkv launch` stopped by Ctrl-C, as a shell reports it
 
@@ -270,9 +272,20 @@ class Launcher:
                     ) from None
             raise LaunchError(f"an actor died during start: {e}") from None
 
+    def _reclaim_weights(self, inst: Instance) -> None:
+        """Weight segments a dead publisher left that no publication refers to (NOTE [ weight publications ])."""
+        try:
+            removed = reclaim(inst.registry, inst.read_weights())
+        except MpkvError as e:  # a weights record that cannot be read: keep everything, say so once
+            logger.warning("weights record unreadable, nothing reclaimed: {}", e)
+            return
+        for name in removed:
+            logger.info("reclaimed {} (its publisher died; no publication refers to it)", name)
+
     def _supervise(self, inst: Instance, me: SignalWriter[ActorState]) -> int:
         shutdown_deadline: float | None = None
         last_cmd = inst.control.read(CONTROL_COMMAND)
+        next_reclaim = 0.0
         while True:
             alive = [p for p in self.procs.values() if p.exitcode is None]
             if self._stop_signal is not None:
@@ -311,6 +324,9 @@ class Launcher:
                 )
                 return 1
             me.write(S.READY, 0)  # heartbeat
+            if time.monotonic() >= next_reclaim:
+                self._reclaim_weights(inst)
+                next_reclaim = time.monotonic() + RECLAIM_S
             wait_sentinels([p.sentinel for p in alive], timeout=0.5)
 
     def _stop_all(self) -> None:

@@ -136,6 +136,7 @@ class SegmentKind(enum.IntEnum):
     BARRIER = 4
     POOL = 5
     BLOB = 6  # opaque records: the instance config, error texts, pool handles (mpkv.instance)
+    WEIGHTS = 7  # a bucket or the manifest of published weights (mpkv.publication)
     TEST = 99
 
 

@@ -27,6 +27,7 @@ from mpkv.config import CacheConfig
 from mpkv.errors import ModelError
 from mpkv.models.sampling import next_tokens
 from mpkv.protocol import DecodeItem, Prefill
+from mpkv.publication import Publication
 
 SYNTHETIC = "synthetic"
 AllReduce = Callable[[torch.Tensor], torch.Tensor]  # the sum over the ranks of an instance
@@ -34,17 +35,22 @@ LayerDone = Callable[[int], None]
 
 
 class ModelRunner(Protocol):
-    """What the worker calls. ``load`` runs when the instance adopts a weight version (start-up, restore);
-    ``source`` is a checkpoint directory published for that version, or "" (keep the weights held, or load the
-    configured ones). ``prefill`` writes every layer's K/V of each request's tokens and calls ``on_layer_done(l)``
-    once layer l is written for the whole batch (a prefill instance ships it then); ``decode`` writes the K/V of
-    each item's token at its position. Both return the next token of each request, in order.
+    """What the worker calls. ``load`` runs whenever the worker maps a pool (start-up, restore) and after its
+    weights were cleared: ``published`` is what a trainer published for that weight version
+    (``mpkv.publication.OpenPublication`` reads it), or None (the configured weights: a checkpoint's, or seeded by
+    the version); a runner that holds those weights already keeps them. ``release`` drops the weights (the tier
+    ``clear(weights=True)`` frees) and returns the bytes released; the next ``load`` brings them back.
+    ``prefill`` writes every layer's K/V of each request's tokens and calls ``on_layer_done(l)`` once layer l is
+    written for the whole batch (a prefill instance ships it then); ``decode`` writes the K/V of each item's token
+    at its position. Both return the next token of each request, in order.
 
     Under tensor parallelism every rank must run the same collectives: input a runner refuses (``BadTask``, which
     fails the task and not the worker) must be refused before its first ``all_reduce``, alike on every rank; any
     other exception fails the worker."""
 
-    def load(self, weight_version: int, source: str) -> None: ...
+    def load(self, weight_version: int, published: Publication | None) -> None: ...
+
+    def release(self) -> int: ...
 
     def prefill(self, batch: Sequence[Prefill], pool: torch.Tensor, on_layer_done: LayerDone) -> list[int]: ...
 
@@ -94,9 +100,9 @@ class SyntheticModel:
         self.weight_version = -1
         self._w: dict[str, torch.Tensor] = {}
 
-    def load(self, weight_version: int, source: str = "") -> None:
-        if source:
-            raise ModelError(f"the synthetic model has no checkpoint to load; got {source!r}")
+    def load(self, weight_version: int, published: Publication | None = None) -> None:
+        if published is not None:
+            raise ModelError("the synthetic model is seeded by its weight version; it takes no published weights")
         if weight_version == self.weight_version:
             return
         c = self.cfg
@@ -115,6 +121,11 @@ class SyntheticModel:
         wo = draw(c.layers, c.hidden, c.hidden) * scale
         self._w = {k: t.contiguous().to(self.device) for k, t in dict(emb=emb, wk=wk, wv=wv, wo=wo).items()}
         self.weight_version = weight_version
+
+    def release(self) -> int:
+        held = sum(t.nbytes for t in self._w.values())
+        self._w, self.weight_version = {}, -1
+        return held
 
     def layers_kv(self, tokens: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """K and V of every layer for ``tokens`` on this rank, in the pool's dtype."""

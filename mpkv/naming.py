@@ -139,6 +139,30 @@ def host_pool(rank: int, epoch: int) -> str:
     return f"{HOST_POOL}.r{rank}.e{epoch}"
 
 
+WEIGHTS_STEM = "wts"  # every segment of published weights (mpkv.publication): the launcher reclaims orphans by it
+
+
+def weights_buffers() -> str:
+    """A fresh id for one set of weight buffers (the buckets and manifest a publisher writes and may reuse)."""
+    return secrets.token_hex(4)
+
+
+def weights_bucket(buffers: str, bucket: int) -> str:
+    """Bucket ``bucket`` of the weight buffers ``buffers`` (its creator appends ``unique``'s random part)."""
+    return f"{WEIGHTS_STEM}.{buffers}.b{bucket}"
+
+
+def weights_manifest(buffers: str) -> str:
+    return f"{WEIGHTS_STEM}.{buffers}.m"
+
+
+def weights_buffers_of(name: str) -> str | None:
+    """The buffers id in the full name of a weights segment of ours, or None for any other name."""
+    obj = name.rsplit("/", 1)[-1].split(".")
+    # mpkv.u<uid>.<instance>.<run>.wts.<buffers>.<b<k>|m>.<random>
+    return obj[5] if len(obj) == 8 and obj[4] == WEIGHTS_STEM else None
+
+
 # -- names outside /dev/shm: process titles, log files, NIXL agents --------------------------------------------------
 
 

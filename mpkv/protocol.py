@@ -29,9 +29,9 @@ class PoolOwner(enum.IntEnum):
     TRANSFER = Role.TRANSFER
 
 
-MAX_WEIGHT_VERSION = 2**61 - 1
-"""The largest weight version (0 <= v <= MAX_WEIGHT_VERSION). The controller's ledger packs ``version << 2 | cleared``
-into one u64 aux word (mpkv.topology.pack_ledger), so 2**62 - 1 is the hard ceiling; one bit is kept in reserve.
+MAX_WEIGHT_VERSION = 2**60 - 1
+"""The largest weight version (0 <= v <= MAX_WEIGHT_VERSION). The controller's ledger packs ``version << 3 | cleared``
+into one u64 aux word (mpkv.topology.pack_ledger), so 2**61 - 1 is the hard ceiling; one bit is kept in reserve.
 Every place that accepts a weight version from outside (config, CLI, Controller.restore) checks against this one
 constant."""
 
@@ -48,8 +48,12 @@ class Cmd(enum.IntEnum):
 
 
 class ClearFlags(enum.IntFlag):
+    """The tiers a CLEAR frees: the device and host KV pools, and the workers' model weights (reloaded by the
+    next RESTORE from what was published for its weight version)."""
+
     DEVICE = 1
     HOST = 2
+    WEIGHTS = 4
 
 
 class ActorState(enum.IntEnum):

@@ -21,7 +21,7 @@ from mpkv.protocol import ROLES, ClearFlags, PdRole, Role, actor_name, actor_slo
 ERROR_RECORD_BYTES = 4096
 HANDLE_RECORD_BYTES = 1048  # a handle of up to 1024 bytes after the 24-byte header of a synchronised record
 CONFIG_BYTES = 4096
-WEIGHTS_RECORD_BYTES = 2048  # a WeightSource (mpkv.instance): a version and a checkpoint path of <= 1024 chars
+WEIGHTS_RECORD_BYTES = 2048  # mpkv.publication.Publications: two slots of a few short names each
 ALLREDUCE_PIECE_BYTES = 1 << 20  # the workers' all-reduce sums tensors in pieces of this size (mpkv.shm.allreduce)
 TASK_RING_BYTES = 1 << 20
 DONE_RING_BYTES = 1 << 23  # a ReadBlocks completion carries a request's KV
@@ -54,13 +54,13 @@ class SharedObject:
 
 
 def pack_ledger(weight_version: int, cleared: ClearFlags) -> int:
-    """``weight_version << 2 | cleared`` (protocol.MAX_WEIGHT_VERSION keeps it inside a u64)."""
-    return weight_version << 2 | int(cleared)
+    """``weight_version << 3 | cleared`` (protocol.MAX_WEIGHT_VERSION keeps it inside a u64)."""
+    return weight_version << 3 | int(cleared)
 
 
 def unpack_ledger(aux: int) -> tuple[ClearFlags, int]:
     """The tiers cleared since the last restore, and the weight version the KV in the pools belongs to."""
-    return ClearFlags(aux & 3), aux >> 2
+    return ClearFlags(aux & 7), aux >> 3
 
 
 # -- slot arithmetic -------------------------------------------------------------------------------------------

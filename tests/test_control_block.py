@@ -86,9 +86,9 @@ DRIVER = textwrap.dedent(
     step(1, 0, 21)                                     # PAUSE -> PAUSED
     e = step(3, 3, 31)                                 # CLEAR device+host -> CLEARED
     released = sum(read(status, i)[5] for i in range(3 * tp))
-    write(1, 3, e, (1 << 2) | 3)                       # ledger: cleared both, weight version 1
+    write(1, 3, e, (1 << 3) | 3)                       # ledger: cleared both, weight version 1
     e = step(4, 7, 41)                                 # RESTORE weight version 7 -> RESTORED
-    write(1, 4, e, 7 << 2)                             # ledger: nothing cleared, weight version 7
+    write(1, 4, e, 7 << 3)                             # ledger: nothing cleared, weight version 7
     step(2, 0, 45)                                     # RESUME -> READY
     print(json.dumps({"released": released, "epoch": read(control, 0)[1]}))
     """

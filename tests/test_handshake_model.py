@@ -36,12 +36,15 @@ from mpkv.protocol import ACK_OF, ActorState, ClearFlags, Cmd
 
 S = ActorState
 BOTH = int(ClearFlags.DEVICE | ClearFlags.HOST)
+WEIGHTS = int(ClearFlags.WEIGHTS)
 SCRIPT = (
     (Cmd.PAUSE, 0),
-    (Cmd.CLEAR, BOTH),
+    (Cmd.CLEAR, BOTH | WEIGHTS),
     (Cmd.RESTORE, 2),
     (Cmd.RESUME, 0),
     (Cmd.PAUSE, 0),
+    (Cmd.CLEAR, WEIGHTS),
+    (Cmd.RESTORE, 2),  # the same version: the workers load the weights they cleared
     (Cmd.CLEAR, int(ClearFlags.DEVICE)),
     (Cmd.RESTORE, 3),
     (Cmd.SHUTDOWN, 0),
@@ -58,6 +61,9 @@ class Actor:
     version: int = 1  # the weight version it serves (adopted with the pool it maps)
     owns_host: bool = False
     host_live: bool = False
+    owns_weights: bool = False  # the worker: it holds the model's weights
+    weights_live: bool = False
+    weights_version: int = -1  # the version whose weights it holds
     link: bool = False  # a link: not spawned by the instance, not acknowledged to the controller
     announced: bool = False  # a link between its announcement (BOOTING@E) and its check
     opens_left: int = 0  # how many times a link may still try to map (keeps the state space finite)
@@ -137,7 +143,9 @@ def view(w: World, i: int) -> View:
     a = w.actors[i]
     peers = tuple(w.actors[j].status if w.actors[j].alive else None for j in peer_indexes(w, i))
     is_owner = i == a.rank * w.per_rank
-    return View(a.status, w.cmd, is_owner, a.mapped, a.version, a.owns_host, a.host_live, peers)
+    return View(
+        a.status, w.cmd, is_owner, a.mapped, a.version, a.owns_host, a.host_live, peers, a.owns_weights, a.weights_live
+    )
 
 
 class Violation(AssertionError):
@@ -160,7 +168,7 @@ def apply(w: World, i: int) -> tuple[World, tuple[int, ...]]:
             raise Violation(f"owner of rank {a.rank} allocated a second pool while gen {pool.gen} is live (a leak)")
         version = w.cmd.aux if w.cmd.kind == Cmd.RESTORE else a.version
         pool = Pool(True, pool.gen + 1, version)
-        new = replace(a, mapped=True, gen=pool.gen, version=version)
+        new = adopt(replace(a, mapped=True, gen=pool.gen), version)
     elif d.action == Act.FREE:
         for j in peer_indexes(w, i):
             p = w.actors[j]
@@ -171,13 +179,17 @@ def apply(w: World, i: int) -> tuple[World, tuple[int, ...]]:
     elif d.action == Act.ATTACH:
         if not pool.live:
             raise Violation(f"attacher {i} attached to a freed pool")
-        new = replace(a, mapped=True, gen=pool.gen, version=pool.version)
+        new = adopt(replace(a, mapped=True, gen=pool.gen), pool.version)
     elif d.action == Act.DETACH:
         new = replace(a, mapped=False)
     elif d.action == Act.RELEASE_HOST:
         new = replace(a, host_live=False)
     elif d.action == Act.RESTORE_HOST:
         new = replace(a, host_live=True)
+    elif d.action == Act.RELEASE_WEIGHTS:
+        new = replace(a, weights_live=False)
+    elif d.action == Act.LOAD_WEIGHTS:
+        new = replace(a, weights_live=True, weights_version=a.version)
     elif d.action == Act.FAIL:
         assert d.reason, "a failure must carry its reason"
         if not w.crashes:
@@ -190,6 +202,13 @@ def apply(w: World, i: int) -> tuple[World, tuple[int, ...]]:
     return set_actor(w, i, new, pools=set_pool(w, a.rank, pool)), ()
 
 
+def adopt(a: Actor, version: int) -> Actor:
+    """The runtime's ``_adopt``: a worker that maps a pool of a version loads that version's weights with it."""
+    if a.owns_weights:
+        return replace(a, version=version, weights_live=True, weights_version=version)
+    return replace(a, version=version)
+
+
 def check_version(w: World, i: int, a: Actor) -> None:
     """I7: an actor that acknowledges a RESTORE serves the restored weight version; one that resumes serves the
     version the controller's ledger holds (the last restore every actor acknowledged)."""
@@ -197,6 +216,10 @@ def check_version(w: World, i: int, a: Actor) -> None:
         raise Violation(f"actor {i} acknowledged RESTORE of version {w.cmd.aux} serving version {a.version}")
     if w.cmd.kind == Cmd.RESUME and a.status.state == S.READY and a.version != w.weight_version:
         raise Violation(f"actor {i} resumed serving version {a.version}; the last restore was {w.weight_version}")
+    serving = (w.cmd.kind, a.status.state) in ((Cmd.RESTORE, S.RESTORED), (Cmd.RESUME, S.READY), (Cmd.NONE, S.READY))
+    if a.owns_weights and serving and not (a.weights_live and a.weights_version == a.version):
+        held = f"weights of version {a.weights_version}" if a.weights_live else "no weights"
+        raise Violation(f"worker {i} acknowledged {w.cmd.kind.name} serving version {a.version} with {held}")
 
 
 BOTH_TIERS = ClearFlags.DEVICE | ClearFlags.HOST
@@ -206,6 +229,7 @@ ALPHABET = (
     (Cmd.CLEAR, int(ClearFlags.DEVICE)),
     (Cmd.CLEAR, int(ClearFlags.HOST)),
     (Cmd.CLEAR, int(BOTH_TIERS)),
+    (Cmd.CLEAR, WEIGHTS),
     (Cmd.RESTORE, None),  # the version the pools hold now
     (Cmd.RESTORE, +1),  # a new one
     (Cmd.SHUTDOWN, 0),
@@ -318,6 +342,7 @@ def explore(
         per_rank = [Actor(Status(S.BOOTING, 0), rank=rank) for _ in range(n_attachers + 1)]
         host_holder = 0 if owner_has_host else 1
         per_rank[host_holder] = replace(per_rank[host_holder], owns_host=True)
+        per_rank[1 - host_holder] = replace(per_rank[1 - host_holder], owns_weights=True)  # the worker
         actors += per_rank
     actors += [Actor(Status(S.STOPPED, 0), link=True, opens_left=opens) for _ in range(n_links)]
     start = World(-1, Command(Cmd.NONE, 0), tuple(actors), (Pool(),) * tp, per_rank=n_attachers + 1)
@@ -473,7 +498,7 @@ def test_admitting_on_what_was_asked_is_caught() -> None:
 
     globals()["check_command"] = on_the_ledger_only
     try:
-        with pytest.raises(Violation, match="failed although nothing crashed: RESTORE@.* still maps"):
+        with pytest.raises(Violation, match="failed although nothing crashed: RESTORE@.* still maps|with no weights"):
             explore(1, owner_has_host=False, max_crashes=0, free=3, max_timeouts=1)
     finally:
         globals()["check_command"] = original
@@ -515,3 +540,22 @@ def test_a_clear_counts_from_the_command_word_not_the_ledger() -> None:
     restore = Command(Cmd.RESTORE, 6, 8)
     assert settled_ledger(restore, False, ClearFlags.DEVICE, 7) == (ClearFlags.DEVICE, 7)
     assert settled_ledger(restore, True, ClearFlags.DEVICE, 7) == (ClearFlags(0), 8)
+
+
+def test_a_wake_up_that_forgets_the_weights_is_caught() -> None:
+    """Sanity check of the weights tier: a worker that acknowledges a RESTORE without loading the weights it cleared
+    (the reported "gibberish after wake-up") must be reported."""
+    import mpkv.handshake as hs
+
+    original = hs.decide
+
+    def forgets(v: View) -> hs.Decision:
+        d = original(v)
+        return hs.Decision(Act.ACK, hs.Status(ACK_OF[v.cmd.kind], v.cmd.epoch)) if d.action == Act.LOAD_WEIGHTS else d
+
+    globals()["decide"] = forgets
+    try:
+        with pytest.raises(Violation, match="with no weights"):
+            explore(1, owner_has_host=False, max_crashes=0)
+    finally:
+        globals()["decide"] = original

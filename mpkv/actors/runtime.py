@@ -112,6 +112,16 @@ class Actor:
     def restore_host(self, epoch: int) -> None:  # pragma: no cover
         raise ProtocolError(f"{self.name} owns no host pool")
 
+    def owns_weights(self) -> bool:
+        """Whether this actor holds model weights (the worker: a tier that CLEAR may free)."""
+        return False
+
+    def weights_live(self) -> bool:
+        return False
+
+    def release_weights(self) -> int:  # pragma: no cover - only the worker is asked
+        raise ProtocolError(f"{self.name} holds no weights")
+
     def on_task_end(self, task: object) -> None:
         """Called after every task this actor served, whatever its outcome (the worker ends its progress)."""
 
@@ -133,8 +143,9 @@ class Actor:
         return f"{self.status.state.name}@{self.status.epoch}"
 
     def on_new_weights(self, weight_version: int) -> None:
-        """Called when a restore adopts a weight version (the worker loads weights; the transfer manager
-        drops host entries of older versions)."""
+        """Called whenever this actor maps a pool at start-up or at a restore, with the pool's weight version, and
+        when a worker must load the weights it cleared (the worker loads the weights published for the version
+        unless it holds them already; the transfer manager drops host entries of other versions)."""
 
     # -- status ----------------------------------------------------------------------------------------------
     @property
@@ -180,7 +191,16 @@ class Actor:
         peers = tuple(self._peer_status(i, check_alive)[0] for i in range(len(self.peers)))
         mapped = self.pool is not None  # a mapped pool's weight version is the one adopted with it (``_adopt``)
         return View(
-            self.status, cmd, self.is_owner, mapped, self.weight_version, self.owns_host(), self.host_live(), peers
+            self.status,
+            cmd,
+            self.is_owner,
+            mapped,
+            self.weight_version,
+            self.owns_host(),
+            self.host_live(),
+            peers,
+            self.owns_weights(),
+            self.weights_live(),
         )
 
     def _decide(self, cmd: Command) -> Decision:
@@ -307,6 +327,10 @@ class Actor:
             self.released_bytes += self.release_host()
         elif d.action == Act.RESTORE_HOST:
             self.restore_host(cmd.epoch)
+        elif d.action == Act.RELEASE_WEIGHTS:
+            self.released_bytes += self.release_weights()
+        elif d.action == Act.LOAD_WEIGHTS:
+            self.on_new_weights(self.weight_version)
         elif d.action == Act.DRAIN:
             self._drain(cmd)
         assert d.publish is not None
@@ -336,9 +360,10 @@ class Actor:
                 )
 
     def _adopt(self, weight_version: int) -> None:
-        if weight_version != self.weight_version or self.status.state == S.BOOTING:
-            self.weight_version = weight_version
-            self.on_new_weights(weight_version)
+        # Also for the version held: a restore that timed out after some workers loaded a publication of it may
+        # be followed by a clear and a newer publication of that same version (the worker compares publications).
+        self.weight_version = weight_version
+        self.on_new_weights(weight_version)
 
     def _detach(self) -> None:
         pool, self.pool = self.pool, None

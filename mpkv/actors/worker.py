@@ -92,6 +92,7 @@ class Worker(Actor):
     def __init__(self, inst: Instance, rank: int) -> None:
         self.progress = inst.progress.writer(rank) if inst.cfg.pd_role == PdRole.PREFILL else None
         self.collective: ShmAllReduce | None = None
+        self._weights_live = False
         super().__init__(inst, rank)
         if naming.ALLREDUCE in inst.topology:
             self.collective = ShmAllReduce(
@@ -123,9 +124,18 @@ class Worker(Actor):
         return all_reduce
 
     def on_new_weights(self, weight_version: int) -> None:
-        published = self.inst.read_weights()
-        source = published.path if published.weight_version == weight_version else ""
-        self.model.load(weight_version, source)
+        self.model.load(weight_version, self.inst.read_weights().find(weight_version))
+        self._weights_live = True
+
+    def owns_weights(self) -> bool:
+        return True
+
+    def weights_live(self) -> bool:
+        return self._weights_live
+
+    def release_weights(self) -> int:
+        self._weights_live = False
+        return self.model.release()
 
     # -- checks: the client checked each task too, but a ring may have another writer, and a bad task must fail
     # itself, never the worker (nor leave the pool half-written)

@@ -1,17 +1,20 @@
 """The worker's plug-in for a Hugging Face checkpoint directory (``mpkv launch --model DIR``): one rank's shard of a
 Llama-family model (``LlamaModel``), its weights loaded by version.
 
-Which weights a weight version means: the directory the controller published for that version
-(``Controller.restore(weight_version, weights_from=DIR)``; loaded again even if it is the directory of the weights
-held), else the weights the worker holds already (a restore to a new version number with the same checkpoint),
-else, at start-up, the configured ``CacheConfig.model``. A directory must describe the same model (architecture
-and every shape): anything else is a ModelError naming the difference, and the weights held stay as they were.
+Which weights a weight version means: what a trainer published for it (``Controller.update_weights``, NOTE
+[ weight publications ] in mpkv.publication), or for the version the instance was launched with
+(``CacheConfig.weight_version``), the configured checkpoint ``CacheConfig.model``. A worker loads a publication
+unless it holds that very one (publications are compared by id: a version re-published after a restore that did
+not complete is loaded again). A new version is copied over the old one in place: never two copies in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,8 +23,22 @@ from mpkv.errors import ModelError
 from mpkv.models.hf_config import ModelConfig, read_config
 from mpkv.models.llama import AllReduce, Chunk, LlamaModel
 from mpkv.models.sampling import next_tokens
-from mpkv.models.weights import check_checkpoint, load_weights
+from mpkv.models.weights import RankWeights, _Checkpoint, allocate, check_checkpoint, fill, slice_of
 from mpkv.protocol import DecodeItem, Prefill
+from mpkv.publication import OpenPublication, Publication, expected_tensors
+
+LAUNCH = "launch"  # HFRunner.held: the weights of the configured checkpoint (CacheConfig.model)
+
+
+def _resident_bytes(device: torch.device) -> int:
+    """What this process holds: resident memory on cpu, the device's used memory on cuda."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        return int(total - free)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_same_model(held: ModelConfig, new: ModelConfig, where: str) -> None:
@@ -37,20 +54,54 @@ class HFRunner:
         self.cfg, self.rank, self.device, self.all_reduce = cfg, rank, device, all_reduce
         self.model_cfg = read_config(cfg.model)
         self.model: LlamaModel | None = None
+        self.weights: RankWeights | None = None  # kept across reloads: a new version is copied into it in place
+        self.held = ""  # what the weights are: LAUNCH (the configured checkpoint) or a publication's id
+        self.version = -1
+        self._consumed = ""  # cuda: the last manifest whose CUDA IPC shares this rank consumed
 
-    def load(self, weight_version: int, source: str) -> None:
-        if not source and self.model is not None:
-            return  # a new version number for the weights held
-        # A published source is loaded even from the directory of the weights held: a trainer may save every
-        # update into one directory, so a path says nothing about whether its files changed.
-        src = source or self.cfg.model
-        if src != self.cfg.model:
-            check_same_model(self.model_cfg, read_config(src), f"{src}/config.json")
-            check_checkpoint(src, self.model_cfg, self.cfg.tp)
-        self.model = None  # the old weights go first: never two copies in memory (a failed load fails the worker)
-        weights = load_weights(src, self.model_cfg, self.rank, self.cfg.tp, self.cfg.torch_dtype, self.device)
+    def load(self, weight_version: int, published: Publication | None) -> None:
+        if published is not None and published.backend == "cuda" and published.manifest != self._consumed:
+            with self._open(published) as pub:  # each share is opened once, loaded from or not (mpkv.publication)
+                self._consumed = published.manifest
+                if published.id != self.held or self.model is None:
+                    self._fill(weight_version, published.id, lambda part: slice_of(pub.tensor(part.name), part))
+            return
+        if published is not None:
+            if published.id != self.held or self.model is None:
+                with self._open(published) as pub:
+                    self._fill(weight_version, published.id, lambda part: slice_of(pub.tensor(part.name), part))
+            return
+        if weight_version == self.cfg.weight_version:
+            if self.held != LAUNCH or self.model is None:
+                check_checkpoint(self.cfg.model, self.model_cfg, self.cfg.tp)
+                self._fill(weight_version, LAUNCH, _Checkpoint(Path(self.cfg.model)).read)
+            return
+        if self.model is None or self.version != weight_version:
+            raise ModelError(
+                f"weight version {weight_version} has no published weights (Controller.update_weights publishes "
+                f"them) and worker r{self.rank} holds none of that version: nothing to load"
+            )
+
+    def _open(self, published: Publication) -> OpenPublication:
+        return OpenPublication(published, self.rank, expected_tensors(self.model_cfg))
+
+    def _fill(self, weight_version: int, held: str, read: Callable[[Any], Any]) -> None:
+        """Copy the new weights over the old ones in place (never two copies in memory). From the first byte on
+        the old weights are gone: a failure here fails the worker, which never serves half-copied weights."""
+        self.model, self.held, self.version = None, "", -1
+        if self.weights is None:
+            self.weights = allocate(self.model_cfg, self.rank, self.cfg.tp, self.cfg.torch_dtype, self.device)
+        with torch.no_grad():
+            fill(self.weights, self.model_cfg, self.rank, self.cfg.tp, read)
         tp = self.cfg.tp
-        self.model = LlamaModel(self.model_cfg, weights, rank=self.rank, tp=tp, all_reduce=self.all_reduce)
+        self.model = LlamaModel(self.model_cfg, self.weights, rank=self.rank, tp=tp, all_reduce=self.all_reduce)
+        self.held, self.version = held, weight_version
+
+    def release(self) -> int:
+        """Drop the weights (the tier ``clear(weights=True)`` frees); the bytes the system got back, measured."""
+        before = _resident_bytes(self.device)
+        self.model, self.weights, self.held, self.version = None, None, "", -1
+        return max(0, before - _resident_bytes(self.device))
 
     def _model(self) -> LlamaModel:
         if self.model is None:

@@ -16,10 +16,14 @@ by name, with the expected and found shapes.
 from __future__ import annotations
 
 import json
+import math
+import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mpkv.errors import ModelError
@@ -43,10 +47,14 @@ class LayerWeights:
 
 @dataclass
 class RankWeights:
+    """Views of one flat allocation (``arena``): a reload copies into it in place, and dropping it frees it all
+    at once (on cpu an anonymous mapping, returned to the system when the last view goes)."""
+
     embed: torch.Tensor  # [vocab, hidden]
     layers: list[LayerWeights]
     norm: torch.Tensor  # [hidden]
     lm_head: torch.Tensor  # [vocab, hidden]; the embedding itself when tied
+    arena: torch.Tensor | None = None  # uint8, every tensor above is a view of it
 
 
 @dataclass(frozen=True)
@@ -73,10 +81,96 @@ def load_weights(
     cfg.check_tp(tp)
     ckpt = _Checkpoint(Path(model_dir))
     want = dtype if dtype is not None else getattr(torch, cfg.dtype)
-    parts = _parts(cfg, rank, tp)
-    # Read (and check) everything before building anything: a bad checkpoint leaves nothing half-made.
-    read = {p.name: ckpt.read(p).to(device=device, dtype=want) for p in parts}
-    return _assemble(cfg, read)
+    for part in _parts(cfg, rank, tp):  # every tensor present and of its shape before anything is allocated
+        ckpt.view(part)
+    w = allocate(cfg, rank, tp, want, device)
+    fill(w, cfg, rank, tp, ckpt.read)
+    return w
+
+
+def allocate(cfg: ModelConfig, rank: int, tp: int, dtype: torch.dtype, device: torch.device | str) -> RankWeights:
+    """Rank ``rank``'s weights, uninitialised, as views of one allocation (see RankWeights)."""
+    d, hidden, item = cfg.head_dim, cfg.hidden, torch.empty(0, dtype=dtype).element_size()
+    q, kv, m = cfg.heads * d // tp, cfg.kv_heads * d // tp, cfg.intermediate // tp
+    shapes: list[tuple[int, ...]] = [(cfg.vocab, hidden), (hidden,)] + (
+        [] if cfg.tie_embeddings else [(cfg.vocab, hidden)]
+    )
+    layer = [(hidden,), (q + 2 * kv, hidden), (hidden, q), (hidden,), (2 * m, hidden), (hidden, m)]
+    layer += [(q + 2 * kv,)] if cfg.qkv_bias else []
+    layer += [(hidden,)] if cfg.o_bias else []
+    shapes += layer * cfg.layers
+    sizes = [-(-math.prod(s) * item // 64) * 64 for s in shapes]  # each view 64-byte aligned
+    arena = _arena(sum(sizes), torch.device(device))
+    views, off = [], 0
+    for shape, size in zip(shapes, sizes, strict=True):
+        views.append(arena[off : off + math.prod(shape) * item].view(dtype).view(shape))
+        off += size
+    it = iter(views)
+    embed, norm = next(it), next(it)
+    lm_head = embed if cfg.tie_embeddings else next(it)
+    layers = []
+    for _ in range(cfg.layers):
+        input_norm, qkv, o, post_norm, gate_up, down = (next(it) for _ in range(6))
+        qkv_bias = next(it) if cfg.qkv_bias else None
+        o_bias = next(it) if cfg.o_bias else None
+        layers.append(LayerWeights(input_norm, qkv, qkv_bias, o, o_bias, post_norm, gate_up, down))
+    return RankWeights(embed, layers, norm, lm_head, arena)
+
+
+def _arena(nbytes: int, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    # An anonymous mapping of its own, not the heap: freeing it returns the memory to the system, measurably (a
+    # heap allocation below malloc's mmap threshold would stay in the process). Through numpy: the array holds
+    # an export of the mapping, which stays mapped exactly as long as a view of it lives.
+    return torch.from_numpy(np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=np.uint8))
+
+
+def fill(w: RankWeights, cfg: ModelConfig, rank: int, tp: int, read: Callable[[_Part], Any]) -> None:
+    """Copy every tensor of rank ``rank``'s shard into ``w``, in place: ``read(part)`` gives the part's slice (a
+    tensor, or anything ``torch.as_tensor`` takes), converted to ``w``'s dtype and device as it is copied."""
+    into = _placement(w, cfg, tp)
+    for part in _parts(cfg, rank, tp):
+        src = read(part)
+        dst = into[part.name]
+        if tuple(src.shape) != tuple(dst.shape):  # copy_ would broadcast a smaller tensor without a word
+            raise ModelError(
+                f"tensor {part.name}: this rank's slice has shape {list(src.shape)}, expected {list(dst.shape)}"
+            )
+        dst.copy_(src)
+
+
+def _placement(w: RankWeights, cfg: ModelConfig, tp: int) -> dict[str, torch.Tensor]:
+    """Where each checkpoint tensor's slice goes in ``w``: q, k, v rows into the fused qkv, gate and up into
+    gate_up, the rest one to one."""
+    q, kv, m = cfg.heads * cfg.head_dim // tp, cfg.kv_heads * cfg.head_dim // tp, cfg.intermediate // tp
+    out = {"model.embed_tokens.weight": w.embed, "model.norm.weight": w.norm}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = w.lm_head
+    for i, lw in enumerate(w.layers):
+        at, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        out[f"model.layers.{i}.input_layernorm.weight"] = lw.input_norm
+        out[f"model.layers.{i}.post_attention_layernorm.weight"] = lw.post_norm
+        for x, rows in zip("qkv", (slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)), strict=True):
+            out[at + f"{x}_proj.weight"] = lw.qkv[rows]
+            if lw.qkv_bias is not None:
+                out[at + f"{x}_proj.bias"] = lw.qkv_bias[rows]
+        out[at + "o_proj.weight"] = lw.o
+        if lw.o_bias is not None:
+            out[at + "o_proj.bias"] = lw.o_bias
+        out[mlp + "gate_proj.weight"] = lw.gate_up[:m]
+        out[mlp + "up_proj.weight"] = lw.gate_up[m:]
+        out[mlp + "down_proj.weight"] = lw.down
+    return out
+
+
+def slice_of(t: Any, part: _Part) -> Any:
+    """This rank's slice of a full tensor (or of a safetensors slice handle)."""
+    if part.rows is not None:
+        return t[part.rows[0] : part.rows[1]]
+    if part.cols is not None:
+        return t[:, part.cols[0] : part.cols[1]]
+    return t[:]
 
 
 def check_checkpoint(model_dir: str | Path, cfg: ModelConfig, tp: int = 1) -> None:
@@ -121,30 +215,6 @@ def _parts(cfg: ModelConfig, rank: int, tp: int) -> list[_Part]:
         if cfg.o_bias:
             parts.append(_Part(at + "o_proj.bias", (hidden,)))
     return parts
-
-
-def _assemble(cfg: ModelConfig, w: dict[str, torch.Tensor]) -> RankWeights:
-    layers = []
-    for i in range(cfg.layers):
-        at, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-        qkv_bias = None
-        if cfg.qkv_bias:
-            qkv_bias = torch.cat([w[at + f"{x}_proj.bias"] for x in "qkv"])
-        layers.append(
-            LayerWeights(
-                input_norm=w[f"model.layers.{i}.input_layernorm.weight"],
-                qkv=torch.cat([w[at + f"{x}_proj.weight"] for x in "qkv"]),  # one matmul instead of three
-                qkv_bias=qkv_bias,
-                o=w[at + "o_proj.weight"],
-                o_bias=w.get(at + "o_proj.bias"),
-                post_norm=w[f"model.layers.{i}.post_attention_layernorm.weight"],
-                gate_up=torch.cat([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]),
-                down=w[mlp + "down_proj.weight"],
-            )
-        )
-    embed = w["model.embed_tokens.weight"]
-    lm_head = embed if cfg.tie_embeddings else w["lm_head.weight"]
-    return RankWeights(embed=embed, layers=layers, norm=w["model.norm.weight"], lm_head=lm_head)
 
 
 class _Checkpoint:
@@ -197,12 +267,8 @@ class _Checkpoint:
         return self._open[path.name]
 
     def read(self, part: _Part) -> torch.Tensor:
-        view = self.view(part)
-        if part.rows is not None:
-            return view[part.rows[0] : part.rows[1]]
-        if part.cols is not None:
-            return view[:, part.cols[0] : part.cols[1]]
-        return view[:]
+        out: torch.Tensor = slice_of(self.view(part), part)
+        return out
 
     def view(self, part: _Part) -> Any:
         """The tensor's lazy slice handle, once its presence and shape are checked (nothing read yet)."""

@@ -45,7 +45,7 @@ class CudaPool:
         # One share per attacher: torch counts the receivers of a share with one counter that its receiver
         # decrements once; two attachers rebuilding from one share would drive it below zero, and the owner's
         # memory would never be returned (it would wait in torch's limbo forever).
-        shares = {role: _encode(reduce_tensor(self._raw)[1]) for role in (attachers or (0,))}
+        shares = {role: share_of(self._raw) for role in (attachers or (0,))}
         self._handle = PoolHandle("cuda", rank, epoch, wv, nbytes, cuda=shares)
 
     def handle(self) -> PoolHandle:
@@ -63,7 +63,7 @@ class AttachedCudaPool:
     def __init__(self, cfg: CacheConfig, handle: PoolHandle, role: int) -> None:
         if role not in handle.cuda:
             raise ValueError(f"the pool of rank {handle.rank} has no CUDA IPC share for role {role}")
-        raw = rebuild_cuda_tensor(*_decode(handle.cuda[role]))
+        raw = open_share(handle.cuda[role])
         self.tensor = raw.view(cfg.torch_dtype).view(cfg.pool_shape(handle.nbytes // cfg.block_bytes))
 
     def close(self) -> None:
@@ -91,6 +91,16 @@ class PinnedHostPool:
 def _rss_bytes() -> int:
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def share_of(t: torch.Tensor) -> tuple:
+    """A CUDA IPC share of ``t`` for exactly one receiver (``open_share``), as plain data (msgpack-able)."""
+    return _encode(reduce_tensor(t)[1])
+
+
+def open_share(share: tuple | list) -> torch.Tensor:
+    """The tensor a ``share_of`` share names, mapped into this process; dropping it releases the share."""
+    return rebuild_cuda_tensor(*_decode(tuple(share)))
 
 
 # reduce_tensor's arguments hold torch types (tensor class, storage class, dtype, Size); keep them as names.

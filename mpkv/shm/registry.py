@@ -108,6 +108,14 @@ class Registry:
         self._set_state(i, EntryState.GONE)
         _native.store_u64(self.seg.buf, self._entry_off(i) + layout.REG_CLAIM, 0)
 
+    def reclaim(self, entry: Entry) -> None:
+        """Give back the entry of a claimer that is dead (its name already unlinked): GONE, then the claim word from
+        the dead pid to 0 (compare-and-swap: an entry claimed anew meanwhile is left alone)."""
+        off = self._entry_off(entry.index)
+        if _native.load_u64(self.seg.buf, off + layout.REG_CLAIM) == entry.owner.pid:
+            self._set_state(entry.index, EntryState.GONE)
+            _native.cas_u64(self.seg.buf, off + layout.REG_CLAIM, entry.owner.pid, 0)
+
     def entries(self) -> list[Entry]:
         out = []
         buf = self.seg.buf

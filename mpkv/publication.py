@@ -1,0 +1,464 @@
+"""Weights a trainer publishes for an instance (``Controller.update_weights``); the workers load them at the restore
+that adopts their weight version.
+
+NOTE [ weight publications ]
+A publication is the full (unsharded) tensors of one weight version, laid out in buckets, each tensor at an
+aligned byte offset:
+  cpu   one shared-memory segment per bucket (``wts.<buffers>.b<k>.<random>``, 0600, O_EXCL), made by the
+        publishing process; each worker maps them and copies its rank's shard out.
+  cuda  one device tensor per bucket, held by the publishing process and exported by CUDA IPC once per receiving
+        worker (torch counts the receivers of a share with one counter: a share has one receiver, as the KV
+        pool's). The shares live as long as the publisher holds the buckets: a publication of a trainer that
+        exited cannot be loaded any more (the controller refuses to restore it).
+The manifest (every tensor's name, dtype, shape, bucket and offset, and the buckets) is a segment of its own
+(``wts.<buffers>.m.<random>``), msgpack. The instance's ``weights`` record (one writer: the controller that holds
+the command block) has two slots: double buffering. A publication goes into the slot that does not hold the
+weight version served, so a trainer publishes N+1 while the instance serves (and may reload, after a weights
+clear) N. A slot is written in three steps: marked incomplete (its old segments are then referenced by nothing),
+the buckets and the manifest written, marked complete with a fresh publication id (workers compare ids, not
+versions, to know whether they hold a publication already). A publisher killed at any point leaves an incomplete
+slot and segments no complete slot refers to: ``reclaim`` (run by the launcher) unlinks those once their creator is
+dead, and the next publication overwrites the slot. A publisher reuses its own buffers when it publishes the same
+layout again (a re-publish is a copy into memory already mapped, without page faults).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from mpkv import naming
+from mpkv.errors import ModelError, MpkvError
+from mpkv.layout import EntryState, SegmentKind
+from mpkv.shm.proc import ProcId
+from mpkv.shm.registry import Registry, unlink_if_exists
+
+if TYPE_CHECKING:
+    import torch
+
+    from mpkv.instance import Instance
+    from mpkv.shm.segment import Segment
+
+BUCKET_BYTES = 256 << 20  # big enough that a bucket costs one syscall per 256 MiB, small enough to pipeline later
+ALIGN_BYTES = 256
+MANIFEST_MAX_BYTES = 64 << 20
+DTYPES = ("float32", "bfloat16", "float16")  # what a manifest may name (and the model may run in)
+
+
+class TensorSpec(msgspec.Struct, frozen=True, array_like=True):
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    bucket: int
+    offset: int  # bytes from the start of the bucket
+
+    @property
+    def nbytes(self) -> int:
+        n = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class Manifest(msgspec.Struct, frozen=True):
+    weight_version: int
+    publication: str  # the publication id (Publication.id)
+    backend: str  # "cpu" or "cuda"
+    bucket_bytes: list[int]
+    tensors: list[TensorSpec]
+    buckets: list[str] = []  # cpu: each bucket's full segment name
+    cuda: dict[int, list[tuple[Any, ...]]] = {}  # cuda: per receiving rank, one share per bucket
+
+
+class Publication(msgspec.Struct, frozen=True):
+    """One slot of the ``weights`` record."""
+
+    weight_version: int = -1
+    id: str = ""  # fresh for every publication
+    buffers: str = ""  # the id in the names of its segments (kept when a publisher reuses its buffers)
+    manifest: str = ""  # the manifest segment's full name
+    writer: int = 0  # the publishing process's pid
+    backend: str = "cpu"
+    complete: bool = False
+
+
+class Publications(msgspec.Struct, frozen=True):
+    slots: tuple[Publication, Publication] = (Publication(), Publication())
+
+    def find(self, weight_version: int) -> Publication | None:
+        """The complete publication of ``weight_version``, if there is one."""
+        return next((p for p in self.slots if p.complete and p.weight_version == weight_version), None)
+
+    def referenced(self) -> set[str]:
+        """The buffer ids of complete publications: their segments must stay."""
+        return {p.buffers for p in self.slots if p.complete}
+
+    def with_slot(self, i: int, pub: Publication) -> Publications:
+        slots = list(self.slots)
+        slots[i] = pub
+        return Publications((slots[0], slots[1]))
+
+
+def expected_tensors(model_cfg: Any) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Llama-family model of ``model_cfg`` has, by its Hugging Face name, with its full shape."""
+    from mpkv.models.weights import _parts
+
+    return {p.name: p.shape for p in _parts(model_cfg, 0, 1)}
+
+
+def layout(
+    expected: Mapping[str, tuple[int, ...]], dtype: str, bucket_bytes: int
+) -> tuple[list[TensorSpec], list[int]]:
+    """Where each tensor goes: in order, at aligned offsets, a new bucket when the next one does not fit (a tensor
+    larger than a bucket gets a bucket of its own). Returns the specs and every bucket's size (its bytes used)."""
+    specs: list[TensorSpec] = []
+    sizes: list[int] = []
+    for name, shape in expected.items():
+        nbytes = TensorSpec(name, dtype, tuple(shape), 0, 0).nbytes
+        off = -(-sizes[-1] // ALIGN_BYTES) * ALIGN_BYTES if sizes else 0
+        if not sizes or off + nbytes > bucket_bytes:
+            sizes.append(0)
+            off = 0
+        specs.append(TensorSpec(name, dtype, tuple(shape), len(sizes) - 1, off))
+        sizes[-1] = off + nbytes
+    return specs, sizes
+
+
+def check_tensor(name: str, tensor: object, shape: tuple[int, ...] | None, dtype: torch.dtype) -> None:
+    """One pushed tensor against the model: known name, full shape, the instance's dtype. A ModelError names it."""
+    import torch
+
+    if shape is None:
+        raise ModelError(f"tensor {name!r} is not a parameter of this model (an extra tensor: nothing was published)")
+    if not isinstance(tensor, torch.Tensor):
+        raise ModelError(f"tensor {name}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != shape:
+        raise ModelError(
+            f"tensor {name} has shape {list(tensor.shape)}; the model's is {list(shape)} (full, unsharded)"
+        )
+    if tensor.dtype != dtype:
+        raise ModelError(
+            f"tensor {name} is {str(tensor.dtype).removeprefix('torch.')}; the instance runs "
+            f"{str(dtype).removeprefix('torch.')}: cast it before publishing"
+        )
+
+
+# -- the publisher's side --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Buffers:
+    """Buckets (and a manifest segment) one publisher made, reusable for the same layout."""
+
+    id: str
+    sizes: list[int]
+    segments: list[Segment] = field(default_factory=list)  # cpu
+    tensors: list[torch.Tensor] = field(default_factory=list)  # cuda (and cpu: views of the segments)
+    manifest: Segment | None = None
+
+
+class Draft:
+    """A publication being written: ``put`` each tensor (checked, then copied into its place), then ``finish``."""
+
+    def __init__(
+        self, publisher: Publisher, slot: int, pub: Publication, specs: list[TensorSpec], bufs: _Buffers, reused: bool
+    ) -> None:
+        self.publisher, self.slot, self.pub, self.bufs, self.reused = publisher, slot, pub, bufs, reused
+        self.specs = {s.name: s for s in specs}
+        self.missing = set(self.specs)
+        self.bytes = 0
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.specs.get(name)
+        check_tensor(name, tensor, spec.shape if spec else None, self.publisher.dtype)
+        assert spec is not None
+        if name not in self.missing:
+            raise ModelError(f"tensor {name} was pushed twice for weight version {self.pub.weight_version}")
+        dst = self.bufs.tensors[spec.bucket][spec.offset : spec.offset + spec.nbytes]
+        src = tensor.detach()
+        if src.device != dst.device:
+            src = src.to(dst.device)
+        dst.view(tensor.dtype).view(spec.shape).copy_(src)
+        self.missing.discard(name)
+        self.bytes += spec.nbytes
+
+    def finish(self) -> Publication:
+        """Every tensor is there: the manifest is written and the slot marked complete. Until then no worker can
+        load anything of this publication."""
+        missing = sorted(self.missing)
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ModelError(
+                f"weight version {self.pub.weight_version}: tensor {', '.join(missing[:3])}{more} missing "
+                "(push every parameter of the model; nothing was published)"
+            )
+        return self.publisher._finish(self)
+
+
+class Publisher:
+    """A controller's writer of publications (it holds the command block: one writer of the ``weights`` record)."""
+
+    def __init__(self, inst: Instance, model_cfg: Any, dtype: torch.dtype, bucket_bytes: int = BUCKET_BYTES) -> None:
+        self.inst, self.model_cfg, self.dtype, self.bucket_bytes = inst, model_cfg, dtype, bucket_bytes
+        self.backend = inst.cfg.backend
+        self.expected = expected_tensors(model_cfg)
+        self._mine: dict[int, _Buffers] = {}  # slot -> the buffers this publisher wrote there
+
+    def begin(self, weight_version: int, served: int) -> Draft:
+        """Start publishing ``weight_version`` into the slot that does not hold ``served``'s weights."""
+        record = self.inst.read_weights()
+        slot = self._slot_for(record, weight_version, served)
+        dtype = str(self.dtype).removeprefix("torch.")
+        specs, sizes = layout(self.expected, dtype, self.bucket_bytes)
+        bufs = self._mine.get(slot)
+        if bufs is not None and bufs.sizes != sizes:
+            self._drop(slot)
+            bufs = None
+        buffers = bufs.id if bufs else naming.weights_buffers()
+        fresh = Publication(weight_version, secrets.token_hex(8), buffers, writer=ProcId.me().pid, backend=self.backend)
+        # From here the slot's old publication is referenced by nothing (and no worker reads it: it is not the
+        # version served, and no restore is pending; the controller checked both).
+        self.inst.write_weights(record.with_slot(slot, fresh))
+        reused = bufs is not None
+        if bufs is None:
+            bufs = self._make(fresh.buffers, sizes)
+            self._mine[slot] = bufs
+        return Draft(self, slot, fresh, specs, bufs, reused)
+
+    def holds(self, pub: Publication) -> bool:
+        """Whether ``pub``'s buffers are ours (a cuda publication can be loaded only while its publisher lives)."""
+        return any(b.id == pub.buffers for b in self._mine.values())
+
+    def _slot_for(self, record: Publications, weight_version: int, served: int) -> int:
+        same = [i for i, p in enumerate(record.slots) if p.weight_version == weight_version]
+        if same:
+            return same[0]
+        free = [i for i, p in enumerate(record.slots) if not (p.complete and p.weight_version == served)]
+        # The older of the free ones (an incomplete slot counts as oldest).
+        return min(free, key=lambda i: record.slots[i].weight_version if record.slots[i].complete else -2)
+
+    def _make(self, buffers: str, sizes: list[int]) -> _Buffers:
+        import torch
+
+        bufs = _Buffers(buffers, sizes)
+        try:
+            for k, size in enumerate(sizes):
+                if self.backend == "cuda":
+                    bufs.tensors.append(torch.empty(size, dtype=torch.uint8, device=torch.cuda.current_device()))
+                    continue
+                seg = self.inst.registry.create_unique_segment(
+                    naming.weights_bucket(buffers, k), SegmentKind.WEIGHTS, size
+                )
+                bufs.segments.append(seg)
+                bufs.tensors.append(_bytes_of(seg))
+        except BaseException:
+            self._release(bufs)
+            raise
+        return bufs
+
+    def _finish(self, draft: Draft) -> Publication:
+        bufs, pub = draft.bufs, draft.pub
+        if self.backend == "cuda":
+            import torch
+
+            torch.cuda.synchronize()  # the receivers read on other streams, in other processes
+        specs = list(draft.specs.values())
+        done = self._write_manifest(
+            draft.slot,
+            pub,
+            Manifest(
+                pub.weight_version, pub.id, self.backend, bufs.sizes, specs, buckets=[s.name for s in bufs.segments]
+            ),
+        )
+        record = self.inst.read_weights()
+        for k, b in list(self._mine.items()):  # buffers of ours that another slot's newer publication replaced
+            if k != draft.slot and record.slots[k].buffers != b.id:
+                self._drop(k)
+        return done
+
+    def export(self, weight_version: int) -> Publication:
+        """cuda: fresh CUDA IPC shares of ``weight_version``'s buckets, one per rank, in a new manifest, before the
+        restore that loads it. Every worker consumes each share it sees exactly once (torch counts a share's one
+        receiver; a share opened twice, or never, would keep our memory in torch's limbo)."""
+        from mpkv.pool.cuda import share_of
+
+        record = self.inst.read_weights()
+        slot = next((k for k, p in enumerate(record.slots) if p.complete and p.weight_version == weight_version), -1)
+        bufs = self._mine.get(slot)
+        if bufs is None or record.slots[slot].buffers != bufs.id:
+            raise MpkvError(f"weight version {weight_version} was not published by this controller")
+        pub = record.slots[slot]
+        assert bufs.manifest is not None
+        n = int.from_bytes(bufs.manifest.payload[:8], "little")
+        m = msgspec.msgpack.decode(bytes(bufs.manifest.payload[8 : 8 + n]), type=Manifest)
+        shares = {rank: [share_of(t) for t in bufs.tensors] for rank in range(self.inst.cfg.tp)}
+        return self._write_manifest(slot, pub, msgspec.structs.replace(m, cuda=shares))
+
+    def _write_manifest(self, slot: int, pub: Publication, manifest: Manifest) -> Publication:
+        """A new manifest segment (its size may differ from the old one's), then the slot pointing at it."""
+        bufs = self._mine[slot]
+        raw = msgspec.msgpack.encode(manifest)
+        if len(raw) > MANIFEST_MAX_BYTES:
+            raise MpkvError(f"the manifest of weight version {pub.weight_version} is {len(raw)} bytes")
+        seg = self.inst.registry.create_unique_segment(
+            naming.weights_manifest(bufs.id), SegmentKind.WEIGHTS, 8 + len(raw)
+        )
+        seg.payload[:8] = len(raw).to_bytes(8, "little")
+        seg.payload[8 : 8 + len(raw)] = raw
+        seg.mark_ready()
+        old, bufs.manifest = bufs.manifest, seg
+        done = msgspec.structs.replace(pub, manifest=seg.name, complete=True)
+        self.inst.write_weights(self.inst.read_weights().with_slot(slot, done))
+        if old is not None:  # referenced by nothing now
+            self.inst.registry.release(old)
+        return done
+
+    def _drop(self, slot: int) -> None:
+        bufs = self._mine.pop(slot, None)
+        if bufs is not None:
+            self._release(bufs)
+
+    def _release(self, bufs: _Buffers) -> None:
+        bufs.tensors.clear()
+        for seg in [*bufs.segments, *([bufs.manifest] if bufs.manifest else [])]:
+            self.inst.registry.release(seg)
+        bufs.segments.clear()
+        bufs.manifest = None
+
+    def close(self) -> None:
+        """Keep every complete publication (the instance may reload it); let go of our buffers otherwise. A cuda
+        publication cannot outlive us: its memory is ours."""
+        record = self.inst.read_weights()
+        for slot in list(self._mine):
+            if self.backend == "cuda" or not record.slots[slot].complete:
+                self._drop(slot)
+            else:
+                bufs = self._mine.pop(slot)
+                bufs.tensors.clear()
+                for seg in [*bufs.segments, *([bufs.manifest] if bufs.manifest else [])]:
+                    seg.close()  # unmapped, not unlinked: the launcher reclaims them once unreferenced and ours dead
+
+
+def _bytes_of(seg: Segment) -> torch.Tensor:
+    import numpy as np
+    import torch
+
+    # Through numpy, as the KV pool's views: an export of the mapping, so an unmap with a view alive fails loudly.
+    return torch.from_numpy(np.frombuffer(seg.payload, dtype=np.uint8))
+
+
+# -- the reader's side (a worker) ------------------------------------------------------------------------------------
+
+
+class OpenPublication:
+    """A complete publication, mapped for reading: ``tensor(name)`` is a view of the full tensor (on the
+    publisher's device for cuda). Every field of the manifest is checked before it is used: a manifest another
+    writer could have made can neither point outside a bucket nor name a dtype we do not know."""
+
+    def __init__(self, pub: Publication, rank: int, expected: Mapping[str, tuple[int, ...]]) -> None:
+        from mpkv.shm.segment import Segment
+
+        self.pub, self._segments, self._buckets = pub, [], []
+        where = f"the publication of weight version {pub.weight_version}"
+        try:
+            seg = Segment.attach(pub.manifest, SegmentKind.WEIGHTS)
+            self._segments.append(seg)
+            n = int.from_bytes(seg.payload[:8], "little")
+            if not 0 < n <= len(seg.payload) - 8:
+                raise ModelError(f"{where}: manifest {pub.manifest} claims {n} bytes")
+            m = msgspec.msgpack.decode(bytes(seg.payload[8 : 8 + n]), type=Manifest)
+            if (m.weight_version, m.publication) != (pub.weight_version, pub.id):
+                raise ModelError(f"{where}: manifest {pub.manifest} describes another publication")
+            self.manifest = m
+            self._buckets = self._open_buckets(m, rank, where)
+            self.specs = {s.name: s for s in m.tensors}
+            for s in m.tensors:
+                self._check(s, expected, where)
+        except msgspec.DecodeError as e:
+            self.close()
+            raise ModelError(f"{where}: manifest {pub.manifest} is not one mpkv wrote ({e})") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_buckets(self, m: Manifest, rank: int, where: str) -> list[torch.Tensor]:
+        from mpkv.shm.segment import Segment
+
+        if m.backend == "cuda":
+            from mpkv.pool.cuda import open_share
+
+            shares = m.cuda.get(rank)
+            if shares is None or len(shares) != len(m.bucket_bytes):
+                raise ModelError(f"{where} has no CUDA IPC shares for rank {rank}")
+            return [open_share(s) for s in shares]
+        if len(m.buckets) != len(m.bucket_bytes):
+            raise ModelError(f"{where}: {len(m.buckets)} buckets named, {len(m.bucket_bytes)} sized")
+        out = []
+        for name, size in zip(m.buckets, m.bucket_bytes, strict=True):
+            if naming.weights_buffers_of(name) != self.pub.buffers:
+                raise ModelError(f"{where}: bucket {name!r} is not one of its own segments")
+            seg = Segment.attach(name, SegmentKind.WEIGHTS, size)
+            self._segments.append(seg)
+            out.append(_bytes_of(seg))
+        return out
+
+    def _check(self, s: TensorSpec, expected: Mapping[str, tuple[int, ...]], where: str) -> None:
+        if s.dtype not in DTYPES:
+            raise ModelError(f"{where}: tensor {s.name} has dtype {s.dtype!r}")
+        if expected.get(s.name) != tuple(s.shape):
+            raise ModelError(f"{where}: tensor {s.name} has shape {list(s.shape)}, expected {expected.get(s.name)}")
+        if not 0 <= s.bucket < len(self._buckets) or s.offset < 0 or s.offset % ALIGN_BYTES:
+            raise ModelError(f"{where}: tensor {s.name} is placed at bucket {s.bucket}, offset {s.offset}")
+        if s.offset + s.nbytes > self._buckets[s.bucket].numel():
+            raise ModelError(f"{where}: tensor {s.name} ends past its bucket")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        import torch
+
+        s = self.specs.get(name)
+        if s is None:
+            raise ModelError(f"the publication of weight version {self.pub.weight_version} has no tensor {name}")
+        raw = self._buckets[s.bucket][s.offset : s.offset + s.nbytes]
+        return raw.view(getattr(torch, s.dtype)).view(s.shape)
+
+    def close(self) -> None:
+        self._buckets = []
+        for seg in self._segments:
+            seg.close()
+        self._segments = []
+        if getattr(self, "manifest", None) is not None and self.manifest.backend == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.ipc_collect()
+
+    def __enter__(self) -> OpenPublication:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- reclaiming what dead publishers left -------------------------------------------------------------------------
+
+
+def reclaim(registry: Registry, record: Publications) -> list[str]:
+    """Unlink the weight segments whose creator is dead and that no complete publication refers to (a publisher
+    killed mid-publish, or one that exited after a newer publication replaced its own). Only the launcher calls
+    this: a dead creator cannot claim again, so nobody else touches these registry entries."""
+    keep = record.referenced()
+    removed = []
+    for e in registry.entries():
+        if e.state not in (EntryState.CLAIMED, EntryState.LIVE):
+            continue
+        buffers = naming.weights_buffers_of(e.name)
+        if buffers is None or buffers in keep or e.owner.alive():
+            continue
+        unlink_if_exists(e.name)
+        registry.reclaim(e)
+        removed.append(e.name)
+    return removed
