@@ -253,6 +253,7 @@ class Publisher:
                 seg = self.inst.registry.create_unique_segment(
                     naming.weights_bucket(buffers, k), SegmentKind.WEIGHTS, size
                 )
+                seg.mark_ready()  # its bytes are complete once the manifest says so
                 bufs.segments.append(seg)
                 bufs.tensors.append(_bytes_of(seg))
         except BaseException:
