@@ -253,6 +253,7 @@ class Publisher:
                 seg = self.inst.registry.create_unique_segment(
                     naming.weights_bucket(buffers, k), SegmentKind.WEIGHTS, size
                 )
+                seg.disown()  # a publication outlives its publisher; the launcher reclaims it once unreferenced
                 seg.mark_ready()  # its bytes are complete once the manifest says so
                 bufs.segments.append(seg)
                 bufs.tensors.append(_bytes_of(seg))
@@ -308,6 +309,7 @@ class Publisher:
         seg = self.inst.registry.create_unique_segment(
             naming.weights_manifest(bufs.id), SegmentKind.WEIGHTS, 8 + len(raw)
         )
+        seg.disown()
         seg.payload[:8] = len(raw).to_bytes(8, "little")
         seg.payload[8 : 8 + len(raw)] = raw
         seg.mark_ready()
@@ -315,7 +317,7 @@ class Publisher:
         done = msgspec.structs.replace(pub, manifest=seg.name, complete=True)
         self.inst.write_weights(self.inst.read_weights().with_slot(slot, done))
         if old is not None:  # referenced by nothing now
-            self.inst.registry.release(old)
+            self.inst.registry.remove(old)
         return done
 
     def _drop(self, slot: int) -> None:
@@ -326,7 +328,7 @@ class Publisher:
     def _release(self, bufs: _Buffers) -> None:
         bufs.tensors.clear()
         for seg in [*bufs.segments, *([bufs.manifest] if bufs.manifest else [])]:
-            self.inst.registry.release(seg)
+            self.inst.registry.remove(seg)
         bufs.segments.clear()
         bufs.manifest = None
 
@@ -341,7 +343,7 @@ class Publisher:
                 bufs = self._mine.pop(slot)
                 bufs.tensors.clear()
                 for seg in [*bufs.segments, *([bufs.manifest] if bufs.manifest else [])]:
-                    seg.close()  # unmapped, not unlinked: the launcher reclaims them once unreferenced and ours dead
+                    seg.close()  # the instance may load them after we are gone: the launcher unlinks them
 
 
 def _bytes_of(seg: Segment) -> torch.Tensor:

@@ -174,6 +174,15 @@ class Registry:
             if i is not None:
                 self._recycle(i)
 
+    def remove(self, seg: Segment) -> None:
+        """Close and unlink a segment this process created and disowned (``Segment.disown``: its name outlives
+        the process unless removed), and give its entry back."""
+        seg.close()
+        unlink_if_exists(seg.name)
+        i = self._mine.pop(seg.name, None)
+        if i is not None:
+            self._recycle(i)
+
     def close(self) -> None:
         self.seg.close()
 

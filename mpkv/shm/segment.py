@@ -157,6 +157,13 @@ class Segment:
         if self._finalizer is not None:
             self._finalizer()
 
+    def disown(self) -> None:
+        """Leave the name for someone else to unlink (the instance's launcher, once nothing refers to it): this
+        process exiting, or dropping the object, no longer removes it."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self.owned = False
+
     def __repr__(self) -> str:
         return f"Segment({self.name!r}, {self.kind.name}, {self.total_bytes} B, owner {self.owner.pid})"
 

@@ -1,0 +1,202 @@
+"""Weights from the trainer (NOTE [ weight publications ] in mpkv.publication), through running instances: a trainer
+process pushes perturbed weights and generation then equals ``transformers``' greedy ``generate`` with those weights,
+at TP=1 and TP=2; a publication made while the instance serves never mixes into a request; bad input is refused by
+name and changes nothing; a trainer killed mid-publish leaves the old weights served, its segments reclaimed, and
+the next publication working."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import wait as wait_for
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trainer
+from helpers import CTX
+from hf_models import BLOCK, NEW_TOKENS, SMALL, perturbed_copy, prompts_for, reference, save_model
+
+import mpkv
+from mpkv import Client, Controller, naming
+from mpkv.errors import CommandRefused, InstanceNotServing, ModelError, StaleWeights, WeightUpdateFailed
+
+POOL = dict(block_size=BLOCK, device_blocks=32, host_blocks=16)
+PROMPTS = prompts_for(int(SMALL["vocab_size"]))  # type: ignore[call-overload]
+TRAINER_TIMEOUT_S = 180.0  # a hang guard only: a trainer imports transformers and loads the model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: save_model(root / arch, arch) for arch in ("llama", "qwen2")}
+
+
+def _lists(out: list[np.ndarray]) -> list[list[int]]:
+    return [o.tolist() for o in out]
+
+
+def _run(target: object, *args: object) -> None:
+    """``target(*args)`` in a spawned process; it must exit 0 within the deadline."""
+    p = CTX.Process(target=target, args=args)
+    p.start()
+    p.join(TRAINER_TIMEOUT_S)
+    if p.exitcode is None:
+        p.kill()
+        p.join()
+        pytest.fail(f"the trainer process did not finish within {TRAINER_TIMEOUT_S:g} s")
+    assert p.exitcode == 0, f"the trainer process exited with {p.exitcode}"
+
+
+@pytest.mark.parametrize(("arch", "tp"), [("llama", 1), ("qwen2", 2)])
+def test_a_trainer_process_pushes_new_weights(
+    models: dict[str, Path], instance: str, tmp_path: Path, arch: str, tp: int
+) -> None:
+    """A spawned trainer moves every parameter and runs ``weight_update``: generation before equals the old
+    reference, after it the reference of exactly the weights pushed, and says so by its weight version."""
+    old = reference(models[arch], PROMPTS, NEW_TOKENS)[0]
+    with mpkv.launch(instance, tp=tp, model=str(models[arch]), **POOL), Client(instance) as client:
+        before = client.generate(PROMPTS, NEW_TOKENS)
+        assert _lists(before) == old and before.weight_version == 1
+        _run(trainer.push_perturbed, instance, models[arch], tmp_path / "pushed", 2, 5)
+        after = client.generate(PROMPTS, NEW_TOKENS)
+        new = reference(tmp_path / "pushed", PROMPTS, NEW_TOKENS)[0]
+        assert new != old
+        assert _lists(after) == new and after.weight_version == 2
+
+
+def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    (path,) = model_dir.glob("*.safetensors")
+    return load_file(path)
+
+
+def test_publish_while_serving_bad_input_and_a_trainer_killed_mid_publish(
+    models: dict[str, Path], instance: str, tmp_path: Path
+) -> None:
+    src = models["qwen2"]
+    v2_dir, v3_dir = perturbed_copy(src, tmp_path / "v2", seed=21), perturbed_copy(src, tmp_path / "v3", seed=22)
+    refs = {v: reference(d, PROMPTS, NEW_TOKENS)[0] for v, d in ((1, src), (2, v2_dir), (3, v3_dir))}
+    assert len({str(r) for r in refs.values()}) == 3
+    good = _tensors(v2_dir)
+    with (
+        mpkv.launch(instance, tp=2, model=str(src), **POOL),
+        Client(instance) as client,
+        Controller(instance) as ctl,
+    ):
+        # Bad input: each refused by name before anything is published; the instance serves version 1 on.
+        record = ctl.inst.read_weights()
+        missing = dict(good)
+        del missing["model.layers.1.mlp.down_proj.weight"]
+        with pytest.raises(ModelError, match=r"tensor model.layers.1.mlp.down_proj.weight missing"):
+            ctl.update_weights(missing, 2)
+        with pytest.raises(ModelError, match="tensor 'model.layers.9.extra' is not a parameter of this model"):
+            ctl.update_weights({**good, "model.layers.9.extra": torch.zeros(2)}, 2)
+        wrong_shape = {**good, "model.norm.weight": torch.zeros(65)}
+        with pytest.raises(ModelError, match=r"model.norm.weight has shape \[65\]; the model's is \[64\]"):
+            ctl.update_weights(wrong_shape, 2)
+        wrong_dtype = {**good, "model.norm.weight": good["model.norm.weight"].half()}
+        with pytest.raises(ModelError, match="model.norm.weight is float16; the instance runs float32"):
+            ctl.update_weights(wrong_dtype, 2)
+        with pytest.raises(ModelError, match="ties it to model.embed_tokens.weight"):
+            ctl.update_weights({**good, "lm_head.weight": good["model.embed_tokens.weight"]}, 2)
+        with pytest.raises(CommandRefused, match=r"weight version 1 is not newer than the one served \(1\)"):
+            ctl.update_weights(good, 1)
+        with pytest.raises(CommandRefused, match="weights must be a mapping"):
+            ctl.update_weights(42, 2)  # type: ignore[arg-type]
+        assert ctl.inst.read_weights() == record
+        with (
+            pytest.raises(WeightUpdateFailed, match="failed at push: .*is float16.*serves weight version 1 again"),
+            ctl.weight_update(2) as push,
+        ):
+            push(wrong_dtype)
+        out = client.generate(PROMPTS, NEW_TOKENS)
+        assert _lists(out) == refs[1] and out.weight_version == 1
+
+        # Version 2 published while traffic runs on version 1, then adopted: every request's tokens are those of
+        # exactly the version its completion names.
+        seen: list[tuple[int, list[list[int]]]] = []
+        stop, more = threading.Event(), threading.Condition()
+
+        failed: list[BaseException] = []
+
+        def traffic() -> None:
+            try:  # the test's client (one per process): the main thread does not use it meanwhile
+                while not stop.is_set():
+                    try:
+                        r = client.generate(PROMPTS, NEW_TOKENS, timeout_s=60)
+                    except (InstanceNotServing, StaleWeights):
+                        continue  # paused, or a restore came between two steps: refused, never mixed
+                    with more:
+                        seen.append((r.weight_version, _lists(r)))
+                        more.notify_all()
+            except BaseException as e:
+                failed.append(e)
+                with more:
+                    more.notify_all()
+
+        def another(what: str) -> None:
+            n = len(seen)
+            with more:
+                more.wait_for(lambda: len(seen) > n or failed, timeout=60)
+            assert not failed, f"the traffic thread failed: {failed[0]!r}"
+            assert len(seen) > n, f"no generation {what} within 60 s"
+
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        try:
+            another("on version 1")
+            published = ctl.update_weights(good, 2)
+            assert published.nbytes == sum(t.nbytes for t in good.values())
+            another("after version 2 was published")
+            ctl.pause(), ctl.clear(), ctl.restore(2), ctl.resume()
+            another("on version 2")
+        finally:
+            stop.set()
+            thread.join(120)
+        assert not thread.is_alive()
+        assert {v for v, _ in seen} == {1, 2}
+        assert all(tokens == refs[v] for v, tokens in seen), [v for v, t in seen if t != refs[v]]
+
+        # A trainer killed mid-publish: version 2 is served on, what it wrote is reclaimed, the next publish works.
+        ctl.close()  # the trainer's controller takes the command block (one writer)
+        before = _weight_segments(instance)
+        halfway, tell = CTX.Pipe(duplex=False)
+        p = CTX.Process(target=trainer.publish_and_hang, args=(instance, src, 3, 9, tell))
+        p.start()
+        try:
+            wait_for([halfway, p.sentinel], TRAINER_TIMEOUT_S)
+            assert halfway.poll(), f"the trainer never reached the middle of its publication (exit code {p.exitcode})"
+            ours = _weight_segments(instance) - before
+            assert ours, "the trainer made no weight segment"
+        finally:
+            if p.exitcode is None:
+                os.kill(p.pid, signal.SIGKILL)
+            p.join()
+        out = client.generate(PROMPTS, NEW_TOKENS)
+        assert _lists(out) == refs[2] and out.weight_version == 2
+        _eventually(
+            lambda: not (ours & _weight_segments(instance)), f"the dead trainer's segments {sorted(ours)} reclaimed"
+        )
+        with Controller(instance) as ctl, ctl.weight_update(3) as push:  # takes the block over from the dead one
+            push(v3_dir)  # a checkpoint directory works as well as tensors
+        out = client.generate(PROMPTS, NEW_TOKENS)
+        assert _lists(out) == refs[3] and out.weight_version == 3
+
+
+def _weight_segments(instance: str) -> set[str]:
+    return {n for n in naming.list_names() if naming.instance_of(n) == instance and naming.weights_buffers_of(n)}
+
+
+def _eventually(done: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """Poll a condition another process brings about (the launcher looks every RECLAIM_S); the deadline only
+    catches a hang."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"not within {timeout_s:g} s: {what}"
+        time.sleep(0.05)
