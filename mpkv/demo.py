@@ -15,9 +15,9 @@ And the real architecture: a seeded Llama checkpoint written at start to a tempo
 no transformers), served by a prefill and a decode instance of its own (``model=DIR``, the same TP): prompts are
 prefilled on the one, shipped and decoded on the other (``Client.generate(prefill_on=)``), and every generated
 token must equal the single-process reference (``LlamaModel`` at TP=1 in this process, greedy) and, when
-``transformers`` is importable, its greedy ``generate``. Then RL cycles on those two instances: pause, clear,
-restore (same weights: identical tokens), resume; one restore with new weights (a second checkpoint, another
-seed; ``weights_from=``) must give the new reference's tokens, and one back to the first weights the first's.
+``transformers`` is importable, its greedy ``generate``. Then RL cycles on those two instances: sleep (the KV tiers and
+the workers' weights freed) and wake_up (identical tokens); one ``weight_update`` pushing new weights (a second
+checkpoint, another seed) must give the new reference's tokens, and one back to the first weights the first's.
 Ends with a summary; exits non-zero on any error.
 """
 
@@ -338,19 +338,23 @@ def _model_cycles(name: str, dname: str, plan: ModelPlan, refs: References, t: T
     )
     steps.append((f"first weights again (seed {plan.seed})", plan.dir, refs.served, refs.hf_served))
     for what, source, want, hf in steps:
-        for c in (ctl, dctl):
-            c.pause()
-            c.clear()
-        wv += 1
-        for c in (ctl, dctl):
-            c.restore(wv, weights_from=None if source is None else str(source))
-            c.resume()
+        if source is None:  # the weights tier: freed and loaded again
+            released = sum(sum(c.sleep().released_bytes.values()) for c in (ctl, dctl))
+            for c in (ctl, dctl):
+                c.wake_up()
+            did = f"sleep (KV and weights freed: {released} B), wake_up at weight version {wv}"
+        else:  # the trainer pushes a checkpoint directory through a publication
+            wv += 1
+            for c in (ctl, dctl):
+                with c.weight_update(wv) as push:
+                    push(str(source))
+            did = f"weight_update to version {wv} with the {what}"
         t.model_cycles += 1
         got = _generate(pre, dec, plan, t)
         ok = _check(f"RL cycle {t.model_cycles} ({what})", got, want, hf, t)
         print(
-            f"model RL cycle {t.model_cycles}: pause, clear, restore weight version {wv} with the {what}, resume "
-            f"(both instances): tokens equal to the reference{'s' if hf is not None else ''}: {_yes(ok)}",
+            f"model RL cycle {t.model_cycles}: {did} (both instances): tokens equal to the "
+            f"reference{'s' if hf is not None else ''}: {_yes(ok)}",
             flush=True,
         )
     _shut_down((pre, dec), (ctl, dctl))

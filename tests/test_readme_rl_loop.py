@@ -33,4 +33,3 @@ def test_the_readme_rl_loop(instance: str, tmp_path: Path) -> None:
     first = reference(model, prompts, 8)[0]  # type: ignore[arg-type]
     assert want != first, "the loop did not change the weights: the check below would prove nothing"
     assert [t.tolist() for t in final] == want  # type: ignore[attr-defined]
-

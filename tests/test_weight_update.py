@@ -200,3 +200,52 @@ def _eventually(done: Callable[[], bool], what: str, timeout_s: float = 30.0) ->
     while not done():
         assert time.monotonic() < deadline, f"not within {timeout_s:g} s: {what}"
         time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_hundred_rl_cycles_with_weight_pushes_under_traffic(
+    models: dict[str, Path], instance: str, tmp_path: Path
+) -> None:
+    """TP=2: 100 ``weight_update`` calls, each pushing one of three weight sets, while a thread generates without
+    pause: 0 hangs (every call bounded), 0 tokens that differ from the reference of the version that computed them."""
+    src = models["qwen2"]
+    sets = [src, *(perturbed_copy(src, tmp_path / f"set{i}", seed=30 + i) for i in (1, 2))]
+    refs = [reference(d, PROMPTS, NEW_TOKENS)[0] for d in sets]
+    tensors = [_tensors(d) for d in sets]
+    seen: list[tuple[int, list[list[int]]]] = []
+    failed: list[BaseException] = []
+    stop, more = threading.Event(), threading.Condition()
+    with mpkv.launch(instance, tp=2, model=str(src), **POOL), Client(instance) as client, Controller(instance) as ctl:
+
+        def traffic() -> None:
+            try:
+                while not stop.is_set():
+                    try:
+                        r = client.generate(PROMPTS, NEW_TOKENS, timeout_s=60)
+                    except (InstanceNotServing, StaleWeights):
+                        continue
+                    with more:
+                        seen.append((r.weight_version, _lists(r)))
+                        more.notify_all()
+            except BaseException as e:
+                failed.append(e)
+                with more:
+                    more.notify_all()
+
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        try:
+            for version in range(2, 102):
+                with ctl.weight_update(version, timeout_s=60) as push:
+                    push(tensors[version % 3])
+                with more:  # a rollout on the new weights before the next update, as an RL loop does
+                    more.wait_for(lambda v=version: failed or any(w == v for w, _ in seen[-3:]), timeout=60)
+                assert not failed and seen[-1][0] == version, f"no generation on version {version} within 60 s"
+        finally:
+            stop.set()
+            thread.join(120)
+    assert not thread.is_alive() and not failed, failed
+    wrong = [v for v, tokens in seen if tokens != refs[v % 3 if v > 1 else 0]]
+    print(f"[rl] 100 weight updates, {len(seen)} generations checked, {len(wrong)} mismatched")
+    assert {v for v, _ in seen} >= set(range(2, 102)) and not wrong, wrong[:5]

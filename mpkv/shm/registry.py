@@ -176,8 +176,12 @@ class Registry:
 
     def remove(self, seg: Segment) -> None:
         """Close and unlink a segment this process created and disowned (``Segment.disown``: its name outlives
-        the process unless removed), and give its entry back."""
-        seg.close()
+        the process unless removed), and give its entry back. A view still alive (an exception in the middle
+        of a copy keeps one in its traceback) keeps the mapping until it goes; the name goes now."""
+        try:
+            seg.close()
+        except BufferError:
+            pass
         unlink_if_exists(seg.name)
         i = self._mine.pop(seg.name, None)
         if i is not None:
