@@ -34,13 +34,13 @@ from mpkv.errors import (  # noqa: E402
     PeerDied,
     ProtocolError,
     StaleWeights,
-    WeightUpdateFailed,
     StepFailed,
     TaskFailed,
     TornSlot,
     TransferFailed,
     UnsafeDir,
     WaitTimeout,
+    WeightUpdateFailed,
 )
 from mpkv.launched import LaunchedInstance, launch  # noqa: E402
 from mpkv.protocol import DecodeItem, PrefillItem, Sampling  # noqa: E402
@@ -73,13 +73,13 @@ __all__ = [
     "ProtocolError",
     "Sampling",
     "StaleWeights",
-    "WeightUpdateFailed",
     "StepFailed",
     "TaskFailed",
     "TornSlot",
     "TransferFailed",
     "UnsafeDir",
     "WaitTimeout",
+    "WeightUpdateFailed",
     "launch",
 ]
 __version__ = "0.1.0"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 from hf_models import reference, save_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
