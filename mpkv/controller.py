@@ -99,6 +99,7 @@ class Published:
 
 SLEEP_TAGS = ("kv_cache", "weights")  # what sleep() frees: the KV tiers (device and host), the workers' weights
 NamedTensors = Mapping[str, Any] | Iterable[tuple[str, Any]]
+WeightsIn = NamedTensors | str | os.PathLike[str]  # tensors by name, or a checkpoint directory
 
 
 class Controller:
@@ -236,7 +237,7 @@ class Controller:
             self._publisher.export(wv)
 
     # -- weights from the trainer -----------------------------------------------------------------------------------
-    def update_weights(self, weights: NamedTensors | str | os.PathLike[str], weight_version: int) -> Published:
+    def update_weights(self, weights: WeightsIn, weight_version: int) -> Published:
         """Publish ``weights`` as ``weight_version`` for the instance (NOTE [ weight publications ] in
         mpkv.publication): a mapping (or pairs) of Hugging Face parameter names to full, unsharded tensors in the
         instance's dtype, or a checkpoint directory of the same model. Every name, shape and dtype is checked
@@ -364,7 +365,7 @@ class Controller:
     @contextlib.contextmanager
     def weight_update(
         self, weight_version: int, timeout_s: float | None = None
-    ) -> Iterator[Callable[[NamedTensors], None]]:
+    ) -> Iterator[Callable[[WeightsIn], None]]:
         """``with ctl.weight_update(v) as push: push(named_tensors)``: pause, clear both KV tiers, publish what is
         pushed (in as many calls as the trainer likes, each checked as it comes), restore ``v`` and resume. On any
         failure a WeightUpdateFailed names the step and the instance is back on the weights it served before (or
@@ -379,7 +380,7 @@ class Controller:
             draft, _ = self._begin(wv)
             dtype = self._publisher_of().dtype
 
-            def push(named: NamedTensors | str | os.PathLike[str]) -> None:
+            def push(named: WeightsIn) -> None:
                 for name, tensor in self._pairs(named, dtype):
                     draft.put(name, tensor.load() if isinstance(tensor, _Lazy) else tensor)
 
