@@ -362,10 +362,12 @@ class OpenPublication:
     publisher's device for cuda). Every field of the manifest is checked before it is used: a manifest another
     writer could have made can neither point outside a bucket nor name a dtype we do not know."""
 
-    def __init__(self, pub: Publication, rank: int, expected: Mapping[str, tuple[int, ...]]) -> None:
+    def __init__(
+        self, pub: Publication, rank: int, expected: Mapping[str, tuple[int, ...]], maps: BucketMaps | None = None
+    ) -> None:
         from mpkv.shm.segment import Segment
 
-        self.pub, self._segments, self._buckets = pub, [], []
+        self.pub, self._segments, self._buckets, self._maps = pub, [], [], maps
         where = f"the publication of weight version {pub.weight_version}"
         try:
             seg = Segment.attach(pub.manifest, SegmentKind.WEIGHTS)
@@ -404,9 +406,14 @@ class OpenPublication:
         for name, size in zip(m.buckets, m.bucket_bytes, strict=True):
             if naming.weights_buffers_of(name) != self.pub.buffers:
                 raise ModelError(f"{where}: bucket {name!r} is not one of its own segments")
+            if self._maps is not None:
+                out.append(self._maps.get(name, size))
+                continue
             seg = Segment.attach(name, SegmentKind.WEIGHTS, size)
             self._segments.append(seg)
             out.append(_bytes_of(seg))
+        if self._maps is not None:
+            self._maps.opened(m.buckets)
         return out
 
     def _check(self, s: TensorSpec, expected: Mapping[str, tuple[int, ...]], where: str) -> None:
@@ -444,6 +451,47 @@ class OpenPublication:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class BucketMaps:
+    """A reader's mappings of cpu buckets, kept between loads: the buckets a publisher reuses (the two slots of the
+    double buffer) are read again without mapping and unmapping them, which costs about as much as the copy.
+    Keeps those of the last two publications opened; ``close`` drops them all. A bucket its publisher unlinked
+    stays mapped (its memory held) only until two newer publications were opened, or ``close``."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, tuple[Segment, torch.Tensor]] = {}
+        self._recent: list[list[str]] = []
+
+    def get(self, name: str, size: int) -> torch.Tensor:
+        from mpkv.shm.segment import Segment
+
+        held = self._maps.get(name)
+        if held is not None and held[1].numel() == size:
+            return held[1]
+        if held is not None:
+            self._drop(name)
+        seg = Segment.attach(name, SegmentKind.WEIGHTS, size)
+        self._maps[name] = (seg, _bytes_of(seg))
+        return self._maps[name][1]
+
+    def opened(self, names: list[str]) -> None:
+        self._recent = [*self._recent[-1:], list(names)]
+        keep = {n for names in self._recent for n in names}
+        for name in [n for n in self._maps if n not in keep]:
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        seg, _ = self._maps.pop(name)
+        try:
+            seg.close()
+        except BufferError:  # a view still alive somewhere: the mapping goes with it
+            pass
+
+    def close(self) -> None:
+        for name in list(self._maps):
+            self._drop(name)
+        self._recent = []
 
 
 # -- reclaiming what dead publishers left -------------------------------------------------------------------------

@@ -54,8 +54,9 @@ def _memcpy_s(nbytes: int, repeats: int) -> list[float]:
     return out
 
 
-def _load_s(ctl: Any, version: int, fresh: bool) -> float:
-    """A worker's load of ``version`` at TP=1 (rank 0), in this process: into held weights, or fresh memory."""
+def _load_s(ctl: Any, version: int, fresh: bool, maps: Any) -> float:
+    """A worker's load of ``version`` at TP=1 (rank 0), in this process, as the worker does it (its bucket mappings
+    ``maps`` kept between loads): into held weights, or fresh memory."""
     from mpkv.models.hf_config import read_config
     from mpkv.models.weights import allocate, fill, slice_of
     from mpkv.publication import OpenPublication, expected_tensors
@@ -66,7 +67,7 @@ def _load_s(ctl: Any, version: int, fresh: bool) -> float:
     if not fresh and held.arena is not None:
         held.arena.zero_()  # every page there: the memory of weights a worker holds
     t0 = time.perf_counter()
-    with OpenPublication(pub, 0, expected_tensors(cfg)) as p:
+    with OpenPublication(pub, 0, expected_tensors(cfg), maps) as p:
         fill(held, cfg, 0, 1, lambda part: slice_of(p.tensor(part.name), part))
     return time.perf_counter() - t0
 
@@ -77,6 +78,7 @@ def run_size(label: str, repeats: int, scratch: str) -> dict[str, Any]:
     from mpkv.models.hf_config import read_config
     from mpkv.models.tiny import write_checkpoint
     from mpkv.models.weights import _Checkpoint, _parts
+    from mpkv.publication import BucketMaps
 
     layers, vocab = SIZES[label]
     model_dir = write_checkpoint(Path(scratch) / label, SEED, layers=layers, vocab=vocab, **GEOMETRY)  # type: ignore[arg-type]
@@ -94,7 +96,8 @@ def run_size(label: str, repeats: int, scratch: str) -> dict[str, Any]:
             first = ctl.update_weights(tensors, 2)
             assert not first.reused
             row["first_publish_s"] = first.seconds
-            row["first_load_s"] = _load_s(ctl, 2, fresh=True)
+            maps = BucketMaps()
+            row["first_load_s"] = _load_s(ctl, 2, fresh=True, maps=maps)
             # One RL step whose publish goes into the other slot's fresh buffers, then steps that reuse buffers.
             steps: list[dict[str, Any]] = []
             for version in range(3, 4 + repeats):
@@ -105,9 +108,10 @@ def run_size(label: str, repeats: int, scratch: str) -> dict[str, Any]:
                 t["publish"], t["reused"] = pub.seconds, pub.reused
                 t["restore"] = ctl.restore(version).latency_s
                 t["resume"] = ctl.resume().latency_s
-                t["load_in_place"] = _load_s(ctl, version, fresh=False) if pub.reused else None
+                t["load_in_place"] = _load_s(ctl, version, fresh=False, maps=maps) if pub.reused else None
                 steps.append(t)
             row["steps"] = steps
+            maps.close()
         row["machine"] = machine.stop()
     reused = [s for s in steps if s["reused"]]
     row["republish_s"] = [s["publish"] for s in reused]

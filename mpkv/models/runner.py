@@ -25,7 +25,7 @@ from mpkv.models.llama import AllReduce, Chunk, LlamaModel
 from mpkv.models.sampling import next_tokens
 from mpkv.models.weights import RankWeights, _Checkpoint, allocate, check_checkpoint, fill, slice_of
 from mpkv.protocol import DecodeItem, Prefill
-from mpkv.publication import OpenPublication, Publication, expected_tensors
+from mpkv.publication import BucketMaps, OpenPublication, Publication, expected_tensors
 
 LAUNCH = "launch"  # HFRunner.held: the weights of the configured checkpoint (CacheConfig.model)
 
@@ -58,6 +58,7 @@ class HFRunner:
         self.held = ""  # what the weights are: LAUNCH (the configured checkpoint) or a publication's id
         self.version = -1
         self._consumed = ""  # cuda: the last manifest whose CUDA IPC shares this rank consumed
+        self._maps = BucketMaps()  # cpu: published buckets stay mapped between loads
 
     def load(self, weight_version: int, published: Publication | None) -> None:
         if published is not None and published.backend == "cuda" and published.manifest != self._consumed:
@@ -83,7 +84,7 @@ class HFRunner:
             )
 
     def _open(self, published: Publication) -> OpenPublication:
-        return OpenPublication(published, self.rank, expected_tensors(self.model_cfg))
+        return OpenPublication(published, self.rank, expected_tensors(self.model_cfg), self._maps)
 
     def _fill(self, weight_version: int, held: str, read: Callable[[Any], Any]) -> None:
         """Copy the new weights over the old ones in place (never two copies in memory). From the first byte on
@@ -101,6 +102,7 @@ class HFRunner:
         """Drop the weights (the tier ``clear(weights=True)`` frees); the bytes the system got back, measured."""
         before = _resident_bytes(self.device)
         self.model, self.weights, self.held, self.version = None, None, "", -1
+        self._maps.close()
         return max(0, before - _resident_bytes(self.device))
 
     def _model(self) -> LlamaModel:
