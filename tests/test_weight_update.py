@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -67,6 +69,23 @@ def test_a_trainer_process_pushes_new_weights(
         new = reference(tmp_path / "pushed", PROMPTS, NEW_TOKENS)[0]
         assert new != old
         assert _lists(after) == new and after.weight_version == 2
+        if tp > 1:
+            return
+        # The same from a shell: the one-call step, then the weights tier through sleep and wake-up.
+        assert "needs --from DIR" in _ctl(instance, "update-weights", "--weight-version", "3").stderr
+        assert "--tags applies to sleep only" in _ctl(instance, "pause", "--tags", "weights").stderr
+        out = _ctl(instance, "update-weights", "--from", str(models[arch]), "--weight-version", "3")
+        assert out.returncode == 0 and "serving weight version 3" in out.stdout, out
+        out = _ctl(instance, "sleep", "--tags", "weights")
+        assert out.returncode == 0 and "released" in out.stdout, out
+        assert _ctl(instance, "wake-up").returncode == 0
+        back = client.generate(PROMPTS, NEW_TOKENS)
+        assert _lists(back) == old and back.weight_version == 3  # the first weights, as version 3
+
+
+def _ctl(instance: str, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "mpkv.cli", "ctl", instance, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
 def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
