@@ -205,11 +205,15 @@ def _ctl(args: argparse.Namespace) -> int:
         elif args.action == "restore":
             res = ctl.restore(args.weight_version, weights_from=args.weights_from)
         elif args.action == "update-weights":
+            # Published (and checked) while the instance serves on; then the four steps. A failure names its step.
             t0 = time.perf_counter()
-            with ctl.weight_update(args.weight_version) as push:
-                push(args.weights_from)
+            pub = ctl.update_weights(args.weights_from, args.weight_version)
+            ctl.pause(), ctl.clear(), ctl.restore(args.weight_version), ctl.resume()
             res = StepResult("UPDATE-WEIGHTS", ctl.status().command.epoch, latency_s=time.perf_counter() - t0)
-            res.message = f"serving weight version {ctl.weight_version} from {args.weights_from}"
+            res.message = (
+                f"serving weight version {ctl.weight_version} from {args.weights_from} ({pub.nbytes} B published in "
+                f"{pub.seconds * 1e3:.1f} ms)"
+            )
         elif args.action == "sleep":
             res = ctl.sleep(args.tags.split(",") if args.tags is not None else SLEEP_TAGS)
         elif args.action == "wake-up":

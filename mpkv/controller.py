@@ -52,6 +52,7 @@ from mpkv.protocol import (
     actor_slot,
     pack_slots,
 )
+from mpkv.publication import Publications
 from mpkv.report import InstanceStatus
 from mpkv.shm.ring import quiesce
 from mpkv.shm.segment import Segment
@@ -130,6 +131,10 @@ class Controller:
                 raise
             self._writers = (claimed[0], claimed[1], claimed[2])
             self._fences = fences
+            try:
+                self.inst.read_weights()
+            except PeerDied:  # a controller died writing it: what it named is lost (the launcher reclaims those)
+                self.inst.write_weights(Publications())
             cmd = self.inst.control.read(CONTROL_COMMAND)
             for fence in fences.values():  # one a dead controller left while closing: it issued nothing
                 if fence.array.read_or_dead(fence.slot).epoch > cmd.epoch:
@@ -178,6 +183,15 @@ class Controller:
         )
         if not flags:
             raise CommandRefused("clear needs device=True, host=True, weights=True or a combination")
+        if weights and is_checkpoint(self.cfg.model):
+            served = self.weight_version
+            pub = self.inst.read_weights().find(served)
+            if pub is None and served != self.cfg.weight_version:
+                raise CommandRefused(
+                    f"clear of {self.name}: the weights of version {served} could not be loaded again (their "
+                    "publication is gone: a cuda publisher exited, or a controller restored it without one); "
+                    "publish a new version instead"
+                )
         before = shm_used_bytes()
         res = self._step(Cmd.CLEAR, int(flags), timeout_s)
         if not res.already:
@@ -198,10 +212,17 @@ class Controller:
         the one served must have been published (``update_weights``); ``weights_from=DIR`` publishes a checkpoint
         directory of the same model as that version first. The synthetic model is seeded by any version."""
         wv = self._version(self.weight_version if weight_version is None else weight_version)
+        self._claim()
+        last, statuses, cleared, served = status.settled(self.inst)
+        done = step_done(last, statuses)
+        refusal = check_command(Cmd.RESTORE, wv, last, cleared, served, done)
+        if refusal is not None:  # said by _step; refused before anything is published or exported
+            return self._step(Cmd.RESTORE, wv, timeout_s)
         if weights_from is not None:
             self.update_weights(weights_from, wv)
         if is_checkpoint(self.cfg.model):
-            self._check_restore(wv)
+            retry = last.kind == Cmd.RESTORE and last.aux == wv and not done
+            self._check_restore(wv, loads=wv != served or ClearFlags.WEIGHTS in cleared, retry=retry)
         return self._step(Cmd.RESTORE, wv, timeout_s)
 
     def _version(self, weight_version: object) -> int:
@@ -215,7 +236,10 @@ class Controller:
             )
         return wv
 
-    def _check_restore(self, wv: int) -> None:
+    def _check_restore(self, wv: int, loads: bool, retry: bool) -> None:
+        """A checkpoint instance's restore to ``wv``: a version not older than the one served, published unless it
+        is the one served. ``loads``: the workers will load (a new version, or their weights were cleared);
+        ``retry``: the same restore again, after one that was not acknowledged."""
         served = self.weight_version
         if wv < served:
             raise CommandRefused(
@@ -228,8 +252,14 @@ class Controller:
                 f"restore of {self.name}: weight version {wv} was never published; publish it first "
                 f"(Controller.update_weights(weights, {wv}), or restore(..., weights_from=DIR))"
             )
-        if pub is not None and pub.backend == "cuda":
-            # CUDA IPC shares are made per load, by the process that holds the memory (mpkv.publication).
+        if pub is None and wv == served and loads and wv != self.cfg.weight_version:
+            raise CommandRefused(
+                f"restore of {self.name}: the workers' weights were cleared and weight version {wv} has no publication "
+                "to load them from any more; publish weights under a new version (update_weights)"
+            )
+        if pub is not None and pub.backend == "cuda" and loads and not retry:
+            # CUDA IPC shares are made per load, by the process that holds the memory (mpkv.publication); a retry
+            # keeps the shares of the first try (a rank that loaded already does not load again).
             if self._publisher is None or not self._publisher.holds(pub):
                 raise CommandRefused(
                     f"restore of {self.name}: the weights of version {wv} live in the CUDA memory of process "
@@ -265,11 +295,10 @@ class Controller:
         last, statuses, _, served = status.settled(self.inst)
         if last.kind == Cmd.SHUTDOWN:
             raise CommandRefused(f"update_weights refused for instance {self.name}: it is shutting down")
-        if last.kind == Cmd.RESTORE and not step_done(last, statuses):
+        if not step_done(last, statuses):
             raise CommandRefused(
-                f"update_weights refused for instance {self.name}: RESTORE@{last.epoch} (weight version {last.aux}) is "
-                "not acknowledged by every actor and some may be loading weights now; retry the restore, or clear "
-                "both tiers, first"
+                f"update_weights refused for instance {self.name}: {last.kind.name}@{last.epoch} is not acknowledged "
+                "by every actor and a worker may still be reading weights; retry that step (or clear both tiers) first"
             )
         if wv <= served:
             raise CommandRefused(
@@ -395,6 +424,9 @@ class Controller:
             self.resume(timeout_s)
         except Exception as e:
             raise WeightUpdateFailed(self._roll_back(wv, old, step, e)) from e
+        except BaseException as e:  # Ctrl-C in the middle: back to the old weights, then let it through
+            self._roll_back(wv, old, step, MpkvError(type(e).__name__))
+            raise
 
     def _pairs(self, named: object, dtype: Any) -> list[tuple[str, Any]]:
         """What one ``push`` gives: a mapping, (name, tensor) pairs, or a checkpoint directory (read lazily)."""
@@ -440,11 +472,13 @@ class Controller:
         """Give up the command block (another controller, e.g. `mpkv ctl` in a shell, may then drive the instance)
         and unmap the instance. A controller that is never closed holds the block until its process exits. Weights
         it published stay (cpu) for the instance to load; on cuda they go with it."""
-        if self._publisher is not None:
-            self._publisher.close()
-            self._publisher = None
-        self._release()
-        self.inst.close()
+        try:
+            if self._publisher is not None:
+                self._publisher.close()
+                self._publisher = None
+        finally:
+            self._release()
+            self.inst.close()
 
     def __enter__(self) -> Controller:
         return self

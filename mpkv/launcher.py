@@ -276,8 +276,8 @@ class Launcher:
         """Weight segments a dead publisher left that no publication refers to (NOTE [ weight publications ])."""
         try:
             removed = reclaim(inst.registry, inst.read_weights())
-        except MpkvError as e:  # a weights record that cannot be read: keep everything, say so once
-            logger.warning("weights record unreadable, nothing reclaimed: {}", e)
+        except (MpkvError, OSError) as e:  # keep everything; the next look tries again
+            logger.warning("weight segments not reclaimed this time: {}", e)
             return
         for name in removed:
             logger.info("reclaimed {} (its publisher died; no publication refers to it)", name)

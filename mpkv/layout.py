@@ -124,7 +124,7 @@ import sys
 if sys.byteorder != "little":  # pragma: no cover - no big-endian platform is supported
     raise ImportError("mpkv's shared-memory layouts are little-endian only")
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: the ledger packs version << 3 (a weights tier); the weights record holds publications
 LINE_BYTES = 64
 MAGIC = b"MPKVSEG\0"
 

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
     from mpkv.instance import Instance
     from mpkv.shm.segment import Segment
 
-BUCKET_BYTES = 256 << 20  # big enough that a bucket costs one syscall per 256 MiB, small enough to pipeline later
+BUCKET_BYTES = 256 << 20  # the smallest bucket of a big model: one segment per 256 MiB
+MAX_BUCKETS = 24  # per publication: two publications and the instance's own objects fit the registry
 ALIGN_BYTES = 256
 MANIFEST_MAX_BYTES = 64 << 20
 DTYPES = ("float32", "bfloat16", "float16")  # what a manifest may name (and the model may run in)
@@ -80,9 +81,10 @@ class Publication(msgspec.Struct, frozen=True):
     weight_version: int = -1
     id: str = ""  # fresh for every publication
     buffers: str = ""  # the id in the names of its segments (kept when a publisher reuses its buffers)
-    manifest: str = ""  # the manifest segment's full name
-    writer: int = 0  # the publishing process's pid
+    writer: int = 0  # the publishing process: pid and start time (mpkv.shm.proc.ProcId)
+    writer_start: int = 0
     backend: str = "cpu"
+    manifest: str = ""  # the manifest segment's full name
     complete: bool = False
 
 
@@ -214,19 +216,25 @@ class Publisher:
         slot = self._slot_for(record, weight_version, served)
         dtype = str(self.dtype).removeprefix("torch.")
         specs, sizes = layout(self.expected, dtype, self.bucket_bytes)
+        if len(sizes) > MAX_BUCKETS:  # a big model: bigger buckets, not more of them
+            total = sum(s.nbytes for s in specs)
+            specs, sizes = layout(self.expected, dtype, max(self.bucket_bytes, -(-total // (MAX_BUCKETS - 1))))
         bufs = self._mine.get(slot)
-        if bufs is not None and bufs.sizes != sizes:
-            self._drop(slot)
-            bufs = None
-        buffers = bufs.id if bufs else naming.weights_buffers()
-        fresh = Publication(weight_version, secrets.token_hex(8), buffers, writer=ProcId.me().pid, backend=self.backend)
+        reused = bufs is not None and bufs.sizes == sizes
+        if not reused:  # fresh buffers first: a failure here changes nothing
+            bufs = self._make(naming.weights_buffers(), sizes)
+        assert bufs is not None
+        me = ProcId.me()
+        fresh = Publication(weight_version, secrets.token_hex(8), bufs.id, me.pid, me.start_ticks, self.backend)
         # From here the slot's old publication is referenced by nothing (and no worker reads it: it is not the
-        # version served, and no restore is pending; the controller checked both).
+        # version served, and the last step is acknowledged by every actor; the controller checked both).
         self.inst.write_weights(record.with_slot(slot, fresh))
-        reused = bufs is not None
-        if bufs is None:
-            bufs = self._make(fresh.buffers, sizes)
+        old = record.slots[slot].buffers
+        if not reused:
+            self._drop(slot)
             self._mine[slot] = bufs
+        if old and old != bufs.id and all(b.id != old for b in self._mine.values()):
+            retire(self.inst.registry, old)  # another publisher's (an earlier controller of ours, or a dead one)
         return Draft(self, slot, fresh, specs, bufs, reused)
 
     def holds(self, pub: Publication) -> bool:
@@ -254,8 +262,9 @@ class Publisher:
                     naming.weights_bucket(buffers, k), SegmentKind.WEIGHTS, size
                 )
                 seg.disown()  # a publication outlives its publisher; the launcher reclaims it once unreferenced
-                seg.mark_ready()  # its bytes are complete once the manifest says so
                 bufs.segments.append(seg)
+                _allocate_pages(seg, size)
+                seg.mark_ready()  # its bytes are complete once the manifest says so
                 bufs.tensors.append(_bytes_of(seg))
         except BaseException:
             self._release(bufs)
@@ -336,6 +345,12 @@ class Publisher:
         """Keep every complete publication (the instance may reload it); let go of our buffers otherwise. A cuda
         publication cannot outlive us: its memory is ours."""
         record = self.inst.read_weights()
+        if self.backend == "cuda":  # our memory: the slots must not name it once we are gone
+            gone = [k for k, b in self._mine.items() if record.slots[k].buffers == b.id]
+            for k in gone:
+                record = record.with_slot(k, msgspec.structs.replace(record.slots[k], complete=False))
+            if gone:
+                self.inst.write_weights(record)
         for slot in list(self._mine):
             if self.backend == "cuda" or not record.slots[slot].complete:
                 self._drop(slot)
@@ -344,6 +359,23 @@ class Publisher:
                 bufs.tensors.clear()
                 for seg in [*bufs.segments, *([bufs.manifest] if bufs.manifest else [])]:
                     seg.close()  # the instance may load them after we are gone: the launcher unlinks them
+
+
+def _allocate_pages(seg: Segment, size: int) -> None:
+    """Reserve the bucket's memory now (a segment is only truncated to its size: writing past what tmpfs has left
+    would kill the writer with SIGBUS half-way through a copy)."""
+    import os
+
+    fd = os.open(naming.shm_path(seg.name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.posix_fallocate(fd, 0, seg.total_bytes)
+    except OSError as e:
+        raise MpkvError(
+            f"cannot publish weights: {naming.SHM_DIR} has no room for a bucket of {size} bytes ({e.strerror}); "
+            f"free space there (df {naming.SHM_DIR}) or make it larger"
+        ) from None
+    finally:
+        os.close(fd)
 
 
 def _bytes_of(seg: Segment) -> torch.Tensor:
@@ -363,13 +395,21 @@ class OpenPublication:
     writer could have made can neither point outside a bucket nor name a dtype we do not know."""
 
     def __init__(
-        self, pub: Publication, rank: int, expected: Mapping[str, tuple[int, ...]], maps: BucketMaps | None = None
+        self,
+        pub: Publication,
+        rank: int,
+        expected: Mapping[str, tuple[int, ...]],
+        maps: BucketMaps | None = None,
+        prefix: str = "",
     ) -> None:
         from mpkv.shm.segment import Segment
 
-        self.pub, self._segments, self._buckets, self._maps = pub, [], [], maps
+        # The run's prefix: the caller's (the worker knows its instance), else the manifest's own.
+        prefix = prefix or pub.manifest[: pub.manifest.find(f".{naming.WEIGHTS_STEM}.") + 1]
+        self.pub, self._segments, self._buckets, self._maps, self._prefix = pub, [], [], maps, prefix
         where = f"the publication of weight version {pub.weight_version}"
         try:
+            self._own(pub.manifest, where)
             seg = Segment.attach(pub.manifest, SegmentKind.WEIGHTS)
             self._segments.append(seg)
             n = int.from_bytes(seg.payload[:8], "little")
@@ -381,6 +421,9 @@ class OpenPublication:
             self.manifest = m
             self._buckets = self._open_buckets(m, rank, where)
             self.specs = {s.name: s for s in m.tensors}
+            if len(self.specs) != len(m.tensors) or set(self.specs) != set(expected):
+                odd = sorted(set(self.specs) ^ set(expected))[:3] or ["a name given twice"]
+                raise ModelError(f"{where}: its tensors are not the model's ({', '.join(odd)})")
             for s in m.tensors:
                 self._check(s, expected, where)
         except msgspec.DecodeError as e:
@@ -406,6 +449,7 @@ class OpenPublication:
         for name, size in zip(m.buckets, m.bucket_bytes, strict=True):
             if naming.weights_buffers_of(name) != self.pub.buffers:
                 raise ModelError(f"{where}: bucket {name!r} is not one of its own segments")
+            self._own(name, where)
             if self._maps is not None:
                 out.append(self._maps.get(name, size))
                 continue
@@ -415,6 +459,11 @@ class OpenPublication:
         if self._maps is not None:
             self._maps.opened(m.buckets)
         return out
+
+    def _own(self, name: str, where: str) -> None:
+        """A name the record or manifest gives must be one of this instance's run (I8: not another's segment)."""
+        if not name.startswith(self._prefix) or naming.weights_buffers_of(name) != self.pub.buffers:
+            raise ModelError(f"{where}: {name!r} is not a segment of this instance's publication")
 
     def _check(self, s: TensorSpec, expected: Mapping[str, tuple[int, ...]], where: str) -> None:
         if s.dtype not in DTYPES:
@@ -502,9 +551,10 @@ def reclaim(registry: Registry, record: Publications) -> list[str]:
     killed mid-publish, or one that exited after a newer publication replaced its own). Only the launcher calls
     this: a dead creator cannot claim again, so nobody else touches these registry entries."""
     keep = record.referenced()
+    prefix = registry.name_of(naming.WEIGHTS_STEM)
     removed = []
     for e in registry.entries():
-        if e.state not in (EntryState.CLAIMED, EntryState.LIVE):
+        if e.state not in (EntryState.CLAIMED, EntryState.LIVE) or not e.name.startswith(prefix):
             continue
         buffers = naming.weights_buffers_of(e.name)
         if buffers is None or buffers in keep or e.owner.alive():
@@ -513,3 +563,16 @@ def reclaim(registry: Registry, record: Publications) -> list[str]:
         registry.reclaim(e)
         removed.append(e.name)
     return removed
+
+
+def retire(registry: Registry, buffers: str) -> None:
+    """Unlink the segments of ``buffers``, a set no publication refers to any more, made by another publisher: a
+    controller this process closed, or another process. Only the holder of the command block calls this. The
+    entries of a live maker are given back here; a dead maker's the launcher gives back (``reclaim``: it alone
+    touches those)."""
+    prefix = registry.name_of(naming.WEIGHTS_STEM)
+    for e in registry.entries():
+        if e.name.startswith(prefix) and naming.weights_buffers_of(e.name) == buffers:
+            unlink_if_exists(e.name)
+            if e.owner.alive():
+                registry.reclaim(e)

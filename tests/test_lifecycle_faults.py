@@ -144,7 +144,11 @@ def test_waits_are_published_for_the_wait_for_graph(instance: str) -> None:
     """A stuck attacher during CLEAR: its owner publishes that it waits for it, the controller that it waits for
     the owner's acknowledgement; the step fails at its deadline naming the one that did not acknowledge."""
     with Launched(instance, tp=1, fault="messager:0:CLEAR:hang") as inst, Controller(instance) as ctl:
-        assert {a.waiting_for.kind for a in ctl.status().actors} == {"COMMAND"}
+        # Ready means every actor acknowledged; each then publishes its wait for the next command, a moment later.
+        deadline = time.monotonic() + DEADLINE_S
+        while {a.waiting_for.kind for a in ctl.status().actors} != {"COMMAND"}:
+            assert time.monotonic() < deadline, [(a.role, a.waiting_for) for a in ctl.status().actors]
+            time.sleep(0.01)
         ctl.pause()
         seen: dict[str, object] = {}
         epoch = ctl.inst.control.read(0).epoch + 1  # the CLEAR's

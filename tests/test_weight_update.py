@@ -206,6 +206,13 @@ def test_publish_while_serving_bad_input_and_a_trainer_killed_mid_publish(
             push(v3_dir)  # a checkpoint directory works as well as tensors
         out = client.generate(PROMPTS, NEW_TOKENS)
         assert _lists(out) == refs[3] and out.weight_version == 3
+        # One controller after another in this (live) process: each retires what the slot it overwrites held, so
+        # at most the two slots' sets stay.
+        for version in (4, 5, 6):
+            with Controller(instance) as c:
+                c.update_weights(good, version)
+        sets = {naming.weights_buffers_of(n) for n in _weight_segments(instance)}
+        assert len(sets) <= 2, sorted(_weight_segments(instance))
 
 
 def _weight_segments(instance: str) -> set[str]:

@@ -32,6 +32,7 @@ from mpkv.blocks import (
     checked_decode_step,
     checked_prefill_batch,
 )
+from mpkv.errors import ModelError
 from mpkv.instance import Instance
 from mpkv.model import AllReduce, ModelRunner, build_runner
 from mpkv.protocol import (
@@ -124,7 +125,10 @@ class Worker(Actor):
         return all_reduce
 
     def on_new_weights(self, weight_version: int) -> None:
-        self.model.load(weight_version, self.inst.read_weights().find(weight_version))
+        published = self.inst.read_weights().find(weight_version)
+        if published is not None and not published.manifest.startswith(self.inst.name_of(naming.WEIGHTS_STEM)):
+            raise ModelError(f"the weights record names {published.manifest!r}, not a segment of this instance")
+        self.model.load(weight_version, published)
         self._weights_live = True
 
     def owns_weights(self) -> bool:

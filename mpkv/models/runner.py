@@ -77,11 +77,15 @@ class HFRunner:
                 check_checkpoint(self.cfg.model, self.model_cfg, self.cfg.tp)
                 self._fill(weight_version, LAUNCH, _Checkpoint(Path(self.cfg.model)).read)
             return
-        if self.model is None or self.version != weight_version:
-            raise ModelError(
-                f"weight version {weight_version} has no published weights (Controller.update_weights publishes "
-                f"them) and worker r{self.rank} holds none of that version: nothing to load"
-            )
+        if self.model is not None:
+            # A version nobody published, adopted while holding weights: they are what it means (a controller
+            # that writes the command block itself, docs/control-block.md; mpkv.Controller refuses to do this).
+            self.version = weight_version
+            return
+        raise ModelError(
+            f"weight version {weight_version} has no published weights (Controller.update_weights publishes them) "
+            f"and worker r{self.rank} holds none (they were cleared): nothing to load"
+        )
 
     def _open(self, published: Publication) -> OpenPublication:
         return OpenPublication(published, self.rank, expected_tensors(self.model_cfg), self._maps)
@@ -99,10 +103,11 @@ class HFRunner:
         self.held, self.version = held, weight_version
 
     def release(self) -> int:
-        """Drop the weights (the tier ``clear(weights=True)`` frees); the bytes the system got back, measured."""
+        """Drop the weights (the tier ``clear(weights=True)`` frees); the bytes the system got back, measured (the
+        published buckets are unmapped first: their pages are the publication's, not ours to count)."""
+        self._maps.close()
         before = _resident_bytes(self.device)
         self.model, self.weights, self.held, self.version = None, None, "", -1
-        self._maps.close()
         return max(0, before - _resident_bytes(self.device))
 
     def _model(self) -> LlamaModel:
