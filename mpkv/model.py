@@ -35,20 +35,24 @@ LayerDone = Callable[[int], None]
 
 
 class ModelRunner(Protocol):
-    """What the worker calls. ``load`` runs whenever the worker maps a pool (start-up, restore) and after its
-    weights were cleared: ``published`` is what a trainer published for that weight version
+    """What the worker calls. ``holds(weight_version, published)`` runs whenever the worker maps a pool (start-up,
+    restore): whether it holds that version's weights already; if not, ``load`` runs next (after the pool is
+    published), and also after its weights were cleared. ``published`` is what a trainer published for the version
     (``mpkv.publication.OpenPublication`` reads it), or None (the configured weights: a checkpoint's, or seeded by
-    the version); a runner that holds those weights already keeps them. ``release`` drops the weights (the tier
-    ``clear(weights=True)`` frees) and returns the bytes released; the next ``load`` brings them back.
-    ``prefill`` writes every layer's K/V of each request's tokens and calls ``on_layer_done(l)`` once layer l is
-    written for the whole batch (a prefill instance ships it then); ``decode`` writes the K/V of each item's token
-    at its position. Both return the next token of each request, in order.
+    the version). ``release`` drops the weights (the tier ``clear(weights=True)`` frees) and returns the bytes
+    released. ``prefill`` writes every layer's K/V of each request's tokens and calls ``on_layer_done(l)`` once
+    layer l is written for the whole batch (a prefill instance ships it then); ``decode`` writes the K/V of each
+    item's token at its position. Both return the next token of each request, in order.
 
     Under tensor parallelism every rank must run the same collectives: input a runner refuses (``BadTask``, which
     fails the task and not the worker) must be refused before its first ``all_reduce``, alike on every rank; any
     other exception fails the worker."""
 
     def load(self, weight_version: int, published: Publication | None) -> None: ...
+
+    def holds(self, weight_version: int, published: Publication | None) -> bool:
+        """Whether ``load(weight_version, published)`` would load nothing (what is held is that already)."""
+        ...
 
     def release(self) -> int: ...
 
@@ -121,6 +125,9 @@ class SyntheticModel:
         wo = draw(c.layers, c.hidden, c.hidden) * scale
         self._w = {k: t.contiguous().to(self.device) for k, t in dict(emb=emb, wk=wk, wv=wv, wo=wo).items()}
         self.weight_version = weight_version
+
+    def holds(self, weight_version: int, published: Publication | None = None) -> bool:
+        return published is None and weight_version == self.weight_version and bool(self._w)
 
     def release(self) -> int:
         held = sum(t.nbytes for t in self._w.values())

@@ -76,8 +76,10 @@ def test_llama_generate_swap_restore_and_bad_input(
     ):
         assert _as_lists(client.generate(PROMPTS, NEW_TOKENS)) == want["llama"]
         _swap_mid_decode(client, PROMPTS[-1], want["llama"][-1])
+        with pytest.raises(CommandRefused, match="cannot restore a running instance"):  # before publishing
+            ctl.restore(weight_version=2, weights_from=str(models["llama"]))
         with pytest.raises(CommandRefused, match=r"weight version 1 is not newer than the one served \(1\)"):
-            ctl.restore(weight_version=1, weights_from=str(models["llama"]))
+            ctl.update_weights(str(models["llama"]), 1)
 
         # Bad input: each refused by name before anything is submitted; every block stays free.
         pool_tokens = POOL["device_blocks"] * BLOCK

@@ -203,9 +203,10 @@ def apply(w: World, i: int) -> tuple[World, tuple[int, ...]]:
 
 
 def adopt(a: Actor, version: int) -> Actor:
-    """The runtime's ``_adopt``: a worker that maps a pool of a version loads that version's weights with it."""
+    """The runtime's ``_adopt``: a worker that maps a pool of another version than its weights' holds no live
+    weights for it (LOAD_WEIGHTS loads them next)."""
     if a.owns_weights:
-        return replace(a, version=version, weights_live=True, weights_version=version)
+        return replace(a, version=version, weights_live=a.weights_live and a.weights_version == version)
     return replace(a, version=version)
 
 

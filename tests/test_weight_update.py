@@ -29,6 +29,9 @@ from mpkv.errors import CommandRefused, InstanceNotServing, ModelError, StaleWei
 
 POOL = dict(block_size=BLOCK, device_blocks=32, host_blocks=16)
 PROMPTS = prompts_for(int(SMALL["vocab_size"]))  # type: ignore[call-overload]
+# A refused request is retried after this pause: a client spinning on refusals would hold the GIL (and a core) that
+# the controller in the main thread needs to finish the update it is refused for. Pacing only; nothing waits on it.
+REFUSED_BACKOFF_S = 0.005
 TRAINER_TIMEOUT_S = 180.0  # a hang guard only: a trainer imports transformers and loads the model
 
 
@@ -149,8 +152,9 @@ def test_publish_while_serving_bad_input_and_a_trainer_killed_mid_publish(
                 while not stop.is_set():
                     try:
                         r = client.generate(PROMPTS, NEW_TOKENS, timeout_s=60)
-                    except (InstanceNotServing, StaleWeights):
-                        continue  # paused, or a restore came between two steps: refused, never mixed
+                    except (InstanceNotServing, StaleWeights):  # paused, or a restore between two steps: refused
+                        stop.wait(REFUSED_BACKOFF_S)
+                        continue
                     with more:
                         seen.append((r.weight_version, _lists(r)))
                         more.notify_all()
@@ -250,6 +254,7 @@ def test_a_hundred_rl_cycles_with_weight_pushes_under_traffic(
                     try:
                         r = client.generate(PROMPTS, NEW_TOKENS, timeout_s=60)
                     except (InstanceNotServing, StaleWeights):
+                        stop.wait(REFUSED_BACKOFF_S)
                         continue
                     with more:
                         seen.append((r.weight_version, _lists(r)))

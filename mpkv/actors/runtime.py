@@ -122,6 +122,9 @@ class Actor:
     def release_weights(self) -> int:  # pragma: no cover - only the worker is asked
         raise ProtocolError(f"{self.name} holds no weights")
 
+    def load_weights(self) -> None:  # pragma: no cover - only the worker is asked
+        raise ProtocolError(f"{self.name} holds no weights")
+
     def on_task_end(self, task: object) -> None:
         """Called after every task this actor served, whatever its outcome (the worker ends its progress)."""
 
@@ -143,9 +146,9 @@ class Actor:
         return f"{self.status.state.name}@{self.status.epoch}"
 
     def on_new_weights(self, weight_version: int) -> None:
-        """Called whenever this actor maps a pool at start-up or at a restore, with the pool's weight version, and
-        when a worker must load the weights it cleared (the worker loads the weights published for the version
-        unless it holds them already; the transfer manager drops host entries of other versions)."""
+        """Called whenever this actor maps a pool at start-up or at a restore, with the pool's weight version (the
+        worker finds out whether it holds that version's weights: if not, the handshake's LOAD_WEIGHTS loads them,
+        after the pool is published; the transfer manager drops host entries of other versions)."""
 
     # -- status ----------------------------------------------------------------------------------------------
     @property
@@ -330,7 +333,7 @@ class Actor:
         elif d.action == Act.RELEASE_WEIGHTS:
             self.released_bytes += self.release_weights()
         elif d.action == Act.LOAD_WEIGHTS:
-            self.on_new_weights(self.weight_version)
+            self.load_weights()
         elif d.action == Act.DRAIN:
             self._drain(cmd)
         assert d.publish is not None

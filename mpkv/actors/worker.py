@@ -49,6 +49,7 @@ from mpkv.protocol import (
     actor_slot,
     pack_slots,
 )
+from mpkv.publication import Publication
 from mpkv.shm.allreduce import AllReduce as ShmAllReduce
 
 
@@ -124,11 +125,18 @@ class Worker(Actor):
 
         return all_reduce
 
-    def on_new_weights(self, weight_version: int) -> None:
+    def _published(self, weight_version: int) -> Publication | None:
         published = self.inst.read_weights().find(weight_version)
         if published is not None and not published.manifest.startswith(self.inst.name_of(naming.WEIGHTS_STEM)):
             raise ModelError(f"the weights record names {published.manifest!r}, not a segment of this instance")
-        self.model.load(weight_version, published)
+        return published
+
+    def on_new_weights(self, weight_version: int) -> None:
+        # Loaded, if need be, by LOAD_WEIGHTS: after the pool is published, so its attachers do not wait for it.
+        self._weights_live = self._weights_live and self.model.holds(weight_version, self._published(weight_version))
+
+    def load_weights(self) -> None:
+        self.model.load(self.weight_version, self._published(self.weight_version))
         self._weights_live = True
 
     def owns_weights(self) -> bool:

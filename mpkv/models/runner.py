@@ -26,6 +26,7 @@ from mpkv.models.sampling import next_tokens
 from mpkv.models.weights import RankWeights, _Checkpoint, allocate, check_checkpoint, fill, slice_of
 from mpkv.protocol import DecodeItem, Prefill
 from mpkv.publication import BucketMaps, OpenPublication, Publication, expected_tensors
+from mpkv.shm.proc import ProcId
 
 LAUNCH = "launch"  # HFRunner.held: the weights of the configured checkpoint (CacheConfig.model)
 
@@ -66,6 +67,13 @@ class HFRunner:
                 self._consumed = published.manifest
                 if published.id != self.held or self.model is None:
                     self._fill(weight_version, published.id, lambda part: slice_of(pub.tensor(part.name), part))
+                    torch.cuda.synchronize(self.device)
+                    if not ProcId(published.writer, published.writer_start).alive():  # its memory may be gone
+                        self.model, self.held = None, ""
+                        raise ModelError(
+                            f"the publisher of weight version {weight_version} (pid {published.writer}) exited while "
+                            f"worker r{self.rank} copied its CUDA memory: the copy cannot be trusted"
+                        )
             return
         if published is not None:
             if published.id != self.held or self.model is None:
@@ -86,6 +94,16 @@ class HFRunner:
             f"weight version {weight_version} has no published weights (Controller.update_weights publishes them) "
             f"and worker r{self.rank} holds none (they were cleared): nothing to load"
         )
+
+    def holds(self, weight_version: int, published: Publication | None) -> bool:
+        if self.model is None:
+            return False
+        if published is not None:  # a cuda publication's new shares are consumed by a load, needed or not
+            fresh_shares = published.backend == "cuda" and published.manifest != self._consumed
+            return published.id == self.held and not fresh_shares
+        if weight_version == self.cfg.weight_version:
+            return self.held == LAUNCH
+        return True  # a version nobody published: the weights held are what it means (see load)
 
     def _open(self, published: Publication) -> OpenPublication:
         return OpenPublication(published, self.rank, expected_tensors(self.model_cfg), self._maps)
