@@ -52,7 +52,7 @@ from mpkv.protocol import (
     actor_slot,
     pack_slots,
 )
-from mpkv.publication import Publications
+from mpkv.publication import Publication, Publications
 from mpkv.report import InstanceStatus
 from mpkv.shm.ring import quiesce
 from mpkv.shm.segment import Segment
@@ -183,17 +183,13 @@ class Controller:
         )
         if not flags:
             raise CommandRefused("clear needs device=True, host=True, weights=True or a combination")
-        if weights and is_checkpoint(self.cfg.model):
-            served = self.weight_version
-            pub = self.inst.read_weights().find(served)
-            if pub is None and served != self.cfg.weight_version:
-                raise CommandRefused(
-                    f"clear of {self.name}: the weights of version {served} could not be loaded again (their "
-                    "publication is gone: a cuda publisher exited, or a controller restored it without one); "
-                    "publish a new version instead"
-                )
+
+        def prepare(last: Command, done: bool, cleared: ClearFlags, served: int) -> None:
+            if weights and is_checkpoint(self.cfg.model):
+                self._check_reloadable(served)
+
         before = shm_used_bytes()
-        res = self._step(Cmd.CLEAR, int(flags), timeout_s)
+        res = self._step(Cmd.CLEAR, int(flags), timeout_s, prepare)
         if not res.already:
             res.shm_released_bytes = before - shm_used_bytes()
             # (The workers' weights, when cleared, are private memory: released, but not from /dev/shm.)
@@ -212,18 +208,15 @@ class Controller:
         the one served must have been published (``update_weights``); ``weights_from=DIR`` publishes a checkpoint
         directory of the same model as that version first. The synthetic model is seeded by any version."""
         wv = self._version(self.weight_version if weight_version is None else weight_version)
-        self._claim()
-        last, statuses, cleared, served = status.settled(self.inst)
-        done = step_done(last, statuses)
-        refusal = check_command(Cmd.RESTORE, wv, last, cleared, served, done)
-        if refusal is not None:  # said by _step; refused before anything is published or exported
-            return self._step(Cmd.RESTORE, wv, timeout_s)
-        if weights_from is not None:
-            self.update_weights(weights_from, wv)
-        if is_checkpoint(self.cfg.model):
-            retry = last.kind == Cmd.RESTORE and last.aux == wv and not done
-            self._check_restore(wv, loads=wv != served or ClearFlags.WEIGHTS in cleared, retry=retry)
-        return self._step(Cmd.RESTORE, wv, timeout_s)
+
+        def prepare(last: Command, done: bool, cleared: ClearFlags, served: int) -> None:
+            if weights_from is not None:
+                self.update_weights(weights_from, wv)
+            if is_checkpoint(self.cfg.model):
+                retry = last.kind == Cmd.RESTORE and last.aux == wv and not done
+                self._check_restore(wv, cleared, served, retry)
+
+        return self._step(Cmd.RESTORE, wv, timeout_s, prepare)
 
     def _version(self, weight_version: object) -> int:
         try:
@@ -236,11 +229,10 @@ class Controller:
             )
         return wv
 
-    def _check_restore(self, wv: int, loads: bool, retry: bool) -> None:
-        """A checkpoint instance's restore to ``wv``: a version not older than the one served, published unless it
-        is the one served. ``loads``: the workers will load (a new version, or their weights were cleared);
-        ``retry``: the same restore again, after one that was not acknowledged."""
-        served = self.weight_version
+    def _check_restore(self, wv: int, cleared: ClearFlags, served: int, retry: bool) -> None:
+        """A checkpoint instance's restore to ``wv``, admitted: a version not older than the one served, published
+        unless it is the one served, loadable if the workers will load it. ``retry``: the same restore again, after
+        one that was not acknowledged (its shares, on cuda, are still the ones to use)."""
         if wv < served:
             raise CommandRefused(
                 f"restore of {self.name}: weight version {wv} is older than the one served ({served}); weight "
@@ -252,21 +244,33 @@ class Controller:
                 f"restore of {self.name}: weight version {wv} was never published; publish it first "
                 f"(Controller.update_weights(weights, {wv}), or restore(..., weights_from=DIR))"
             )
-        if pub is None and wv == served and loads and wv != self.cfg.weight_version:
+        if ClearFlags.WEIGHTS in cleared and not retry:
+            self._check_reloadable(wv)
+        # cuda: every worker that maps a pool (a device clear) or loads (a weights clear) consumes one share.
+        if pub is not None and pub.backend == "cuda" and cleared & (ClearFlags.DEVICE | ClearFlags.WEIGHTS):
+            self._check_cuda_source(pub, wv)
+            if not retry:  # a retry keeps the first try's shares: a rank that loaded already does not again
+                assert self._publisher is not None
+                self._publisher.export(wv)
+
+    def _check_reloadable(self, wv: int) -> None:
+        """The weights of ``wv`` (the version served) can be loaded again after a weights clear."""
+        pub = self.inst.read_weights().find(wv)
+        if pub is None and wv != self.cfg.weight_version:
             raise CommandRefused(
-                f"restore of {self.name}: the workers' weights were cleared and weight version {wv} has no publication "
-                "to load them from any more; publish weights under a new version (update_weights)"
+                f"{self.name}: the weights of version {wv} could not be loaded again: no publication of it is left "
+                "(a cuda publisher exited, or a controller restored it without one); publish a new version instead"
             )
-        if pub is not None and pub.backend == "cuda" and loads and not retry:
-            # CUDA IPC shares are made per load, by the process that holds the memory (mpkv.publication); a retry
-            # keeps the shares of the first try (a rank that loaded already does not load again).
-            if self._publisher is None or not self._publisher.holds(pub):
-                raise CommandRefused(
-                    f"restore of {self.name}: the weights of version {wv} live in the CUDA memory of process "
-                    f"{pub.writer}, not this controller's; restore from the controller that published them, or "
-                    "publish them again from this one"
-                )
-            self._publisher.export(wv)
+        if pub is not None and pub.backend == "cuda":
+            self._check_cuda_source(pub, wv)
+
+    def _check_cuda_source(self, pub: Publication, wv: int) -> None:
+        """CUDA IPC shares are made per load by the process that holds the memory (mpkv.publication)."""
+        if self._publisher is None or not self._publisher.holds(pub):
+            raise CommandRefused(
+                f"{self.name}: the weights of version {wv} live in the CUDA memory of process {pub.writer}, not this "
+                "controller's; do this from the controller that published them, or publish them again from this one"
+            )
 
     # -- weights from the trainer -----------------------------------------------------------------------------------
     def update_weights(self, weights: WeightsIn, weight_version: int) -> Published:
@@ -472,10 +476,10 @@ class Controller:
         """Give up the command block (another controller, e.g. `mpkv ctl` in a shell, may then drive the instance)
         and unmap the instance. A controller that is never closed holds the block until its process exits. Weights
         it published stay (cpu) for the instance to load; on cuda they go with it."""
+        publisher, self._publisher = self._publisher, None
         try:
-            if self._publisher is not None:
-                self._publisher.close()
-                self._publisher = None
+            if publisher is not None:
+                publisher.close()
         finally:
             self._release()
             self.inst.close()
@@ -487,15 +491,22 @@ class Controller:
         self.close()
 
     # -- one step ---------------------------------------------------------------------------------------------
-    def _step(self, kind: Cmd, aux: int, timeout_s: float | None) -> StepResult:
+    def _step(
+        self, kind: Cmd, aux: int, timeout_s: float | None, prepare: Callable[..., None] | None = None
+    ) -> StepResult:
+        """Issue ``kind`` and wait for every acknowledgement. ``prepare(last, done, cleared, weight_version)``
+        runs once the command is admitted, before anything is written: its refusal changes nothing."""
         wait_s = check_timeout(self.timeout_s if timeout_s is None else timeout_s)
         cmd_w, ledger_w, _ = self._claim()  # before reading the block: a claim repairs a slot torn by a dead writer
         last, statuses, cleared, weight_version = status.settled(self.inst)
-        refusal = check_command(kind, aux, last, cleared, weight_version, step_done(last, statuses))
+        done = step_done(last, statuses)
+        refusal = check_command(kind, aux, last, cleared, weight_version, done)
         if refusal is not None:
             if refusal.already:
                 return StepResult(kind.name, last.epoch, already=True, message=refusal.message)
             raise CommandRefused(f"{kind.name.lower()} refused for instance {self.name}: {refusal.message}")
+        if prepare is not None:
+            prepare(last, done, cleared, weight_version)
         if (cleared, weight_version) != status.ledger(self.inst):
             # What the last command settled (a CLEAR issued, a RESTORE acknowledged after its controller gave up
             # waiting, or either by a controller that died before it wrote the ledger): record it now.

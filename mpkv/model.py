@@ -80,11 +80,11 @@ def plugin_class(model: str) -> Callable[..., ModelRunner]:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
         raise ModelError(f"model {model!r}: cannot import {name} from {module}: {e}") from None
-    missing = [m for m in ("load", "prefill", "decode") if not callable(getattr(cls, m, None))]
+    missing = [m for m in ("load", "holds", "release", "prefill", "decode") if not callable(getattr(cls, m, None))]
     if not isinstance(cls, type) or missing:
         raise ModelError(
-            f"model {model!r}: {name} is not a class with load, prefill and decode (mpkv.model.ModelRunner)"
-            + (f"; it lacks {', '.join(missing)}" if missing else "")
+            f"model {model!r}: {name} is not a class with load, holds, release, prefill and decode "
+            "(mpkv.model.ModelRunner)" + (f"; it lacks {', '.join(missing)}" if missing else "")
         )
     return cls
 

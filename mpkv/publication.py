@@ -95,6 +95,12 @@ class Publications(msgspec.Struct, frozen=True):
         """The complete publication of ``weight_version``, if there is one."""
         return next((p for p in self.slots if p.complete and p.weight_version == weight_version), None)
 
+    def named(self, weight_version: int) -> Publication | None:
+        """The publication of ``weight_version``: the complete one, else an incomplete one (a reader must refuse
+        it rather than fall back on what it holds), else None."""
+        found = [p for p in self.slots if p.weight_version == weight_version and p.id]
+        return next((p for p in found if p.complete), found[0] if found else None)
+
     def referenced(self) -> set[str]:
         """The buffer ids of complete publications: their segments must stay."""
         return {p.buffers for p in self.slots if p.complete}

@@ -26,7 +26,7 @@ DRIVER = textwrap.dedent(
             os.close(fd)
 
     reg = open_seg(f"/dev/shm/mpkv.u{uid}.{name}.registry")
-    assert reg[0:8] == b"MPKVSEG\0" and struct.unpack_from("<I", reg, 8)[0] == 1
+    assert reg[0:8] == b"MPKVSEG\0" and struct.unpack_from("<I", reg, 8)[0] == 2
     run = reg[256:272].rstrip(b"\0").decode()
     base = f"/dev/shm/mpkv.u{uid}.{name}.{run}."
     control, status, errors = open_seg(base + "control"), open_seg(base + "status"), open_seg(base + "errors")

@@ -266,7 +266,7 @@ def test_a_runner_named_module_class_decodes_byte_exactly(instance: str) -> None
     ("model", "match"),
     [
         ("mpkv.nowhere:Runner", "cannot import Runner from mpkv.nowhere"),
-        ("mpkv.model:expected_kv", "is not a class with load, prefill and decode"),
+        ("mpkv.model:expected_kv", "is not a class with load, holds, release, prefill and decode"),
     ],
 )
 def test_a_runner_that_cannot_be_built_is_refused_before_launch(model: str, match: str) -> None:

@@ -142,49 +142,15 @@ def test_publish_while_serving_bad_input_and_a_trainer_killed_mid_publish(
 
         # Version 2 published while traffic runs on version 1, then adopted: every request's tokens are those of
         # exactly the version its completion names.
-        seen: list[tuple[int, list[list[int]]]] = []
-        stop, more = threading.Event(), threading.Condition()
-
-        failed: list[BaseException] = []
-
-        def traffic() -> None:
-            try:  # the test's client (one per process): the main thread does not use it meanwhile
-                while not stop.is_set():
-                    try:
-                        r = client.generate(PROMPTS, NEW_TOKENS, timeout_s=60)
-                    except (InstanceNotServing, StaleWeights):  # paused, or a restore between two steps: refused
-                        stop.wait(REFUSED_BACKOFF_S)
-                        continue
-                    with more:
-                        seen.append((r.weight_version, _lists(r)))
-                        more.notify_all()
-            except BaseException as e:
-                failed.append(e)
-                with more:
-                    more.notify_all()
-
-        def another(what: str) -> None:
-            n = len(seen)
-            with more:
-                more.wait_for(lambda: len(seen) > n or failed, timeout=60)
-            assert not failed, f"the traffic thread failed: {failed[0]!r}"
-            assert len(seen) > n, f"no generation {what} within 60 s"
-
-        thread = threading.Thread(target=traffic)
-        thread.start()
-        try:
-            another("on version 1")
+        with Traffic(client) as traffic:
+            traffic.another("on version 1")
             published = ctl.update_weights(good, 2)
             assert published.nbytes == sum(t.nbytes for t in good.values())
-            another("after version 2 was published")
+            traffic.another("after version 2 was published")
             ctl.pause(), ctl.clear(), ctl.restore(2), ctl.resume()
-            another("on version 2")
-        finally:
-            stop.set()
-            thread.join(120)
-        assert not thread.is_alive()
-        assert {v for v, _ in seen} == {1, 2}
-        assert all(tokens == refs[v] for v, tokens in seen), [v for v, t in seen if t != refs[v]]
+            traffic.another("on version 2")
+        assert {v for v, _ in traffic.seen} == {1, 2}
+        assert all(tokens == refs[v] for v, tokens in traffic.seen), [v for v, t in traffic.seen if t != refs[v]]
 
         # A trainer killed mid-publish: version 2 is served on, what it wrote is reclaimed, the next publish works.
         ctl.close()  # the trainer's controller takes the command block (one writer)
@@ -223,6 +189,56 @@ def _weight_segments(instance: str) -> set[str]:
     return {n for n in naming.list_names() if naming.instance_of(n) == instance and naming.weights_buffers_of(n)}
 
 
+class Traffic:
+    """A thread generating PROMPTS on ``client`` (the test's: one per process; the main thread leaves it alone
+    meanwhile) until the block ends; ``seen``: each result's weight version and tokens. A refusal (paused, or a
+    restore between two steps: never mixed tokens) is retried."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.seen: list[tuple[int, list[list[int]]]] = []
+        self.failed: list[BaseException] = []
+        self.stop, self.more = threading.Event(), threading.Condition()
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                try:
+                    r = self.client.generate(PROMPTS, NEW_TOKENS, timeout_s=60)
+                except (InstanceNotServing, StaleWeights):
+                    self.stop.wait(REFUSED_BACKOFF_S)
+                    continue
+                with self.more:
+                    self.seen.append((r.weight_version, _lists(r)))
+                    self.more.notify_all()
+        except BaseException as e:
+            self.failed.append(e)
+            with self.more:
+                self.more.notify_all()
+
+    def another(self, what: str, version: int | None = None) -> None:
+        """Wait (60 s at most) for one more result (of ``version``, if given)."""
+        n = len(self.seen)
+
+        def got() -> bool:
+            return any(version in (None, v) for v, _ in self.seen[n:])
+
+        with self.more:
+            self.more.wait_for(lambda: got() or bool(self.failed), timeout=60)
+        assert not self.failed, f"the traffic thread failed: {self.failed[0]!r}"
+        assert got(), f"no generation {what} within 60 s"
+
+    def __enter__(self) -> Traffic:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(120)
+        assert not self.thread.is_alive(), "the traffic thread did not stop within 120 s"
+
+
 def _eventually(done: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
     """Poll a condition another process brings about (the launcher looks every RECLAIM_S); the deadline only
     catches a hang."""
@@ -243,40 +259,17 @@ def test_a_hundred_rl_cycles_with_weight_pushes_under_traffic(
     sets = [src, *(perturbed_copy(src, tmp_path / f"set{i}", seed=30 + i) for i in (1, 2))]
     refs = [reference(d, PROMPTS, NEW_TOKENS)[0] for d in sets]
     tensors = [_tensors(d) for d in sets]
-    seen: list[tuple[int, list[list[int]]]] = []
-    failed: list[BaseException] = []
-    stop, more = threading.Event(), threading.Condition()
-    with mpkv.launch(instance, tp=2, model=str(src), **POOL), Client(instance) as client, Controller(instance) as ctl:
-
-        def traffic() -> None:
-            try:
-                while not stop.is_set():
-                    try:
-                        r = client.generate(PROMPTS, NEW_TOKENS, timeout_s=60)
-                    except (InstanceNotServing, StaleWeights):
-                        stop.wait(REFUSED_BACKOFF_S)
-                        continue
-                    with more:
-                        seen.append((r.weight_version, _lists(r)))
-                        more.notify_all()
-            except BaseException as e:
-                failed.append(e)
-                with more:
-                    more.notify_all()
-
-        thread = threading.Thread(target=traffic)
-        thread.start()
-        try:
-            for version in range(2, 102):
-                with ctl.weight_update(version, timeout_s=60) as push:
-                    push(tensors[version % 3])
-                with more:  # a rollout on the new weights before the next update, as an RL loop does
-                    more.wait_for(lambda v=version: failed or any(w == v for w, _ in seen[-3:]), timeout=60)
-                assert not failed and seen[-1][0] == version, f"no generation on version {version} within 60 s"
-        finally:
-            stop.set()
-            thread.join(120)
-    assert not thread.is_alive() and not failed, failed
+    with (
+        mpkv.launch(instance, tp=2, model=str(src), **POOL),
+        Client(instance) as client,
+        Controller(instance) as ctl,
+        Traffic(client) as traffic,
+    ):
+        for version in range(2, 102):
+            with ctl.weight_update(version, timeout_s=60) as push:
+                push(tensors[version % 3])
+            traffic.another(f"on version {version}", version)  # a rollout on the new weights, as an RL loop does
+    seen = traffic.seen
     wrong = [v for v, tokens in seen if tokens != refs[v % 3 if v > 1 else 0]]
     print(f"[rl] 100 weight updates, {len(seen)} generations checked, {len(wrong)} mismatched")
     assert {v for v, _ in seen} >= set(range(2, 102)) and not wrong, wrong[:5]

@@ -126,7 +126,7 @@ class Worker(Actor):
         return all_reduce
 
     def _published(self, weight_version: int) -> Publication | None:
-        published = self.inst.read_weights().find(weight_version)
+        published = self.inst.read_weights().named(weight_version)
         if published is not None and not published.manifest.startswith(self.inst.name_of(naming.WEIGHTS_STEM)):
             raise ModelError(f"the weights record names {published.manifest!r}, not a segment of this instance")
         return published

@@ -24,6 +24,14 @@ def all_equal(raw: dict[str, Any]) -> int:
     return 0 if all(row["equal"] for row in raw["rows"]) else 1
 
 
+def machine_line(when: str, m: dict[str, float]) -> str:
+    """How busy the rest of the machine was ``when`` (``Machine.stop()``'s record, mpkv.bench.allreduce)."""
+    return (
+        f"machine {when}: other processes used {m['others_cores']:.2f} cores on average over {m['wall_s']:.1f} s; "
+        f"load average {m['loadavg_start']:.2f} -> {m['loadavg_end']:.2f}"
+    )
+
+
 @contextmanager
 def scratch_dir(what: str) -> Iterator[str]:
     """A private directory (naming.private_scratch_dir) for a benchmark's files, removed at the end."""

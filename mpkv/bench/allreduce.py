@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from mpkv import naming
-from mpkv.bench import all_equal, emit
+from mpkv.bench import all_equal, emit, machine_line
 from mpkv.bench.links import CTX
 from mpkv.shm.allreduce import AllReduce, create_allreduce
 from mpkv.shm.proc import cpu_seconds
@@ -287,11 +287,7 @@ def report(r: dict[str, Any]) -> list[str]:
             f"({b['p90_us']:.1f}) | {min(b['repeat_medians_us']):.1f}-{max(b['repeat_medians_us']):.1f} | "
             f"{b['median_us'] / a['median_us']:.1f}x | {'yes' if row['equal'] else 'NO'} |"
         )
-    lines += [
-        "",
-        f"machine meanwhile: other processes used {m['others_cores']:.2f} cores on average over {m['wall_s']:.1f} s; "
-        f"load average {m['loadavg_start']:.2f} -> {m['loadavg_end']:.2f}",
-    ]
+    lines += ["", machine_line("meanwhile", m)]
     return lines
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from mpkv.bench import emit, scratch_dir
+from mpkv.bench import emit, machine_line, scratch_dir
 from mpkv.bench.allreduce import Machine
 
 # (label, layers, vocab): hidden 1024, 16 heads (4 KV heads), intermediate 2816; ~11.3M parameters per layer
@@ -146,12 +146,7 @@ def report(r: dict[str, Any]) -> list[str]:
         cells = " | ".join(f"{v:.1f}" for v in parts.values())
         lines.append(f"| {row['size']} | {cells} | {sum(parts.values()):.1f} |")
     lines.append("")
-    for row in r["rows"]:
-        m = row["machine"]
-        lines.append(
-            f"machine during {row['size']}: other processes used {m['others_cores']:.2f} cores on average over "
-            f"{m['wall_s']:.1f} s; load average {m['loadavg_start']:.2f} -> {m['loadavg_end']:.2f}"
-        )
+    lines += [machine_line(f"during {row['size']}", row["machine"]) for row in r["rows"]]
     return lines
 
 

@@ -58,13 +58,20 @@ class HFRunner:
         self.weights: RankWeights | None = None  # kept across reloads: a new version is copied into it in place
         self.held = ""  # what the weights are: LAUNCH (the configured checkpoint) or a publication's id
         self.version = -1
-        self._consumed = ""  # cuda: the last manifest whose CUDA IPC shares this rank consumed
+        self._consumed: set[str] = set()  # cuda: the manifests whose CUDA IPC shares this rank consumed
         self._maps = BucketMaps()  # cpu: published buckets stay mapped between loads
 
     def load(self, weight_version: int, published: Publication | None) -> None:
-        if published is not None and published.backend == "cuda" and published.manifest != self._consumed:
+        if published is not None and not published.complete:
+            if self.holds(weight_version, published):
+                return
+            raise ModelError(
+                f"the publication of weight version {weight_version} is incomplete (its publisher exited, or was "
+                f"killed while writing it): worker r{self.rank} has nothing to load"
+            )
+        if published is not None and published.backend == "cuda" and published.manifest not in self._consumed:
             with self._open(published) as pub:  # each share is opened once, loaded from or not (mpkv.publication)
-                self._consumed = published.manifest
+                self._consumed.add(published.manifest)
                 if published.id != self.held or self.model is None:
                     self._fill(weight_version, published.id, lambda part: slice_of(pub.tensor(part.name), part))
                     torch.cuda.synchronize(self.device)
@@ -76,6 +83,11 @@ class HFRunner:
                         )
             return
         if published is not None:
+            if published.backend == "cuda" and (published.id != self.held or self.model is None):
+                raise ModelError(  # its shares were opened once already: a second open would corrupt torch's count
+                    f"worker r{self.rank} must load weight version {weight_version} again from CUDA IPC shares it "
+                    "consumed already; restore it from its publishing controller (which makes new ones)"
+                )
             if published.id != self.held or self.model is None:
                 with self._open(published) as pub:
                     self._fill(weight_version, published.id, lambda part: slice_of(pub.tensor(part.name), part))
@@ -85,25 +97,26 @@ class HFRunner:
                 check_checkpoint(self.cfg.model, self.model_cfg, self.cfg.tp)
                 self._fill(weight_version, LAUNCH, _Checkpoint(Path(self.cfg.model)).read)
             return
-        if self.model is not None:
-            # A version nobody published, adopted while holding weights: they are what it means (a controller
-            # that writes the command block itself, docs/control-block.md; mpkv.Controller refuses to do this).
+        if self.holds(weight_version, None):
+            # A newer version nobody published, adopted while holding the launch weights: they are what it means
+            # (a controller that writes the command block itself, docs/control-block.md; mpkv.Controller refuses).
             self.version = weight_version
             return
+        held = "no weights (they were cleared)" if self.model is None else f"the weights of version {self.version}"
         raise ModelError(
             f"weight version {weight_version} has no published weights (Controller.update_weights publishes them) "
-            f"and worker r{self.rank} holds none (they were cleared): nothing to load"
+            f"and worker r{self.rank} holds {held}: nothing it may serve as version {weight_version}"
         )
 
     def holds(self, weight_version: int, published: Publication | None) -> bool:
         if self.model is None:
             return False
         if published is not None:  # a cuda publication's new shares are consumed by a load, needed or not
-            fresh_shares = published.backend == "cuda" and published.manifest != self._consumed
-            return published.id == self.held and not fresh_shares
+            fresh = published.complete and published.backend == "cuda" and published.manifest not in self._consumed
+            return published.id == self.held and not fresh
         if weight_version == self.cfg.weight_version:
             return self.held == LAUNCH
-        return True  # a version nobody published: the weights held are what it means (see load)
+        return self.held == LAUNCH and weight_version >= self.version  # the launch weights, renamed (see load)
 
     def _open(self, published: Publication) -> OpenPublication:
         return OpenPublication(published, self.rank, expected_tensors(self.model_cfg), self._maps)

@@ -18,6 +18,7 @@ from mpkv.shm.proc import ProcId
 from mpkv.shm.segment import Segment
 
 DEFAULT_CAPACITY = 256
+RECLAIMING = 2**64 - 1  # an entry's claim word while a reclaimer gives it back (no pid is this)
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,12 @@ class Registry:
         """Give back the entry of a claimer that is dead (its name already unlinked): GONE, then the claim word from
         the dead pid to 0 (compare-and-swap: an entry claimed anew meanwhile is left alone)."""
         off = self._entry_off(entry.index)
-        if _native.load_u64(self.seg.buf, off + layout.REG_CLAIM) == entry.owner.pid:
+        # Taken first (claimed by nobody, claimable by nobody): of two reclaimers only one gets past this, and a
+        # new claimer cannot take the entry until its claim word is 0 again.
+        won, _ = _native.cas_u64(self.seg.buf, off + layout.REG_CLAIM, entry.owner.pid, RECLAIMING)
+        if won:
             self._set_state(entry.index, EntryState.GONE)
-            _native.cas_u64(self.seg.buf, off + layout.REG_CLAIM, entry.owner.pid, 0)
+            _native.store_u64(self.seg.buf, off + layout.REG_CLAIM, 0)
 
     def entries(self) -> list[Entry]:
         out = []
