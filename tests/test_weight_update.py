@@ -273,3 +273,26 @@ def test_a_hundred_rl_cycles_with_weight_pushes_under_traffic(
     wrong = [v for v, tokens in seen if tokens != refs[v % 3 if v > 1 else 0]]
     print(f"[rl] 100 weight updates, {len(seen)} generations checked, {len(wrong)} mismatched")
     assert {v for v, _ in seen} >= set(range(2, 102)) and not wrong, wrong[:5]
+
+
+def test_a_worker_never_serves_published_weights_under_another_version(models: dict[str, Path]) -> None:
+    """The runner alone (no instance): the launch weights may be renamed to a newer version nobody published (a
+    controller that writes the control block itself); weights loaded from a publication never are, and a version
+    whose publication is incomplete is refused by name, never served with what is held."""
+    from mpkv.config import CacheConfig, resolve_model
+    from mpkv.models.runner import HFRunner
+    from mpkv.publication import Publication
+
+    cfg = CacheConfig(**resolve_model({"model": str(models["llama"])}))
+    runner = HFRunner(cfg, 0, torch.device("cpu"), None)
+    assert not runner.holds(1, None)
+    runner.load(1, None)
+    assert runner.holds(1, None) and runner.holds(2, None)  # the launch weights, renamed by an external controller
+    runner.load(2, None)
+    runner.held = "a-publication-id"  # as after loading one
+    assert not runner.holds(3, None)
+    with pytest.raises(ModelError, match="has no published weights .* holds the weights of version 2"):
+        runner.load(3, None)
+    gone = Publication(4, "another-id", "0a1b2c3d", complete=False)
+    with pytest.raises(ModelError, match="publication of weight version 4 is incomplete"):
+        runner.load(4, gone)
