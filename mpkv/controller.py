@@ -61,7 +61,7 @@ from mpkv.shm.waiting import check_timeout
 from mpkv.topology import pack_ledger
 
 if TYPE_CHECKING:
-    from mpkv.publication import Draft, Publisher
+    from mpkv.publication import Publisher
 
 S = ActorState
 
@@ -282,11 +282,11 @@ class Controller:
         wv = self._check_publish(weight_version)
         named = self._checked_weights(weights)
         t0 = time.perf_counter()
-        draft, reused = self._begin(wv)
+        draft = self._publisher_of().begin(wv, self.weight_version)
         for name, tensor in named:
             draft.put(name, tensor.load() if isinstance(tensor, _Lazy) else tensor)
         draft.finish()
-        return Published(wv, draft.bytes, time.perf_counter() - t0, len(draft.bufs.sizes), reused)
+        return Published(wv, draft.bytes, time.perf_counter() - t0, len(draft.bufs.sizes), draft.reused)
 
     def _check_publish(self, weight_version: object) -> int:
         wv = self._version(weight_version)
@@ -375,11 +375,6 @@ class Controller:
             self._publisher = Publisher(self.inst, read_config(self.cfg.model), self.cfg.torch_dtype)
         return self._publisher
 
-    def _begin(self, wv: int) -> tuple[Draft, bool]:
-        pub = self._publisher_of()
-        draft = pub.begin(wv, self.weight_version)
-        return draft, draft.reused
-
     # -- one-call steps -----------------------------------------------------------------------------------------------
     def sleep(self, tags: Iterable[str] = SLEEP_TAGS, timeout_s: float | None = None) -> StepResult:
         """Pause, then clear what ``tags`` names: ``kv_cache`` (the device and host KV tiers), ``weights`` (the
@@ -412,7 +407,7 @@ class Controller:
             step = "clear"
             self.clear(timeout_s=timeout_s)  # no KV of the old version survives (I7)
             step = "push"
-            draft, _ = self._begin(wv)
+            draft = self._publisher_of().begin(wv, self.weight_version)
             dtype = self._publisher_of().dtype
 
             def push(named: WeightsIn) -> None:
