@@ -54,6 +54,7 @@ from mpkv.protocol import (
 )
 from mpkv.publication import Publication, Publications
 from mpkv.report import InstanceStatus
+from mpkv.shm.proc import ProcId
 from mpkv.shm.ring import quiesce
 from mpkv.shm.segment import Segment
 from mpkv.shm.signals import Signal, SignalWriter
@@ -238,20 +239,27 @@ class Controller:
                 f"restore of {self.name}: weight version {wv} is older than the one served ({served}); weight "
                 "versions only grow (the KV of every tier is named by them)"
             )
-        pub = self.inst.read_weights().find(wv)
+        record = self.inst.read_weights()
+        pub = record.find(wv)
         if pub is None and wv != served:
+            named = record.named(wv)
+            why = "was never published" if named is None else "has an incomplete publication (its publisher exited)"
             raise CommandRefused(
-                f"restore of {self.name}: weight version {wv} was never published; publish it first "
+                f"restore of {self.name}: weight version {wv} {why}; publish it first "
                 f"(Controller.update_weights(weights, {wv}), or restore(..., weights_from=DIR))"
             )
         if ClearFlags.WEIGHTS in cleared and not retry:
             self._check_reloadable(wv)
-        # cuda: every worker that maps a pool (a device clear) or loads (a weights clear) consumes one share.
-        if pub is not None and pub.backend == "cuda" and cleared & (ClearFlags.DEVICE | ClearFlags.WEIGHTS):
+        if pub is None or pub.backend != "cuda" or retry:  # a retry keeps the first try's shares
+            return
+        # cuda: a worker that loads needs a fresh share; one that maps a pool consumes one if it is given one. So:
+        # shares for every load, and for a device clear whenever this controller can make them (else the workers
+        # keep the weights they hold).
+        loads = wv != served or ClearFlags.WEIGHTS in cleared
+        if loads or (ClearFlags.DEVICE in cleared and self._publisher is not None and self._publisher.holds(pub)):
             self._check_cuda_source(pub, wv)
-            if not retry:  # a retry keeps the first try's shares: a rank that loaded already does not again
-                assert self._publisher is not None
-                self._publisher.export(wv)
+            assert self._publisher is not None
+            self._publisher.export(wv)
 
     def _check_reloadable(self, wv: int) -> None:
         """The weights of ``wv`` (the version served) can be loaded again after a weights clear."""
@@ -267,10 +275,12 @@ class Controller:
     def _check_cuda_source(self, pub: Publication, wv: int) -> None:
         """CUDA IPC shares are made per load by the process that holds the memory (mpkv.publication)."""
         if self._publisher is None or not self._publisher.holds(pub):
-            raise CommandRefused(
-                f"{self.name}: the weights of version {wv} live in the CUDA memory of process {pub.writer}, not this "
-                "controller's; do this from the controller that published them, or publish them again from this one"
-            )
+            alive = ProcId(pub.writer, pub.writer_start).alive()
+            where = f"process {pub.writer}" + ("" if alive else ", which exited")
+            redo = "publish a new version (update_weights) and restore that"
+            if alive:
+                redo = f"do this from the controller that published them, or {redo}"
+            raise CommandRefused(f"{self.name}: the weights of version {wv} live in the CUDA memory of {where}; {redo}")
 
     # -- weights from the trainer -----------------------------------------------------------------------------------
     def update_weights(self, weights: WeightsIn, weight_version: int) -> Published:
@@ -490,7 +500,8 @@ class Controller:
         self, kind: Cmd, aux: int, timeout_s: float | None, prepare: Callable[..., None] | None = None
     ) -> StepResult:
         """Issue ``kind`` and wait for every acknowledgement. ``prepare(last, done, cleared, weight_version)``
-        runs once the command is admitted, before anything is written: its refusal changes nothing."""
+        runs once the command is admitted, before the command block is written (a restore's ``weights_from`` is
+        published there, before the checks that may still refuse it)."""
         wait_s = check_timeout(self.timeout_s if timeout_s is None else timeout_s)
         cmd_w, ledger_w, _ = self._claim()  # before reading the block: a claim repairs a slot torn by a dead writer
         last, statuses, cleared, weight_version = status.settled(self.inst)

@@ -156,7 +156,7 @@ def _bring_up(v: View, e: int, target: ActorState) -> Decision:
     if v.is_owner:
         if not v.mapped:
             return Decision(Act.ALLOCATE, Status(S.PUBLISHED, e))
-        if not v.me.at_least(S.PUBLISHED, e):  # a retried restore: the pool is there, say so before any long step
+        if not v.me.at_least(S.PUBLISHED, e):  # kept its pool (a retry, a clear of other tiers): say so first
             return Decision(Act.ACK, Status(S.PUBLISHED, e))
     else:
         if not v.mapped:

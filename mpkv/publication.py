@@ -252,8 +252,12 @@ class Publisher:
         if same:
             return same[0]
         free = [i for i, p in enumerate(record.slots) if not (p.complete and p.weight_version == served)]
-        # The older of the free ones (an incomplete slot counts as oldest).
-        return min(free, key=lambda i: record.slots[i].weight_version if record.slots[i].complete else -2)
+
+        def rank(i: int) -> tuple[bool, int]:  # the older of the free ones (an incomplete slot counts as oldest) ...
+            p = record.slots[i]  # ... but not the served version's, even incomplete: its workers may still name it
+            return p.weight_version == served, p.weight_version if p.complete else -2
+
+        return min(free, key=rank)
 
     def _make(self, buffers: str, sizes: list[int]) -> _Buffers:
         import torch

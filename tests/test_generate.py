@@ -76,8 +76,10 @@ def test_llama_generate_swap_restore_and_bad_input(
     ):
         assert _as_lists(client.generate(PROMPTS, NEW_TOKENS)) == want["llama"]
         _swap_mid_decode(client, PROMPTS[-1], want["llama"][-1])
+        record = ctl.inst.read_weights()
         with pytest.raises(CommandRefused, match="cannot restore a running instance"):  # before publishing
             ctl.restore(weight_version=2, weights_from=str(models["llama"]))
+        assert ctl.inst.read_weights() == record
         with pytest.raises(CommandRefused, match=r"weight version 1 is not newer than the one served \(1\)"):
             ctl.update_weights(str(models["llama"]), 1)
 

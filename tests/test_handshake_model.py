@@ -23,6 +23,7 @@ import pytest
 from mpkv.handshake import (
     Act,
     Command,
+    Decision,
     Status,
     View,
     check_command,
@@ -560,3 +561,24 @@ def test_a_wake_up_that_forgets_the_weights_is_caught() -> None:
             explore(1, owner_has_host=False, max_crashes=0)
     finally:
         globals()["decide"] = original
+
+
+def test_an_owner_that_kept_its_pool_says_published_before_loading() -> None:
+    """At a restore where the pool owner still maps its pool (a retry; a clear of other tiers), it publishes
+    PUBLISHED@e first: its attachers wait for that, and must not wait out the load of its weights."""
+    e = 7
+    v = View(
+        Status(S.PUBLISHED, e - 1),
+        Command(Cmd.RESTORE, e, 2),
+        True,
+        True,
+        2,
+        False,
+        False,
+        (Status(S.DETACHED, e - 1),),
+        owns_weights=True,
+        weights_live=False,
+    )
+    assert decide(v) == Decision(Act.ACK, Status(S.PUBLISHED, e))
+    after = replace(v, me=Status(S.PUBLISHED, e))
+    assert decide(after).action == Act.LOAD_WEIGHTS

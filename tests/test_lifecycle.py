@@ -56,7 +56,8 @@ def test_clear_with_attached_peers_releases_the_memory(owned: tuple[str, str]) -
         pool_bytes = cfg.pool_bytes(cfg.device_blocks)
         owner_name = f"{owner} r0"
         assert res.released_bytes[owner_name] >= pool_bytes, res.released_bytes
-        assert res.shm_released_bytes >= 2 * (pool_bytes + cfg.pool_bytes(cfg.host_blocks))
+        # What the actors measured (their segments' blocks): /dev/shm as a whole also moves with other tests' work.
+        assert sum(res.released_bytes.values()) >= 2 * (pool_bytes + cfg.pool_bytes(cfg.host_blocks))
         assert not [n for n in list_names() if ".pool." in n and instance in n], "pool segments survived the clear"
         st = ctl.status()
         assert {a.state for a in st.actors} == {"CLEARED"}

@@ -148,7 +148,7 @@ def test_publish_while_serving_bad_input_and_a_trainer_killed_mid_publish(
             assert published.nbytes == sum(t.nbytes for t in good.values())
             traffic.another("after version 2 was published")
             ctl.pause(), ctl.clear(), ctl.restore(2), ctl.resume()
-            traffic.another("on version 2")
+            traffic.another("on version 2", 2)
         assert {v for v, _ in traffic.seen} == {1, 2}
         assert all(tokens == refs[v] for v, tokens in traffic.seen), [v for v, t in traffic.seen if t != refs[v]]
 
@@ -233,10 +233,12 @@ class Traffic:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, *exc: object) -> None:
         self.stop.set()
         self.thread.join(120)
-        assert not self.thread.is_alive(), "the traffic thread did not stop within 120 s"
+        if kind is None:  # else the body's own exception says more
+            assert not self.thread.is_alive(), "the traffic thread did not stop within 120 s"
+            assert not self.failed, f"the traffic thread failed: {self.failed[0]!r}"
 
 
 def _eventually(done: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
@@ -290,6 +292,7 @@ def test_a_worker_never_serves_published_weights_under_another_version(models: d
     assert runner.holds(1, None) and runner.holds(2, None)  # the launch weights, renamed by an external controller
     runner.load(2, None)
     runner.held = "a-publication-id"  # as after loading one
+    assert runner.holds(2, None)  # the version it holds, whatever the record says now
     assert not runner.holds(3, None)
     with pytest.raises(ModelError, match="has no published weights .* holds the weights of version 2"):
         runner.load(3, None)

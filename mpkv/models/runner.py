@@ -92,7 +92,7 @@ class HFRunner:
                 with self._open(published) as pub:
                     self._fill(weight_version, published.id, lambda part: slice_of(pub.tensor(part.name), part))
             return
-        if weight_version == self.cfg.weight_version:
+        if weight_version == self.cfg.weight_version and weight_version != self.version:
             if self.held != LAUNCH or self.model is None:
                 check_checkpoint(self.cfg.model, self.model_cfg, self.cfg.tp)
                 self._fill(weight_version, LAUNCH, _Checkpoint(Path(self.cfg.model)).read)
@@ -114,6 +114,8 @@ class HFRunner:
         if published is not None:  # a cuda publication's new shares are consumed by a load, needed or not
             fresh = published.complete and published.backend == "cuda" and published.manifest not in self._consumed
             return published.id == self.held and not fresh
+        if weight_version == self.version:  # what it holds, whatever the record says now
+            return True
         if weight_version == self.cfg.weight_version:
             return self.held == LAUNCH
         return self.held == LAUNCH and weight_version >= self.version  # the launch weights, renamed (see load)

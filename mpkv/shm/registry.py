@@ -112,6 +112,8 @@ class Registry:
     def reclaim(self, entry: Entry) -> None:
         """Give back the entry of a claimer that is dead (its name already unlinked): GONE, then the claim word from
         the dead pid to 0 (compare-and-swap: an entry claimed anew meanwhile is left alone)."""
+        if entry.owner.pid == RECLAIMING:  # another reclaimer has it
+            return
         off = self._entry_off(entry.index)
         # Taken first (claimed by nobody, claimable by nobody): of two reclaimers only one gets past this, and a
         # new claimer cannot take the entry until its claim word is 0 again.
@@ -126,7 +128,7 @@ class Registry:
         for i in range(self.capacity):
             off = self._entry_off(i)
             pid = _native.load_u64(buf, off + layout.REG_CLAIM)
-            if pid == 0:
+            if pid in (0, RECLAIMING):  # free, or being given back
                 continue
             state = _native.load_u32(buf, off + layout.REG_STATE)
             kind = _native.load_u32(buf, off + layout.REG_KIND)
