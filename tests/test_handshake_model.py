@@ -16,6 +16,8 @@ reachable state:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import pytest
@@ -399,6 +401,18 @@ def test_every_interleaving_with_a_crash_anywhere(n_attachers: int, owner_has_ho
     assert n > 100
 
 
+@contextmanager
+def replaced(**rules: object) -> Iterator[None]:
+    """The checker runs with these rules (``decide``, ``check_command``, ``ANNOUNCE_FIRST``) in place of the real
+    ones: the sanity tests break a rule on purpose and expect the checker to report it."""
+    saved = {name: globals()[name] for name in rules}
+    globals().update(rules)
+    try:
+        yield
+    finally:
+        globals().update(saved)
+
+
 def test_the_reference_handshake_is_caught() -> None:
     """Sanity check of the checker: the seed's rule (owner and attacher both wait for each other's zero) must be
     reported as a deadlock, so a pass above means something."""
@@ -414,12 +428,8 @@ def test_the_reference_handshake_is_caught() -> None:
                 return hs.Decision(Act.WAIT, waiting_for=(0,))  # "wait until the owner has cleared"
         return d
 
-    globals()["decide"] = reference
-    try:
-        with pytest.raises(Violation, match="wait-for cycle|deadlock"):
-            explore(1, owner_has_host=False, max_crashes=0)
-    finally:
-        globals()["decide"] = original
+    with replaced(decide=reference), pytest.raises(Violation, match="wait-for cycle|deadlock"):
+        explore(1, owner_has_host=False, max_crashes=0)
 
 
 def test_freeing_without_waiting_is_caught() -> None:
@@ -435,12 +445,8 @@ def test_freeing_without_waiting_is_caught() -> None:
             return hs.Decision(Act.FREE, Status(S.DETACHED, v.cmd.epoch))
         return d
 
-    globals()["decide"] = hasty
-    try:
-        with pytest.raises(Violation, match="freed the pool while attacher 1 still maps it"):
-            explore(1, owner_has_host=False, max_crashes=0)
-    finally:
-        globals()["decide"] = original
+    with replaced(decide=hasty), pytest.raises(Violation, match="freed the pool while attacher 1 still maps it"):
+        explore(1, owner_has_host=False, max_crashes=0)
 
 
 @pytest.mark.parametrize(("n_attachers", "n_links", "opens"), [(1, 1, 2), (2, 1, 2), (1, 2, 1)])
@@ -458,12 +464,9 @@ def test_links_into_a_decode_pool(n_attachers: int, n_links: int, opens: int) ->
 def test_a_link_that_checks_before_announcing_is_caught() -> None:
     """Sanity check of NOTE [ links ]: a link that checks the command and then maps, without announcing itself
     first, can map a pool the owner is freeing: the checker must find that interleaving."""
-    globals()["ANNOUNCE_FIRST"] = False
-    try:
-        with pytest.raises(Violation, match="freed the pool while link|mapped a freed pool|stale view"):
-            explore(1, owner_has_host=False, max_crashes=0, n_links=1)
-    finally:
-        globals()["ANNOUNCE_FIRST"] = True
+    caught = "freed the pool while link|mapped a freed pool|stale view"
+    with replaced(ANNOUNCE_FIRST=False), pytest.raises(Violation, match=caught):
+        explore(1, owner_has_host=False, max_crashes=0, n_links=1)
 
 
 @pytest.mark.parametrize(
@@ -498,12 +501,9 @@ def test_admitting_on_what_was_asked_is_caught() -> None:
     def on_the_ledger_only(kind: Cmd, aux: int, last: Command, cleared: ClearFlags, wv: int, done: bool = True):  # type: ignore[no-untyped-def]
         return original(kind, aux, last, cleared, wv)
 
-    globals()["check_command"] = on_the_ledger_only
-    try:
-        with pytest.raises(Violation, match="failed although nothing crashed: RESTORE@.* still maps|with no weights"):
-            explore(1, owner_has_host=False, max_crashes=0, free=3, max_timeouts=1)
-    finally:
-        globals()["check_command"] = original
+    caught = "failed although nothing crashed: RESTORE@.* still maps|with no weights"
+    with replaced(check_command=on_the_ledger_only), pytest.raises(Violation, match=caught):
+        explore(1, owner_has_host=False, max_crashes=0, free=3, max_timeouts=1)
 
 
 def test_serving_the_old_pool_under_a_new_version_is_caught() -> None:
@@ -518,16 +518,14 @@ def test_serving_the_old_pool_under_a_new_version_is_caught() -> None:
     def keeps_its_pool(v: View) -> hs.Decision:
         return original_decide(dataclasses.replace(v, pool_version=v.cmd.aux if v.cmd.kind == Cmd.RESTORE else 0))
 
-    globals()["decide"] = keeps_its_pool
-    globals()["check_command"] = lambda kind, aux, last, cleared, wv, done=True: original_check(
-        kind, aux, last, cleared, wv
-    )
-    try:
-        with pytest.raises(Violation, match="serving version|serve older versions"):
-            explore(1, owner_has_host=False, max_crashes=0, free=3, max_timeouts=1)
-    finally:
-        globals()["decide"] = original_decide
-        globals()["check_command"] = original_check
+    def on_the_ledger_only(kind: Cmd, aux: int, last: Command, cleared: ClearFlags, wv: int, done: bool = True):  # type: ignore[no-untyped-def]
+        return original_check(kind, aux, last, cleared, wv)
+
+    with (
+        replaced(decide=keeps_its_pool, check_command=on_the_ledger_only),
+        pytest.raises(Violation, match="serving version|serve older versions"),
+    ):
+        explore(1, owner_has_host=False, max_crashes=0, free=3, max_timeouts=1)
 
 
 def test_a_clear_counts_from_the_command_word_not_the_ledger() -> None:
@@ -555,12 +553,8 @@ def test_a_wake_up_that_forgets_the_weights_is_caught() -> None:
         d = original(v)
         return hs.Decision(Act.ACK, hs.Status(ACK_OF[v.cmd.kind], v.cmd.epoch)) if d.action == Act.LOAD_WEIGHTS else d
 
-    globals()["decide"] = forgets
-    try:
-        with pytest.raises(Violation, match="with no weights"):
-            explore(1, owner_has_host=False, max_crashes=0)
-    finally:
-        globals()["decide"] = original
+    with replaced(decide=forgets), pytest.raises(Violation, match="with no weights"):
+        explore(1, owner_has_host=False, max_crashes=0)
 
 
 def test_an_owner_that_kept_its_pool_says_published_before_loading() -> None:
