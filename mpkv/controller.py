@@ -294,7 +294,7 @@ class Controller:
         t0 = time.perf_counter()
         draft = self._publisher_of().begin(wv, self.weight_version)
         for name, tensor in named:
-            draft.put(name, tensor.load() if isinstance(tensor, _Lazy) else tensor)
+            draft.put(name, tensor)
         draft.finish()
         return Published(wv, draft.bytes, time.perf_counter() - t0, len(draft.bufs.sizes), draft.reused)
 
@@ -321,7 +321,7 @@ class Controller:
             )
         return wv
 
-    def _checked_weights(self, weights: object) -> list[tuple[str, Any]]:
+    def _checked_weights(self, weights: object) -> Iterable[tuple[str, Any]]:
         """Every tensor of ``weights``, checked against the model (names, shapes, dtypes), in the model's order."""
         import torch
 
@@ -364,7 +364,9 @@ class Controller:
 
     def _checkpoint_tensors(
         self, path: Path, expected: Mapping[str, tuple[int, ...]], dtype: Any
-    ) -> list[tuple[str, Any]]:
+    ) -> Iterator[tuple[str, Any]]:
+        """The checkpoint's tensors, checked (config, every shape) now and read one at a time as they are copied,
+        converted to the instance's dtype on the way: never the whole checkpoint in memory."""
         from mpkv.models.hf_config import read_config
         from mpkv.models.runner import check_same_model
         from mpkv.models.weights import _Checkpoint, _Part, check_checkpoint
@@ -374,8 +376,7 @@ class Controller:
         check_same_model(held, read_config(path), f"{path}/config.json")
         check_checkpoint(path, held, 1)
         ckpt = _Checkpoint(path)
-        # Read one at a time as they are copied: a checkpoint is converted to the instance's dtype on the way.
-        return [(name, _Lazy(ckpt, _Part(name, shape), dtype)) for name, shape in expected.items()]
+        return ((name, ckpt.read(_Part(name, shape)).to(dtype)) for name, shape in expected.items())
 
     def _publisher_of(self) -> Publisher:
         if self._publisher is None:
@@ -422,7 +423,7 @@ class Controller:
 
             def push(named: WeightsIn) -> None:
                 for name, tensor in self._pairs(named, dtype):
-                    draft.put(name, tensor.load() if isinstance(tensor, _Lazy) else tensor)
+                    draft.put(name, tensor)
 
             yield push
             step = "publish"
@@ -437,7 +438,7 @@ class Controller:
             self._roll_back(wv, old, step, MpkvError(type(e).__name__))
             raise
 
-    def _pairs(self, named: object, dtype: Any) -> list[tuple[str, Any]]:
+    def _pairs(self, named: object, dtype: Any) -> Iterable[tuple[str, Any]]:
         """What one ``push`` gives: a mapping, (name, tensor) pairs, or a checkpoint directory (read lazily)."""
         if isinstance(named, (str, os.PathLike)):
             from mpkv.publication import expected_tensors
@@ -581,14 +582,3 @@ class Controller:
                     continue
                 if stale:
                     raise StepFailed(f"clear failed: {actor_name(role, rank)} (pid {pid}) still maps {stale[0]}")
-
-
-class _Lazy:
-    """A checkpoint tensor read (and converted to the instance's dtype) only when it is copied."""
-
-    def __init__(self, ckpt: Any, part: Any, dtype: Any) -> None:
-        self.ckpt, self.part, self.dtype = ckpt, part, dtype
-        self.shape = part.shape
-
-    def load(self) -> Any:
-        return self.ckpt.read(self.part).to(self.dtype)
