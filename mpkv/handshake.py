@@ -14,8 +14,9 @@ status slot with the same epoch; nobody else writes there (invariant I1). Per ra
                          dropped its views before it published FAILED), free the pool -> CLEARED@e
     RESTORE    owner:    allocate a fresh pool (a new name: no stale view can alias it), publish -> PUBLISHED@e
                          -> RESTORED@e.  Waits for nobody.
-               a worker (owner or attacher) whose weights were cleared loads them again before RESTORED@e;
-               one that adopts a new weight version loads that version's weights as it maps the pool.
+               a worker (owner or attacher) without the weights of the version it now maps (they were cleared,
+               or it adopts a new version) loads them after PUBLISHED@e and before RESTORED@e (LOAD_WEIGHTS):
+               an owner publishes its pool first, so its attachers never wait out the load.
                attacher: wait owner >= PUBLISHED@e, attach -> RESTORED@e
     RESUME     everyone -> READY@e
     SHUTDOWN   drain as PAUSE (-> PAUSED@e), then as CLEAR, ending in STOPPED@e
