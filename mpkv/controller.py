@@ -233,7 +233,7 @@ class Controller:
     def _check_restore(self, wv: int, cleared: ClearFlags, served: int, retry: bool) -> None:
         """A checkpoint instance's restore to ``wv``, admitted: a version not older than the one served, published
         unless it is the one served, loadable if the workers will load it. ``retry``: the same restore again, after
-        one that was not acknowledged (its shares, on cuda, are still the ones to use)."""
+        one that was not acknowledged."""
         if wv < served:
             raise CommandRefused(
                 f"restore of {self.name}: weight version {wv} is older than the one served ({served}); weight "
@@ -250,16 +250,8 @@ class Controller:
             )
         if ClearFlags.WEIGHTS in cleared and not retry:
             self._check_reloadable(wv)
-        if pub is None or pub.backend != "cuda" or retry:  # a retry keeps the first try's shares
-            return
-        # cuda: a worker that loads needs a fresh share; one that maps a pool consumes one if it is given one. So:
-        # shares for every load, and for a device clear whenever this controller can make them (else the workers
-        # keep the weights they hold).
-        loads = wv != served or ClearFlags.WEIGHTS in cleared
-        if loads or (ClearFlags.DEVICE in cleared and self._publisher is not None and self._publisher.holds(pub)):
-            self._check_cuda_source(pub, wv)
-            assert self._publisher is not None
-            self._publisher.export(wv)
+        if pub is not None and pub.backend == "cuda" and (wv != served or ClearFlags.WEIGHTS in cleared):
+            self._check_cuda_source(pub, wv)  # the workers will load from its memory
 
     def _check_reloadable(self, wv: int) -> None:
         """The weights of ``wv`` (the version served) can be loaded again after a weights clear."""
@@ -273,14 +265,12 @@ class Controller:
             self._check_cuda_source(pub, wv)
 
     def _check_cuda_source(self, pub: Publication, wv: int) -> None:
-        """CUDA IPC shares are made per load by the process that holds the memory (mpkv.publication)."""
-        if self._publisher is None or not self._publisher.holds(pub):
-            alive = ProcId(pub.writer, pub.writer_start).alive()
-            where = f"process {pub.writer}" + ("" if alive else ", which exited")
-            redo = "publish a new version (update_weights) and restore that"
-            if alive:
-                redo = f"do this from the controller that published them, or {redo}"
-            raise CommandRefused(f"{self.name}: the weights of version {wv} live in the CUDA memory of {where}; {redo}")
+        """A cuda publication lives in its publisher's memory (mpkv.publication): loadable while that process is."""
+        if not ProcId(pub.writer, pub.writer_start).alive():
+            raise CommandRefused(
+                f"{self.name}: the weights of version {wv} lived in the CUDA memory of process {pub.writer}, which "
+                "exited; publish a new version (update_weights) and restore that"
+            )
 
     # -- weights from the trainer -----------------------------------------------------------------------------------
     def update_weights(self, weights: WeightsIn, weight_version: int) -> Published:

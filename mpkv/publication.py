@@ -6,10 +6,11 @@ A publication is the full (unsharded) tensors of one weight version, laid out in
 aligned byte offset:
   cpu   one shared-memory segment per bucket (``wts.<buffers>.b<k>.<random>``, 0600, O_EXCL), made by the
         publishing process; each worker maps them and copies its rank's shard out.
-  cuda  one device tensor per bucket, held by the publishing process and exported by CUDA IPC once per receiving
-        worker (torch counts the receivers of a share with one counter: a share has one receiver, as the KV
-        pool's). The shares live as long as the publisher holds the buckets: a publication of a trainer that
-        exited cannot be loaded any more (the controller refuses to restore it).
+  cuda  one device allocation per bucket on the publisher's GPU (``mpkv.pool.cuda_driver.Allocation``, outside
+        torch's allocator), with one CUDA IPC handle in the manifest that every worker opens for a load and closes
+        after it (NOTE [ CUDA IPC without torch's reductions ]). The memory is the publisher's: a publication of a
+        trainer that exited cannot be loaded any more (its ``close`` marks the slots incomplete, and the
+        controller refuses to restore a version whose publisher is gone).
 The manifest (every tensor's name, dtype, shape, bucket and offset, and the buckets) is a segment of its own
 (``wts.<buffers>.m.<random>``), msgpack. The instance's ``weights`` record (one writer: the controller that holds
 the command block) has two slots: double buffering. A publication goes into the slot that does not hold the
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     import torch
 
     from mpkv.instance import Instance
+    from mpkv.pool.cuda_driver import Allocation, Imported
     from mpkv.shm.segment import Segment
 
 BUCKET_BYTES = 256 << 20  # the smallest bucket of a big model: one segment per 256 MiB
@@ -72,7 +74,7 @@ class Manifest(msgspec.Struct, frozen=True):
     bucket_bytes: list[int]
     tensors: list[TensorSpec]
     buckets: list[str] = []  # cpu: each bucket's full segment name
-    cuda: dict[int, list[tuple[Any, ...]]] = {}  # cuda: per receiving rank, one share per bucket
+    cuda: list[bytes] = []  # cuda: each bucket's CUDA IPC handle (every rank opens the same ones)
 
 
 class Publication(msgspec.Struct, frozen=True):
@@ -165,7 +167,8 @@ class _Buffers:
     id: str
     sizes: list[int]
     segments: list[Segment] = field(default_factory=list)  # cpu
-    tensors: list[torch.Tensor] = field(default_factory=list)  # cuda (and cpu: views of the segments)
+    device: list[Allocation] = field(default_factory=list)  # cuda
+    tensors: list[torch.Tensor] = field(default_factory=list)  # views of the segments or the allocations
     manifest: Segment | None = None
 
 
@@ -243,10 +246,6 @@ class Publisher:
             retire(self.inst.registry, old)  # another publisher's (an earlier controller of ours, or a dead one)
         return Draft(self, slot, fresh, specs, bufs, reused)
 
-    def holds(self, pub: Publication) -> bool:
-        """Whether ``pub``'s buffers are ours (a cuda publication can be loaded only while its publisher lives)."""
-        return any(b.id == pub.buffers for b in self._mine.values())
-
     def _slot_for(self, record: Publications, weight_version: int, served: int) -> int:
         same = [i for i, p in enumerate(record.slots) if p.weight_version == weight_version]
         if same:
@@ -266,7 +265,10 @@ class Publisher:
         try:
             for k, size in enumerate(sizes):
                 if self.backend == "cuda":
-                    bufs.tensors.append(torch.empty(size, dtype=torch.uint8, device=torch.cuda.current_device()))
+                    from mpkv.pool.cuda_driver import Allocation
+
+                    bufs.device.append(Allocation(size, torch.device("cuda", torch.cuda.current_device())))
+                    bufs.tensors.append(bufs.device[-1].tensor)
                     continue
                 seg = self.inst.registry.create_unique_segment(
                     naming.weights_bucket(buffers, k), SegmentKind.WEIGHTS, size
@@ -288,11 +290,18 @@ class Publisher:
 
             torch.cuda.synchronize()  # the receivers read on other streams, in other processes
         specs = list(draft.specs.values())
+        handles = [mem.ipc_handle() for mem in bufs.device]
         done = self._write_manifest(
             draft.slot,
             pub,
             Manifest(
-                pub.weight_version, pub.id, self.backend, bufs.sizes, specs, buckets=[s.name for s in bufs.segments]
+                pub.weight_version,
+                pub.id,
+                self.backend,
+                bufs.sizes,
+                specs,
+                buckets=[s.name for s in bufs.segments],
+                cuda=handles,
             ),
         )
         record = self.inst.read_weights()
@@ -300,24 +309,6 @@ class Publisher:
             if k != draft.slot and record.slots[k].buffers != b.id:
                 self._drop(k)
         return done
-
-    def export(self, weight_version: int) -> Publication:
-        """cuda: fresh CUDA IPC shares of ``weight_version``'s buckets, one per rank, in a new manifest, before the
-        restore that loads it. Every worker consumes each share it sees exactly once (torch counts a share's one
-        receiver; a share opened twice, or never, would keep our memory in torch's limbo)."""
-        from mpkv.pool.cuda import share_of
-
-        record = self.inst.read_weights()
-        slot = next((k for k, p in enumerate(record.slots) if p.complete and p.weight_version == weight_version), -1)
-        bufs = self._mine.get(slot)
-        if bufs is None or record.slots[slot].buffers != bufs.id:
-            raise MpkvError(f"weight version {weight_version} was not published by this controller")
-        pub = record.slots[slot]
-        assert bufs.manifest is not None
-        n = int.from_bytes(bufs.manifest.payload[:8], "little")
-        m = msgspec.msgpack.decode(bytes(bufs.manifest.payload[8 : 8 + n]), type=Manifest)
-        shares = {rank: [share_of(t) for t in bufs.tensors] for rank in range(self.inst.cfg.tp)}
-        return self._write_manifest(slot, pub, msgspec.structs.replace(m, cuda=shares))
 
     def _write_manifest(self, slot: int, pub: Publication, manifest: Manifest) -> Publication:
         """A new manifest segment (its size may differ from the old one's), then the slot pointing at it."""
@@ -346,6 +337,9 @@ class Publisher:
 
     def _release(self, bufs: _Buffers) -> None:
         bufs.tensors.clear()
+        for mem in bufs.device:  # after the slots stopped naming it (``close``, ``_drop``): no worker loads it now
+            mem.free()
+        bufs.device.clear()
         for seg in [*bufs.segments, *([bufs.manifest] if bufs.manifest else [])]:
             self.inst.registry.remove(seg)
         bufs.segments.clear()
@@ -417,6 +411,7 @@ class OpenPublication:
         # The run's prefix: the caller's (the worker knows its instance), else the manifest's own.
         prefix = prefix or pub.manifest[: pub.manifest.find(f".{naming.WEIGHTS_STEM}.") + 1]
         self.pub, self._segments, self._buckets, self._maps, self._prefix = pub, [], [], maps, prefix
+        self._imported: list[Imported] = []  # cuda
         where = f"the publication of weight version {pub.weight_version}"
         try:
             self._own(pub.manifest, where)
@@ -447,12 +442,16 @@ class OpenPublication:
         from mpkv.shm.segment import Segment
 
         if m.backend == "cuda":
-            from mpkv.pool.cuda import open_share
+            import torch
 
-            shares = m.cuda.get(rank)
-            if shares is None or len(shares) != len(m.bucket_bytes):
-                raise ModelError(f"{where} has no CUDA IPC shares for rank {rank}")
-            return [open_share(s) for s in shares]
+            from mpkv.pool.cuda_driver import Imported
+
+            if len(m.cuda) != len(m.bucket_bytes):
+                raise ModelError(f"{where}: {len(m.cuda)} CUDA IPC handles for {len(m.bucket_bytes)} buckets")
+            here = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (peer access if need be)
+            for handle, size in zip(m.cuda, m.bucket_bytes, strict=True):
+                self._imported.append(Imported(handle, size, here))
+            return [mem.tensor for mem in self._imported]
         if len(m.buckets) != len(m.bucket_bytes):
             raise ModelError(f"{where}: {len(m.buckets)} buckets named, {len(m.bucket_bytes)} sized")
         out = []
@@ -499,11 +498,9 @@ class OpenPublication:
         for seg in self._segments:
             seg.close()
         self._segments = []
-        if getattr(self, "manifest", None) is not None and self.manifest.backend == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.ipc_collect()
+        for mem in self._imported:  # the caller's views of it are gone (it copied out of them)
+            mem.close()
+        self._imported = []
 
     def __enter__(self) -> OpenPublication:
         return self

@@ -25,8 +25,7 @@ from mpkv.actors.entry import fault_point
 from mpkv.codec import peek
 from mpkv.errors import MpkvError, ProtocolError
 from mpkv.handshake import IDLE, Act, Command, Decision, Status, View, decide
-from mpkv.instance import CONTROL_COMMAND, FENCE_CLOSING, MAX_LINKS, Instance
-from mpkv.pd.link import LINK_SHARE_BASE
+from mpkv.instance import CONTROL_COMMAND, FENCE_CLOSING, Instance
 from mpkv.pool import AttachedPool, OwnedPool, allocate_device_pool, attach_device_pool
 from mpkv.protocol import (
     DONE_CODEC,
@@ -35,7 +34,6 @@ from mpkv.protocol import (
     ActorState,
     Cmd,
     Done,
-    PdRole,
     Role,
     WaitKind,
     actor_name,
@@ -75,7 +73,10 @@ class Actor:
         self.weight_version = self.cfg.weight_version
         self.device = torch.device("cpu")
         if self.cfg.backend == "cuda":
-            self.device = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+            from mpkv.pool.cuda_driver import device_for
+
+            self.device = device_for(rank)
+            torch.cuda.set_device(self.device)  # before anything touches CUDA: a rank >= 1 keeps off device 0
         self.released_bytes = 0
         self.status: Status = Status(S.BOOTING, 0)
         self._last_command = Command(Cmd.NONE, 0)
@@ -301,10 +302,7 @@ class Actor:
             self.released_bytes = 0  # a new clear: count what this one releases
         if d.action == Act.ALLOCATE:
             wv = cmd.aux if cmd.kind == Cmd.RESTORE else self.weight_version
-            attachers = tuple(int(r) for r in self.attacher_roles)
-            if self.cfg.pd_role == PdRole.DECODE:  # cuda: a share for each link slot too
-                attachers += tuple(LINK_SHARE_BASE + j for j in range(MAX_LINKS))
-            pool = allocate_device_pool(self.inst.registry, self.cfg, self.rank, cmd.epoch, wv, attachers)
+            pool = allocate_device_pool(self.inst.registry, self.cfg, self.rank, cmd.epoch, wv)
             self.inst.write_handle(self.rank, pool.handle())
             self.pool = pool
             self.pool_epoch = cmd.epoch
@@ -319,7 +317,7 @@ class Actor:
                     f"{self.name}: owner published the pool of epoch {handle.epoch} for weight version "
                     f"{handle.weight_version}; expected one of epoch <= {cmd.epoch} for weight version {wv}"
                 )
-            self.pool = attach_device_pool(self.cfg, handle, int(self.role))
+            self.pool = attach_device_pool(self.cfg, handle)
             self.pool_epoch = handle.epoch
             self._adopt(handle.weight_version)
         elif d.action == Act.DETACH:

@@ -58,7 +58,6 @@ class HFRunner:
         self.weights: RankWeights | None = None  # kept across reloads: a new version is copied into it in place
         self.held = ""  # what the weights are: LAUNCH (the configured checkpoint) or a publication's id
         self.version = -1
-        self._consumed: set[str] = set()  # cuda: the manifests whose CUDA IPC shares this rank consumed
         self._maps = BucketMaps()  # cpu: published buckets stay mapped between loads
 
     def load(self, weight_version: int, published: Publication | None) -> None:
@@ -69,28 +68,12 @@ class HFRunner:
                 f"the publication of weight version {weight_version} is incomplete (its publisher exited, or was "
                 f"killed while writing it): worker r{self.rank} has nothing to load"
             )
-        if published is not None and published.backend == "cuda" and published.manifest not in self._consumed:
-            with self._open(published) as pub:  # each share is opened once, loaded from or not (mpkv.publication)
-                self._consumed.add(published.manifest)
-                if published.id != self.held or self.model is None:
-                    self._fill(weight_version, published.id, lambda part: slice_of(pub.tensor(part.name), part))
-                    torch.cuda.synchronize(self.device)
-                    if not ProcId(published.writer, published.writer_start).alive():  # its memory may be gone
-                        self.model, self.held = None, ""
-                        raise ModelError(
-                            f"the publisher of weight version {weight_version} (pid {published.writer}) exited while "
-                            f"worker r{self.rank} copied its CUDA memory: the copy cannot be trusted"
-                        )
-            return
         if published is not None:
-            if published.backend == "cuda" and (published.id != self.held or self.model is None):
-                raise ModelError(  # its shares were opened once already: a second open would corrupt torch's count
-                    f"worker r{self.rank} must load weight version {weight_version} again from CUDA IPC shares it "
-                    "consumed already; restore it from its publishing controller (which makes new ones)"
-                )
             if published.id != self.held or self.model is None:
                 with self._open(published) as pub:
                     self._fill(weight_version, published.id, lambda part: slice_of(pub.tensor(part.name), part))
+                    if published.backend == "cuda":
+                        self._check_publisher_lived(published, weight_version)
             return
         if weight_version == self.cfg.weight_version and weight_version != self.version:
             if self.held != LAUNCH or self.model is None:
@@ -111,14 +94,23 @@ class HFRunner:
     def holds(self, weight_version: int, published: Publication | None) -> bool:
         if self.model is None:
             return False
-        if published is not None:  # a cuda publication's new shares are consumed by a load, needed or not
-            fresh = published.complete and published.backend == "cuda" and published.manifest not in self._consumed
-            return published.id == self.held and not fresh
+        if published is not None:
+            return published.id == self.held
         if weight_version == self.version:  # what it holds, whatever the record says now
             return True
         if weight_version == self.cfg.weight_version:
             return self.held == LAUNCH
         return self.held == LAUNCH and weight_version >= self.version  # the launch weights, renamed (see load)
+
+    def _check_publisher_lived(self, published: Publication, weight_version: int) -> None:
+        """A cuda publication is the publisher's memory: if it exited during our copy, the copy cannot be trusted."""
+        torch.cuda.synchronize(self.device)
+        if not ProcId(published.writer, published.writer_start).alive():
+            self.model, self.held = None, ""
+            raise ModelError(
+                f"the publisher of weight version {weight_version} (pid {published.writer}) exited while "
+                f"worker r{self.rank} copied its CUDA memory: the copy cannot be trusted"
+            )
 
     def _open(self, published: Publication) -> OpenPublication:
         return OpenPublication(published, self.rank, expected_tensors(self.model_cfg), self._maps)

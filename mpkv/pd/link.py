@@ -36,7 +36,6 @@ from mpkv.shm.waiting import Word
 from mpkv.status import decode_pool_gone
 
 S = ActorState
-LINK_SHARE_BASE = 100  # cuda: the share of link j is exported under key LINK_SHARE_BASE + j
 
 
 def compatible(src: CacheConfig, dst: CacheConfig) -> str:
@@ -109,7 +108,7 @@ class Link:
             )
         try:
             handle = self.inst.read_handle(self.rank)
-            self.pool = attach_device_pool(self.inst.cfg, handle, LINK_SHARE_BASE + self.index)
+            self.pool = attach_device_pool(self.inst.cfg, handle)
             self.transport = SameHost(self.pool.tensor)
         except BaseException:
             self.drop(cmd.epoch)  # announced but not mapped: say so, or the owner's clear would wait for us

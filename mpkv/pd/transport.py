@@ -49,9 +49,9 @@ class SameHost:
         lease: tuple[int, int, int],
     ) -> None:
         # The lease is the engine's to check here: this process maps the pool under the links protocol.
-        copy_blocks(self.dst[layer : layer + 1], dst_blocks, src[layer : layer + 1], src_blocks)
+        copy_blocks(self.dst[layer : layer + 1], dst_blocks, src[layer : layer + 1], src_blocks, complete=False)
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # the copies were queued on this stream (NOTE in mpkv.pool.copy)
         if self.dst.device.type == "cuda":
             torch.cuda.current_stream(self.dst.device).synchronize()
 

@@ -5,7 +5,7 @@ the random part keeps another user from creating the name first), and publishes 
 full name) in the instance's handle table; attachers map it from the handle, never from a name they build.
 Freeing refuses while this process still holds a view (a stale tensor is an error here, not a use-after-free
 later).
-Backends: ``cpu`` (POSIX shared memory; all CI) and ``cuda`` (one device allocation shared by CUDA IPC).
+Backends: ``cpu`` (POSIX shared memory; all CI) and ``cuda`` (one device allocation shared by one CUDA IPC handle).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class PoolHandle(msgspec.Struct, frozen=True):
     weight_version: int
     nbytes: int
     name: str = ""  # cpu: the shm segment's full name (it has a random part: attachers cannot derive it)
-    cuda: dict[int, tuple] = {}  # cuda: per attacher (by Role value), torch's rebuild_cuda_tensor arguments
+    cuda: bytes = b""  # cuda: the allocation's CUDA IPC handle (every attacher and link opens this one)
 
 
 class OwnedPool(Protocol):
@@ -52,14 +52,11 @@ class AttachedPool(Protocol):
     def close(self) -> None: ...
 
 
-def allocate_device_pool(
-    registry: Registry, cfg: CacheConfig, rank: int, epoch: int, weight_version: int, attachers: tuple[int, ...] = ()
-) -> OwnedPool:
-    """``attachers``: the roles (values) that will map the pool; the cuda backend makes one share for each."""
+def allocate_device_pool(registry: Registry, cfg: CacheConfig, rank: int, epoch: int, weight_version: int) -> OwnedPool:
     if cfg.backend == "cuda":
         from mpkv.pool import cuda
 
-        return cuda.CudaPool(cfg, rank, epoch, weight_version, attachers)
+        return cuda.CudaPool(cfg, rank, epoch, weight_version)
     from mpkv.pool import cpu
 
     return cpu.ShmPool(registry, cfg, naming.device_pool(rank, epoch), cfg.device_blocks, rank, epoch, weight_version)
@@ -75,12 +72,12 @@ def allocate_host_pool(registry: Registry, cfg: CacheConfig, rank: int, epoch: i
     return cpu.ShmPool(registry, cfg, naming.host_pool(rank, epoch), cfg.host_blocks, rank, epoch, weight_version)
 
 
-def attach_device_pool(cfg: CacheConfig, handle: PoolHandle, role: int = 0) -> AttachedPool:
-    """Map the pool of ``handle`` as attacher ``role`` (the cuda backend has a share per attacher)."""
+def attach_device_pool(cfg: CacheConfig, handle: PoolHandle) -> AttachedPool:
+    """Map the pool of ``handle`` (an attacher of its rank, or a link into it)."""
     if handle.backend == "cuda":
         from mpkv.pool import cuda
 
-        return cuda.AttachedCudaPool(cfg, handle, role)
+        return cuda.AttachedCudaPool(cfg, handle)
     from mpkv.pool import cpu
 
     return cpu.AttachedShmPool(cfg, handle)

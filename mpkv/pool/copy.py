@@ -1,5 +1,16 @@
 """Moving blocks between pools: [layers, 2, blocks, ...] tensors, block ``src[i]`` of every layer's K and V to
-block ``dst[i]``. On the cpu backend one memcpy per (layer, K/V, block) in C; on cuda one gather and one copy."""
+block ``dst[i]``. On the cpu backend one memcpy per (layer, K/V, block) in C. On cuda, where cuda/ is built
+(``mpkv.cudaext``), the block ids merged into runs of consecutive ids (``mpkv.pool.runs``) and one 2-D copy per run
+covering every layer; else one gather and one scatter through torch.
+
+Note [cuda copies complete before they are announced]
+A cuda copy is only queued (on the current stream of the GPU involved): ``index_copy_`` and the copy engines run
+after the call returns. The blocks are read next by another process (a worker after a swap-in, a decode worker
+after a PD ship), in another CUDA context, told by a ring message that no CUDA stream orders after the copy. So
+the process that copies waits for the copy to end before it says it is done: ``copy_blocks`` synchronizes the
+stream unless the caller passes ``complete=False`` and synchronizes later itself (a PD transport's ``flush``, once
+per batch of layers).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +20,9 @@ import torch
 from mpkv import _native
 
 
-def copy_blocks(dst: torch.Tensor, dst_ids: np.ndarray, src: torch.Tensor, src_ids: np.ndarray) -> None:
+def copy_blocks(
+    dst: torch.Tensor, dst_ids: np.ndarray, src: torch.Tensor, src_ids: np.ndarray, *, complete: bool = True
+) -> None:
     if len(dst_ids) != len(src_ids):
         raise ValueError(f"{len(src_ids)} source blocks for {len(dst_ids)} destination blocks")
     if dst.device.type == "cpu" and src.device.type == "cpu":
@@ -30,7 +43,18 @@ def copy_blocks(dst: torch.Tensor, dst_ids: np.ndarray, src: torch.Tensor, src_i
             np.ascontiguousarray(s_ids[order]),
         )
         return
-    s = torch.as_tensor(np.asarray(src_ids, dtype=np.int64), device=src.device)
-    d = torch.as_tensor(np.asarray(dst_ids, dtype=np.int64), device=dst.device)
-    staged = src.index_select(2, s)  # one gather on the source's device
-    dst.index_copy_(2, d, staged.to(dst.device, non_blocking=False))
+    device = dst.device if dst.device.type == "cuda" else src.device
+    stream = torch.cuda.current_stream(device)
+    from mpkv import cudaext
+
+    if not cudaext.missing():
+        from mpkv.pool.runs import merge_runs
+
+        cudaext.copy_runs(dst, src, merge_runs(dst_ids, src_ids), stream.cuda_stream)
+    else:
+        s = torch.as_tensor(np.asarray(src_ids, dtype=np.int64), device=src.device)
+        d = torch.as_tensor(np.asarray(dst_ids, dtype=np.int64), device=dst.device)
+        staged = src.index_select(2, s)  # one gather on the source's device
+        dst.index_copy_(2, d, staged.to(dst.device, non_blocking=False))
+    if complete:
+        stream.synchronize()

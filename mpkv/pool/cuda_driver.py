@@ -1,0 +1,177 @@
+"""The few CUDA driver calls of mpkv's default cuda path, through ctypes: device memory allocated outside torch's
+caching allocator, shared by the driver's own IPC handles.
+
+Note [CUDA IPC without torch's reductions]
+torch shares CUDA memory with ``reduce_tensor``/``rebuild_cuda_tensor`` (torch/multiprocessing/reductions.py,
+torch/csrc/CudaIPCTypes.cpp). Each share carries a cross-process reference counter that starts at 1 and that its
+one receiver decrements when it drops the storage; the producer's block, once freed, waits in torch's "limbo"
+until that counter is 0 (``torch.cuda.ipc_collect``). So a share nobody opens (a PD link slot that never connects,
+a worker that skipped a load) pins the whole allocation for the life of the producer, a share opened twice counts
+below zero, and a pool "freed" at a clear is not given back: the release measures ~0 bytes and the next restore
+allocates a second pool. torch's sharing also depends on its allocator's settings: with ``expandable_segments`` it
+passes file descriptors by ``pidfd_getfd`` (ptrace-gated between sibling processes under Yama), and memory of the
+``cudaMallocAsync`` backend cannot be exported by ``cudaIpcGetMemHandle`` at all.
+
+So mpkv allocates what it shares itself (``cuMemAlloc``), outside torch's allocator (whatever
+``PYTORCH_CUDA_ALLOC_CONF`` says), and shares it by the driver's IPC: ONE ``cuIpcGetMemHandle`` per allocation,
+which any number of processes open (``cuIpcOpenMemHandle``; the driver counts the opens of one process) and each
+closes (``cuIpcCloseMemHandle``). No share is made per receiver, so none can be left unopened or opened twice, and
+a link that opens again gets the same allocation. The driver's one rule, every importer closes before the
+exporter frees (``cuMemFree`` under a live import is undefined), is the handshake's order: the owner frees only
+after every attacher and link published DETACHED or STOPPED (NOTE [ clear handshake ] in mpkv.handshake), and a
+peer that never does is named when the wait's deadline passes.
+
+Tensors over this memory come from ``torch.as_tensor`` of an object with ``__cuda_array_interface__``: torch keeps
+that object alive while any view of it lives, so ``free``/``close`` can tell a view is still held and refuse (as the
+cpu pool refuses to unmap under a view) rather than unmap memory that a tensor still points at.
+
+Driver calls act on the calling thread's current context: ``_on(device)`` makes the device current (torch then
+creates its primary context if it has none, as it does for its own allocations) and checks which one it got.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+
+import torch
+
+from mpkv.errors import MpkvError
+
+IPC_HANDLE_BYTES = 64  # CU_IPC_HANDLE_SIZE
+_LAZY_ENABLE_PEER_ACCESS = 1  # CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS: an importer on another GPU maps it by peer access
+
+
+class _IpcHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_ubyte * IPC_HANDLE_BYTES)]  # bytes, NULs included (c_char would stop at one)
+
+
+_PTR = ctypes.c_uint64  # CUdeviceptr on 64-bit hosts
+_SIGNATURES: dict[str, list[type]] = {
+    "cuMemAlloc_v2": [ctypes.POINTER(_PTR), ctypes.c_size_t],
+    "cuMemFree_v2": [_PTR],
+    "cuIpcGetMemHandle": [ctypes.POINTER(_IpcHandle), _PTR],
+    "cuIpcOpenMemHandle_v2": [ctypes.POINTER(_PTR), _IpcHandle, ctypes.c_uint],
+    "cuIpcCloseMemHandle": [_PTR],
+    "cuCtxGetDevice": [ctypes.POINTER(ctypes.c_int)],
+    "cuGetErrorString": [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)],
+}
+
+
+@cache
+def _driver() -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        raise MpkvError(f"backend 'cuda' needs the NVIDIA driver, but libcuda.so.1 cannot be loaded ({e})") from None
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    return lib
+
+
+def _call(name: str, *args: object) -> None:
+    status = getattr(_driver(), name)(*args)
+    if status != 0:
+        text = ctypes.c_char_p()
+        _driver().cuGetErrorString(status, ctypes.byref(text))
+        raise MpkvError(f"{name} failed: {(text.value or b'unknown error').decode()} (CUresult {status})")
+
+
+@contextmanager
+def _on(device: torch.device) -> Iterator[None]:
+    with torch.cuda.device(device):
+        torch.cuda.synchronize(
+            device
+        )  # creates the device's primary context if torch has not yet, and makes it current
+        current = ctypes.c_int(-1)
+        _call("cuCtxGetDevice", ctypes.byref(current))
+        if current.value != device.index:
+            raise MpkvError(f"the current CUDA context is on device {current.value}, not on {device}")
+        yield
+
+
+class _Memory:
+    """What torch views: alive while any view of it is (torch holds it from the tensor's deleter)."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 2}
+
+
+def _view(ptr: int, nbytes: int) -> tuple[torch.Tensor, weakref.ref[_Memory]]:
+    mem = _Memory(ptr, nbytes)
+    return torch.as_tensor(mem), weakref.ref(mem)  # on the device the memory is on (torch asks the driver)
+
+
+def _no_views(alive: weakref.ref[_Memory], what: str) -> None:
+    if alive() is not None:
+        raise MpkvError(
+            f"cannot release {what}: this process still holds a tensor view of it (a stale view would read freed "
+            "memory after a restore)"
+        )
+
+
+class Allocation:
+    """``nbytes`` of device memory of ours, viewed as ``tensor`` (uint8); ``ipc_handle`` shares it."""
+
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        self.device, self.nbytes = device, nbytes
+        ptr = _PTR()
+        with _on(device):
+            _call("cuMemAlloc_v2", ctypes.byref(ptr), ctypes.c_size_t(nbytes))
+        self.ptr = int(ptr.value)
+        self.tensor, self._alive = _view(self.ptr, nbytes)
+
+    def ipc_handle(self) -> bytes:
+        """The handle any other process opens with ``Imported`` (one for all of them, for as long as we live)."""
+        handle = _IpcHandle()
+        with _on(self.device):
+            _call("cuIpcGetMemHandle", ctypes.byref(handle), _PTR(self.ptr))
+        return bytes(handle.reserved)
+
+    def free(self) -> None:
+        """Give the memory back to the device. Every importer must have closed it first (the handshake's order)."""
+        if self.ptr == 0:
+            return
+        self.__dict__.pop("tensor", None)
+        _no_views(self._alive, f"the CUDA allocation at {self.ptr:#x}")
+        with _on(self.device):  # queued work on it ends first
+            _call("cuMemFree_v2", _PTR(self.ptr))
+        self.ptr = 0
+
+
+class Imported:
+    """Another process's ``Allocation``, mapped into this one by its IPC handle, as ``tensor``; ``close`` unmaps."""
+
+    def __init__(self, handle: bytes, nbytes: int, device: torch.device) -> None:
+        if len(handle) != IPC_HANDLE_BYTES:
+            raise MpkvError(f"a CUDA IPC handle is {IPC_HANDLE_BYTES} bytes, this one {len(handle)}")
+        self.device, self.nbytes = device, nbytes
+        ptr = _PTR()
+        with _on(device):
+            _call(
+                "cuIpcOpenMemHandle_v2", ctypes.byref(ptr), _IpcHandle(handle), ctypes.c_uint(_LAZY_ENABLE_PEER_ACCESS)
+            )
+        self.ptr = int(ptr.value)
+        self.tensor, self._alive = _view(self.ptr, nbytes)
+
+    def close(self) -> None:
+        if self.ptr == 0:
+            return
+        self.__dict__.pop("tensor", None)
+        _no_views(self._alive, f"the CUDA IPC mapping at {self.ptr:#x}")
+        with _on(self.device):  # our queued work on it ends before it is unmapped
+            _call("cuIpcCloseMemHandle", _PTR(self.ptr))
+        self.ptr = 0
+
+
+def device_for(rank: int) -> torch.device:
+    """The GPU of ``rank``'s three processes: rank r on visible device r mod the count (CUDA_VISIBLE_DEVICES decides
+    which those are). Every process of a rank calls ``torch.cuda.set_device`` with it first, so that nothing of a
+    rank >= 1 lands on (or opens a context on) device 0."""
+    if not torch.cuda.is_available():
+        raise MpkvError("backend 'cuda' was asked for, but torch sees no CUDA device here")
+    return torch.device("cuda", rank % torch.cuda.device_count())
