@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from mpkv.gpumem import DeviceMemory, fmt_bytes
+
 SCHEMA = "mpkv-top/1"
 
 
@@ -45,7 +47,9 @@ class ActorStatus(msgspec.Struct, frozen=True):
     """One actor (or the launcher: role "launcher", rank -1) as its status slot, its process and its error
     record show it. ``state``@``epoch`` is the last acknowledged ActorState; ``aux`` that acknowledgement's
     detail (CLEAR: bytes released; RESTORE: weight version); ``pid`` 0 and ``heartbeat_age_s`` None: it never
-    published; ``process_state`` what /proc says of that pid ("alive, sleeping", "alive, stopped", "dead")."""
+    published; ``process_state`` what /proc says of that pid ("alive, sleeping", "alive, stopped", "dead");
+    ``gpu_bytes`` the GPU memory NVML attributes to the pid, over every device, its CUDA context included (None:
+    a cpu instance, NVML not available, or the process is not alive; ``InstanceStatus.gpu_note`` says why)."""
 
     role: str
     rank: int
@@ -58,6 +62,7 @@ class ActorStatus(msgspec.Struct, frozen=True):
     heartbeat_age_s: float | None
     error: str
     waiting_for: Wait = NO_WAIT
+    gpu_bytes: int | None = None
 
     @property
     def who(self) -> str:
@@ -87,7 +92,10 @@ class StepStatus(msgspec.Struct, frozen=True):
 
 
 class InstanceStatus(msgspec.Struct, frozen=True):
-    """`mpkv ctl NAME status --json`: an instance's command, ledger, step and every actor (rank-major)."""
+    """`mpkv ctl NAME status --json`: an instance's command, ledger, step and every actor (rank-major), and on a
+    cuda instance the GPUs' free and total memory as NVML numbers them (PCI order, every GPU of the machine).
+    ``gpu_note``: why GPU figures are n/a ("n/a: cpu backend", "n/a: <why NVML is not available>") or what they
+    need said (pids NVML does not list; see mpkv.gpumem); "" when nothing."""
 
     instance: str
     run_id: str
@@ -99,6 +107,8 @@ class InstanceStatus(msgspec.Struct, frozen=True):
     launcher: ActorStatus
     controller_waiting_for: Wait
     actors: tuple[ActorStatus, ...]
+    gpu_devices: tuple[DeviceMemory, ...] = ()
+    gpu_note: str = ""
 
     def actor(self, who: str) -> ActorStatus | None:
         return next((a for a in (self.launcher, *self.actors) if a.who == who), None)
@@ -296,13 +306,23 @@ def actor_line(a: ActorStatus) -> Line:
     life = "alive" if a.alive else "DEAD"
     text = (
         f"  {a.who:12} pid {a.pid:<8} {a.state + '@' + str(a.epoch):12} heartbeat {hb:>6}  {life:5}  "
-        f"{_waits_text(a.waiting_for):24} {a.error}"
+        f"gpu {fmt_bytes(a.gpu_bytes):>9}  {_waits_text(a.waiting_for):24} {a.error}"
     )
     return Line(text.rstrip(), a.broken)
 
 
+def gpu_line(st: InstanceStatus) -> Line:
+    """The GPUs' free memory ("  GPU memory free: #0 120.5 GiB of 139.8 GiB (NVIDIA H200)"), or why it is n/a."""
+    if not st.gpu_devices:
+        return Line(f"  GPU memory: n/a ({st.gpu_note.removeprefix('n/a: ') or 'not reported'})")
+    free = ", ".join(f"#{d.index} {fmt_bytes(d.free_bytes)} of {fmt_bytes(d.total_bytes)}" for d in st.gpu_devices)
+    names = ", ".join(dict.fromkeys(d.name for d in st.gpu_devices))
+    return Line(f"  GPU memory free: {free} ({names})" + (f"; {st.gpu_note}" if st.gpu_note else ""))
+
+
 def status_lines(st: InstanceStatus) -> list[Line]:
-    """An instance's status as text: a head line, the step still pending (if any), one line per process."""
+    """An instance's status as text: a head line, the step still pending (if any), the GPUs' free memory, one
+    line per process."""
     cfg = st.config
     lines = [
         Line(
@@ -319,5 +339,6 @@ def status_lines(st: InstanceStatus) -> list[Line]:
                 alarm=True,
             )
         )
+    lines.append(gpu_line(st))
     lines += [actor_line(a) for a in (st.launcher, *st.actors)]
     return lines

@@ -1,14 +1,17 @@
 """What an instance's shared memory says about it, as the records of mpkv.report: the one reader behind
 `mpkv ctl status` and mpkv-top (which adds queues, pools, transfers and problems). Reads only; never waits, never
-writes.
+writes. On a cuda instance it also asks NVML (mpkv.gpumem) for its processes' and devices' GPU memory.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
+import msgspec
+
+from mpkv.gpumem import DeviceMemory, GpuMemory
 from mpkv.handshake import Command, Status, acknowledged, link_must_unmap, settled_ledger, step_done
 from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot, launcher_slot
 from mpkv.protocol import ROLES, ActorState, ClearFlags, Cmd, actor_name, actor_slot
@@ -101,12 +104,31 @@ def actor_status(inst: Instance, slot: int, now_ns: int) -> ActorStatus:
     )
 
 
+def gpu_memory(inst: Instance, procs: Sequence[ActorStatus]) -> tuple[list[ActorStatus], tuple[DeviceMemory, ...], str]:
+    """``procs`` with the GPU memory NVML attributes to each live one, the devices' free and total memory, and the
+    note on them (``InstanceStatus.gpu_note``). Only a cuda instance asks NVML: status is read often, and a cpu
+    instance's processes hold no GPU memory of its own."""
+    if inst.cfg.backend != "cuda":
+        return list(procs), (), "n/a: cpu backend"
+    gm = GpuMemory.open()
+    if not gm.available:
+        return list(procs), (), f"n/a: {gm.reason}"
+    # A dead process's pid may be another's by now, and a pid 0 never published: neither is asked.
+    used = gm.process_bytes(a.pid for a in procs if a.pid and a.alive)
+    devices = tuple(gm.devices())
+    with_gpu = [msgspec.structs.replace(a, gpu_bytes=used[a.pid]) if a.pid in used else a for a in procs]
+    return with_gpu, devices, gm.note
+
+
 def read_status(inst: Instance) -> InstanceStatus:
     """The instance's status record (`mpkv ctl NAME status --json`); reads only."""
     cfg = inst.cfg
     cmd, statuses, tiers, version = settled(inst)
     waiting = pending(cmd, statuses, cfg.tp)
     now = time.monotonic_ns()
+    procs = [actor_status(inst, launcher_slot(cfg.tp), now)]
+    procs += [actor_status(inst, actor_slot(role, rank), now) for rank in range(cfg.tp) for role in ROLES]
+    (launcher, *actors), devices, note = gpu_memory(inst, procs)
     return InstanceStatus(
         instance=inst.name,
         run_id=inst.registry.run_id,
@@ -117,7 +139,9 @@ def read_status(inst: Instance) -> InstanceStatus:
         step=StepStatus(done=not waiting, pending=tuple(waiting)),
         weight_version=version,
         cleared=tuple(f.name for f in ClearFlags if f in tiers and f.name),
-        launcher=actor_status(inst, launcher_slot(cfg.tp), now),
+        launcher=launcher,
         controller_waiting_for=inst.waiting_for(controller_wait_slot(cfg.tp)),
-        actors=tuple(actor_status(inst, actor_slot(role, rank), now) for rank in range(cfg.tp) for role in ROLES),
+        actors=tuple(actors),
+        gpu_devices=devices,
+        gpu_note=note,
     )

@@ -21,7 +21,18 @@ from instances import Launched
 
 from mpkv.client import Client
 from mpkv.controller import Controller
-from mpkv.report import NO_WAIT, ActorStatus, CommandStatus, InstanceStatus, StepStatus, Wait, culprits, unhealthy
+from mpkv.gpumem import DeviceMemory
+from mpkv.report import (
+    NO_WAIT,
+    ActorStatus,
+    CommandStatus,
+    InstanceStatus,
+    StepStatus,
+    Wait,
+    culprits,
+    status_lines,
+    unhealthy,
+)
 from mpkv.shm.cleanup import cleanup
 from mpkv.status import decode_pool_gone
 
@@ -108,6 +119,13 @@ def test_json_agrees_with_ctl_status(instance: str) -> None:
     assert f"instance {instance} run {typed.run_id}: mixed tp=2" in ctl_text and ctl_text.splitlines()[0] in top_text
     assert actor_lines(ctl_text) == actor_lines(top_text) and len(actor_lines(ctl_text)) == 7, (ctl_text, top_text)
     assert "worker r1" in ctl_text and "idle" in ctl_text
+    # A cpu instance asks NVML nothing: its GPU memory is n/a, said so in the JSON and in both texts.
+    assert (typed.gpu_devices, typed.gpu_note) == ((), "n/a: cpu backend")
+    assert [a.gpu_bytes for a in (typed.launcher, *typed.actors)] == [None] * 7
+    assert (e["gpu_note"], [a["gpu_bytes"] for a in e["actors"]]) == ("n/a: cpu backend", [None] * 6)
+    for text in (ctl_text, top_text):
+        assert "GPU memory: n/a (cpu backend)" in text, text
+        assert sum(" gpu       n/a" in line for line in text.splitlines()) == 7, text
 
 
 def test_a_stuck_actor_is_named_with_its_waiters(instance: str) -> None:
@@ -290,6 +308,41 @@ def test_unhealthy_is_broken_not_booting() -> None:
     assert unhealthy(_status(booting, stopped)) == []
     sick = _status(_actor("worker r0", state="FAILED"), _actor("transfer r0", state="READY", alive=False))
     assert unhealthy(sick) == ["worker r0 (pid 100) is FAILED", "transfer r0 (pid 100) is dead"]
+
+
+def test_gpu_memory_in_the_status_text() -> None:
+    """What `ctl status` and mpkv-top print of the GPU figures a cuda instance's record carries: each process's
+    bytes (n/a: withheld, or not alive), the devices' free of total, and the note on them; and why when none."""
+    gpu = msgspec.structs.replace(
+        _status(
+            msgspec.structs.replace(_actor("worker r0"), gpu_bytes=3 << 29),
+            msgspec.structs.replace(_actor("transfer r0"), gpu_bytes=512 << 20),
+            _actor("messager r0"),
+        ),
+        gpu_devices=(
+            DeviceMemory(0, "NVIDIA H200", 130 << 30, int(139.8 * 2**30)),
+            DeviceMemory(1, "NVIDIA H200", 0, 1),
+        ),
+        gpu_note="NVML lists 3 other process(es) on the GPUs but none of these",
+        config={"pd_role": "mixed", "tp": 1, "backend": "cuda", "log_dir": ""},
+    )
+    text = "\n".join(line.text for line in status_lines(gpu))
+    assert "  GPU memory free: #0 130 GiB of 139.8 GiB, #1 0 B of 1 B (NVIDIA H200); NVML lists 3 other" in text, text
+    assert " gpu   1.5 GiB " in text and " gpu   512 MiB " in text and " gpu       n/a " in text, text
+    unavailable = msgspec.structs.replace(
+        gpu, gpu_devices=(), gpu_note="n/a: no NVIDIA driver (libnvidia-ml.so.1 not found)"
+    )
+    assert "  GPU memory: n/a (no NVIDIA driver (libnvidia-ml.so.1 not found))" in [
+        line.text for line in status_lines(unavailable)
+    ]
+    # A record from before these fields (decoded with their defaults) still reads.
+    raw = msgspec.to_builtins(gpu)
+    for a in (raw["launcher"], *raw["actors"]):
+        del a["gpu_bytes"]
+    del raw["gpu_devices"], raw["gpu_note"]
+    old = msgspec.convert(raw, InstanceStatus)
+    assert old.gpu_devices == () and {a.gpu_bytes for a in old.actors} == {None}
+    assert "  GPU memory: n/a (not reported)" in [line.text for line in status_lines(old)]
 
 
 def test_a_booting_instance_shows_as_starting(instance: str) -> None:
