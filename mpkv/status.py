@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import msgspec
 
+from mpkv.config import CacheConfig
 from mpkv.gpumem import DeviceMemory, GpuMemory
 from mpkv.handshake import Command, Status, acknowledged, link_must_unmap, settled_ledger, step_done
 from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot, launcher_slot
@@ -104,11 +105,13 @@ def actor_status(inst: Instance, slot: int, now_ns: int) -> ActorStatus:
     )
 
 
-def gpu_memory(inst: Instance, procs: Sequence[ActorStatus]) -> tuple[list[ActorStatus], tuple[DeviceMemory, ...], str]:
-    """``procs`` with the GPU memory NVML attributes to each live one, the devices' free and total memory, and the
-    note on them (``InstanceStatus.gpu_note``). Only a cuda instance asks NVML: status is read often, and a cpu
-    instance's processes hold no GPU memory of its own."""
-    if inst.cfg.backend != "cuda":
+def gpu_memory(
+    cfg: CacheConfig, procs: Sequence[ActorStatus]
+) -> tuple[list[ActorStatus], tuple[DeviceMemory, ...], str]:
+    """``procs`` (of an instance of config ``cfg``) with the GPU memory NVML attributes to each live one, the
+    devices' free and total memory, and the note on them (``InstanceStatus.gpu_note``). Only a cuda instance asks
+    NVML: status is read often, and a cpu instance's processes hold no GPU memory of its own."""
+    if cfg.backend != "cuda":
         return list(procs), (), "n/a: cpu backend"
     gm = GpuMemory.open()
     if not gm.available:
@@ -128,7 +131,7 @@ def read_status(inst: Instance) -> InstanceStatus:
     now = time.monotonic_ns()
     procs = [actor_status(inst, launcher_slot(cfg.tp), now)]
     procs += [actor_status(inst, actor_slot(role, rank), now) for rank in range(cfg.tp) for role in ROLES]
-    (launcher, *actors), devices, note = gpu_memory(inst, procs)
+    (launcher, *actors), devices, note = gpu_memory(cfg, procs)
     return InstanceStatus(
         instance=inst.name,
         run_id=inst.registry.run_id,

@@ -12,7 +12,10 @@ import pytest
 import torch
 
 from mpkv import gpumem
+from mpkv.config import CacheConfig
 from mpkv.gpumem import GpuMemory, fmt_bytes
+from mpkv.report import ActorStatus
+from mpkv.status import gpu_memory
 
 
 def _nvml_library_here() -> bool:
@@ -32,6 +35,19 @@ def test_without_a_driver_every_figure_is_na_and_the_reason_names_it() -> None:
     assert gm.process_bytes([os.getpid(), os.getppid(), os.getpid()]) == {os.getpid(): None, os.getppid(): None}
     assert gm.devices() == []
     assert GpuMemory.open() is gm  # one session per process: NVML is started (or found missing) once
+
+
+@pytest.mark.skipif(_nvml_library_here(), reason="an NVIDIA driver is installed here")
+def test_a_cuda_instance_without_a_driver_reads_na_with_the_reason() -> None:
+    """The status of a cuda instance here (the launch itself needs a GPU: this is its status reader's GPU part):
+    every process n/a, no devices, and the note says why; a cpu instance's says cpu without asking NVML."""
+    me = ActorStatus("worker", 0, os.getpid(), True, "alive, running", "READY", 0, 0, 0.1, "")
+    assert gpu_memory(CacheConfig(backend="cuda"), [me]) == (
+        [me],
+        (),
+        "n/a: no NVIDIA driver (libnvidia-ml.so.1 not found)",
+    )
+    assert gpu_memory(CacheConfig(backend="cpu"), [me]) == ([me], (), "n/a: cpu backend")
 
 
 @pytest.mark.skipif(_nvml_library_here(), reason="an NVIDIA driver is installed here")
@@ -89,4 +105,9 @@ def test_memory_this_process_allocates_shows_in_its_figure() -> None:
     torch.cuda.synchronize()
     after = gm.process_bytes([me])[me]
     assert after is not None and after - before >= 256 << 20, (fmt_bytes(before), fmt_bytes(after), gm.note)
+    # The status reader's GPU part puts that figure on the process and lists the devices.
+    status = ActorStatus("worker", 0, me, True, "alive, running", "READY", 0, 0, 0.1, "")
+    (got,), devices, _ = gpu_memory(CacheConfig(backend="cuda"), [status])
+    assert got.gpu_bytes is not None and got.gpu_bytes >= 256 << 20, (got, gm.note)
+    assert devices and {d.index for d in devices} == set(range(len(devices))), devices
     del block
