@@ -30,7 +30,8 @@ static int affine(uint64_t a, uint64_t b, uint64_t c, uint64_t *out) {
 static int valid(uint64_t dst, uint64_t dst_stride, uint64_t src, uint64_t src_stride, uint64_t planes,
                  uint64_t block_bytes, const int64_t *runs, uint64_t nruns) {
     uint64_t end;
-    if (planes == 0 || block_bytes == 0 || (nruns > 0 && runs == NULL) || nruns > UINT64_MAX / 3)
+    if (dst == 0 || src == 0 || planes == 0 || block_bytes == 0 || (nruns > 0 && runs == NULL) ||
+        nruns > UINT64_MAX / 3)
         return 0;
     if (affine(dst, planes, dst_stride, &end) || affine(src, planes, src_stride, &end))
         return 0;

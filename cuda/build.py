@@ -47,7 +47,7 @@ def find_include() -> Path | None:
 
 
 def build(out: Path, include: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=0o755, parents=True, exist_ok=True)  # mpkv.cudaext refuses a library others could replace
     target = out / LIBRARY
     # Written beside the target and renamed over it: a process that mapped the old library keeps its copy intact.
     tmp = out / f".{LIBRARY}.{os.getpid()}.tmp"

@@ -53,6 +53,12 @@ def _trusted(path: Path) -> None:
         st = os.lstat(path)
     except FileNotFoundError:
         raise MpkvError(missing()) from None
+    folder = os.stat(path.parent)
+    if folder.st_uid not in (os.getuid(), 0) or folder.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise MpkvError(
+            f"refusing to load {path}: its directory is owned by uid {folder.st_uid} with mode "
+            f"{stat.S_IMODE(folder.st_mode):o}; another user could replace the library. Make it 0755 and yours"
+        )
     if not stat.S_ISREG(st.st_mode):
         raise MpkvError(
             f"refusing to load {path}: not a regular file (a link or a device); rebuild with tools/build-cuda"

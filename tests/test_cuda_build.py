@@ -105,6 +105,8 @@ def _ptr(a: np.ndarray) -> object:
         ((1 << 20, 4096, 1 << 30, 2048, 4, 512, ((0, 0, 5),), 1), "run past the source plane (4 blocks)"),
         ((1 << 20, 4096, 1 << 30, 4096, 4, 512, ((0, 0, 1), (1 << 62, 0, 1)), 2), "offset overflows"),
         ((2**64 - 4096, 4096, 1 << 30, 4096, 4, 512, ((0, 0, 1),), 1), "pool end overflows"),
+        ((0, 4096, 1 << 30, 4096, 4, 512, ((0, 0, 1),), 1), "null destination"),
+        ((1 << 20, 4096, 0, 4096, 4, 512, ((0, 0, 1),), 1), "null source"),
         ((1 << 20, 4096, 1 << 30, 4096, 0, 512, ((0, 0, 1),), 1), "no planes"),
         ((1 << 20, 4096, 1 << 30, 4096, 4, 0, ((0, 0, 1),), 1), "zero block size"),
     ],
@@ -176,6 +178,15 @@ def test_a_library_others_could_write_or_a_link_is_refused(
     monkeypatch.setattr(cudaext, "LIB_PATH", link)
     with pytest.raises(MpkvError, match="not a regular file"):
         cudaext._open(link)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    in_shared = shared / "libmpkv_cuda.so"
+    shutil.copy(planted, in_shared)
+    shared.chmod(0o777)
+    monkeypatch.setattr(cudaext, "LIB_PATH", in_shared)
+    with pytest.raises(MpkvError, match="another user could replace the library"):
+        cudaext._open(in_shared)
+    shared.chmod(0o700)
 
 
 def _pool(blocks: int) -> torch.Tensor:
