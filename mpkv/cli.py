@@ -230,6 +230,11 @@ def _ctl(args: argparse.Namespace) -> int:
                 extra = (
                     f"; released {sum(res.released_bytes.values())} B (actors), /dev/shm -{res.shm_released_bytes} B"
                 )
+            if res.gpu_bytes:  # cuda: what NVML saw each actor hold before and after
+                from mpkv.gpumem import fmt_bytes
+
+                seen = [f"{who} {fmt_bytes(b)} -> {fmt_bytes(a)}" for who, (b, a) in res.gpu_bytes.items()]
+                extra += f"; GPU memory (NVML): {', '.join(seen)}" + (f" ({res.gpu_note})" if res.gpu_note else "")
             if res.message:
                 extra += f"; {res.message}"
             print(

@@ -22,6 +22,7 @@ from mpkv import naming, status
 from mpkv.config import is_checkpoint
 from mpkv.errors import (
     CommandRefused,
+    MemoryHeld,
     ModelError,
     MpkvError,
     PeerDied,
@@ -59,7 +60,7 @@ from mpkv.shm.ring import quiesce
 from mpkv.shm.segment import Segment
 from mpkv.shm.signals import Signal, SignalWriter
 from mpkv.shm.waiting import check_timeout
-from mpkv.topology import pack_ledger
+from mpkv.topology import pack_ledger, pool_owner
 
 if TYPE_CHECKING:
     from mpkv.publication import Publisher
@@ -76,6 +77,9 @@ class StepResult:
     latency_s: float = 0.0
     released_bytes: dict[str, int] = field(default_factory=dict)  # per actor, as each measured it
     shm_released_bytes: int = 0  # /dev/shm usage before minus after (cpu backend), as the controller measured it
+    gpu_bytes: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)  # cuda clear: per actor, NVML
+    # before and after (None: NVML has no figure; ``gpu_note`` says why)
+    gpu_note: str = ""
 
 
 def _release_claims(writers: tuple[SignalWriter[Any], ...]) -> None:
@@ -112,6 +116,7 @@ class Controller:
         self._release: Callable[[], object] = lambda: None
         self._fences: dict[Role, SignalWriter[Cmd]] = {}
         self._publisher: Publisher | None = None
+        self._gpu_floor: dict[int, int] = {}  # cuda: each actor's NVML figure (by pid) after the last device clear
 
     def _claim(self) -> tuple[SignalWriter[Cmd], SignalWriter[Cmd], SignalWriter[WaitKind]]:
         """Become the one writer of the command block, at the first command (``status`` needs no claim)."""
@@ -190,7 +195,10 @@ class Controller:
                 self._check_reloadable(served)
 
         before = shm_used_bytes()
+        gpu_before = self._gpu_figures() if self.cfg.backend == "cuda" else {}
         res = self._step(Cmd.CLEAR, int(flags), timeout_s, prepare)
+        if gpu_before and not res.already:
+            self._check_gpu_release(res, gpu_before, device)
         if not res.already:
             res.shm_released_bytes = before - shm_used_bytes()
             # (The workers' weights, when cleared, are private memory: released, but not from /dev/shm.)
@@ -556,6 +564,39 @@ class Controller:
         finally:  # the wait is over, however it ended
             wait_w.write(WaitKind.NONE, time.monotonic_ns(), 0)
         return acks
+
+    def _gpu_figures(self) -> dict[str, tuple[int, int | None]]:
+        """Every actor's pid and GPU memory as NVML sees it now (``mpkv.gpumem``), by actor name."""
+        from mpkv.gpumem import GpuMemory
+
+        pids = {
+            actor_name(role, rank): self.inst.status.read(actor_slot(role, rank)).writer.pid
+            for rank in range(self.cfg.tp)
+            for role in ROLES
+        }
+        got = GpuMemory.open().process_bytes(pids.values())
+        return {who: (pid, got.get(pid)) for who, pid in pids.items()}
+
+    def _check_gpu_release(self, res: StepResult, before: dict[str, tuple[int, int | None]], device: bool) -> None:
+        """cuda: each actor's NVML figures before and after the clear go in ``res``; after a device clear, a
+        process still holding the pool (or more than after the previous clear) is a MemoryHeld naming it."""
+        from mpkv.gpumem import GpuMemory
+        from mpkv.pool.release import Figures, leftovers
+
+        after = self._gpu_figures()
+        res.gpu_bytes = {who: (b, after[who][1]) for who, (_, b) in before.items()}
+        res.gpu_note = GpuMemory.open().note
+        if not device:
+            return
+        owners = {actor_name(pool_owner(self.cfg), rank) for rank in range(self.cfg.tp)}
+        figures = [
+            Figures(who, pid, b, after[who][1], self._gpu_floor.get(pid), who in owners)
+            for who, (pid, b) in before.items()
+        ]
+        self._gpu_floor = {pid: a for (pid, a) in after.values() if a is not None}
+        held = leftovers(figures, self.cfg.pool_bytes(self.cfg.device_blocks))
+        if held:
+            raise MemoryHeld(f"{res.command}@{res.epoch} of {self.name} was acknowledged, but " + "; ".join(held))
 
     def _check_unmapped(self) -> None:
         """After a clear, no actor may still map a device pool of this instance (the memory would not be free)."""

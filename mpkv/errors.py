@@ -67,6 +67,11 @@ class WeightUpdateFailed(MpkvError):
     why, and the state it left the instance in (serving the old weights again, or what to do)."""
 
 
+class MemoryHeld(MpkvError):
+    """A clear was acknowledged by every actor, but NVML shows GPU memory still held (``mpkv.pool.release``); the
+    message names each process and its figures. The instance is cleared: the next restore allocates afresh."""
+
+
 class InstanceNotServing(MpkvError):
     """The instance is paused, cleared or failed: the task was not submitted."""
 

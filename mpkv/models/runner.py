@@ -32,12 +32,13 @@ LAUNCH = "launch"  # HFRunner.held: the weights of the configured checkpoint (Ca
 
 
 def _resident_bytes(device: torch.device) -> int:
-    """What this process holds: resident memory on cpu, the device's used memory on cuda."""
+    """What this process holds: resident memory on cpu, its GPU memory as NVML sees it on cuda."""
     if device.type == "cuda":
+        from mpkv.pool.cuda import held_bytes
+
         torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(device)
-        return int(total - free)
+        torch.cuda.empty_cache()  # the weights' memory goes back to the device, not to torch's cache
+        return held_bytes(device)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 

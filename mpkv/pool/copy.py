@@ -45,7 +45,7 @@ def copy_blocks(
         return
     device = dst.device if dst.device.type == "cuda" else src.device
     stream = torch.cuda.current_stream(device)
-    from mpkv import cudaext
+    import mpkv.cudaext as cudaext
 
     if not cudaext.missing():
         from mpkv.pool.runs import merge_runs
