@@ -334,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(config.json and *.safetensors; it sets --layers, --kv-heads, --head-dim, --vocab), or module:Class "
         + _from_config("model"),
     )
+    lp.add_argument(
+        "--stable-addresses",
+        action="store_const",
+        const=True,
+        dest="stable_addresses",
+        help="cuda: keep each process's device pool at one virtual address across clear and restore (CUDA virtual "
+        "memory, built by tools/build-cuda), so captured CUDA graphs stay valid (default: off)",
+    )
     lp.add_argument("--pool-owner", choices=["worker", "transfer"], dest="pool_owner", help=_from_config("pool_owner"))
     lp.add_argument(
         "--role",

@@ -54,6 +54,9 @@ class CacheConfig:
     host_blocks: Positive = 256
     tp: Positive = 1
     backend: str = "cpu"
+    # cuda: the device pool at one virtual address for the life of each process (CUDA virtual memory, cuda/), so a
+    # captured CUDA graph stays valid across clear and restore (`mpkv launch --stable-addresses`)
+    stable_addresses: bool = False
     pool_owner: PoolOwner = PoolOwner.WORKER
     pd_role: PdRole = PdRole.MIXED  # `mpkv launch --role mixed|prefill|decode`
     nixl_port: Port = 0  # PD across hosts: rank r's messager runs a NIXL agent listening on nixl_port + r (0: off)
@@ -258,6 +261,8 @@ def check_fields(values: Mapping[str, Any], label: Callable[[str], str] = str) -
     tp, kv_heads, port = cfg.tp, cfg.kv_heads, cfg.nixl_port  # type: ignore[attr-defined]
     if kv_heads % tp:
         raise ValueError(f"{label('kv_heads')} ({kv_heads}) must be divisible by {label('tp')} ({tp})")
+    if cfg.stable_addresses and cfg.backend != "cuda":  # type: ignore[attr-defined]
+        raise ValueError(f"{label('stable_addresses')} needs {label('backend')} cuda (a CUDA virtual-memory pool)")
     if port and not 1024 <= port <= 65535 - tp:
         raise ValueError(f"{label('nixl_port')} must be 0 (off) or a port in 1024..{65535 - tp}, got {port}")
 

@@ -30,7 +30,8 @@ class PoolHandle(msgspec.Struct, frozen=True):
     epoch: int
     weight_version: int
     nbytes: int
-    name: str = ""  # cpu: the shm segment's full name (it has a random part: attachers cannot derive it)
+    name: str = ""  # cpu: the shm segment's full name (it has a random part: attachers cannot derive it); cuda-vmm:
+    # the abstract socket that hands out the memory's file descriptor (mpkv.pool.vmm)
     cuda: bytes = b""  # cuda: the allocation's CUDA IPC handle (every attacher and link opens this one)
 
 
@@ -53,6 +54,10 @@ class AttachedPool(Protocol):
 
 
 def allocate_device_pool(registry: Registry, cfg: CacheConfig, rank: int, epoch: int, weight_version: int) -> OwnedPool:
+    if cfg.backend == "cuda" and cfg.stable_addresses:
+        from mpkv.pool import vmm
+
+        return vmm.StablePool(registry, cfg, rank, epoch, weight_version)
     if cfg.backend == "cuda":
         from mpkv.pool import cuda
 
@@ -74,6 +79,10 @@ def allocate_host_pool(registry: Registry, cfg: CacheConfig, rank: int, epoch: i
 
 def attach_device_pool(cfg: CacheConfig, handle: PoolHandle) -> AttachedPool:
     """Map the pool of ``handle`` (an attacher of its rank, or a link into it)."""
+    if handle.backend == "cuda-vmm":
+        from mpkv.pool import vmm
+
+        return vmm.AttachedStablePool(cfg, handle)
     if handle.backend == "cuda":
         from mpkv.pool import cuda
 

@@ -101,12 +101,12 @@ class _Memory:
         self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 2}
 
 
-def _view(ptr: int, nbytes: int) -> tuple[torch.Tensor, weakref.ref[_Memory]]:
+def view_of(ptr: int, nbytes: int) -> tuple[torch.Tensor, weakref.ref[_Memory]]:
     mem = _Memory(ptr, nbytes)
     return torch.as_tensor(mem), weakref.ref(mem)  # on the device the memory is on (torch asks the driver)
 
 
-def _no_views(alive: weakref.ref[_Memory], what: str) -> None:
+def check_no_views(alive: weakref.ref[_Memory], what: str) -> None:
     if alive() is not None:
         raise MpkvError(
             f"cannot release {what}: this process still holds a tensor view of it (a stale view would read freed "
@@ -123,7 +123,7 @@ class Allocation:
         with _on(device):
             _call("cuMemAlloc_v2", ctypes.byref(ptr), ctypes.c_size_t(nbytes))
         self.ptr = int(ptr.value)
-        self.tensor, self._alive = _view(self.ptr, nbytes)
+        self.tensor, self._alive = view_of(self.ptr, nbytes)
 
     def ipc_handle(self) -> bytes:
         """The handle any other process opens with ``Imported`` (one for all of them, for as long as we live)."""
@@ -137,7 +137,7 @@ class Allocation:
         if self.ptr == 0:
             return
         self.__dict__.pop("tensor", None)
-        _no_views(self._alive, f"the CUDA allocation at {self.ptr:#x}")
+        check_no_views(self._alive, f"the CUDA allocation at {self.ptr:#x}")
         with _on(self.device):  # queued work on it ends first
             _call("cuMemFree_v2", _PTR(self.ptr))
         self.ptr = 0
@@ -156,13 +156,13 @@ class Imported:
                 "cuIpcOpenMemHandle_v2", ctypes.byref(ptr), _IpcHandle(handle), ctypes.c_uint(_LAZY_ENABLE_PEER_ACCESS)
             )
         self.ptr = int(ptr.value)
-        self.tensor, self._alive = _view(self.ptr, nbytes)
+        self.tensor, self._alive = view_of(self.ptr, nbytes)
 
     def close(self) -> None:
         if self.ptr == 0:
             return
         self.__dict__.pop("tensor", None)
-        _no_views(self._alive, f"the CUDA IPC mapping at {self.ptr:#x}")
+        check_no_views(self._alive, f"the CUDA IPC mapping at {self.ptr:#x}")
         with _on(self.device):  # our queued work on it ends before it is unmapped
             _call("cuIpcCloseMemHandle", _PTR(self.ptr))
         self.ptr = 0
