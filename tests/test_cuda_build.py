@@ -5,6 +5,9 @@ package directory and refuses bad input before issuing anything. Skipped where n
 from __future__ import annotations
 
 import ctypes
+import importlib.util
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -218,3 +221,164 @@ def test_copy_runs_refuses_mismatched_or_pageable_pools() -> None:
         cudaext.copy_runs(_pool(8).transpose(3, 4), _pool(4), ok, 0)
     with pytest.raises(ValueError, match="not pinned"):
         cudaext.copy_runs(_pool(8), _pool(4), ok, 0)
+
+
+# With a stand-in libcuda.so.1 (tests/cuda_stand_in_driver.c, recording every call) in a child process: what the
+# library asks the driver for and which calls it issues, checked here without a GPU.
+
+TESTS = Path(__file__).resolve().parent
+ENTRY_VERSIONS = {
+    "cuInit": 2000,
+    "cuGetErrorName": 6000,
+    "cuGetErrorString": 6000,
+    "cuCtxGetDevice": 2000,  # the one-argument ABI; 13.0's has two
+    "cuDeviceGetAttribute": 2000,
+    "cuMemcpy2DAsync": 3020,  # cuMemcpy2DAsync_v2
+    "cuMemcpyAsync": 4000,
+    **dict.fromkeys(
+        (
+            "cuMemGetAllocationGranularity",
+            "cuMemAddressReserve",
+            "cuMemAddressFree",
+            "cuMemCreate",
+            "cuMemRelease",
+            "cuMemMap",
+            "cuMemUnmap",
+            "cuMemSetAccess",
+            "cuMemExportToShareableHandle",
+            "cuMemImportFromShareableHandle",
+        ),
+        10020,
+    ),
+}
+LEGACY_STREAM = 1  # CU_GET_PROC_ADDRESS_LEGACY_STREAM
+# mpkv_copy_runs(0x10000000, 8 blocks, 0x20000000, 16 blocks, 4 planes, 512 bytes, runs (1, 3, 2), (7, 0, 1)):
+TWO_D = [
+    "cuMemcpy2DAsync types=4,4 src=20000600+0,0 spitch=8192 dst=10000200+0,0 dpitch=4096 w=1024 h=4 stream=abc",
+    "cuMemcpy2DAsync types=4,4 src=20000000+0,0 spitch=8192 dst=10000e00+0,0 dpitch=4096 w=512 h=4 stream=abc",
+]
+PLANE_BY_PLANE = [
+    f"cuMemcpyAsync dst={0x10000000 + p * 4096 + d * 512:x} src={0x20000000 + p * 8192 + s * 512:x} n={n * 512} "
+    "stream=abc"
+    for d, s, n in ((1, 3, 2), (7, 0, 1))
+    for p in range(4)
+]
+
+
+@pytest.fixture(scope="module")
+def stand_in(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = importlib.util.spec_from_file_location("mpkv_cuda_build", ROOT / "cuda" / "build.py")
+    assert spec is not None and spec.loader is not None
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    out = tmp_path_factory.mktemp("stand_in")
+    subprocess.run(
+        ["gcc", "-O2", "-shared", "-fPIC", "-std=c11", "-Wall", "-Wextra", "-Werror", f"-I{build.find_include()}"]
+        + [str(TESTS / "cuda_stand_in_driver.c"), "-o", str(out / "libcuda.so.1")],
+        check=True,
+        timeout=60,
+    )
+    return out
+
+
+def _with_stand_in(
+    built: Path, stand_in: Path, scenario: str, mode: str = "", max_pitch: int = 2**31 - 1
+) -> tuple[dict, list[str], dict[str, tuple[int, int]]]:
+    """(what the calls returned, the driver calls but the lookups, {name: (version, flags)} of the lookups)."""
+    log = stand_in / f"log.{scenario}.{mode.replace(':', '_')}.{max_pitch}"
+    log.unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": str(stand_in),
+        "STAND_IN_LOG": str(log),
+        "STAND_IN_MODE": mode,
+        "STAND_IN_MAX_PITCH": str(max_pitch),
+    }
+    done = subprocess.run(
+        [sys.executable, str(TESTS / "cuda_stand_in.py"), str(built), scenario],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = log.read_text().splitlines()
+    lookups = {}
+    for line in lines:
+        if line.startswith("cuGetProcAddress_v2 "):
+            _, name, version, flags = line.split()
+            lookups[name] = (int(version), int(flags))
+    return json.loads(done.stdout), [x for x in lines if not x.startswith("cuGetProcAddress_v2 ")], lookups
+
+
+def test_entry_points_are_asked_for_by_the_version_of_their_abi(built: Path, stand_in: Path) -> None:
+    returned, calls, lookups = _with_stand_in(built, stand_in, "copy")
+    assert returned == {"copy": 0}
+    assert lookups == {name: (version, LEGACY_STREAM) for name, version in ENTRY_VERSIONS.items()}
+    assert calls == ["cuInit 0", "cuCtxGetDevice", "cuDeviceGetAttribute 11 0", *TWO_D]  # 11: MAX_PITCH
+
+
+def test_without_cuGetProcAddress_the_exported_abi_names_are_used(built: Path, stand_in: Path) -> None:
+    returned, calls, lookups = _with_stand_in(built, stand_in, "copy", mode="nogpa")
+    assert returned == {"copy": 0} and set(lookups) == set(ENTRY_VERSIONS)
+    assert calls == ["cuInit 0", "cuCtxGetDevice", "cuDeviceGetAttribute 11 0", *TWO_D]
+
+
+def test_a_plane_stride_over_the_pitch_limit_goes_plane_by_plane(built: Path, stand_in: Path) -> None:
+    returned, calls, _ = _with_stand_in(built, stand_in, "copy", max_pitch=4096)  # the source's is 8192
+    assert returned == {"copy": 0}
+    assert calls == ["cuInit 0", "cuCtxGetDevice", "cuDeviceGetAttribute 11 0", *PLANE_BY_PLANE]
+
+
+def test_a_refused_2d_copy_is_issued_plane_by_plane(built: Path, stand_in: Path) -> None:
+    returned, calls, _ = _with_stand_in(built, stand_in, "copy", mode="refuse2d")
+    assert returned == {"copy": 0}
+    assert calls == ["cuInit 0", "cuCtxGetDevice", "cuDeviceGetAttribute 11 0", TWO_D[0], *PLANE_BY_PLANE]
+
+
+@pytest.mark.parametrize(
+    ("scenario", "mode", "steps"),
+    [
+        ("create", "", "Create Map SetAccess Export | Unmap Release"),
+        ("create", "fail:cuMemCreate", "Create"),
+        ("create", "fail:cuMemMap", "Create Map Release"),
+        ("create", "fail:cuMemSetAccess", "Create Map SetAccess Unmap Release"),
+        ("create", "fail:cuMemExportToShareableHandle", "Create Map SetAccess Export Unmap Release"),
+        ("import", "", "Import Map SetAccess | Unmap Release"),
+        ("import", "fail:cuMemImportFromShareableHandle", "Import"),
+        ("import", "fail:cuMemMap", "Import Map Release"),
+        ("import", "fail:cuMemSetAccess", "Import Map SetAccess Unmap Release"),
+    ],
+)
+def test_vmm_steps_and_their_unwinding(built: Path, stand_in: Path, scenario: str, mode: str, steps: str) -> None:
+    returned, calls, _ = _with_stand_in(built, stand_in, scenario, mode=mode)
+    short = {
+        "cuMemCreate": "Create",
+        "cuMemMap": "Map",
+        "cuMemSetAccess": "SetAccess",
+        "cuMemExportToShareableHandle": "Export",
+        "cuMemImportFromShareableHandle": "Import",
+        "cuMemUnmap": "Unmap",
+        "cuMemRelease": "Release",
+    }
+    done = [short[c.split()[0]] for c in calls if c.split()[0] in short]
+    ok = not mode
+    expected = steps.replace("| ", "").split()  # "|": where the mpkv call returned, before unmap_and_release
+    assert done == expected, calls
+    assert calls[:3] == [
+        "cuInit 0",
+        "cuMemGetAllocationGranularity type=1 handles=1 loc=1:0 option=1",  # pinned, POSIX fd, device 0, RECOMMENDED
+        "cuMemAddressReserve size=4194304 align=0 addr=0 flags=0",
+    ]
+    assert calls[-1] == "cuMemAddressFree 7f0000000000 4194304"
+    if scenario == "create":
+        assert "cuMemCreate size=4194304 type=1 handles=1 loc=1:1 flags=0" in calls
+        status, handle, fd = returned["create"]
+        assert (status, handle) == ((0, 0x1234) if ok else (2, 0)) and (fd >= 0) == ok
+    else:
+        assert "cuMemImportFromShareableHandle fd=42 type=1" in calls
+        assert tuple(returned["import"]) == ((0, 0x5678) if ok else (2, 0))
+    if "SetAccess" in done:
+        assert "cuMemSetAccess 7f0000000000 4194304 loc=1:1 flags=3 n=1" in calls  # read-write for device 1
+    assert returned["error"] == ("no error" if ok else "CUDA_ERROR_OUT_OF_MEMORY: out of memory")
+    assert returned.get("release", 0) == 0 and returned["unreserve"] == 0
