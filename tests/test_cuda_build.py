@@ -21,6 +21,8 @@ import torch
 from mpkv import cudaext
 from mpkv.errors import MpkvError
 
+# One worker builds the library once for the module (the build fixture is module-scoped).
+pytestmark = pytest.mark.xdist_group("cuda_build")
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY_POINTS = {
     "mpkv_cuda_error",
