@@ -100,7 +100,7 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from mpkv.bench import ipc, lifecycle, model, pd, weights
+    from mpkv.bench import gpu, ipc, lifecycle, model, pd, weights
 
     runners: dict[str, Callable[[argparse.Namespace], int]] = {
         "model": model.main,
@@ -109,6 +109,7 @@ def _bench(args: argparse.Namespace) -> int:
         "rl": lifecycle.main,
         "swap": lifecycle.main,
         "weights": weights.main,
+        "gpu": gpu.main,
     }
     return runners[args.what](args)
 
@@ -423,12 +424,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks, side by side with baselines, as ratio tables")
     b.add_argument(
         "what",
-        choices=["ipc", "rl", "swap", "pd", "model", "weights"],
+        choices=["ipc", "rl", "swap", "pd", "model", "weights", "gpu"],
         help="ipc: ring latency/throughput vs mp.Queue, Pipe, faster-fifo, ZeroMQ; rl: clear/restore cycle vs its "
         "floor at TP=1/2/4; swap: swap bytes/s vs memcpy; pd: prefill->decode time to KV-ready, layer-wise vs "
         "prefill alone vs send-after-prefill; model: a Llama checkpoint's prefill and decode tokens/s through "
         "instances at TP=1/2 and prefill->decode vs transformers' generate; weights: publish and load of 50M/200M "
-        "bf16 weights vs memcpy, and an RL step split into its parts",
+        "bf16 weights vs memcpy, and an RL step split into its parts; gpu: the cuda path on a real GPU as one table "
+        "(tools/gpu-check)",
     )
     b.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run, not for the record)")
     b.add_argument("--json", metavar="FILE", help="also write the raw results as JSON (default: not written)")

@@ -49,13 +49,15 @@ def launch_args(
     tp: int | None = None,
     role: str | None = None,
     backend: str | None = None,
-    **geometry: int | str,
+    **geometry: int | str | bool,
 ) -> list[str]:
     """The command line of `mpkv launch --json` for these settings (``geometry``: CacheConfig fields, e.g.
     ``device_blocks=64``, ``pool_owner="transfer"``); None leaves the launcher's default."""
     args = [sys.executable, "-m", "mpkv.cli", "launch", "--name", name, "--json"]
     for flag, value in (("tp", tp), ("role", role), ("backend", backend), *geometry.items()):
-        if value is not None:
+        if value is True:  # a switch (stable_addresses)
+            args.append(f"--{flag.replace('_', '-')}")
+        elif value is not None and value is not False:
             args += [f"--{flag.replace('_', '-')}", str(value)]
     return args
 
@@ -331,7 +333,7 @@ def launch(
     *,
     env: dict[str, str] | None = None,
     ready_timeout_s: float = READY_TIMEOUT_S,
-    **geometry: int | str,
+    **geometry: int | str | bool,
 ) -> Iterator[LaunchedInstance]:
     """Start instance ``name`` (`mpkv launch` in a child process), yield it once ready, tear it down on exit,
     whatever the body did::
