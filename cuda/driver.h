@@ -5,7 +5,8 @@
  * (PFN_<name>_v<cuda version that introduced that ABI>); the version is what cuGetProcAddress is asked for.
  * Asking with the header's CUDA_VERSION instead would be wrong twice: a 13.0 header asks a 12.x driver for a
  * version it does not have (CUDA_ERROR_INVALID_VALUE), and for functions whose signature changed (cuCtxGetDevice
- * took a context argument in 13.0) it returns the new ABI while we call the old one. */
+ * has a 13.0 ABI with a context argument, PFN_cuCtxGetDevice_v13000) it returns the new ABI while we call the
+ * old one. */
 #ifndef MPKV_CUDA_DRIVER_H
 #define MPKV_CUDA_DRIVER_H
 

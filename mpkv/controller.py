@@ -116,7 +116,6 @@ class Controller:
         self._release: Callable[[], object] = lambda: None
         self._fences: dict[Role, SignalWriter[Cmd]] = {}
         self._publisher: Publisher | None = None
-        self._gpu_floor: dict[int, int] = {}  # cuda: each actor's NVML figure (by pid) after the last device clear
 
     def _claim(self) -> tuple[SignalWriter[Cmd], SignalWriter[Cmd], SignalWriter[WaitKind]]:
         """Become the one writer of the command block, at the first command (``status`` needs no claim)."""
@@ -578,8 +577,8 @@ class Controller:
         return {who: (pid, got.get(pid)) for who, pid in pids.items()}
 
     def _check_gpu_release(self, res: StepResult, before: dict[str, tuple[int, int | None]], device: bool) -> None:
-        """cuda: each actor's NVML figures before and after the clear go in ``res``; after a device clear, a
-        process still holding the pool (or more than after the previous clear) is a MemoryHeld naming it."""
+        """cuda: each actor's NVML figures before and after the clear go in ``res``; after a device clear, an owner
+        still holding its pool (or a process holding more than before) is a MemoryHeld naming it."""
         from mpkv.gpumem import GpuMemory
         from mpkv.pool.release import Figures, leftovers
 
@@ -589,11 +588,7 @@ class Controller:
         if not device:
             return
         owners = {actor_name(pool_owner(self.cfg), rank) for rank in range(self.cfg.tp)}
-        figures = [
-            Figures(who, pid, b, after[who][1], self._gpu_floor.get(pid), who in owners)
-            for who, (pid, b) in before.items()
-        ]
-        self._gpu_floor = {pid: a for (pid, a) in after.values() if a is not None}
+        figures = [Figures(who, pid, b, after[who][1], who in owners) for who, (pid, b) in before.items()]
         held = leftovers(figures, self.cfg.pool_bytes(self.cfg.device_blocks))
         if held:
             raise MemoryHeld(f"{res.command}@{res.epoch} of {self.name} was acknowledged, but " + "; ".join(held))

@@ -137,7 +137,7 @@ def device_pool(rank: int, epoch: int) -> str:
 
 def vmm_socket(instance: str, run_id: str, rank: int, epoch: int) -> str:
     """The abstract unix socket on which a stable-address pool's owner hands its memory's file descriptor to the
-    attachers (mpkv.pool.vmm): gone with its last descriptor (kill -9 included), unguessable (``unique``)."""
+    attachers (mpkv.pool.vmm): gone with its last descriptor (kill -9 included); both ends check the other's uid."""
     return "\0" + object_name(instance, run_id, unique(f"vmm.r{rank}.e{epoch}")).lstrip("/")
 
 

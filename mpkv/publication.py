@@ -330,6 +330,13 @@ class Publisher:
             self.inst.registry.remove(old)
         return done
 
+    def _loads_in_flight(self) -> bool:
+        from mpkv.handshake import step_done
+        from mpkv.status import settled
+
+        cmd, statuses, _, _ = settled(self.inst)
+        return not step_done(cmd, statuses)
+
     def _drop(self, slot: int) -> None:
         bufs = self._mine.pop(slot, None)
         if bufs is not None:
@@ -347,8 +354,14 @@ class Publisher:
 
     def close(self) -> None:
         """Keep every complete publication (the instance may reload it); let go of our buffers otherwise. A cuda
-        publication cannot outlive us: its memory is ours."""
+        publication cannot outlive us: its memory is ours. While a step is unacknowledged a worker may still be
+        copying out of it (a restore that timed out): then its memory stays allocated until this process exits,
+        rather than being freed under a live import (which the driver leaves undefined)."""
         record = self.inst.read_weights()
+        if self.backend == "cuda" and self._loads_in_flight():
+            for bufs in self._mine.values():
+                bufs.device.clear()  # not freed: dropped with this process
+                bufs.tensors.clear()
         if self.backend == "cuda":  # our memory: the slots must not name it once we are gone
             gone = [k for k, b in self._mine.items() if record.slots[k].buffers == b.id]
             for k in gone:
@@ -493,20 +506,29 @@ class OpenPublication:
         raw = self._buckets[s.bucket][s.offset : s.offset + s.nbytes]
         return raw.view(getattr(torch, s.dtype)).view(s.shape)
 
-    def close(self) -> None:
+    def close(self, check_views: bool = True) -> None:
+        """Unmap everything, every mapping even if one fails (the first failure is raised after). ``check_views``:
+        refuse to unmap cuda memory a view of which this process still holds (off while an error propagates: its
+        traceback may hold views nobody will use again)."""
         self._buckets = []
+        imported, self._imported = self._imported, []
+        failed: BaseException | None = None
+        for mem in imported:
+            try:
+                mem.close(check_views)
+            except BaseException as e:
+                failed = failed or e
         for seg in self._segments:
             seg.close()
         self._segments = []
-        for mem in self._imported:  # the caller's views of it are gone (it copied out of them)
-            mem.close()
-        self._imported = []
+        if failed is not None:
+            raise failed
 
     def __enter__(self) -> OpenPublication:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(check_views=exc_type is None)
 
 
 class BucketMaps:

@@ -13,7 +13,28 @@ DST, SRC = 0x10000000, 0x20000000
 RUNS = ((1, 3, 2), (7, 0, 1))  # destination plane: 8 blocks of 512 bytes; source plane: 16 blocks
 
 
+def ipc() -> dict[str, object]:
+    """mpkv.pool.cuda_driver's calls (ctypes, the driver's exported names): allocate, export, open, close, free."""
+    from mpkv.errors import MpkvError
+    from mpkv.pool import cuda_driver as d
+
+    out: dict[str, object] = {}
+    try:
+        ptr = d.mem_alloc(1 << 20)
+        handle = d.ipc_handle_of(ptr)
+        out |= {"ptr": ptr, "handle": handle.hex(), "device": d.context_device()}
+        out["imported"] = d.ipc_open(handle)
+        d.ipc_close(out["imported"])  # type: ignore[arg-type]
+        d.mem_free(ptr)
+    except MpkvError as e:
+        out["error"] = str(e)
+    return out
+
+
 def main() -> None:
+    if sys.argv[2] == "ipc":
+        print(json.dumps(ipc()))
+        return
     lib = ctypes.CDLL(sys.argv[1])
     lib.mpkv_cuda_error.argtypes, lib.mpkv_cuda_error.restype = [ctypes.c_int], ctypes.c_char_p
     out: dict[str, object] = {}

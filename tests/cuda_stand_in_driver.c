@@ -98,6 +98,29 @@ CUresult cuMemImportFromShareableHandle(CUmemGenericAllocationHandle *h, void *o
     return result("cuMemImportFromShareableHandle");
 }
 
+/* The CUDA IPC calls mpkv/pool/cuda_driver.py makes through ctypes (by their exported names, no cuGetProcAddress):
+ * the handle's bytes start with a NUL and cover every value a byte takes in it, so a marshalling that stops at a
+ * NUL or reorders bytes shows in the log of the open. */
+#define ALLOC_PTR 0x7e0000000000ull
+#define IMPORT_PTR 0x7e1000000000ull
+CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) { say("cuMemAlloc_v2 %zu", n); *p = ALLOC_PTR; return result("cuMemAlloc_v2"); }
+CUresult cuMemFree_v2(CUdeviceptr p) { say("cuMemFree_v2 %llx", U(p)); return result("cuMemFree_v2"); }
+CUresult cuIpcGetMemHandle(CUipcMemHandle *h, CUdeviceptr p) {
+    for (int i = 0; i < CU_IPC_HANDLE_SIZE; i++)
+        h->reserved[i] = (char)((p & 0xff) + i * 37);
+    say("cuIpcGetMemHandle %llx", U(p));
+    return result("cuIpcGetMemHandle");
+}
+CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *p, CUipcMemHandle h, unsigned int flags) {
+    char hex[2 * CU_IPC_HANDLE_SIZE + 1];
+    for (int i = 0; i < CU_IPC_HANDLE_SIZE; i++)
+        snprintf(hex + 2 * i, 3, "%02x", (unsigned char)h.reserved[i]);
+    say("cuIpcOpenMemHandle_v2 %s flags=%u", hex, flags);
+    *p = IMPORT_PTR;
+    return result("cuIpcOpenMemHandle_v2");
+}
+CUresult cuIpcCloseMemHandle(CUdeviceptr p) { say("cuIpcCloseMemHandle %llx", U(p)); return result("cuIpcCloseMemHandle"); }
+
 struct row { const char *name; void *fn; };
 #define ROW(name, fn) {name, (void *)fn}
 static const struct row rows[] = {

@@ -19,7 +19,9 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here"),
 ]
 
-CFG = CacheConfig(layers=2, kv_heads=2, head_dim=16, block_size=8, device_blocks=32, host_blocks=32, backend="cuda")
+# 64 MiB pools: large enough that NVML's figures show them come and go (small allocations may share pages the
+# driver keeps)
+CFG = CacheConfig(layers=2, kv_heads=2, head_dim=16, block_size=8, device_blocks=32768, host_blocks=32, backend="cuda")
 
 
 def _attach_and_write(handle_bytes: bytes, value: float, conn) -> None:  # type: ignore[no-untyped-def]
@@ -77,7 +79,7 @@ def test_cuda_instance_cycles_and_swaps(instance: str, owner: str, stable: bool)
     if stable and cudaext.missing():
         pytest.skip(cudaext.missing())
     gen = np.random.default_rng(0)
-    extra: dict[str, str | bool] = {"backend": "cuda", "stable_addresses": stable}
+    extra: dict[str, str | bool | int] = {"backend": "cuda", "stable_addresses": stable, "device_blocks": 16384}
     with Launched(instance, tp=1, owner=owner, **extra), Controller(instance) as ctl, Client(instance) as client:
         wv = ctl.weight_version
         for _ in range(3):

@@ -384,3 +384,26 @@ def test_vmm_steps_and_their_unwinding(built: Path, stand_in: Path, scenario: st
         assert "cuMemSetAccess 7f0000000000 4194304 loc=1:1 flags=3 n=1" in calls  # read-write for device 1
     assert returned["error"] == ("no error" if ok else "CUDA_ERROR_OUT_OF_MEMORY: out of memory")
     assert returned.get("release", 0) == 0 and returned["unreserve"] == 0
+
+
+# mpkv/pool/cuda_driver.py's own ctypes calls (the default cuda path's pool), on the same stand-in.
+HANDLE = bytes((i * 37) % 256 for i in range(64))  # what the stand-in's cuIpcGetMemHandle writes for its pointer
+
+
+def test_the_ipc_handle_reaches_the_driver_byte_for_byte(built: Path, stand_in: Path) -> None:
+    returned, calls, _ = _with_stand_in(built, stand_in, "ipc")
+    assert returned == {"ptr": 0x7E0000000000, "handle": HANDLE.hex(), "device": 0, "imported": 0x7E1000000000}
+    assert calls == [
+        "cuMemAlloc_v2 1048576",
+        "cuIpcGetMemHandle 7e0000000000",
+        "cuCtxGetDevice",
+        f"cuIpcOpenMemHandle_v2 {HANDLE.hex()} flags=1",  # 1: CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
+        "cuIpcCloseMemHandle 7e1000000000",
+        "cuMemFree_v2 7e0000000000",
+    ]
+
+
+def test_a_failed_driver_call_is_an_error_naming_it(built: Path, stand_in: Path) -> None:
+    returned, calls, _ = _with_stand_in(built, stand_in, "ipc", mode="fail:cuIpcOpenMemHandle_v2")
+    assert returned["error"] == "cuIpcOpenMemHandle_v2 failed: out of memory (CUresult 2)"
+    assert calls[-1].startswith("cuIpcOpenMemHandle_v2 ")

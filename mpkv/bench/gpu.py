@@ -349,15 +349,31 @@ def check_tests(timeout_s: float = 300) -> tuple[str, str]:
         done = subprocess.run(cmd, cwd=tests.parent, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return f"pytest -m gpu did not finish within {timeout_s:g} s", "FAIL"
-    print(done.stdout[-6000:], done.stderr[-2000:], sep="\n", flush=True)  # the details above the table
     lines = [line for line in done.stdout.splitlines() if line.strip()]
-    return (lines[-1] if lines else f"pytest said nothing (exit {done.returncode})"), (
-        "PASS" if done.returncode == 0 else "FAIL"
-    )
+    summary = lines[-1] if lines else f"pytest said nothing (exit {done.returncode})"
+    if done.returncode == 0:
+        return summary, "PASS"
+    print(done.stdout[-8000:], done.stderr[-2000:], sep="\n", file=sys.stderr, flush=True)  # the details, aside
+    failed = [line.removeprefix("FAILED ").split(" - ")[0] for line in lines if line.startswith(("FAILED", "ERROR"))]
+    return f"{summary}: {', '.join(failed[:6])} (output on stderr)", "FAIL"
 
 
-def run_all(base: str) -> list[Row]:
-    rows: list[Row] = [_row("gpu tests (pytest -m gpu)", "all pass", check_tests)]
+class Table(list[Row]):
+    """The rows so far; each is printed as it comes (a run cut short still shows what it measured)."""
+
+    HEAD = ("| check | result | target | verdict | s |", "|---|---|---|---|---|")
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        print(self.line(row), flush=True)
+
+    @staticmethod
+    def line(r: Row) -> str:
+        return f"| {r.check} | {r.result} | {r.target} | {r.verdict} | {r.seconds:.0f} |"
+
+
+def run_all(base: str, rows: Table) -> None:
+    rows.append(_row("gpu tests (pytest -m gpu)", "all pass", check_tests))
     name = f"{base}-pool"
     try:
         with _launched(name, POOL) as inst:
@@ -369,12 +385,11 @@ def run_all(base: str) -> list[Row]:
                 _row("clear frees per NVML, every process", "within 64 MiB of pre-pool", lambda: check_clear(name))
             )
             rows.append(_row("100 clear/restore cycles", "0 B growth", lambda: check_cycles(name, actors)))
-            t0 = time.monotonic()
             try:
-                rows += check_swap(name)
+                for row in check_swap(name):
+                    rows.append(row)
             except Exception as e:
                 rows.append(Row("swap", f"error: {type(e).__name__}: {e}"[:300], ">= 0.9x pinned copy", "FAIL"))
-            rows[-1].seconds = time.monotonic() - t0
     except Exception as e:  # the instance did not start: say so once, go on with the rest
         rows.append(Row("cuda instance (TP=1, 1 GiB pool)", f"error: {type(e).__name__}: {e}"[:300], "starts", "FAIL"))
     rows.append(
@@ -382,13 +397,6 @@ def run_all(base: str) -> list[Row]:
     )
     rows.append(_row("real model generation on GPU", "equal to transformers", lambda: check_model(f"{base}-m")))
     rows.append(_row("--stable-addresses: CUDA graph after 100 cycles", "same output", lambda: check_graph(base)))
-    return rows
-
-
-def table(rows: list[Row]) -> list[str]:
-    out = ["| check | result | target | verdict | s |", "|---|---|---|---|---|"]
-    out += [f"| {r.check} | {r.result} | {r.target} | {r.verdict} | {r.seconds:.0f} |" for r in rows]
-    return out
 
 
 def header() -> str:
@@ -410,9 +418,14 @@ def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         print("no GPU: nothing to check")
         return 0
-    from mpkv.bench import emit
+    import json
 
-    print(header(), flush=True)
-    rows = run_all(f"gpucheck-{os.getpid()}")
-    emit(table(rows), {"rows": [r.__dict__ for r in rows]}, args.json)
+    print(header(), *Table.HEAD, sep="\n", flush=True)
+    rows = Table()
+    try:
+        run_all(f"gpucheck-{os.getpid()}", rows)
+    finally:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"rows": [r.__dict__ for r in rows]}, f, indent=2)
     return 1 if any(r.verdict == "FAIL" for r in rows) else 0

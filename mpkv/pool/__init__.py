@@ -32,6 +32,7 @@ class PoolHandle(msgspec.Struct, frozen=True):
     nbytes: int
     name: str = ""  # cpu: the shm segment's full name (it has a random part: attachers cannot derive it); cuda-vmm:
     # the abstract socket that hands out the memory's file descriptor (mpkv.pool.vmm)
+    space: str = ""  # cuda-vmm: the pool's identity across epochs; a process maps each at one address for its life
     cuda: bytes = b""  # cuda: the allocation's CUDA IPC handle (every attacher and link opens this one)
 
 

@@ -47,7 +47,7 @@ def copy_blocks(
     stream = torch.cuda.current_stream(device)
     import mpkv.cudaext as cudaext
 
-    if not cudaext.missing():
+    if not cudaext.missing() and all(t.is_cuda or t.is_pinned() for t in (dst, src)):  # DMA needs pinned host memory
         from mpkv.pool.runs import merge_runs
 
         cudaext.copy_runs(dst, src, merge_runs(dst_ids, src_ids), stream.cuda_stream)
@@ -56,5 +56,6 @@ def copy_blocks(
         d = torch.as_tensor(np.asarray(dst_ids, dtype=np.int64), device=dst.device)
         staged = src.index_select(2, s)  # one gather on the source's device
         dst.index_copy_(2, d, staged.to(dst.device, non_blocking=False))
-    if complete:
-        stream.synchronize()
+    if complete:  # both GPUs' streams, where two are involved (a PD copy between two devices)
+        for gpu in {t.device for t in (dst, src) if t.device.type == "cuda"}:
+            torch.cuda.current_stream(gpu).synchronize()

@@ -35,10 +35,15 @@ class CudaPool:
     def __init__(self, cfg: CacheConfig, rank: int, epoch: int, wv: int) -> None:
         nbytes = cfg.pool_bytes(cfg.device_blocks)
         self._mem = Allocation(nbytes, device_for(rank))
-        self._mem.tensor.zero_()
-        torch.cuda.synchronize(self._mem.device)  # zeroed before any other process maps it
-        self.tensor = self._mem.tensor.view(cfg.torch_dtype).view(cfg.pool_shape(cfg.device_blocks))
-        self._handle = PoolHandle("cuda", rank, epoch, wv, nbytes, cuda=self._mem.ipc_handle())
+        try:
+            self._mem.tensor.zero_()
+            torch.cuda.synchronize(self._mem.device)  # zeroed before any other process maps it
+            self.tensor = self._mem.tensor.view(cfg.torch_dtype).view(cfg.pool_shape(cfg.device_blocks))
+            self._handle = PoolHandle("cuda", rank, epoch, wv, nbytes, cuda=self._mem.ipc_handle())
+        except BaseException:
+            self.__dict__.pop("tensor", None)
+            self._mem.free(check_views=False)
+            raise
 
     def handle(self) -> PoolHandle:
         return self._handle

@@ -25,8 +25,8 @@ Tensors over this memory come from ``torch.as_tensor`` of an object with ``__cud
 that object alive while any view of it lives, so ``free``/``close`` can tell a view is still held and refuse (as the
 cpu pool refuses to unmap under a view) rather than unmap memory that a tensor still points at.
 
-Driver calls act on the calling thread's current context: ``_on(device)`` makes the device current (torch then
-creates its primary context if it has none, as it does for its own allocations) and checks which one it got.
+Driver calls act on the calling thread's current context: ``on_device(device)`` makes the device current (torch
+then creates its primary context if it has none, as it does for its own allocations) and checks which one it got.
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
-
-import torch
+from typing import TYPE_CHECKING
 
 from mpkv.errors import MpkvError
+
+if TYPE_CHECKING:
+    import torch
 
 IPC_HANDLE_BYTES = 64  # CU_IPC_HANDLE_SIZE
 _LAZY_ENABLE_PEER_ACCESS = 1  # CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS: an importer on another GPU maps it by peer access
@@ -81,16 +83,56 @@ def _call(name: str, *args: object) -> None:
         raise MpkvError(f"{name} failed: {(text.value or b'unknown error').decode()} (CUresult {status})")
 
 
+# -- the driver calls, on the current context (no torch here: tests/test_cuda_driver.py runs them on a stand-in) ----
+
+
+def mem_alloc(nbytes: int) -> int:
+    ptr = _PTR()
+    _call("cuMemAlloc_v2", ctypes.byref(ptr), ctypes.c_size_t(nbytes))
+    return int(ptr.value)
+
+
+def mem_free(ptr: int) -> None:
+    _call("cuMemFree_v2", _PTR(ptr))
+
+
+def ipc_handle_of(ptr: int) -> bytes:
+    handle = _IpcHandle()
+    _call("cuIpcGetMemHandle", ctypes.byref(handle), _PTR(ptr))
+    return bytes(handle.reserved)
+
+
+def ipc_open(handle: bytes) -> int:
+    if len(handle) != IPC_HANDLE_BYTES:
+        raise MpkvError(f"a CUDA IPC handle is {IPC_HANDLE_BYTES} bytes, this one {len(handle)}")
+    ptr = _PTR()
+    flags = ctypes.c_uint(_LAZY_ENABLE_PEER_ACCESS)
+    _call("cuIpcOpenMemHandle_v2", ctypes.byref(ptr), _IpcHandle.from_buffer_copy(handle), flags)
+    return int(ptr.value)
+
+
+def ipc_close(ptr: int) -> None:
+    _call("cuIpcCloseMemHandle", _PTR(ptr))
+
+
+def context_device() -> int:
+    current = ctypes.c_int(-1)
+    _call("cuCtxGetDevice", ctypes.byref(current))
+    return current.value
+
+
+# -- with torch --------------------------------------------------------------------------------------------------
+
+
 @contextmanager
-def _on(device: torch.device) -> Iterator[None]:
+def on_device(device: torch.device) -> Iterator[None]:
+    """Run driver calls in ``device``'s primary context, after the work queued on it ended."""
+    import torch
+
     with torch.cuda.device(device):
-        torch.cuda.synchronize(
-            device
-        )  # creates the device's primary context if torch has not yet, and makes it current
-        current = ctypes.c_int(-1)
-        _call("cuCtxGetDevice", ctypes.byref(current))
-        if current.value != device.index:
-            raise MpkvError(f"the current CUDA context is on device {current.value}, not on {device}")
+        torch.cuda.synchronize(device)  # creates the primary context if torch has not yet; it is current now
+        if context_device() != device.index:
+            raise MpkvError(f"the current CUDA context is on device {context_device()}, not on {device}")
         yield
 
 
@@ -102,6 +144,8 @@ class _Memory:
 
 
 def view_of(ptr: int, nbytes: int) -> tuple[torch.Tensor, weakref.ref[_Memory]]:
+    import torch
+
     mem = _Memory(ptr, nbytes)
     return torch.as_tensor(mem), weakref.ref(mem)  # on the device the memory is on (torch asks the driver)
 
@@ -119,27 +163,30 @@ class Allocation:
 
     def __init__(self, nbytes: int, device: torch.device) -> None:
         self.device, self.nbytes = device, nbytes
-        ptr = _PTR()
-        with _on(device):
-            _call("cuMemAlloc_v2", ctypes.byref(ptr), ctypes.c_size_t(nbytes))
-        self.ptr = int(ptr.value)
-        self.tensor, self._alive = view_of(self.ptr, nbytes)
+        with on_device(device):
+            self.ptr = mem_alloc(nbytes)
+        try:
+            self.tensor, self._alive = view_of(self.ptr, nbytes)
+        except BaseException:
+            with on_device(device):
+                mem_free(self.ptr)
+            raise
 
     def ipc_handle(self) -> bytes:
         """The handle any other process opens with ``Imported`` (one for all of them, for as long as we live)."""
-        handle = _IpcHandle()
-        with _on(self.device):
-            _call("cuIpcGetMemHandle", ctypes.byref(handle), _PTR(self.ptr))
-        return bytes(handle.reserved)
+        with on_device(self.device):
+            return ipc_handle_of(self.ptr)
 
-    def free(self) -> None:
-        """Give the memory back to the device. Every importer must have closed it first (the handshake's order)."""
+    def free(self, check_views: bool = True) -> None:
+        """Give the memory back to the device. Every importer must have closed it first (the handshake's order).
+        ``check_views=False``: a failure is propagating whose traceback may still hold views nobody will use."""
         if self.ptr == 0:
             return
         self.__dict__.pop("tensor", None)
-        check_no_views(self._alive, f"the CUDA allocation at {self.ptr:#x}")
-        with _on(self.device):  # queued work on it ends first
-            _call("cuMemFree_v2", _PTR(self.ptr))
+        if check_views:
+            check_no_views(self._alive, f"the CUDA allocation at {self.ptr:#x}")
+        with on_device(self.device):  # queued work on it ends first
+            mem_free(self.ptr)
         self.ptr = 0
 
 
@@ -147,24 +194,25 @@ class Imported:
     """Another process's ``Allocation``, mapped into this one by its IPC handle, as ``tensor``; ``close`` unmaps."""
 
     def __init__(self, handle: bytes, nbytes: int, device: torch.device) -> None:
-        if len(handle) != IPC_HANDLE_BYTES:
-            raise MpkvError(f"a CUDA IPC handle is {IPC_HANDLE_BYTES} bytes, this one {len(handle)}")
         self.device, self.nbytes = device, nbytes
-        ptr = _PTR()
-        with _on(device):
-            _call(
-                "cuIpcOpenMemHandle_v2", ctypes.byref(ptr), _IpcHandle(handle), ctypes.c_uint(_LAZY_ENABLE_PEER_ACCESS)
-            )
-        self.ptr = int(ptr.value)
-        self.tensor, self._alive = view_of(self.ptr, nbytes)
+        with on_device(device):
+            self.ptr = ipc_open(handle)
+        try:
+            self.tensor, self._alive = view_of(self.ptr, nbytes)
+        except BaseException:
+            with on_device(device):
+                ipc_close(self.ptr)
+            raise
 
-    def close(self) -> None:
+    def close(self, check_views: bool = True) -> None:
+        """Unmap (``check_views`` as ``Allocation.free``'s)."""
         if self.ptr == 0:
             return
         self.__dict__.pop("tensor", None)
-        check_no_views(self._alive, f"the CUDA IPC mapping at {self.ptr:#x}")
-        with _on(self.device):  # our queued work on it ends before it is unmapped
-            _call("cuIpcCloseMemHandle", _PTR(self.ptr))
+        if check_views:
+            check_no_views(self._alive, f"the CUDA IPC mapping at {self.ptr:#x}")
+        with on_device(self.device):  # our queued work on it ends before it is unmapped
+            ipc_close(self.ptr)
         self.ptr = 0
 
 
@@ -172,6 +220,8 @@ def device_for(rank: int) -> torch.device:
     """The GPU of ``rank``'s three processes: rank r on visible device r mod the count (CUDA_VISIBLE_DEVICES decides
     which those are). Every process of a rank calls ``torch.cuda.set_device`` with it first, so that nothing of a
     rank >= 1 lands on (or opens a context on) device 0."""
+    import torch
+
     if not torch.cuda.is_available():
         raise MpkvError("backend 'cuda' was asked for, but torch sees no CUDA device here")
     return torch.device("cuda", rank % torch.cuda.device_count())

@@ -12,8 +12,13 @@ is why the handshake makes each attacher and link release at every clear and imp
 descriptor kept across epochs would pin the old memory). ``cudaIpcGetMemHandle`` cannot export such memory, hence
 the descriptors. The ranges are never freed while the process lives: that is the point.
 
-The socket's name has a random part and travels in the 0600 handle record; both ends check the other's uid
-(SO_PEERCRED), and an abstract socket disappears with the process that holds it, ``kill -9`` included.
+The socket's name travels in the 0600 handle record, but abstract names are listed in /proc/net/unix, so nothing
+rests on keeping it secret: both ends check the other's uid (SO_PEERCRED), another user can neither get the memory
+nor pose as the owner, and an abstract socket disappears with the process that holds it, ``kill -9`` included.
+
+Each process keeps one range per pool it maps (``space``: the owner's instance run and rank), so a prefill
+messager that maps its own pool and, through a link, a decode instance's pool of the same size maps them at two
+addresses, each stable.
 """
 
 from __future__ import annotations
@@ -24,14 +29,16 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from mpkv import naming
 from mpkv.config import CacheConfig
 from mpkv.errors import MpkvError
 from mpkv.pool import PoolHandle
 from mpkv.shm.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 FD_TIMEOUT_S = 30.0
 
@@ -45,10 +52,14 @@ class FdServer:
     """Hands ``fd`` to every process of our uid that connects to ``name``, until ``close``."""
 
     def __init__(self, name: str, fd: int) -> None:
-        self.name, self._fd = name, fd
+        self.name, self._fd, self._closing = name, fd, False
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._sock.bind(name)
-        self._sock.listen(16)
+        try:
+            self._sock.bind(name)
+            self._sock.listen(16)
+        except BaseException:
+            self._sock.close()
+            raise
         self._thread = threading.Thread(target=self._serve, name="mpkv-vmm-fd", daemon=True)
         self._thread.start()
 
@@ -56,9 +67,11 @@ class FdServer:
         while True:
             try:
                 conn, _ = self._sock.accept()
-            except OSError:  # closed: the epoch is over
+            except OSError:
                 return
             with conn:
+                if self._closing:  # close()'s own connection: the epoch is over
+                    return
                 try:
                     _pid, uid = _peer_uid(conn)
                     if uid == os.getuid():  # another user gets nothing (and learns nothing)
@@ -67,13 +80,19 @@ class FdServer:
                     continue  # that peer went away; the others still get theirs
 
     def close(self) -> None:
-        """Stop serving (who connects later gets nothing); the caller closes ``fd``."""
+        """Stop serving (who connects later gets nothing); the caller closes ``fd``. The accept is woken by a
+        connection of our own (shutting a listening socket down wakes it on Linux only)."""
+        if self._closing:
+            return
+        self._closing = True
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as wake:
+                wake.settimeout(FD_TIMEOUT_S)
+                wake.connect(self.name)
         except OSError:
-            pass
-        self._sock.close()
+            pass  # the thread is gone already (it only ends on an accept error)
         self._thread.join(timeout=FD_TIMEOUT_S)
+        self._sock.close()
 
 
 def receive_fd(name: str, owner: str, timeout_s: float = FD_TIMEOUT_S) -> int:
@@ -87,7 +106,7 @@ def receive_fd(name: str, owner: str, timeout_s: float = FD_TIMEOUT_S) -> int:
             if uid != os.getuid():
                 raise MpkvError(f"the pool socket of {owner} belongs to uid {uid}, not to us: refusing its memory")
             sock.settimeout(max(1e-3, deadline - time.monotonic()))
-            _msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 1)
+            _msg, fds, _flags, _addr = socket.recv_fds(sock, 16, 1, socket.MSG_CMSG_CLOEXEC)
         except (OSError, TimeoutError) as e:
             raise MpkvError(f"no pool memory from {owner} within {timeout_s:g} s ({e})") from None
     if len(fds) != 1:
@@ -99,72 +118,103 @@ def receive_fd(name: str, owner: str, timeout_s: float = FD_TIMEOUT_S) -> int:
 
 @dataclass
 class _Range:
-    """This process's reservation for a pool of ``nbytes`` (rounded to the granularity), kept while it lives."""
+    """This process's reservation for one pool (rounded to the granularity), kept while the process lives."""
 
     va: int
     nbytes: int
 
 
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+_ranges: dict[tuple[str, int, int], _Range] = {}  # (space, device, bytes) -> its range
 
 
-_ranges: dict[tuple[int, int], _Range] = {}  # (device, bytes) -> the range: one per pool size per process
-
-
-def _range(device: torch.device, nbytes: int) -> _Range:
+def _range(space: str, device: torch.device, nbytes: int) -> _Range:
     from mpkv import cudaext
+    from mpkv.pool.cuda_driver import on_device
 
-    index = _index(device)
-    grain = cudaext.vmm_granularity(index)
-    size = -(-nbytes // grain) * grain
-    key = (index, size)
-    if key not in _ranges:
-        _ranges[key] = _Range(cudaext.vmm_reserve(size), size)
+    assert device.index is not None
+    with on_device(device):  # the VMM calls act on the current context
+        grain = cudaext.vmm_granularity(device.index)
+        size = -(-nbytes // grain) * grain
+        key = (space, device.index, size)
+        if key not in _ranges:
+            _ranges[key] = _Range(cudaext.vmm_reserve(size), size)
     return _ranges[key]
+
+
+class _Mapped:
+    """Memory mapped at a range: ``release`` unmaps it and lets go of our handle, once (a retry after a failure
+    does not release twice)."""
+
+    def __init__(self, device: torch.device, where: _Range, handle: int, nbytes: int, what: str) -> None:
+        from mpkv.pool.cuda_driver import view_of
+
+        self.device, self.where, self.handle, self.what = device, where, handle, what
+        try:
+            self.raw, self.alive = view_of(where.va, nbytes)
+        except BaseException:
+            self.release(check_views=False)
+            raise
+
+    def release(self, check_views: bool = True) -> None:
+        from mpkv import cudaext
+        from mpkv.pool.cuda_driver import check_no_views, on_device
+
+        self.__dict__.pop("raw", None)
+        if self.handle == 0:
+            return
+        if check_views and hasattr(self, "alive"):
+            check_no_views(self.alive, self.what)
+        with on_device(self.device):  # queued work on it ends first
+            cudaext.vmm_unmap_and_release(self.where.va, self.where.nbytes, self.handle)
+        self.handle = 0
 
 
 class StablePool:
     """The owner's pool: new memory at the same address every restore."""
 
     def __init__(self, registry: Registry, cfg: CacheConfig, rank: int, epoch: int, wv: int) -> None:
-        from mpkv import cudaext
-        from mpkv.pool.cuda_driver import device_for, view_of
+        import torch
 
-        self._dev = device_for(rank)
+        from mpkv import cudaext
+        from mpkv.pool.cuda_driver import device_for, on_device
+
+        dev = device_for(rank)
         nbytes = cfg.pool_bytes(cfg.device_blocks)
-        self._range = _range(self._dev, nbytes)
-        self._mem, fd = cudaext.vmm_create_and_map(_index(self._dev), self._range.va, self._range.nbytes)
+        space = f"{registry.instance}.{registry.run_id}.r{rank}"
+        where = _range(space, dev, nbytes)
+        with on_device(dev):
+            handle, self._fd = cudaext.vmm_create_and_map(dev.index or 0, where.va, where.nbytes)
         try:
-            self._fd = fd
-            raw, self._alive = view_of(self._range.va, nbytes)
-            raw.zero_()
-            torch.cuda.synchronize(self._dev)
-            self.tensor = raw.view(cfg.torch_dtype).view(cfg.pool_shape(cfg.device_blocks))
-            self._server = FdServer(naming.vmm_socket(registry.instance, registry.run_id, rank, epoch), fd)
+            self._mem = _Mapped(dev, where, handle, nbytes, f"the stable-address pool of rank {rank}")
+            self._mem.raw.zero_()
+            torch.cuda.synchronize(dev)  # zeroed before any other process maps it
+            self.tensor = self._mem.raw.view(cfg.torch_dtype).view(cfg.pool_shape(cfg.device_blocks))
+            self._server = FdServer(naming.vmm_socket(registry.instance, registry.run_id, rank, epoch), self._fd)
         except BaseException:
             self.__dict__.pop("tensor", None)
-            os.close(fd)
-            cudaext.vmm_unmap_and_release(self._range.va, self._range.nbytes, self._mem)
+            os.close(self._fd)
+            if "_mem" in self.__dict__:
+                self._mem.release(check_views=False)
+            else:
+                with on_device(dev):
+                    cudaext.vmm_unmap_and_release(where.va, where.nbytes, handle)
             raise
-        self._handle = PoolHandle("cuda-vmm", rank, epoch, wv, nbytes, name=self._server.name)
+        self._handle = PoolHandle("cuda-vmm", rank, epoch, wv, nbytes, name=self._server.name, space=space)
 
     def handle(self) -> PoolHandle:
         return self._handle
 
     def free(self) -> int:
-        from mpkv import cudaext
         from mpkv.pool.cuda import held_bytes
-        from mpkv.pool.cuda_driver import check_no_views
 
-        before = held_bytes(self._dev)
+        before = held_bytes(self._mem.device)
         self.__dict__.pop("tensor", None)
-        check_no_views(self._alive, f"the stable-address pool of rank {self._handle.rank}")
         self._server.close()
-        os.close(self._fd)
-        torch.cuda.synchronize(self._dev)
-        cudaext.vmm_unmap_and_release(self._range.va, self._range.nbytes, self._mem)
-        return max(0, before - held_bytes(self._dev))
+        if self._fd >= 0:  # ours was the last descriptor: with every import released the memory can go
+            os.close(self._fd)
+            self._fd = -1
+        self._mem.release()
+        return max(0, before - held_bytes(self._mem.device))
 
 
 class AttachedStablePool:
@@ -172,23 +222,19 @@ class AttachedStablePool:
 
     def __init__(self, cfg: CacheConfig, handle: PoolHandle) -> None:
         from mpkv import cudaext
-        from mpkv.pool.cuda_driver import device_for, view_of
+        from mpkv.pool.cuda_driver import device_for, on_device
 
-        self._dev = device_for(handle.rank)
-        self._range = _range(self._dev, handle.nbytes)
+        dev = device_for(handle.rank)
+        where = _range(handle.space, dev, handle.nbytes)
         fd = receive_fd(handle.name, f"the pool owner of rank {handle.rank}")
         try:
-            self._mem = cudaext.vmm_import_and_map(_index(self._dev), fd, self._range.va, self._range.nbytes)
+            with on_device(dev):
+                mem = cudaext.vmm_import_and_map(dev.index or 0, fd, where.va, where.nbytes)
         finally:
             os.close(fd)  # the import holds the memory now; a kept descriptor would pin it past the clear
-        raw, self._alive = view_of(self._range.va, handle.nbytes)
-        self.tensor = raw.view(cfg.torch_dtype).view(cfg.pool_shape(handle.nbytes // cfg.block_bytes))
+        self._mem = _Mapped(dev, where, mem, handle.nbytes, f"the attached pool of rank {handle.rank}")
+        self.tensor = self._mem.raw.view(cfg.torch_dtype).view(cfg.pool_shape(handle.nbytes // cfg.block_bytes))
 
     def close(self) -> None:
-        from mpkv import cudaext
-        from mpkv.pool.cuda_driver import check_no_views
-
         self.__dict__.pop("tensor", None)
-        check_no_views(self._alive, "an attached stable-address pool")
-        torch.cuda.synchronize(self._dev)
-        cudaext.vmm_unmap_and_release(self._range.va, self._range.nbytes, self._mem)
+        self._mem.release()
