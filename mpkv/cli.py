@@ -135,7 +135,14 @@ def _launch(args: argparse.Namespace) -> int:
     return Launcher(args.name, cfg, say=lambda line: print(line, flush=True)).run()
 
 
-FLAG_OF = {"pd_role": "--role"}  # the launch flags not spelled as their field
+FLAG_OF = {"pd_role": "--role"}
+GPU_GROUPS = (
+    "tests",
+    "pool",
+    "pd",
+    "model",
+    "graph",
+)  # mpkv bench gpu --only (mpkv.bench.gpu.run_all)  # the launch flags not spelled as their field
 
 
 def _launch_config(args: argparse.Namespace) -> CacheConfig:
@@ -434,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run, not for the record)")
     b.add_argument("--json", metavar="FILE", help="also write the raw results as JSON (default: not written)")
+    b.add_argument(
+        "--only",
+        metavar="CHECKS",
+        help="gpu: only these groups of checks, comma-separated: " + ", ".join(GPU_GROUPS) + " (default: all)",
+    )
     b.set_defaults(func=_bench)
     return p
 

@@ -4,6 +4,7 @@ package directory and refuses bad input before issuing anything. Skipped where n
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import importlib.util
 import json
@@ -407,3 +408,16 @@ def test_a_failed_driver_call_is_an_error_naming_it(built: Path, stand_in: Path)
     returned, calls, _ = _with_stand_in(built, stand_in, "ipc", mode="fail:cuIpcOpenMemHandle_v2")
     assert returned["error"] == "cuIpcOpenMemHandle_v2 failed: out of memory (CUresult 2)"
     assert calls[-1].startswith("cuIpcOpenMemHandle_v2 ")
+
+
+def test_nothing_in_mpkv_shares_memory_through_torchs_reductions() -> None:
+    # NOTE [ CUDA IPC without torch's reductions ]: a share per receiver, counted by that receiver alone, and
+    # dependent on the allocator's settings; mpkv shares only memory it allocated itself, by the driver's handles
+    torchs = {"reduce_tensor", "rebuild_cuda_tensor", "_share_cuda_", "_new_shared_cuda", "ipc_collect"}
+    used = []
+    for path in sorted((ROOT / "mpkv").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = getattr(node, "id", None) or getattr(node, "attr", None) or getattr(node, "name", None)
+            if name in torchs:
+                used.append(f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')} {name}")
+    assert used == []

@@ -23,6 +23,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -338,7 +339,6 @@ def check_graph(base: str, cycles: int = 100) -> tuple[str, str]:
 
 def check_tests(timeout_s: float = 300) -> tuple[str, str]:
     import subprocess
-    import sys
     from pathlib import Path
 
     tests = Path(__file__).resolve().parents[2] / "tests"
@@ -372,8 +372,24 @@ class Table(list[Row]):
         return f"| {r.check} | {r.result} | {r.target} | {r.verdict} | {r.seconds:.0f} |"
 
 
-def run_all(base: str, rows: Table) -> None:
-    rows.append(_row("gpu tests (pytest -m gpu)", "all pass", check_tests))
+def run_all(base: str, rows: Table, only: set[str]) -> None:
+    """The groups of checks in ``only`` (mpkv.cli.GPU_GROUPS): tests, pool (roles, clear, cycles, swap), pd, model,
+    graph."""
+    if "tests" in only:
+        rows.append(_row("gpu tests (pytest -m gpu)", "all pass", check_tests))
+    if "pool" in only:
+        pool_checks(base, rows)
+    if "pd" in only:
+        rows.append(
+            _row("PD layer-wise on GPU vs prefill alone", "<= 1.15x at 4096 tokens", lambda: check_pd(f"{base}-pd"))
+        )
+    if "model" in only:
+        rows.append(_row("real model generation on GPU", "equal to transformers", lambda: check_model(f"{base}-m")))
+    if "graph" in only:
+        rows.append(_row("--stable-addresses: CUDA graph after 100 cycles", "same output", lambda: check_graph(base)))
+
+
+def pool_checks(base: str, rows: Table) -> None:
     name = f"{base}-pool"
     try:
         with _launched(name, POOL) as inst:
@@ -392,11 +408,6 @@ def run_all(base: str, rows: Table) -> None:
                 rows.append(Row("swap", f"error: {type(e).__name__}: {e}"[:300], ">= 0.9x pinned copy", "FAIL"))
     except Exception as e:  # the instance did not start: say so once, go on with the rest
         rows.append(Row("cuda instance (TP=1, 1 GiB pool)", f"error: {type(e).__name__}: {e}"[:300], "starts", "FAIL"))
-    rows.append(
-        _row("PD layer-wise on GPU vs prefill alone", "<= 1.15x at 4096 tokens", lambda: check_pd(f"{base}-pd"))
-    )
-    rows.append(_row("real model generation on GPU", "equal to transformers", lambda: check_model(f"{base}-m")))
-    rows.append(_row("--stable-addresses: CUDA graph after 100 cycles", "same output", lambda: check_graph(base)))
 
 
 def header() -> str:
@@ -420,10 +431,20 @@ def main(args: argparse.Namespace) -> int:
         return 0
     import json
 
+    from mpkv.cli import GPU_GROUPS
+
+    only = set((args.only or ",".join(GPU_GROUPS)).split(","))
+    if only - set(GPU_GROUPS):
+        print(
+            f"mpkv bench gpu --only: unknown {', '.join(sorted(only - set(GPU_GROUPS)))}; the groups are "
+            f"{', '.join(GPU_GROUPS)}",
+            file=sys.stderr,
+        )
+        return 2
     print(header(), *Table.HEAD, sep="\n", flush=True)
     rows = Table()
     try:
-        run_all(f"gpucheck-{os.getpid()}", rows)
+        run_all(f"gpucheck-{os.getpid()}", rows, only)
     finally:
         if args.json:
             with open(args.json, "w") as f:

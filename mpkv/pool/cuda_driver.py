@@ -21,6 +21,11 @@ exporter frees (``cuMemFree`` under a live import is undefined), is the handshak
 after every attacher and link published DETACHED or STOPPED (NOTE [ clear handshake ] in mpkv.handshake), and a
 peer that never does is named when the wait's deadline passes.
 
+So the accounting of shares is the handshake's accounting of mappings, and tests/test_handshake_model.py explores
+it: every import is an actor's or a link's "mapped" flag; no interleaving (with a crash anywhere) lets the owner
+free while one is set (its sanity test breaks that rule and is caught), none lets a process map a pool of an
+older epoch, and links open and close several times per epoch (``test_links_into_a_decode_pool``).
+
 Tensors over this memory come from ``torch.as_tensor`` of an object with ``__cuda_array_interface__``: torch keeps
 that object alive while any view of it lives, so ``free``/``close`` can tell a view is still held and refuse (as the
 cpu pool refuses to unmap under a view) rather than unmap memory that a tensor still points at.
