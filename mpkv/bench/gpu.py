@@ -168,32 +168,21 @@ def check_swap(name: str) -> list[Row]:
     """Rows: swap-out, swap-in (each against a pinned copy of the same bytes), both directions at once."""
     import torch
 
-    from mpkv.client import Client
+    from mpkv.bench.lifecycle import swap_rates
 
     nbytes = SWAP_BLOCKS * POOL.block_bytes
-    rng = np.random.default_rng(1)
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     d2h, h2d = _timed_copies(host, dev, REPEATS), _timed_copies(dev, host, REPEATS)
-    t_out, t_in = [], []
-    with Client(name) as client:
-        for _ in range(REPEATS + 1):
-            blocks = rng.permutation(POOL.device_blocks)[:SWAP_BLOCKS].astype(np.int32)
-            t0 = time.perf_counter()
-            slots = client.wait(client.swap_out(blocks))[0].slots
-            t1 = time.perf_counter()
-            assert slots is not None
-            client.wait(client.swap_in(slots, blocks))
-            t_out.append(t1 - t0)
-            t_in.append(time.perf_counter() - t1)
+    swapped = swap_rates(name, POOL, SWAP_BLOCKS, REPEATS)  # bytes/s, medians (`mpkv bench swap`'s loop)
     rows = []
-    for what, swapped, copied in (
-        ("swap-out (device -> host)", t_out[1:], d2h),
-        ("swap-in (host -> device)", t_in[1:], h2d),
+    for what, rate, copied in (
+        ("swap-out (device -> host)", swapped["out"], d2h),
+        ("swap-in (host -> device)", swapped["in"], h2d),
     ):
-        ratio = _gbs(nbytes, swapped) / _gbs(nbytes, copied)
+        ratio = rate / 1e9 / _gbs(nbytes, copied)
         result = (
-            f"{_gbs(nbytes, swapped):.1f} GB/s vs pinned copy {_gbs(nbytes, copied):.1f} GB/s = {ratio:.2f}x "
+            f"{rate / 1e9:.1f} GB/s vs pinned copy {_gbs(nbytes, copied):.1f} GB/s = {ratio:.2f}x "
             f"({SWAP_BLOCKS} random {POOL.block_bytes // 1024} KiB blocks per task)"
         )
         rows.append(Row(what, result, ">= 0.9x pinned copy", "PASS" if ratio >= 0.9 else "MISS"))
