@@ -1,7 +1,7 @@
 """Compile cuda/ into mpkv/_cuda/libmpkv_cuda.so (or --out DIR), against the first cuda.h found.
 
 Where cuda.h is looked for, in order: $MPKV_CUDA_INCLUDE (an error if it has none), /usr/local/cuda/include, the
-include directory of an installed nvidia-cuda-runtime-* wheel. No header: say so and succeed, compiling nothing.
+include directory of an installed nvidia-cuda-runtime* wheel (CUDA 12 or 13 layout). No header: say so and succeed, compiling nothing.
 The library links only libdl and libpthread (it opens libcuda.so.1 itself at first use), so it builds on machines
 without a driver. Usage: tools/build-cuda [--out DIR]
 """
@@ -24,11 +24,15 @@ FLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall", "-Wextra", "-Werror", "
 
 
 def _wheel_include() -> Path | None:
+    # The CUDA 12 wheels install nvidia/cuda_runtime/include/cuda.h, the CUDA 13 ones nvidia/cu13/include/cuda.h:
+    # ask the wheel's own file list rather than guess.
     for dist in importlib.metadata.distributions():
         if (dist.metadata["Name"] or "").lower().startswith("nvidia-cuda-runtime"):
-            inc = Path(str(dist.locate_file("nvidia/cuda_runtime/include")))
-            if (inc / "cuda.h").is_file():
-                return inc
+            for f in dist.files or ():
+                if f.name == "cuda.h" and f.parent.name == "include":
+                    inc = Path(str(dist.locate_file(f))).parent
+                    if (inc / "cuda.h").is_file():
+                        return inc
     return None
 
 

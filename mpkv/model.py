@@ -94,13 +94,16 @@ class SyntheticModel:
     embedding. No attention: a token's K/V depend on the token alone, so the exact K/V of any token on any
     rank can be recomputed anywhere (``expected_kv``), which is how the demo and the tests verify every byte.
     Float32 compute, stored in the pool's dtype; one request at a time, so shapes (and so rounding) never depend
-    on batching. Weights are drawn from a generator seeded by the weight version."""
+    on batching. Weights are drawn from a generator seeded by the weight version. It computes on the CPU whatever
+    the pool's device (a GPU's float32 products round differently from the CPU's, so the bytes would no longer be
+    ``expected_kv``'s): only the K/V it writes go to the pool's device."""
 
     def __init__(
         self, cfg: CacheConfig, rank: int, device: torch.device | str = "cpu", all_reduce: AllReduce | None = None
     ) -> None:
-        # ``all_reduce`` is unused: every rank computes the whole hidden state (only K/V are split by head)
-        self.cfg, self.rank, self.device = cfg, rank, torch.device(device)
+        # ``all_reduce`` is unused: every rank computes the whole hidden state (only K/V are split by head);
+        # ``device`` too: it computes on the CPU (see above)
+        self.cfg, self.rank, self.device = cfg, rank, torch.device("cpu")
         self.weight_version = -1
         self._w: dict[str, torch.Tensor] = {}
 
@@ -157,7 +160,7 @@ class SyntheticModel:
 
     def prefill(self, batch: Sequence[Prefill], pool: torch.Tensor, on_layer_done: LayerDone) -> list[int]:
         gens = [self._iter(req.tokens) for req in batch]
-        tables = [torch.as_tensor(np.asarray(req.blocks, dtype=np.int64), device=self.device) for req in batch]
+        tables = [torch.as_tensor(np.asarray(req.blocks, dtype=np.int64), device=pool.device) for req in batch]
         last: list[torch.Tensor] = [torch.empty(0)] * len(batch)
         bs = self.cfg.block_size
         for layer in range(self.cfg.layers):
@@ -167,7 +170,7 @@ class SyntheticModel:
                 for kv_index, t in ((0, k), (1, v)):
                     full = len(blocks) * bs  # whole blocks: the tail of the last one is zeroed
                     t = torch.cat([t, t.new_zeros((full - t.shape[0], *t.shape[1:]))])
-                    pool[layer, kv_index, blocks] = t.view(len(blocks), bs, *t.shape[1:])
+                    pool[layer, kv_index, blocks] = t.view(len(blocks), bs, *t.shape[1:]).to(pool.device)
             on_layer_done(layer)
         logits = torch.stack([self._logits(x) for x in last])
         return next_tokens(logits, [r.sampling for r in batch], [len(r.tokens) for r in batch])
@@ -178,8 +181,8 @@ class SyntheticModel:
             block, offset = int(item.blocks[item.position // bs]), item.position % bs
             steps = list(self._iter(np.array([item.token])))
             for layer, ((k, v), _) in enumerate(steps):
-                pool[layer, 0, block, offset] = k[0]
-                pool[layer, 1, block, offset] = v[0]
+                pool[layer, 0, block, offset] = k[0].to(pool.device)
+                pool[layer, 1, block, offset] = v[0].to(pool.device)
             logits.append(self._logits(steps[-1][1][-1]))
         return next_tokens(torch.stack(logits), [i.sampling for i in batch], [i.position + 1 for i in batch])
 

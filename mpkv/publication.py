@@ -518,6 +518,7 @@ class OpenPublication:
                 mem.close(check_views)
             except BaseException as e:
                 failed = failed or e
+                self._imported.append(mem)  # still mapped: a later close may succeed
         for seg in self._segments:
             seg.close()
         self._segments = []

@@ -26,6 +26,9 @@ def ipc() -> dict[str, object]:
         out["imported"] = d.ipc_open(handle)
         d.ipc_close(out["imported"])  # type: ignore[arg-type]
         d.mem_free(ptr)
+        host = d.host_alloc(4096)
+        ctypes.memset(host, 7, 4096)  # the stand-in's memory is real: writable, as pinned memory is
+        d.host_free(host)
     except MpkvError as e:
         out["error"] = str(e)
     return out

@@ -120,6 +120,12 @@ CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *p, CUipcMemHandle h, unsigned int fl
     return result("cuIpcOpenMemHandle_v2");
 }
 CUresult cuIpcCloseMemHandle(CUdeviceptr p) { say("cuIpcCloseMemHandle %llx", U(p)); return result("cuIpcCloseMemHandle"); }
+CUresult cuMemHostAlloc(void **p, size_t n, unsigned int flags) {
+    say("cuMemHostAlloc %zu flags=%u", n, flags);
+    *p = calloc(1, n);
+    return result("cuMemHostAlloc");
+}
+CUresult cuMemFreeHost(void *p) { say("cuMemFreeHost"); free(p); return result("cuMemFreeHost"); }
 
 struct row { const char *name; void *fn; };
 #define ROW(name, fn) {name, (void *)fn}

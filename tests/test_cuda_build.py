@@ -401,6 +401,8 @@ def test_the_ipc_handle_reaches_the_driver_byte_for_byte(built: Path, stand_in: 
         f"cuIpcOpenMemHandle_v2 {HANDLE.hex()} flags=1",  # 1: CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
         "cuIpcCloseMemHandle 7e1000000000",
         "cuMemFree_v2 7e0000000000",
+        "cuMemHostAlloc 4096 flags=1",  # 1: CU_MEMHOSTALLOC_PORTABLE
+        "cuMemFreeHost",
     ]
 
 

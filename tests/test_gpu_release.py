@@ -35,3 +35,10 @@ def test_figures_nvml_does_not_have_are_not_judged() -> None:
     # None: withheld; 0: the pid is listed nowhere (another pid namespace), for the owner as for the others
     assert leftovers(_rank((None, None), (CONTEXT, None)), POOL) == []
     assert leftovers(_rank((0, 0), (0, 0)), POOL) == []
+
+
+def test_a_pool_smaller_than_the_tolerance_can_still_be_found_held() -> None:
+    small = 64 * MiB
+    (only,) = leftovers(_rank((CONTEXT + small, CONTEXT + small), (CONTEXT, CONTEXT)), small)
+    assert only.startswith("worker r0 (pid 101) freed its 64 MiB pool, but NVML shows it released only 0 B")
+    assert leftovers(_rank((CONTEXT + small, CONTEXT + 2 * MiB), (CONTEXT, CONTEXT)), small) == []

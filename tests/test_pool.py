@@ -59,3 +59,25 @@ def test_block_id_checks() -> None:
         check_ids([1, 1], 4, "blocks")
     with pytest.raises(BadBlocks, match="1-D array of integers"):
         check_ids([[1]], 4, "blocks")
+
+
+def test_a_view_of_our_own_host_memory_keeps_it_from_being_freed() -> None:
+    # The cuda host pool's memory is ours (cuMemHostAlloc), viewed through numpy: while a torch view of it lives,
+    # check_no_views refuses (free would leave the view reading freed memory); once all are gone, it passes.
+    import ctypes
+    import weakref
+
+    from mpkv.pool.cuda_driver import _HostMemory, check_no_views
+
+    buf = ctypes.create_string_buffer(64)
+    mem = _HostMemory(ctypes.addressof(buf), 64)
+    tensor, alive = torch.from_numpy(np.asarray(mem)), weakref.ref(mem)
+    del mem
+    view = tensor[8:16]
+    del tensor
+    view.fill_(7)
+    assert buf.raw[8:16] == b"\x07" * 8  # the tensor is that memory, not a copy
+    with pytest.raises(MpkvError, match="still holds a tensor view"):
+        check_no_views(alive, "the host pool")
+    del view
+    check_no_views(alive, "the host pool")

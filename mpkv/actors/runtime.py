@@ -12,6 +12,7 @@ See NOTE [ clear handshake ] in mpkv.handshake for the rules; this module only d
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Callable
@@ -438,7 +439,10 @@ class Actor:
 
     # -- teardown --------------------------------------------------------------------------------------------
     def teardown(self) -> None:
-        """Runs on every exit path. Attachers drop their views first; the owner frees last."""
+        """Runs on every exit path. Attachers drop their views first; the owner frees last. A failure's traceback
+        may sit in a reference cycle that holds pool views: collected first, so the views are really gone (else
+        closing refuses, and FAILED would show while the mapping stays)."""
+        gc.collect()
         self._detach()
         if self.is_owner:
             self._free()

@@ -16,7 +16,7 @@ import torch
 
 from mpkv.config import CacheConfig
 from mpkv.pool import PoolHandle
-from mpkv.pool.cuda_driver import Allocation, Imported, device_for
+from mpkv.pool.cuda_driver import Allocation, Imported, PinnedHost, device_for
 
 
 def held_bytes(device: torch.device) -> int:
@@ -58,7 +58,11 @@ class CudaPool:
 class AttachedCudaPool:
     def __init__(self, cfg: CacheConfig, handle: PoolHandle) -> None:
         self._mem = Imported(handle.cuda, handle.nbytes, device_for(handle.rank))
-        self.tensor = self._mem.tensor.view(cfg.torch_dtype).view(cfg.pool_shape(handle.nbytes // cfg.block_bytes))
+        try:
+            self.tensor = self._mem.tensor.view(cfg.torch_dtype).view(cfg.pool_shape(handle.nbytes // cfg.block_bytes))
+        except BaseException:  # a handle whose size does not fit the geometry
+            self._mem.close(check_views=False)
+            raise
 
     def close(self) -> None:
         self.__dict__.pop("tensor", None)
@@ -66,10 +70,18 @@ class AttachedCudaPool:
 
 
 class PinnedHostPool:
+    """The transfer manager's host pool: pinned memory of ours (``PinnedHost``), so a clear really returns it."""
+
     def __init__(self, cfg: CacheConfig, rank: int, epoch: int, wv: int) -> None:
         nbytes = cfg.pool_bytes(cfg.host_blocks)
-        self.tensor = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True).view(cfg.torch_dtype)
-        self.tensor = self.tensor.view(cfg.pool_shape(cfg.host_blocks))
+        self._mem = PinnedHost(nbytes, device_for(rank))
+        try:
+            self._mem.tensor.zero_()  # touch every page: the memory is really there, and measurable
+            self.tensor = self._mem.tensor.view(cfg.torch_dtype).view(cfg.pool_shape(cfg.host_blocks))
+        except BaseException:
+            self.__dict__.pop("tensor", None)
+            self._mem.free(check_views=False)
+            raise
         self._handle = PoolHandle("cuda-host", rank, epoch, wv, nbytes)
 
     def handle(self) -> PoolHandle:
@@ -78,6 +90,7 @@ class PinnedHostPool:
     def free(self) -> int:
         before = _rss_bytes()
         self.__dict__.pop("tensor", None)
+        self._mem.free()
         return max(0, before - _rss_bytes())
 
 

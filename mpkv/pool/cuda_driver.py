@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import ctypes
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from typing import TYPE_CHECKING
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 IPC_HANDLE_BYTES = 64  # CU_IPC_HANDLE_SIZE
 _LAZY_ENABLE_PEER_ACCESS = 1  # CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS: an importer on another GPU maps it by peer access
+_HOST_PORTABLE = 1  # CU_MEMHOSTALLOC_PORTABLE
 
 
 class _IpcHandle(ctypes.Structure):
@@ -64,6 +65,8 @@ _SIGNATURES: dict[str, list[type]] = {
     "cuIpcOpenMemHandle_v2": [ctypes.POINTER(_PTR), _IpcHandle, ctypes.c_uint],
     "cuIpcCloseMemHandle": [_PTR],
     "cuCtxGetDevice": [ctypes.POINTER(ctypes.c_int)],
+    "cuMemHostAlloc": [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint],
+    "cuMemFreeHost": [ctypes.c_void_p],
     "cuGetErrorString": [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)],
 }
 
@@ -120,6 +123,17 @@ def ipc_close(ptr: int) -> None:
     _call("cuIpcCloseMemHandle", _PTR(ptr))
 
 
+def host_alloc(nbytes: int) -> int:
+    """Pinned host memory, usable by every context (CU_MEMHOSTALLOC_PORTABLE)."""
+    ptr = ctypes.c_void_p()
+    _call("cuMemHostAlloc", ctypes.byref(ptr), ctypes.c_size_t(nbytes), ctypes.c_uint(_HOST_PORTABLE))
+    return int(ptr.value or 0)
+
+
+def host_free(ptr: int) -> None:
+    _call("cuMemFreeHost", ctypes.c_void_p(ptr))
+
+
 def context_device() -> int:
     current = ctypes.c_int(-1)
     _call("cuCtxGetDevice", ctypes.byref(current))
@@ -155,7 +169,7 @@ def view_of(ptr: int, nbytes: int) -> tuple[torch.Tensor, weakref.ref[_Memory]]:
     return torch.as_tensor(mem), weakref.ref(mem)  # on the device the memory is on (torch asks the driver)
 
 
-def check_no_views(alive: weakref.ref[_Memory], what: str) -> None:
+def check_no_views(alive: Callable[[], object], what: str) -> None:
     if alive() is not None:
         raise MpkvError(
             f"cannot release {what}: this process still holds a tensor view of it (a stale view would read freed "
@@ -218,6 +232,42 @@ class Imported:
             check_no_views(self._alive, f"the CUDA IPC mapping at {self.ptr:#x}")
         with on_device(self.device):  # our queued work on it ends before it is unmapped
             ipc_close(self.ptr)
+        self.ptr = 0
+
+
+class _HostMemory:
+    """What torch views as a CPU tensor, through numpy: alive while any view of it is."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+
+
+class PinnedHost:
+    """``nbytes`` of pinned host memory of ours (cuMemHostAlloc), viewed as ``tensor`` (uint8, cpu): unlike torch's
+    ``pin_memory=True``, whose caching host allocator keeps a freed block for reuse, ``free`` gives it back."""
+
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        import numpy as np
+        import torch
+
+        self.device = device
+        with on_device(device):  # the allocation is made in a context (and portable to the others)
+            self.ptr = host_alloc(nbytes)
+        try:
+            mem = _HostMemory(self.ptr, nbytes)
+            self.tensor, self._alive = torch.from_numpy(np.asarray(mem)), weakref.ref(mem)
+        except BaseException:
+            host_free(self.ptr)
+            raise
+
+    def free(self, check_views: bool = True) -> None:
+        if self.ptr == 0:
+            return
+        self.__dict__.pop("tensor", None)
+        if check_views:
+            check_no_views(self._alive, f"the pinned host memory at {self.ptr:#x}")
+        with on_device(self.device):  # copies from or to it have ended
+            host_free(self.ptr)
         self.ptr = 0
 
 

@@ -186,6 +186,10 @@ class StablePool:
             handle, self._fd = cudaext.vmm_create_and_map(dev.index or 0, where.va, where.nbytes)
         try:
             self._mem = _Mapped(dev, where, handle, nbytes, f"the stable-address pool of rank {rank}")
+        except BaseException:  # it released the memory itself
+            os.close(self._fd)
+            raise
+        try:
             self._mem.raw.zero_()
             torch.cuda.synchronize(dev)  # zeroed before any other process maps it
             self.tensor = self._mem.raw.view(cfg.torch_dtype).view(cfg.pool_shape(cfg.device_blocks))
@@ -193,11 +197,7 @@ class StablePool:
         except BaseException:
             self.__dict__.pop("tensor", None)
             os.close(self._fd)
-            if "_mem" in self.__dict__:
-                self._mem.release(check_views=False)
-            else:
-                with on_device(dev):
-                    cudaext.vmm_unmap_and_release(where.va, where.nbytes, handle)
+            self._mem.release(check_views=False)
             raise
         self._handle = PoolHandle("cuda-vmm", rank, epoch, wv, nbytes, name=self._server.name, space=space)
 
@@ -233,7 +233,11 @@ class AttachedStablePool:
         finally:
             os.close(fd)  # the import holds the memory now; a kept descriptor would pin it past the clear
         self._mem = _Mapped(dev, where, mem, handle.nbytes, f"the attached pool of rank {handle.rank}")
-        self.tensor = self._mem.raw.view(cfg.torch_dtype).view(cfg.pool_shape(handle.nbytes // cfg.block_bytes))
+        try:
+            self.tensor = self._mem.raw.view(cfg.torch_dtype).view(cfg.pool_shape(handle.nbytes // cfg.block_bytes))
+        except BaseException:  # a handle whose size does not fit the geometry: the range must be free again
+            self._mem.release(check_views=False)
+            raise
 
     def close(self) -> None:
         self.__dict__.pop("tensor", None)
