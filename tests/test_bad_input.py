@@ -358,6 +358,7 @@ def test_cache_config_keeps_its_python_api_and_checks_every_way_in() -> None:
         (lambda: CacheConfig(tp=0), "config: tp must be an integer >= 1, got 0"),
         (lambda: CacheConfig(layers=True), "config: layers must be an integer >= 1, got True"),
         (lambda: dataclasses.replace(cfg, tp=3), "config: kv_heads (4) must be divisible by tp (3)"),
+        (lambda: CacheConfig(stable_addresses=True), "config: stable_addresses needs backend cuda"),
         (lambda: CacheConfig.from_json('{"tp": 2, "colour": 1}'), "config: unknown field colour; the fields are"),
         (lambda: CacheConfig.from_json('{"tp": [2]}'), "config: tp must be an integer >= 1, got [2]"),
         (lambda: CacheConfig.from_json("[1]"), "config: expected a JSON object of CacheConfig fields, got list"),

@@ -81,6 +81,11 @@ ERRORS = [
         2,
         "mpkv: launch {i}: config: --nixl-port must be 0 (off) or a port in 1024..65534, got 80",
     ),
+    (
+        ["launch", "--name", "{i}", "--stable-addresses"],
+        2,
+        "mpkv: launch {i}: config: --stable-addresses needs --backend cuda (a CUDA virtual-memory pool)",
+    ),
     (["launch", "--name", "{i}/x"], 2, "mpkv: launch: argument --name: instance name '{i}/x' is not valid"),
     # Not a usage error: the command is well formed, the instance is just not running (as `kill` of a gone pid): 1.
     (["ctl", "{i}", "status"], 1, "mpkv: instance '{i}' is not running here"),
