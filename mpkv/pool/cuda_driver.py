@@ -177,7 +177,26 @@ def check_no_views(alive: Callable[[], object], what: str) -> None:
         )
 
 
-class Allocation:
+class _Held:
+    """Memory viewed as ``tensor`` at ``ptr`` on ``device``: ``_let_go`` drops our view and releases it, once."""
+
+    device: torch.device
+    ptr: int
+    _alive: Callable[[], object]
+
+    def _let_go(self, release: Callable[[int], None], what: str, check_views: bool) -> None:
+        """``check_views=False``: a failure is propagating whose traceback may still hold views nobody will use."""
+        if self.ptr == 0:
+            return
+        self.__dict__.pop("tensor", None)
+        if check_views:
+            check_no_views(self._alive, f"{what} at {self.ptr:#x}")
+        with on_device(self.device):  # the work queued on it ends first
+            release(self.ptr)
+        self.ptr = 0
+
+
+class Allocation(_Held):
     """``nbytes`` of device memory of ours, viewed as ``tensor`` (uint8); ``ipc_handle`` shares it."""
 
     def __init__(self, nbytes: int, device: torch.device) -> None:
@@ -197,19 +216,11 @@ class Allocation:
             return ipc_handle_of(self.ptr)
 
     def free(self, check_views: bool = True) -> None:
-        """Give the memory back to the device. Every importer must have closed it first (the handshake's order).
-        ``check_views=False``: a failure is propagating whose traceback may still hold views nobody will use."""
-        if self.ptr == 0:
-            return
-        self.__dict__.pop("tensor", None)
-        if check_views:
-            check_no_views(self._alive, f"the CUDA allocation at {self.ptr:#x}")
-        with on_device(self.device):  # queued work on it ends first
-            mem_free(self.ptr)
-        self.ptr = 0
+        """Give the memory back to the device. Every importer must have closed it first (the handshake's order)."""
+        self._let_go(mem_free, "the CUDA allocation", check_views)
 
 
-class Imported:
+class Imported(_Held):
     """Another process's ``Allocation``, mapped into this one by its IPC handle, as ``tensor``; ``close`` unmaps."""
 
     def __init__(self, handle: bytes, nbytes: int, device: torch.device) -> None:
@@ -224,15 +235,7 @@ class Imported:
             raise
 
     def close(self, check_views: bool = True) -> None:
-        """Unmap (``check_views`` as ``Allocation.free``'s)."""
-        if self.ptr == 0:
-            return
-        self.__dict__.pop("tensor", None)
-        if check_views:
-            check_no_views(self._alive, f"the CUDA IPC mapping at {self.ptr:#x}")
-        with on_device(self.device):  # our queued work on it ends before it is unmapped
-            ipc_close(self.ptr)
-        self.ptr = 0
+        self._let_go(ipc_close, "the CUDA IPC mapping", check_views)
 
 
 class _HostMemory:
@@ -242,7 +245,7 @@ class _HostMemory:
         self.__array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False), "version": 3}
 
 
-class PinnedHost:
+class PinnedHost(_Held):
     """``nbytes`` of pinned host memory of ours (cuMemHostAlloc), viewed as ``tensor`` (uint8, cpu): unlike torch's
     ``pin_memory=True``, whose caching host allocator keeps a freed block for reuse, ``free`` gives it back."""
 
@@ -261,14 +264,7 @@ class PinnedHost:
             raise
 
     def free(self, check_views: bool = True) -> None:
-        if self.ptr == 0:
-            return
-        self.__dict__.pop("tensor", None)
-        if check_views:
-            check_no_views(self._alive, f"the pinned host memory at {self.ptr:#x}")
-        with on_device(self.device):  # copies from or to it have ended
-            host_free(self.ptr)
-        self.ptr = 0
+        self._let_go(host_free, "the pinned host memory", check_views)
 
 
 def device_for(rank: int) -> torch.device:
