@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -193,7 +194,12 @@ def test_live_view_in_a_real_terminal(instance: str) -> None:
         until("the view to refresh", lambda: screen().splitlines()[0] != stamp)
         assert "worker r1" in screen() and "idle" in screen()
         tmux(f"{instance}tmux", "send-keys", "-t", f"{instance}tmux", "q", check=True)
-        after = until("mpkv-top to exit on q", lambda: screen() if "TOP-EXITED-" in screen() else "")
+        # the shell prints TOP-EXITED-<code>, then stty's icanon or -icanon: wait for both (a capture in between
+        # shows the first alone)
+        after = until(
+            "mpkv-top to exit on q, and the terminal's mode",
+            lambda: screen() if re.search(r"TOP-EXITED-.*\n(-?icanon)\n", screen(), re.S) else "",
+        )
         assert "TOP-EXITED-0" in after, after  # type: ignore[operator]
         assert "\nicanon" in "\n" + after, f"the terminal was not restored (still -icanon): {after}"  # type: ignore[operator]
         assert f"{instance} [live]" not in after, "the alternate screen was not left"  # type: ignore[operator]
