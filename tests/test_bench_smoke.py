@@ -16,6 +16,7 @@ def _bench(*args: str) -> str:
     return out.stdout
 
 
+@pytest.mark.slow  # ~25 s of two busy cores (the transports spin): with the soak tests, for the suite's 10 minutes
 def test_bench_ipc_quick() -> None:
     text = _bench("ipc")
     assert "mpkv ring" in text and "mp.Queue" in text and "idle blocked reader" in text
