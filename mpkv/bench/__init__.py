@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from mpkv import naming
+from mpkv.bench.machine import machine_line as machine_line  # weights' import (the one accounting: machine.py)
 
 
 def emit(lines: list[str], raw: dict[str, Any], json_path: str | None) -> None:
@@ -22,14 +23,6 @@ def emit(lines: list[str], raw: dict[str, Any], json_path: str | None) -> None:
 def all_equal(raw: dict[str, Any]) -> int:
     """The exit code of a benchmark that checks its results in the run: 1 if any row's results differed."""
     return 0 if all(row["equal"] for row in raw["rows"]) else 1
-
-
-def machine_line(when: str, m: dict[str, float]) -> str:
-    """How busy the rest of the machine was ``when`` (``Machine.stop()``'s record, mpkv.bench.allreduce)."""
-    return (
-        f"machine {when}: other processes used {m['others_cores']:.2f} cores on average over {m['wall_s']:.1f} s; "
-        f"load average {m['loadavg_start']:.2f} -> {m['loadavg_end']:.2f}"
-    )
 
 
 @contextmanager

@@ -11,7 +11,7 @@ difference), then times ``iters`` all-reduces per repeat, shm and gloo alternati
 all-reduce is timed on its own, its input refilled outside the timed span (an in-place sum would otherwise
 double the values every call); the row reports rank 0's median (and 90th percentile) over all timed calls,
 and the spread of the per-repeat medians. How busy the rest of the machine was is reported with the numbers:
-the load average, and the CPU time of every process but the benchmark's from /proc/stat, in cores.
+other processes' CPU and the hypervisor's steal, as % of the cores (mpkv.bench.machine).
 
 Every wait is bounded (the all-reduce's own deadline, gloo's timeout, the parent's wait for its children);
 the children are joined or killed, the process group destroyed, and every shared-memory name unlinked, on
@@ -36,10 +36,10 @@ from typing import Any
 import torch
 
 from mpkv import naming
-from mpkv.bench import all_equal, emit, machine_line
+from mpkv.bench import all_equal, emit
 from mpkv.bench.links import CTX
+from mpkv.bench.machine import Machine, noise_line
 from mpkv.shm.allreduce import AllReduce, create_allreduce
-from mpkv.shm.proc import cpu_seconds
 from mpkv.shm.registry import Registry
 
 # (label, tokens, hidden): what a layer of a TP=2 Llama reduces per step.
@@ -144,36 +144,6 @@ def rank_main(name: str, store: str, plan: Plan, rank: int, conn: Connection) ->
 
 
 # -- the parent ---------------------------------------------------------------------------------------------
-
-
-class Machine:
-    """What else ran meanwhile: CPU time of every process but ours (this one and the ranks), in cores."""
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.loadavg0 = os.getloadavg()[0]
-        self.busy0, self.ours0, self.wall0 = self._busy(), self._ours(), time.perf_counter()
-
-    @staticmethod
-    def _busy() -> float:
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-    def _ours(self) -> float:
-        t = os.times()
-        return t.user + t.system + sum(cpu_seconds(p) for p in self.pids)
-
-    def stop(self) -> dict[str, float]:
-        # The ranks are sampled before they exit: a reaped child's time would leave /proc and count as others'.
-        wall = time.perf_counter() - self.wall0
-        others = (self._busy() - self.busy0) - (self._ours() - self.ours0)
-        return {
-            "others_cores": max(others, 0.0) / wall,
-            "loadavg_start": self.loadavg0,
-            "loadavg_end": os.getloadavg()[0],
-            "wall_s": wall,
-        }
 
 
 def _collect(kids: list[tuple[BaseProcess, Connection]], deadline_s: float) -> list[Any]:
@@ -287,7 +257,7 @@ def report(r: dict[str, Any]) -> list[str]:
             f"({b['p90_us']:.1f}) | {min(b['repeat_medians_us']):.1f}-{max(b['repeat_medians_us']):.1f} | "
             f"{b['median_us'] / a['median_us']:.1f}x | {'yes' if row['equal'] else 'NO'} |"
         )
-    lines += ["", machine_line("meanwhile", m)]
+    lines += ["", noise_line(m)]
     return lines
 
 

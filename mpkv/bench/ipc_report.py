@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import resource
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from mpkv.bench.links import (
     RING,
     Params,
 )
+from mpkv.bench.machine import Noise, Sample, busy, nproc, sample
 
 
 @dataclass
@@ -138,38 +138,20 @@ def _sleep_note(ring: Row | None) -> list[str]:
     return lines
 
 
-def cpu_now() -> tuple[float, float, float]:
-    """(CPU seconds of the whole machine, of which stolen by the hypervisor, of this process and its reaped
-    children)."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
-    hz = os.sysconf("SC_CLK_TCK")
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    own = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-    return (user + nice + system + irq + softirq) / hz, steal / hz, own
+def cpu_now() -> Sample:
+    """The start of the run's one window (the machine's and our CPU time: mpkv.bench.machine)."""
+    return sample()
 
 
-@dataclass
-class Background:
-    """What else ran during the run: the CPU time of other processes, and what the hypervisor stole."""
-
-    other_cpu_s: float
-    steal_s: float
-    wall_s: float
+class Background(Noise):
+    """What else ran during the run (mpkv.bench.machine's accounting, one window)."""
 
     @classmethod
-    def since(cls, before: tuple[float, float, float], wall_s: float) -> Background:
-        busy, steal, own = (b - a for a, b in zip(before, cpu_now(), strict=True))
-        return cls(max(busy - own, 0.0), steal, wall_s)
-
-    def describe(self, nproc: int) -> str:
-        other, stolen = (100 * x / (self.wall_s * nproc) for x in (self.other_cpu_s, self.steal_s))
-        text = (
-            f"meanwhile other processes used {other:.0f} % of the {nproc} cores and the hypervisor stole "
-            f"{stolen:.0f} % ({self.other_cpu_s:.1f} and {self.steal_s:.1f} CPU-s)"
-        )
-        return text + (": expect noisier numbers than on a quiet machine" if max(other, stolen) > 5 else "")
+    def since(cls, before: Sample, wall_s: float) -> Background:
+        n = cls(nproc())
+        n.add(before, sample())
+        n.wall_s = wall_s  # the run's own clock (started with ``before``)
+        return n
 
 
 @dataclass
@@ -258,9 +240,12 @@ def report(run: Run) -> list[str]:
         "",
         f"targets (stated for a 2-core machine{scope}{'; quick run: indicative only' if run.quick else ''}):",
     ]
+    why = busy(run.background.record())
     for t in run.targets():
-        verdict = "n/a " if t.ok is None else "PASS" if t.ok else "MISS"
+        verdict = "n/a " if t.ok is None else "----" if why else "PASS" if t.ok else "MISS"
         lines.append(f"  {verdict}  {t.what}: {t.measured}")
+    if why:
+        lines.append(f"  no verdict: the machine was busy ({why})")
     lines.append(f"wall time: {run.wall_s:.1f} s")
-    lines.append(run.background.describe(nproc))
+    lines.append(run.background.line())
     return lines
