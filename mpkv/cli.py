@@ -100,8 +100,10 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from mpkv.bench import gpu, ipc, lifecycle, model, pd, weights
+    from mpkv.bench import gpu, ipc, lifecycle, model, pd, plot, weights
 
+    if args.plot and (why := plot.missing(args.what)):  # before the benchmark runs, not after minutes of it
+        raise UsageError(f"bench {args.what}: {why}")
     runners: dict[str, Callable[[argparse.Namespace], int]] = {
         "model": model.main,
         "pd": pd.main,
@@ -441,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run, not for the record)")
     b.add_argument("--json", metavar="FILE", help="also write the raw results as JSON (default: not written)")
+    b.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="rl, swap, pd: also draw the curves as a PNG, with matplotlib: mpkv[bench] (default: not drawn)",
+    )
     b.add_argument(
         "--only",
         metavar="CHECKS",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,12 @@ def test_bench_ipc_quick() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("what", ["rl", "swap"])
-def test_bench_lifecycle_quick(what: str) -> None:
-    assert "target:" in _bench(what)
+@pytest.mark.parametrize("what", ["rl", "swap", "pd"])
+def test_bench_lifecycle_quick(what: str, tmp_path: Path) -> None:
+    """Each prints what else ran and its targets (a verdict or why not), and draws its curves with --plot."""
+    plot = tmp_path / f"{what}.png"
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    text = _bench(what, *(["--plot", str(plot)] if has_mpl else []))
+    assert "machine while measuring" in text and "target:" in text
+    if has_mpl:
+        assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
