@@ -178,7 +178,7 @@ def test_pd_report_prints_kib_per_layer_and_gates_row_verdicts() -> None:
     assert any(line.startswith("| 256 | 4.0 | 512 | ") and line.endswith("after-prefill: PASS |") for line in quiet)
     noisy = "\n".join(pd.report_pd(_pd(machine=BUSY)))
     assert "PASS" not in noisy and "MISS" not in noisy
-    assert "layer-wise <= 1.15x alone: no verdict: the machine was busy" in noisy
+    assert "| layer-wise <= 1.15x alone: no verdict (busy) |" in noisy
 
 
 # -- --plot -------------------------------------------------------------------------------------------------------

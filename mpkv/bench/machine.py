@@ -128,6 +128,11 @@ def verdict(ok: bool, m: Mapping[str, Any]) -> str:
     return "PASS" if ok else "MISS"
 
 
+def verdict_cell(ok: bool, m: Mapping[str, Any]) -> str:
+    """``verdict`` for a table cell: the reason is the machine line's."""
+    return "no verdict (busy)" if busy(m) else verdict(ok, m)
+
+
 def verdict_line(target: str, measured: str, ok: bool, m: Mapping[str, Any]) -> str:
     """``target: TARGET: MEASURED -> PASS|MISS`` (or the busy machine's no-verdict)."""
     return f"target: {target}: {measured} -> {verdict(ok, m)}"

@@ -27,7 +27,7 @@ import torch
 
 from mpkv.bench import emit
 from mpkv.bench.lifecycle import draw_plot, launched
-from mpkv.bench.machine import Noise, noise_line, nproc, verdict, verdict_line
+from mpkv.bench.machine import Noise, noise_line, nproc, verdict_cell, verdict_line
 from mpkv.client import Client
 from mpkv.config import CacheConfig
 from mpkv.pd.nixl import NixlUnavailable, load_nixl
@@ -151,9 +151,9 @@ def report_pd(r: dict[str, Any]) -> list[str]:
         vs = ms["layerwise"] / ms["after"]
         target = ""
         if row["tokens"] >= LONG:
-            target = f"layer-wise <= 1.15x alone: {verdict(lw <= 1.15, m)}"
+            target = f"layer-wise <= 1.15x alone: {verdict_cell(lw <= 1.15, m)}"
         elif row["tokens"] <= SHORT:
-            target = f"layer-wise <= after-prefill: {verdict(vs <= 1.0, m)}"
+            target = f"layer-wise <= after-prefill: {verdict_cell(vs <= 1.0, m)}"
         over = f" {ms['nixl']:.1f} ({ms['nixl'] / ms['alone']:.2f}x) |" if nixl else ""
         out.append(
             f"| {row['tokens']} | {row['bytes'] / 2**20:.1f} | {layer_bytes(row, c['layers']) / 1024:.0f} | "

@@ -46,7 +46,7 @@ def _save(fig: Figure, path: str, title: str) -> None:
 def rl(r: dict[str, Any], path: str) -> None:
     """Handshake cycle and CPU per cycle against TP, with the floor; restore and clear against pool size, with
     the allocation and release floors."""
-    from mpkv.bench.lifecycle import HOPS_PER_CYCLE
+    from mpkv.bench.lifecycle import HOPS_PER_CYCLE, TARGET_CYCLE_MS, TARGET_TP
 
     fig, (by_tp, cpu, by_pool) = _figure(3)
     tps = [t["tp"] for t in r["tp_rows"]]
@@ -54,6 +54,7 @@ def rl(r: dict[str, Any], path: str) -> None:
     by_tp.plot(tps, [t["cycle"] for t in r["tp_rows"]], "o-", label="handshake cycle p50 (1-block pool)")
     by_tp.plot(tps, [t["cycle_p99"] for t in r["tp_rows"]], "o:", label="p99")
     by_tp.axhline(floor_ms, color="gray", linestyle="--", label=f"floor: {HOPS_PER_CYCLE} one-way signals")
+    by_tp.axhline(TARGET_CYCLE_MS, color="red", linestyle=":", label=f"target at TP={TARGET_TP}")
     by_tp.set(xlabel="TP", ylabel="ms", xticks=tps, title="handshake cycle")
     cpu.plot(tps, [t["actor_cpu"] for t in r["tp_rows"]], "o-", label="actors (summed)")
     cpu.plot(tps, [t["controller_cpu"] for t in r["tp_rows"]], "o-", label="controller")
@@ -66,6 +67,7 @@ def rl(r: dict[str, Any], path: str) -> None:
     by_pool.plot(mib, [p["floor"]["free"] for p in r["pool_rows"]], "s--", label="release floor")
     by_pool.set(xscale="log", yscale="log", xlabel="MiB per tier (TP=1)", ylabel="ms", title="restore, clear")
     by_pool.set_xticks(mib, [str(x) for x in mib])
+    by_pool.minorticks_off()
     for ax in (by_tp, cpu, by_pool):
         ax.legend(fontsize="small")
     _save(fig, path, "mpkv bench rl")
@@ -79,6 +81,7 @@ def swap(r: dict[str, Any], path: str) -> None:
         ax.plot(kib, [row[key] / GB for row in r["rows"]], style, label=label)
     ax.set(xscale="log", xlabel="block KiB", ylabel="GB/s", title="swap vs memcpy, same bytes")
     ax.set_xticks(kib, [str(x) for x in kib])
+    ax.minorticks_off()
     ax.set_ylim(bottom=0)
     ax.legend(fontsize="small")
     _save(fig, path, "mpkv bench swap")
@@ -93,6 +96,8 @@ def pd(r: dict[str, Any], path: str) -> None:
     ax.plot(kib, [row["ship_gbs"] for row in r["rows"]], "o-", label="ship (messager in the transport)")
     ax.plot(kib, [row["copy_gbs"] for row in r["rows"]], "s--", label="plain copy")
     ax.set(xscale="log", xlabel="KiB per layer", ylabel="GB/s", title="prefill -> decode, same host")
+    ax.set_xticks(kib, [f"{x:.0f}" for x in kib])
+    ax.minorticks_off()
     ax.set_ylim(bottom=0)
     ax.legend(fontsize="small")
     _save(fig, path, "mpkv bench pd")
