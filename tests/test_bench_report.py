@@ -82,6 +82,11 @@ def test_noise_adds_windows_and_subtracts_our_own_cpu() -> None:
     assert (m["loadavg_start"], m["loadavg_end"]) == (0.5, 0.9)
     assert busy(m) is None
     assert "other processes used 2.5 % of the 2 cores, the hypervisor stole 1.0 %" in noise_line(m)
+    # a window that came out below zero (ticks against finer rusage) offsets the others, the sum is clamped
+    n.add(Sample(30.0, 3.0, 20.0, 300.0, 0.9), Sample(30.0, 3.0, 20.1, 310.0, 0.9))
+    assert n.record()["other_cpu_s"] == pytest.approx(0.4)
+    n.add(Sample(40.0, 3.0, 30.0, 400.0, 0.9), Sample(40.0, 3.0, 31.0, 410.0, 0.9))
+    assert n.record()["other_cpu_s"] == 0.0 and n.record()["other_pct"] == 0.0
 
 
 def test_quiet_threshold_is_others_plus_steal() -> None:

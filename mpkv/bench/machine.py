@@ -71,7 +71,9 @@ class Noise:
     loadavg_end: float | None = None
 
     def add(self, a: Sample, b: Sample) -> None:
-        self.other_cpu_s += max((b.busy_s - a.busy_s) - (b.ours_s - a.ours_s), 0.0)
+        # Not clamped here: /proc/stat counts in ticks, getrusage finer, so a quiet window may come out a little
+        # below zero; the sum over the windows is clamped once (record), not biased by each window's rounding.
+        self.other_cpu_s += (b.busy_s - a.busy_s) - (b.ours_s - a.ours_s)
         self.steal_s += b.steal_s - a.steal_s
         self.wall_s += b.wall_s - a.wall_s
         if self.loadavg_start is None:
@@ -89,8 +91,9 @@ class Noise:
     def record(self) -> dict[str, Any]:
         """The JSON form, with the percentages that ``line`` and ``verdict_line`` read."""
         span = max(self.wall_s, 1e-9) * self.cores
-        pct = {"other_pct": 100 * self.other_cpu_s / span, "steal_pct": 100 * self.steal_s / span}
-        return asdict(self) | pct | {"quiet_pct": QUIET_PCT}
+        other = max(self.other_cpu_s, 0.0)
+        pct = {"other_pct": 100 * other / span, "steal_pct": 100 * self.steal_s / span}
+        return asdict(self) | {"other_cpu_s": other} | pct | {"quiet_pct": QUIET_PCT}
 
     def line(self) -> str:
         return noise_line(self.record())
