@@ -144,7 +144,7 @@ def _cycles(ctl: Controller, cycles: int, pids: list[int], out: dict[str, list[f
     out["controller_cpu"] = [(time.process_time() - ctl0) / cycles * 1e3]
 
 
-TPS, QUICK_TPS = (1, 2, 4, 8), (1, 2)
+TPS, QUICK_TPS = (1, 2, 4, 8), (1, 4)  # quick: still the target's TP
 POOL_MIB, QUICK_POOL_MIB = (4, 16, 64, 256), (4, 64)  # per tier (device pool, host pool) at TP=1
 TARGET_TP, TARGET_CYCLE_MS, GOAL_CYCLE_MS, TARGET_X_FLOOR = 4, 3.0, 2.0, 10.0
 TARGET_MIB, TARGET_X_ALLOC = 64, 1.2
