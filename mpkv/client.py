@@ -15,9 +15,11 @@ rank's reason. Only then may the caller reuse the source blocks, and the decode 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import numbers
+import os
 import secrets
 import threading
 import time
@@ -71,6 +73,18 @@ from mpkv.shm.ring import RingReader, RingWriter
 
 SUBMIT_LOCK_S = 120.0  # a put may block 60 s on a full ring: twice that is a submission that hangs
 
+# NOTE [ a swap's wait spins for its expected time ]
+# A process asleep on a futex costs ~0.1-0.3 ms to wake on this VM (an inter-processor interrupt; an exit to the
+# hypervisor), as much as the copy of a few MiB. So a wait for a swap first spins (yielding the core: 7+ processes
+# share 2 cores) until about when the swap should be done, then sleeps in the ring's bounded wait as any wait does.
+# The expected time is the swap's bytes over this client's swap rate, learned from the swaps it waited for (their
+# latency from submission to completion, so it covers the hand-over too); it starts from MPKV_COPY_GBPS. A spin
+# ends as soon as the completion is there, so a rate too low costs only some yielding; one too high ends the spin
+# early, and the wait sleeps as before. The spin is capped: a long swap pays one wake-up, a small share of it.
+COPY_RATE_DEFAULT = float(os.environ.get("MPKV_COPY_GBPS", "2")) * 1e9  # bytes/s before any swap was measured
+SPIN_MARGIN = 2.0  # spin up to this many expected times: a swap's latency varies with the machine's load
+SPIN_CAP_S = float(os.environ.get("MPKV_SWAP_SPIN_US", "10000")) * 1e-6  # at most; 0: never spin (to compare)
+
 
 @dataclass(frozen=True)
 class Ticket:
@@ -80,6 +94,9 @@ class Ticket:
     also: tuple[Role, ...] = ()  # other roles that complete the same task (a PD batch: the messagers)
     dest: Client | None = None  # a PD batch: the decode instance's client, and the leases it granted
     leases: tuple[Lease, ...] = ()
+    moved: int = 0  # a swap: bytes each rank copies (NOTE [ a swap's wait spins for its expected time ])
+    parts: tuple[int, ...] = ()  # a batch of swap-outs: each request's number of blocks, in order
+    submitted: float = 0.0  # time.monotonic() when it was submitted
 
 
 class Client:
@@ -109,6 +126,7 @@ class Client:
         # task (still in flight when it closed) can never be taken for one of ours.
         self._session = secrets.randbits(31) + 1
         self._seq = itertools.count((self._session << 32) + 1)
+        self._swap_rate = COPY_RATE_DEFAULT  # bytes/s (NOTE [ a swap's wait spins for its expected time ])
 
     # -- tasks --------------------------------------------------------------------------------------------------
     # Every argument is checked (mpkv.blocks) before anything is written to a ring: a bad one raises a BadTask
@@ -201,7 +219,7 @@ class Client:
 
     def swap_out(self, blocks: np.ndarray) -> Ticket:
         ids = self._ids(blocks, self.cfg.device_blocks, "device blocks")
-        return self._submit(Role.TRANSFER, SwapOut(next(self._seq), ids), "swap-out")
+        return self._submit(Role.TRANSFER, SwapOut(next(self._seq), ids), "swap-out", moved=len(ids))
 
     def swap_in(self, slots: np.ndarray, blocks: np.ndarray, free_slots: bool = True) -> Ticket:
         ids = self._ids(blocks, self.cfg.device_blocks, "device blocks")
@@ -209,7 +227,65 @@ class Client:
         if len(host) != len(ids):
             raise BadBlocks(f"swap-in: {len(host)} host slots for {len(ids)} device blocks")
         task = SwapIn(next(self._seq), host, ids, check_flag(free_slots, "swap_in's free_slots"))
-        return self._submit(Role.TRANSFER, task, "swap-in")
+        return self._submit(Role.TRANSFER, task, "swap-in", moved=len(ids))
+
+    # A batch of swaps is one task: one hand-over to the transfer manager and one completion for all its requests,
+    # where separate tasks pay a wake-up each way per request (~0.1-0.3 ms on a VM, as much as copying a few MiB).
+    # Every request is checked, and the whole batch (no block or slot in two requests), before anything is submitted.
+    def swap_out_batch(self, requests: Sequence[np.ndarray]) -> Ticket:
+        """Swap out several requests' device blocks as one task; ``slots_of(ticket, wait(ticket))`` gives each
+        request's host slots, in order (as ``swap_out``'s completion gives one request's)."""
+        parts = self._batch(requests, "swap-out batch")
+        ids = [self._ids(b, self.cfg.device_blocks, f"swap-out batch, request {i}: device blocks") for i, b in parts]
+        every = self._whole(ids, self.cfg.device_blocks, "swap-out batch: device blocks")
+        task = SwapOut(next(self._seq), every)
+        ticket = self._submit(Role.TRANSFER, task, f"swap-out of {len(ids)} requests", moved=len(every))
+        return dataclasses.replace(ticket, parts=tuple(len(i) for i in ids))
+
+    def swap_in_batch(self, requests: Sequence[tuple[np.ndarray, np.ndarray]], free_slots: bool = True) -> Ticket:
+        """Swap in several requests as one task: each (host slots, device blocks) as ``swap_in`` takes them."""
+        parts = self._batch(requests, "swap-in batch")
+        slots, blocks = [], []
+        for i, item in parts:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise BadTask(f"swap-in batch, request {i}: expected (host slots, device blocks), got {item!r:.80}")
+            host = self._ids(item[0], self.cfg.host_blocks, f"swap-in batch, request {i}: host slots")
+            ids = self._ids(item[1], self.cfg.device_blocks, f"swap-in batch, request {i}: device blocks")
+            if len(host) != len(ids):
+                raise BadBlocks(f"swap-in batch, request {i}: {len(host)} host slots for {len(ids)} device blocks")
+            slots.append(host)
+            blocks.append(ids)
+        every_slot = self._whole(slots, self.cfg.host_blocks, "swap-in batch: host slots")
+        every_block = self._whole(blocks, self.cfg.device_blocks, "swap-in batch: device blocks")
+        task = SwapIn(next(self._seq), every_slot, every_block, check_flag(free_slots, "swap_in_batch's free_slots"))
+        return self._submit(Role.TRANSFER, task, f"swap-in of {len(slots)} requests", moved=len(every_block))
+
+    @staticmethod
+    def _batch(requests: object, what: str) -> list[tuple[int, object]]:
+        if not isinstance(requests, (list, tuple)) or not requests:
+            raise BadTask(f"a {what} is a non-empty list of requests, got {requests!r:.80}")
+        return list(enumerate(requests))
+
+    def _whole(self, parts: list[np.ndarray], limit: int, what: str) -> np.ndarray:
+        """The requests' ids as one task's: an id in two requests is refused (two copies into one place)."""
+        return self._ids(np.concatenate(parts), limit, f"{what} (of all requests together)")
+
+    @staticmethod
+    def slots_of(ticket: Ticket, dones: list[Done]) -> list[np.ndarray]:
+        """Each request's host slots from the completions of ``swap_out_batch``'s ``ticket``, in order. Every rank
+        allocated the same slots (the same task stream), or something broke rank uniformity and this says so."""
+        first = dones[0].slots
+        if not ticket.parts or first is None:
+            raise BadTicket(
+                f"{ticket.what} (task {ticket.seq}) is not a swap-out batch, or these are not its completions"
+            )
+        for d in dones[1:]:
+            if d.slots is None or not np.array_equal(d.slots, first):
+                raise MpkvError(
+                    f"task {d.seq}: rank {d.rank} allocated host slots {d.slots}, rank {dones[0].rank} {first}: the "
+                    "ranks' host pools diverged"
+                )
+        return np.split(first, np.cumsum(ticket.parts)[:-1])
 
     def read_blocks(self, blocks: np.ndarray, host: bool = False) -> Ticket:
         host = check_flag(host, "read_blocks' host")
@@ -365,7 +441,9 @@ class Client:
         role: Role,
         task: Prefill | PrefillBatch | Decode | SwapOut | SwapIn | ReadBlocks | PrefillSend,
         what: str,
+        moved: int = 0,
     ) -> Ticket:
+        """``moved``: the blocks a swap copies on each rank, so that its wait can spin for its expected time."""
         ring = self._tasks[role]
         # The check and the put, as one step for a PAUSE or SHUTDOWN (NOTE [ submission gate ]); the gate is a flag,
         # so one thread at a time passes it.
@@ -377,7 +455,7 @@ class Client:
                 ring.put(TASK_CODEC.encode(task), timeout_s=60)
         finally:
             self._submitting.release()
-        return Ticket(role, task.seq, what)
+        return Ticket(role, task.seq, what, moved=moved * self.cfg.block_bytes, submitted=time.monotonic())
 
     def check_serving(self) -> None:
         """Refuse early when the instance is paused, cleared or broken, or a pause or shutdown is being issued."""
@@ -417,8 +495,12 @@ class Client:
         task), and are taken out only once every rank's is there. Wait again to collect the rest."""
         timeout_s = self._check_wait(ticket, timeout_s, send=False)
         deadline = time.monotonic() + timeout_s
+        spin_until = self._spin_until(ticket)
+        waited = False
         for r in range(self.cfg.tp):
-            self._collect(ticket, ticket.role, r, deadline, timeout_s)
+            waited |= self._collect(ticket, ticket.role, r, deadline, timeout_s, spin_until)
+        if waited and ticket.moved:
+            self._learn_rate(ticket.moved, time.monotonic() - ticket.submitted)
         dones = [self._early[(ticket.role, r)].pop(ticket.seq) for r in range(self.cfg.tp)]
         bad = [d for d in dones if d.error]
         if bad:
@@ -428,29 +510,57 @@ class Client:
             )
         return dones
 
-    def _collect(self, ticket: Ticket, role: Role, rank: int, deadline: float, timeout_s: float) -> None:
+    def _spin_until(self, ticket: Ticket) -> float:
+        """When a wait for ``ticket`` stops spinning and may sleep (NOTE [ a swap's wait spins for its expected
+        time ]); 0 for a task that is no swap."""
+        if not ticket.moved:
+            return 0.0
+        return ticket.submitted + min(SPIN_MARGIN * ticket.moved / self._swap_rate, SPIN_CAP_S)
+
+    def _learn_rate(self, moved: int, latency_s: float) -> None:
+        """Fold one swap's bytes over its latency into the rate (a moving average: one slow swap, preempted,
+        moves it a quarter of the way)."""
+        if latency_s > 0:
+            self._swap_rate = 0.75 * self._swap_rate + 0.25 * moved / latency_s
+
+    def _collect(
+        self, ticket: Ticket, role: Role, rank: int, deadline: float, timeout_s: float, spin_until: float = 0.0
+    ) -> bool:
         """Read (role, rank)'s completion ring until ``ticket``'s completion is in ``_early``. Every completion
         read is kept there, ours or another ticket's (the caller may wait for its tickets in any order), until
-        the caller takes it out; a timeout leaves it all in place."""
+        the caller takes it out; a timeout leaves it all in place. Spins up to ``spin_until`` (time.monotonic())
+        before it may sleep. Returns whether it had to wait (the completion was not there yet)."""
         key = (role, rank)
         early, ring = self._early[key], self._done[key]
+        waited = False
         while ticket.seq not in early:
-            left = deadline - time.monotonic()
-            try:
-                # Past the deadline (one for all the ranks of the caller's wait, which an earlier rank may have
-                # used up), only a glance: what is in the ring is still read, and a writer that died still named.
-                raw = ring.get(timeout_s=max(left, 1e-6))
-            except PeerDied as e:
-                raise PeerDied(f"{ticket.what} (task {ticket.seq}) lost: {self.inst.culprits()}. ({e})") from None
-            except WaitTimeout as e:
-                why = "its completion ring was still empty, past the one deadline of this wait" if left <= 0 else e
-                raise WaitTimeout(
-                    f"{ticket.what} (task {ticket.seq}): no completion from {role.name.lower()} r{rank} within "
-                    f"{timeout_s:g} s ({why}); the completions read so far are kept: wait again to collect them"
-                ) from None
+            raw = ring.try_get()
+            if raw is None:
+                waited = True
+                spin = min(spin_until, deadline) - time.monotonic()
+                if spin > 0:  # yielding, and short (SPIN_CAP_S); then the bounded wait below, asleep if need be
+                    ring.spin_for(spin)
+                raw = self._get(ticket, role, rank, ring, deadline, timeout_s)
             done = DONE_CODEC.decode(raw)
             if done.seq >> 32 == self._session:  # else: an earlier client's, dropped
                 early[done.seq] = done
+        return waited
+
+    def _get(self, ticket: Ticket, role: Role, rank: int, ring: RingReader, deadline: float, timeout_s: float) -> bytes:
+        """The next completion on (role, rank)'s ring, waited for up to ``deadline``."""
+        left = deadline - time.monotonic()
+        try:
+            # Past the deadline (one for all the ranks of the caller's wait, which an earlier rank may have used
+            # up), only a glance: what is in the ring is still read, and a writer that died still named.
+            return ring.get(timeout_s=max(left, 1e-6))
+        except PeerDied as e:
+            raise PeerDied(f"{ticket.what} (task {ticket.seq}) lost: {self.inst.culprits()}. ({e})") from None
+        except WaitTimeout as e:
+            why = "its completion ring was still empty, past the one deadline of this wait" if left <= 0 else e
+            raise WaitTimeout(
+                f"{ticket.what} (task {ticket.seq}): no completion from {role.name.lower()} r{rank} within "
+                f"{timeout_s:g} s ({why}); the completions read so far are kept: wait again to collect them"
+            ) from None
 
     def _check_wait(self, ticket: object, timeout_s: object, send: bool) -> float:
         """Refuse what is not a ticket this client issued (waiting for it could only time out), a send's ticket

@@ -249,3 +249,35 @@ def test_clear_with_swaps_in_flight(owned: tuple[str, str]) -> None:
         ctl.restore()
         ctl.resume()
         prefill_and_verify(client, gen, blocks, wv)  # the instance serves again, same weights
+
+
+def test_a_batch_of_swaps_is_one_task_and_keeps_its_requests_apart(owned: tuple[str, str], rng) -> None:
+    instance, _ = owned
+    gen = np.random.default_rng(rng.randrange(2**32))
+    with Controller(instance) as ctl, Client(instance) as client:
+        wv = ctl.weight_version
+        picked = gen.permutation(client.cfg.device_blocks)[:12].astype(np.int32)
+        requests, others = [picked[0:2], picked[2:5], picked[5:6]], [picked[6:8], picked[8:11], picked[11:12]]
+        tokens = [prefill_and_verify(client, gen, b, wv) for b in requests]
+        in_use = [client.inst.usage.read(r).epoch for r in range(client.cfg.tp)]
+        n = client.cfg.device_blocks
+        # A bad request refuses the whole batch before anything is submitted: no host slot is taken.
+        with pytest.raises(BadBlocks, match=rf"request 1: device blocks \[{n}\] out of range"):
+            client.swap_out_batch([requests[0], np.array([0, n]), requests[2]])
+        twice = rf"\(of all requests together\) \[{requests[0][0]}\] appear more than once"
+        with pytest.raises(BadBlocks, match=twice):
+            client.swap_out_batch([requests[0], requests[0][:1]])
+        with pytest.raises(BadTask, match="non-empty list of requests"):
+            client.swap_out_batch([])
+        assert [client.inst.usage.read(r).epoch for r in range(client.cfg.tp)] == in_use
+        ticket = client.swap_out_batch(requests)
+        slots = client.slots_of(ticket, client.wait(ticket))
+        assert [len(s) for s in slots] == [len(b) for b in requests]
+        for t, s in zip(tokens, slots, strict=True):
+            verify(client, t, s, wv, host=True)
+        with pytest.raises(BadBlocks, match="request 2: 2 host slots for 1 device blocks"):
+            client.swap_in_batch([(slots[0], others[0]), (slots[1], others[1]), (slots[0], others[2])])
+        client.wait(client.swap_in_batch(list(zip(slots, others, strict=True))))
+        for t, b in zip(tokens, others, strict=True):
+            verify(client, t, b, wv)
+        assert [client.inst.usage.read(r).epoch for r in range(client.cfg.tp)] == in_use  # the slots are free again
