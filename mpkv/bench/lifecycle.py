@@ -9,7 +9,8 @@ rl:   the clear+restore cycle (pause, clear, restore, resume) with one-block poo
       pools with mpkv's own functions, exactly as the actors do (allocate_device_pool: the pool owner;
       allocate_host_pool: the transfer manager's restore_host; both zero-fill every page). The roles allocate
       in parallel, so the floor is the slower of the two: the max of the per-pool medians. The release floor
-      (free of each pool) stands next to clear the same way.
+      (free of each pool) stands next to clear the same way. Both are measured after each cycle, side by side
+      with it, while the instance waits.
 swap: swap-out and swap-in bytes/s through a launched instance (client -> ring -> transfer manager -> copy ->
       completion) against a plain copy (memcpy) of the same number of bytes in this process.
 
@@ -107,26 +108,31 @@ def one_way_signal_us(n: int) -> float:
 # -- rl -----------------------------------------------------------------------------------------------------------
 
 
-def cycle_ms(inst: LaunchedInstance, cycles: int, noise: Noise) -> dict[str, list[float]]:
+def cycle_ms(
+    inst: LaunchedInstance, cycles: int, noise: Noise, between: Callable[[], None] | None = None
+) -> dict[str, list[float]]:
     """Per-step latencies of ``cycles`` cycles (after 3 warm-up cycles), plus the CPU time per cycle that the
-    actors (summed) and the controller spent: on 2 cores, their sum over 2 bounds the cycle from below. The
-    cycles are a window of ``noise``, closed before the shutdown (exiting actors would take their time along)."""
+    actors (summed) and the controller spent: on 2 cores, their sum over 2 bounds the cycle from below.
+    ``between``: a baseline run after each cycle, untimed here (so both see the same machine). The cycles are a
+    window of ``noise``, closed before the shutdown (exiting actors would take their time along)."""
     from mpkv.controller import Controller
 
     out: dict[str, list[float]] = {"cycle": [], "pause": [], "clear": [], "restore": [], "resume": []}
     with Controller(inst.name) as ctl:
         pids = [ctl.inst.status.read(i).writer.pid for i in range(3 * ctl.cfg.tp)]
         with noise.window([inst.pid, *pids]):
-            _cycles(ctl, cycles, pids, out)
+            _cycles(ctl, cycles, pids, out, between)
         ctl.shutdown()
     return out
 
 
-def _cycles(ctl: Controller, cycles: int, pids: list[int], out: dict[str, list[float]]) -> None:
-    actors0, ctl0 = 0.0, 0.0
+def _cycles(
+    ctl: Controller, cycles: int, pids: list[int], out: dict[str, list[float]], between: Callable[[], None] | None
+) -> None:
+    actors0, ctl0, aside = 0.0, 0.0, 0.0
     for i in range(cycles + 3):
         if i == 3:
-            actors0, ctl0 = sum(cpu_seconds(p) for p in pids), time.process_time()
+            actors0, ctl0, aside = sum(cpu_seconds(p) for p in pids), time.process_time(), 0.0
         steps: list[tuple[str, Callable[[], StepResult]]] = [
             ("pause", ctl.pause),
             ("clear", ctl.clear),
@@ -140,8 +146,12 @@ def _cycles(ctl: Controller, cycles: int, pids: list[int], out: dict[str, list[f
             for k, v in lat.items():
                 out[k].append(v)
             out["cycle"].append(total)
+        if between is not None:
+            c0 = time.process_time()
+            between()
+            aside += time.process_time() - c0  # the baseline's CPU is not the controller's
     out["actor_cpu"] = [(sum(cpu_seconds(p) for p in pids) - actors0) / cycles * 1e3]
-    out["controller_cpu"] = [(time.process_time() - ctl0) / cycles * 1e3]
+    out["controller_cpu"] = [(time.process_time() - ctl0 - aside) / cycles * 1e3]
 
 
 TPS, QUICK_TPS = (1, 2, 4, 8), (1, 4)  # quick: still the target's TP
@@ -161,35 +171,45 @@ def _instance_pids(inst: LaunchedInstance) -> list[int]:
     return [inst.pid, *inst.pids.values()]
 
 
-def alloc_floor_ms(cfg: CacheConfig, repeats: int) -> dict[str, float]:
+class AllocFloor:
     """The allocation floor of a restore (and the release floor of a clear) with pools of ``cfg``, in this
-    process: medians over ``repeats`` (after one warm-up) of allocating the device pool and the host pool with
-    mpkv's own functions (allocate_device_pool, allocate_host_pool: what the owner and the transfer manager call,
-    zero-fill included) and of freeing them. The roles allocate in parallel, so the floor is the slower pool."""
-    from mpkv.pool import OwnedPool, allocate_device_pool, allocate_host_pool
+    process: each ``round`` allocates the device pool and the host pool with mpkv's own functions
+    (allocate_device_pool, allocate_host_pool: what the owner and the transfer manager call, zero-fill
+    included) and frees them, timing each. The roles allocate in parallel, so a floor is the slower pool's
+    median (``result``). Its registry is this process's own, destroyed on ``close``."""
 
-    reg = Registry.create(f"bench-alloc-{os.getpid()}")
-    t: dict[str, list[float]] = {"device_alloc": [], "host_alloc": [], "device_free": [], "host_free": []}
-    held: list[OwnedPool] = []
-    try:
-        for epoch in range(1, repeats + 2):
+    def __init__(self, cfg: CacheConfig) -> None:
+        self.cfg, self.epoch = cfg, 0
+        self.reg = Registry.create(f"bench-alloc-{os.getpid()}")
+        self.t: dict[str, list[float]] = {"device_alloc": [], "host_alloc": [], "device_free": [], "host_free": []}
+
+    def round(self) -> None:
+        from mpkv.pool import OwnedPool, allocate_device_pool, allocate_host_pool
+
+        self.epoch += 1
+        held: list[OwnedPool] = []
+        try:
             for tier, allocate in (("device", allocate_device_pool), ("host", allocate_host_pool)):
                 t0 = time.perf_counter()
-                held.append(allocate(reg, cfg, 0, epoch, 1))
-                t[f"{tier}_alloc"].append(time.perf_counter() - t0)
+                held.append(allocate(self.reg, self.cfg, 0, self.epoch, 1))
+                self.t[f"{tier}_alloc"].append(time.perf_counter() - t0)
             for tier in ("host", "device"):
                 t0 = time.perf_counter()
                 held.pop().free()
-                t[f"{tier}_free"].append(time.perf_counter() - t0)
-    finally:
-        for pool in held:
-            pool.free()
-        reg.destroy()
-    out = {k: statistics.median(v[1:]) * 1e3 for k, v in t.items()}
-    return out | {
-        "alloc": max(out["device_alloc"], out["host_alloc"]),
-        "free": max(out["device_free"], out["host_free"]),
-    }
+                self.t[f"{tier}_free"].append(time.perf_counter() - t0)
+        finally:
+            for pool in held:
+                pool.free()
+
+    def result(self) -> dict[str, float]:
+        out = {k: statistics.median(v[1:] or v) * 1e3 for k, v in self.t.items()}  # the first round warms up
+        return out | {
+            "alloc": max(out["device_alloc"], out["host_alloc"]),
+            "free": max(out["device_free"], out["host_free"]),
+        }
+
+    def close(self) -> None:
+        self.reg.destroy()
 
 
 def _p50s(res: dict[str, list[float]]) -> dict[str, float]:
@@ -199,7 +219,7 @@ def _p50s(res: dict[str, list[float]]) -> dict[str, float]:
 def bench_rl(quick: bool) -> dict[str, Any]:
     """The handshake (1-block pools) against TP, then restore and clear at TP=1 against pool size next to the
     allocation floor; what else ran is counted over the timed parts only (mpkv.bench.machine)."""
-    cycles, repeats = (5, 3) if quick else (30, 5)
+    cycles = 5 if quick else 30
     noise = Noise(nproc())
     with noise.window():
         floor_us = one_way_signal_us(200 if quick else 2000)
@@ -214,11 +234,13 @@ def bench_rl(quick: bool) -> dict[str, Any]:
     for mib in QUICK_POOL_MIB if quick else POOL_MIB:
         cfg = rl_config(1, mib * 2**20 // rl_config(1, 1).block_bytes)
         name = f"bench-rl-{os.getpid()}-{mib}mib"
-        with noise.window():  # before the launch: nothing of the instance runs beside it
-            floor = alloc_floor_ms(cfg, repeats)
-        with launched(name, cfg) as inst:
-            res = cycle_ms(inst, cycles if quick else 15, noise)
-        pool_rows.append({"pool_mib": mib, "floor": floor} | _p50s(res))
+        floor = AllocFloor(cfg)
+        try:
+            with launched(name, cfg) as inst:
+                res = cycle_ms(inst, cycles if quick else 15, noise, floor.round)
+        finally:
+            floor.close()
+        pool_rows.append({"pool_mib": mib, "floor": floor.result()} | _p50s(res))
     return {
         "floor_one_way_us": floor_us,
         "cycles": cycles,
@@ -286,8 +308,8 @@ def report_rl(r: dict[str, Any]) -> list[str]:
             f"| {f['free']:.2f} ms ({f['device_free']:.2f}, {f['host_free']:.2f}) | {p['clear'] / f['free']:.2f}x |"
         )
     out.append(
-        "(floors: one process allocates (zero-fill included) or frees each pool with mpkv's own functions; the "
-        "roles do it in parallel, so a floor is the slower pool's median)"
+        "(floors: after each cycle, this process allocates (zero-fill included) and frees each pool with mpkv's own "
+        "functions; the roles do it in parallel, so a floor is the slower pool's median)"
     )
     return [*out, "", noise_line(r["machine"]), *rl_targets(r)]
 
