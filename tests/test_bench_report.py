@@ -205,6 +205,17 @@ def test_plot_renders_a_png(what: str, tmp_path: Any) -> None:
     assert r == before  # drawing reads the results, as --json wrote them
 
 
+def test_plot_draws_a_saved_run_again(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib", reason="--plot needs the optional extra mpkv[bench] (matplotlib)")
+    from mpkv.bench import emit, plot
+
+    results, png = tmp_path / "swap.json", tmp_path / "swap.png"
+    emit([], _swap(), str(results))  # as --json writes it
+    assert plot.main(["swap", str(results), str(png)]) == 0
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert capsys.readouterr().out.endswith(f"plot: {png}\n")
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [

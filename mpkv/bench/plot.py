@@ -1,10 +1,15 @@
 """``mpkv bench rl|swap|pd --plot FILE.png``: how a cost grows, each curve beside its baseline, from the results
 dict the benchmark writes with ``--json``. matplotlib (Agg: no display) is the optional extra ``mpkv[bench]``.
+
+A run's JSON drawn again later: ``python -m mpkv.bench.plot rl|swap|pd RESULTS.json FILE.png``.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -105,3 +110,21 @@ def pd(r: dict[str, Any], path: str) -> None:
 
 def draw(what: str, r: dict[str, Any], path: str) -> None:
     {"rl": rl, "swap": swap, "pd": pd}[what](r, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mpkv.bench.plot", description="draw a benchmark's --json results")
+    p.add_argument("what", choices=PLOTTED)
+    p.add_argument("results", help="the JSON that `mpkv bench WHAT --json FILE` wrote")
+    p.add_argument("out", help="the PNG to write")
+    args = p.parse_args(argv)
+    if why := missing(args.what):
+        p.error(why)
+    with open(args.results) as f:
+        draw(args.what, json.load(f), args.out)
+    print(f"plot: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
