@@ -27,6 +27,7 @@ from mpkv.errors import (
     MpkvError,
     PeerDied,
     StepFailed,
+    TornSlot,
     WaitTimeout,
     WeightUpdateFailed,
 )
@@ -55,11 +56,11 @@ from mpkv.protocol import (
 )
 from mpkv.publication import Publication, Publications
 from mpkv.report import InstanceStatus
-from mpkv.shm.proc import ProcId
+from mpkv.shm.proc import ProcId, Watch
 from mpkv.shm.ring import quiesce
 from mpkv.shm.segment import Segment
 from mpkv.shm.signals import Signal, SignalWriter
-from mpkv.shm.waiting import check_timeout
+from mpkv.shm.waiting import LIVENESS_SLICE_S, MAX_WORDS, TIMED_OUT, WakeSet, check_timeout
 from mpkv.topology import pack_ledger, pool_owner
 
 if TYPE_CHECKING:
@@ -115,6 +116,9 @@ class Controller:
         self._writers: tuple[SignalWriter[Cmd], SignalWriter[Cmd], SignalWriter[WaitKind]] | None = None
         self._release: Callable[[], object] = lambda: None
         self._fences: dict[Role, SignalWriter[Cmd]] = {}
+        self._rings: dict[Role, Segment] = {}  # the task rings, mapped at the first PAUSE, for the drain fences
+        self._watch = Watch()  # the actors' liveness, at every step: a pidfd each instead of a /proc read
+        weakref.finalize(self, self._watch.close)  # also when the Controller is dropped without close()
         self._publisher: Publisher | None = None
 
     def _claim(self) -> tuple[SignalWriter[Cmd], SignalWriter[Cmd], SignalWriter[WaitKind]]:
@@ -156,12 +160,11 @@ class Controller:
             for w in self._fences.values():
                 w.write(kind, epoch, FENCE_CLOSING)
             for role in self._fences:
-                seg = Segment.attach(self.inst.task_ring(role), SegmentKind.RING)
-                try:
-                    what = f"the client to finish a put into tasks.{role.name.lower()} before {kind.name}@{epoch}"
-                    positions[role] = quiesce(seg, what=what, timeout_s=max(1e-3, deadline - time.monotonic()))
-                finally:
-                    seg.close()
+                seg = self._rings.get(role)
+                if seg is None:
+                    seg = self._rings[role] = Segment.attach(self.inst.task_ring(role), SegmentKind.RING)
+                what = f"the client to finish a put into tasks.{role.name.lower()} before {kind.name}@{epoch}"
+                positions[role] = quiesce(seg, what=what, timeout_s=max(1e-3, deadline - time.monotonic()))
         except BaseException as e:  # not issued (timed out, interrupted): clients may submit again
             for fence in self._fences.values():
                 fence.write(Cmd.NONE, last.epoch, 0)
@@ -480,10 +483,14 @@ class Controller:
         and unmap the instance. A controller that is never closed holds the block until its process exits. Weights
         it published stay (cpu) for the instance to load; on cuda they go with it."""
         publisher, self._publisher = self._publisher, None
+        rings, self._rings = self._rings, {}
         try:
             if publisher is not None:
                 publisher.close()
         finally:
+            for seg in rings.values():
+                seg.close()
+            self._watch.close()
             self._release()
             self.inst.close()
 
@@ -502,7 +509,7 @@ class Controller:
         published there, before the checks that may still refuse it)."""
         wait_s = check_timeout(self.timeout_s if timeout_s is None else timeout_s)
         cmd_w, ledger_w, _ = self._claim()  # before reading the block: a claim repairs a slot torn by a dead writer
-        last, statuses, cleared, weight_version = status.settled(self.inst)
+        last, statuses, cleared, weight_version = status.settled(self.inst, self._watch.alive)
         done = step_done(last, statuses)
         refusal = check_command(kind, aux, last, cleared, weight_version, done)
         if refusal is not None:
@@ -533,36 +540,70 @@ class Controller:
 
     def _wait_acks(self, kind: Cmd, epoch: int, timeout_s: float, deadline: float) -> dict[str, Signal[ActorState]]:
         """Every actor's acknowledgement of ``kind``@``epoch`` by ``deadline`` (the step's: ``timeout_s`` after it
-        began)."""
+        began). One sleep covers every actor not done yet (futex_waitv on their status words, up to 32 at a time):
+        the controller wakes once per acknowledgement, in whatever order they come, instead of waiting on each
+        slot in turn. Between slices it checks that the actors it still waits for are alive (invariant I2)."""
         target = ACK_OF[kind]
         wait_w = self._claim()[2]
         step = f"{kind.name}@{epoch}"
+        table = self.inst.status
+        pending = [actor_slot(role, rank) for rank in range(self.cfg.tp) for role in ROLES]
         acks: dict[str, Signal[ActorState]] = {}
+        shown: list[int] = []
+        seen: dict[int, int] = {}  # slot -> its sequence word when last read: an unchanged slot is not read again
+        checked = time.monotonic()
         try:
-            for rank in range(self.cfg.tp):
-                for role in ROLES:
-                    slot, who = actor_slot(role, rank), actor_name(role, rank)
-                    wait_w.write(WaitKind.ACKS, time.monotonic_ns(), pack_slots([slot]))
-                    try:
-                        sig = self.inst.status.wait(
-                            slot,
-                            lambda s: s.value in (S.FAILED, S.STOPPED) or s.at_least(target, epoch),
-                            what=f"{who} to acknowledge {step} ({target.name})",
-                            timeout_s=max(1e-3, deadline - time.monotonic()),
-                        )
-                    except PeerDied:
-                        raise StepFailed(f"{step} failed: {self.inst.culprits()}") from None
-                    except WaitTimeout:
-                        chain = self.inst.wait_chain(slot)
-                        raise StepFailed(
-                            f"{step} failed: {who} did not acknowledge within {timeout_s:g} s: {chain}"
-                        ) from None
-                    if sig.value == S.FAILED or (sig.value == S.STOPPED and kind != Cmd.SHUTDOWN):
-                        raise StepFailed(f"{step} failed: {self.inst.culprits()}")
-                    acks[who] = sig
+            while True:
+                wake = WakeSet()
+                for slot in pending[:MAX_WORDS]:
+                    wake.add(table.word(slot))
+                words = wake.snapshot()  # before reading the slots: a write after it ends the sleep below at once
+                still = []
+                for i, slot in enumerate(pending):
+                    if i < len(words):
+                        if seen.get(slot) == words[i]:
+                            still.append(slot)
+                            continue
+                        seen[slot] = words[i]
+                    sig = self._read_status(slot, step)
+                    if sig.value in (S.FAILED, S.STOPPED) or sig.at_least(target, epoch):
+                        if sig.value == S.FAILED or (sig.value == S.STOPPED and kind != Cmd.SHUTDOWN):
+                            raise StepFailed(f"{step} failed: {self.inst.culprits()}")
+                        acks[actor_name(ROLES[slot % len(ROLES)], slot // len(ROLES))] = sig
+                    else:
+                        still.append(slot)
+                pending = still
+                if not pending:
+                    return acks
+                if pending[:4] != shown:  # what the controller waits for, for mpkv-top and `ctl status`
+                    shown = pending[:4]
+                    wait_w.write(WaitKind.ACKS, time.monotonic_ns(), pack_slots(shown), wake=False)
+                now = time.monotonic()
+                if now >= deadline:
+                    who = actor_name(ROLES[pending[0] % len(ROLES)], pending[0] // len(ROLES))
+                    chain = self.inst.wait_chain(pending[0])
+                    raise StepFailed(f"{step} failed: {who} did not acknowledge within {timeout_s:g} s: {chain}")
+                if now - checked >= LIVENESS_SLICE_S:
+                    checked = now
+                    self._check_alive(pending, step)
+                if wake.sleep(min(LIVENESS_SLICE_S, deadline - now)) == TIMED_OUT:
+                    checked = 0.0  # a whole slice without a word from anyone waited for: look at them now
         finally:  # the wait is over, however it ended
-            wait_w.write(WaitKind.NONE, time.monotonic_ns(), 0)
-        return acks
+            wait_w.write(WaitKind.NONE, time.monotonic_ns(), 0, wake=False)
+
+    def _read_status(self, slot: int, step: str) -> Signal[ActorState]:
+        """An actor's status slot; one left mid-write by a writer that died or stuck fails the step by name."""
+        try:
+            return self.inst.status.read(slot)
+        except (TornSlot, PeerDied):
+            raise StepFailed(f"{step} failed: {self.inst.culprits()}") from None
+
+    def _check_alive(self, slots: list[int], step: str) -> None:
+        """Fail the step, naming the culprits, if an actor it waits for died without a word (kill -9)."""
+        for slot in slots:
+            sig = self._read_status(slot, step)
+            if sig.seq and not self._watch.alive(sig.writer):
+                raise StepFailed(f"{step} failed: {self.inst.culprits()}")
 
     def _gpu_figures(self) -> dict[str, tuple[int, int | None]]:
         """Every actor's pid and GPU memory as NVML sees it now (``mpkv.gpumem``), by actor name."""

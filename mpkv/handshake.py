@@ -6,7 +6,7 @@ status slot with the same epoch; nobody else writes there (invariant I1). Per ra
 (``PoolOwner``); the other two attach to it. The rules, per command at epoch e:
 
     start-up   owner: allocate, publish handle -> PUBLISHED@0 -> READY@0
-               attacher: wait owner >= PUBLISHED@0, attach -> READY@0
+               attacher: allocate its host pool if it owns one, wait owner >= PUBLISHED@0, attach -> READY@0
     PAUSE      everyone: finish or fail every task already read -> PAUSED@e
     CLEAR      attacher: drop every view of the device pool -> DETACHED@e; release its host pool if it owns one,
                          a worker its model weights if the clear names them -> CLEARED@e.  Waits for nobody.
@@ -17,7 +17,8 @@ status slot with the same epoch; nobody else writes there (invariant I1). Per ra
                a worker (owner or attacher) without the weights of the version it now maps (they were cleared,
                or it adopts a new version) loads them after PUBLISHED@e and before RESTORED@e (LOAD_WEIGHTS):
                an owner publishes its pool first, so its attachers never wait out the load.
-               attacher: wait owner >= PUBLISHED@e, attach -> RESTORED@e
+               attacher: allocate its host pool if it owns one (at once: in parallel with the owner's
+                         allocation), wait owner >= PUBLISHED@e, attach -> RESTORED@e
     RESUME     everyone -> READY@e
     SHUTDOWN   drain as PAUSE (-> PAUSED@e), then as CLEAR, ending in STOPPED@e
 
@@ -45,7 +46,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mpkv.protocol import ACK_OF, ActorState, ClearFlags, Cmd
 
@@ -125,6 +126,39 @@ def _freed_view(p: Status | None, epoch: int) -> bool:
 
 
 def decide(v: View) -> Decision:
+    """What the actor of view ``v`` does next. An action after which nothing would be left but acknowledging the
+    command publishes that acknowledgement itself: one publication (and one wake-up of whoever waits on it)
+    instead of two. Peers wait on monotone predicates (``at_least``), so a later state satisfies them too."""
+    d = _next(v)
+    if d.publish is None or d.action in (Act.ACK, Act.DRAIN, Act.FAIL, Act.WAIT):
+        return d
+    after = _after(v, d)
+    then = _next(after)
+    return replace(d, publish=then.publish) if then.action == Act.ACK else d
+
+
+def _after(v: View, d: Decision) -> View:
+    """The view once ``d`` was carried out (the runtime's effects, as the model check applies them)."""
+    assert d.publish is not None
+    a = d.action
+    if a in (Act.DETACH, Act.FREE):
+        return replace(v, me=d.publish, mapped=False)
+    if a == Act.RELEASE_HOST:
+        return replace(v, me=d.publish, host_live=False)
+    if a == Act.RESTORE_HOST:
+        return replace(v, me=d.publish, host_live=True)
+    if a == Act.RELEASE_WEIGHTS:
+        return replace(v, me=d.publish, weights_live=False)
+    if a == Act.LOAD_WEIGHTS:
+        return replace(v, me=d.publish, weights_live=True)
+    # ALLOCATE, ATTACH: the pool of the command's weight version is mapped and adopted; a worker whose weights
+    # are of another version holds none for it (LOAD_WEIGHTS comes next).
+    version = v.cmd.aux if v.cmd.kind == Cmd.RESTORE else v.pool_version
+    live = v.weights_live and version == v.pool_version
+    return replace(v, me=d.publish, mapped=True, pool_version=version, weights_live=live)
+
+
+def _next(v: View) -> Decision:
     me, cmd = v.me, v.cmd
     if me.state in (S.FAILED, S.STOPPED):
         return IDLE
@@ -166,6 +200,10 @@ def _bring_up(v: View, e: int, target: ActorState) -> Decision:
                 return Decision(Act.FAIL, reason="the pool owner died before it published the pool")
             if owner.state == S.FAILED:
                 return Decision(Act.FAIL, reason="the pool owner failed before it published the pool")
+            if v.owns_host and not v.host_live:
+                # Its own memory first, while the owner allocates the device pool: a restore costs the larger of
+                # the two allocations, not their sum. Nothing to say yet: the status stays as it is.
+                return Decision(Act.RESTORE_HOST, v.me)
             if not owner.at_least(S.PUBLISHED, e):
                 return Decision(Act.WAIT, waiting_for=(0,))
             return Decision(Act.ATTACH, Status(S.PUBLISHED, e))

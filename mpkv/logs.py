@@ -7,7 +7,9 @@ a line says whose it is wherever it ends up (the launcher's stderr carries its a
 The level comes from ``MPKV_LOG_LEVEL`` (``mpkv launch --log-level`` sets it for the launcher and the actors it
 starts, which inherit the environment), default WARNING: what stderr shows. An actor's log file records INFO
 whatever the level (or more, at DEBUG or TRACE): it is where mpkv-top and `ctl status` send a person to read the
-handshake transitions, and they must be there when something went wrong at the default level.
+handshake transitions that take or give back memory, and they must be there when something went wrong at the
+default level. The other transitions (acknowledgements, drains, mappings: several per actor per RL step, ~30-50 us
+of CPU each through loguru) are logged at DEBUG.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
 
@@ -17,6 +17,7 @@ from mpkv.handshake import Command, Status, acknowledged, link_must_unmap, settl
 from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot, launcher_slot
 from mpkv.protocol import ROLES, ActorState, ClearFlags, Cmd, actor_name, actor_slot
 from mpkv.report import NO_WAIT, ActorStatus, CommandStatus, InstanceStatus, StepStatus
+from mpkv.shm.proc import ProcId
 from mpkv.shm.signals import Signal
 from mpkv.topology import pool_owner, unpack_ledger
 
@@ -52,24 +53,27 @@ def decode_pool_gone(inst: Instance, ranks: Iterable[int]) -> str:
     return ""
 
 
-def actor_statuses(inst: Instance) -> list[Status | None]:
-    """Every actor's acknowledged state, rank-major (None: its process died), as ``handshake.step_done`` takes it."""
+def actor_statuses(inst: Instance, alive: Callable[[ProcId], bool] = ProcId.alive) -> list[Status | None]:
+    """Every actor's acknowledged state, rank-major (None: its process died, as ``alive`` tells), as
+    ``handshake.step_done`` takes it."""
     out: list[Status | None] = []
     for rank in range(inst.cfg.tp):
         for role in ROLES:
             sig = inst.status.read_or_dead(actor_slot(role, rank))
-            alive = sig.seq == 0 or sig.writer.alive()
+            live = sig.seq == 0 or alive(sig.writer)
             # An actor that stopped has exited: it acknowledged SHUTDOWN, and that stays true.
-            out.append(Status(sig.value, sig.epoch) if alive or sig.value == ActorState.STOPPED else None)
+            out.append(Status(sig.value, sig.epoch) if live or sig.value == ActorState.STOPPED else None)
     return out
 
 
-def settled(inst: Instance) -> tuple[Command, list[Status | None], ClearFlags, int]:
+def settled(
+    inst: Instance, alive: Callable[[ProcId], bool] = ProcId.alive
+) -> tuple[Command, list[Status | None], ClearFlags, int]:
     """The last command, every actor's status, what is cleared and the weight version, with what the last command
     did counted (``handshake.settled_ledger``); ``step_done(cmd, statuses)`` says whether it is acknowledged."""
     sig = inst.control.read_or_dead(CONTROL_COMMAND)
     cmd = Command(sig.value, sig.epoch, sig.aux)
-    statuses = actor_statuses(inst)
+    statuses = actor_statuses(inst, alive)
     return (cmd, statuses, *settled_ledger(cmd, step_done(cmd, statuses), *ledger(inst)))
 
 

@@ -580,3 +580,40 @@ def test_an_owner_that_kept_its_pool_says_published_before_loading() -> None:
     assert decide(v) == Decision(Act.ACK, Status(S.PUBLISHED, e))
     after = replace(v, me=Status(S.PUBLISHED, e))
     assert decide(after).action == Act.LOAD_WEIGHTS
+
+
+def test_a_restoring_attacher_allocates_its_host_pool_before_it_waits_for_the_owner() -> None:
+    """Restore in parallel: the transfer manager's host pool does not wait for the owner's device pool, so a restore
+    costs the larger allocation rather than the sum; its status stays as it was until it attached."""
+    cleared = Status(S.CLEARED, 3)
+    owner_busy = Status(S.CLEARED, 3)  # still allocating the device pool: not PUBLISHED@4 yet
+    v = View(cleared, Command(Cmd.RESTORE, 4, 1), False, False, 0, True, False, (owner_busy,))
+    assert decide(v) == Decision(Act.RESTORE_HOST, cleared)
+    after = View(cleared, Command(Cmd.RESTORE, 4, 1), False, False, 0, True, True, (owner_busy,))
+    assert decide(after) == Decision(Act.WAIT, waiting_for=(0,))
+    dead_owner = View(cleared, Command(Cmd.RESTORE, 4, 1), False, False, 0, True, False, (None,))
+    assert decide(dead_owner).action == Act.FAIL  # nothing allocated for a restore that cannot complete
+
+
+def test_an_action_with_nothing_after_it_but_the_acknowledgement_publishes_that() -> None:
+    """One publication per command where one is enough (each wakes whoever sleeps on the slot): an attacher's
+    DETACH, an owner's FREE or ALLOCATE publish CLEARED or RESTORED themselves when nothing else is left to do;
+    where something is (a host pool to release, weights to load), the intermediate state still shows first."""
+    ready, clear, restore = Status(S.PAUSED, 3), Command(Cmd.CLEAR, 4, int(BOTH_TIERS)), Command(Cmd.RESTORE, 5, 0)
+    messager = View(ready, clear, False, True, 0, False, False, (ready,))
+    assert decide(messager) == Decision(Act.DETACH, Status(S.CLEARED, 4))
+    transfer = View(ready, clear, False, True, 0, True, True, (ready,))
+    assert decide(transfer) == Decision(Act.DETACH, Status(S.DETACHED, 4))  # its host pool goes next
+    transfer = View(Status(S.DETACHED, 4), clear, False, False, 0, True, True, (ready,))
+    assert decide(transfer) == Decision(Act.RELEASE_HOST, Status(S.CLEARED, 4))
+    detached = Status(S.CLEARED, 4)
+    owner = View(ready, clear, True, True, 0, False, False, (detached, detached), True, True)
+    assert decide(owner) == Decision(Act.FREE, Status(S.CLEARED, 4))
+    cleared = Status(S.CLEARED, 4)
+    owner = View(cleared, restore, True, False, 0, False, False, (cleared, cleared), True, True)
+    assert decide(owner) == Decision(Act.ALLOCATE, Status(S.RESTORED, 5))
+    owner = View(cleared, restore, True, False, 0, False, False, (cleared, cleared), True, False)
+    assert decide(owner) == Decision(Act.ALLOCATE, Status(S.PUBLISHED, 5))  # attachers go on while it loads
+    new_version = Command(Cmd.RESTORE, 5, 7)  # weights of version 0 held: a new version must be loaded first
+    owner = View(cleared, new_version, True, False, 0, False, False, (cleared, cleared), True, True)
+    assert decide(owner) == Decision(Act.ALLOCATE, Status(S.PUBLISHED, 5))

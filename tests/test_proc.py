@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from mpkv.shm.proc import ProcId, cpu_seconds
+from mpkv.shm.proc import ProcId, Watch, cpu_seconds
 
 DEADLINE_S = 60.0
 
@@ -50,3 +50,26 @@ def test_cpu_seconds_is_user_plus_system_time() -> None:
     used = cpu_seconds(os.getpid())  # the kernel's ticks, truncated: never above the precise count read after it
     assert 0 < used <= time.process_time(), used
     assert cpu_seconds(0) == cpu_seconds(-1) == 0.0
+
+
+def test_a_watch_answers_from_a_pidfd_and_sees_exit_zombie_and_reuse() -> None:
+    """The controller's Watch: after its first look, a process is watched by its pidfd; the answer turns at the
+    exit (before anything reaps the zombie), and a pid with another start time is never taken for the process."""
+    watch = Watch()
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        who = ProcId.of(child.pid)
+        assert watch.alive(who) and watch.alive(who)
+        assert not watch.alive(ProcId(who.pid, who.start_ticks + 1))  # the same pid, another process
+        assert child.stdin is not None
+        child.stdin.close()
+        fd = os.pidfd_open(child.pid)  # the test's own look, to know when it has exited (nothing reaps it)
+        try:
+            assert select.select([fd], [], [], DEADLINE_S)[0], f"pid {child.pid} did not exit at EOF"
+        finally:
+            os.close(fd)
+        assert not watch.alive(who) and who.state() == "a zombie (exited, not yet reaped)"
+    finally:
+        child.wait(DEADLINE_S)
+        watch.close()
+    assert not watch.alive(who)  # reaped: no such process any more (a new look at /proc)

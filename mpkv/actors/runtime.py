@@ -8,6 +8,20 @@ See NOTE [ clear handshake ] in mpkv.handshake for the rules; this module only d
     for) through futex_waitv, so a command is seen within microseconds and an idle actor costs nothing;
   - a wait on a peer has a deadline and ends in FAILED naming that peer, its pid and state;
   - errors cross processes as data: the text goes to the actor's error record, then FAILED is published.
+
+NOTE [ the cost of a pass ]
+An RL step runs four commands through every actor of every rank, so on a small machine the handshake's latency is
+the actors' CPU: 12 actors at TP=4 on 2 cores, each pass of this loop paid 12 times. Measured before this note,
+an actor spent ~2-3 ms of CPU per pause/clear/restore/resume cycle, 80 % of it in the interpreter (~1,400 Python
+calls per cycle, a quarter of them loguru's). So a pass does no work it can skip, and ``decide`` stays the one
+pure function the model check drives:
+  - ``decide`` is asked once per command: after acting on a command and reaching its acknowledgement, the loop
+    idles until the command word changes (what ``decide`` would answer anyway);
+  - the command and the peers' statuses are read as raw words; typed records are made only when they changed;
+  - liveness (/proc) is read only when a wait for a peer slept out its slice or a heartbeat came due, not on
+    every pass that waits: a peer that died without a word is found within that slice;
+  - the wake set is made once (while no link comes and goes), and a wait record wakes nobody (nobody sleeps on it);
+  - only transitions that take or give back memory are logged at INFO; acknowledgements at DEBUG.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from mpkv.handshake import IDLE, Act, Command, Decision, Status, View, decide
 from mpkv.instance import CONTROL_COMMAND, FENCE_CLOSING, Instance
 from mpkv.pool import AttachedPool, OwnedPool, allocate_device_pool, attach_device_pool
 from mpkv.protocol import (
+    ACK_OF,
     DONE_CODEC,
     LINK_WAIT_BASE,
     TASK_CODEC,
@@ -43,11 +58,15 @@ from mpkv.protocol import (
 )
 from mpkv.shm.ring import RingReader, RingWriter
 from mpkv.shm.signals import Signal, SignalArray, SignalWriter, TornSlot
-from mpkv.shm.waiting import SPIN_S, WakeSet, Word
+from mpkv.shm.waiting import SPIN_S, TIMED_OUT, WakeSet, Word
 
 HEARTBEAT_S = 0.5
 PEER_TIMEOUT_S = float(os.environ.get("MPKV_PEER_TIMEOUT_S", "60"))
 S = ActorState
+_STATE_OF = {int(s): s for s in ActorState}
+# Transitions that take or give back memory are logged at INFO (an actor's log file always records them); the
+# others (acknowledgements, drains, mappings) at DEBUG: a loguru line costs ~30-50 us of CPU, several per cycle.
+_LOGGED = frozenset({Act.ALLOCATE, Act.FREE, Act.RESTORE_HOST, Act.RELEASE_HOST, Act.LOAD_WEIGHTS, Act.RELEASE_WEIGHTS})
 
 
 class TaskError(MpkvError):
@@ -99,6 +118,14 @@ class Actor:
         # links into its pool), or an attacher's owner.
         self.peers: list[tuple[SignalArray[ActorState], int]] = [(inst.status, slot) for slot in ends.peers]
         self.peers += [(inst.links, slot) for slot in ends.links]
+        # The hot loop's caches (NOTE [ the cost of a pass ]): the typed command and peer statuses by the raw words
+        # they were made from, the wake set while no extra word comes and goes, and whether liveness is due.
+        self._command_key: tuple[int, int, int] | None = None
+        self._peer_keys: list[tuple[int, int] | None] = [None] * len(self.peers)
+        self._peer_typed: list[Status | None] = [None] * len(self.peers)
+        self._wake: WakeSet | None = None
+        self._among: dict[tuple[int, ...], list[int]] = {}
+        self._check_peers = True
         self._publish(self.status)
 
     # -- hooks for roles --------------------------------------------------------------------------------------------
@@ -111,7 +138,7 @@ class Actor:
     def release_host(self) -> int:  # pragma: no cover - only roles that own a host pool are asked
         raise ProtocolError(f"{self.name} owns no host pool")
 
-    def restore_host(self, epoch: int) -> None:  # pragma: no cover
+    def restore_host(self, epoch: int, weight_version: int) -> None:  # pragma: no cover
         raise ProtocolError(f"{self.name} owns no host pool")
 
     def owns_weights(self) -> bool:
@@ -184,16 +211,38 @@ class Actor:
             return None, sig
         return Status(sig.value, sig.epoch), sig
 
+    def _peer_statuses(self, check_alive: bool) -> tuple[Status | None, ...]:
+        """Every peer's status (None: dead, known only when ``check_alive``). Without a liveness check, a peer whose
+        slot holds the same (value, epoch) as last time gets the same Status object back."""
+        if check_alive:
+            return tuple(self._peer_status(i, True)[0] for i in range(len(self.peers)))
+        out = []
+        for i, (array, slot) in enumerate(self.peers):
+            try:
+                seq, value, epoch = array.raw(slot)[:3]
+            except TornSlot:
+                seq = value = epoch = 0
+            key = (value, epoch)
+            if seq and key == self._peer_keys[i]:
+                out.append(self._peer_typed[i])
+                continue
+            st = self._peer_status(i, False)[0]  # the typed, checked read: a slot never written, torn or new
+            self._peer_keys[i], self._peer_typed[i] = (key if seq and value in _STATE_OF else None), st
+            out.append(st)
+        return tuple(out)
+
     def _command(self) -> Command:
         try:
-            sig = self.inst.control.read(CONTROL_COMMAND)
+            words = self.inst.control.raw(CONTROL_COMMAND)
         except TornSlot:  # the controller died writing it: that command never happened; the next one repairs it
             return self._last_command
-        self._last_command = Command(sig.value, sig.epoch, sig.aux)
+        if (words[1], words[2], words[6]) != self._command_key:
+            sig = self.inst.control.read(CONTROL_COMMAND)  # typed and checked, once per new command
+            self._last_command = Command(sig.value, sig.epoch, sig.aux)
+            self._command_key = (int(sig.value), sig.epoch, sig.aux)
         return self._last_command
 
     def _view(self, cmd: Command, check_alive: bool = False) -> View:
-        peers = tuple(self._peer_status(i, check_alive)[0] for i in range(len(self.peers)))
         mapped = self.pool is not None  # a mapped pool's weight version is the one adopted with it (``_adopt``)
         return View(
             self.status,
@@ -203,18 +252,17 @@ class Actor:
             self.weight_version,
             self.owns_host(),
             self.host_live(),
-            peers,
+            self._peer_statuses(check_alive),
             self.owns_weights(),
             self.weights_live(),
         )
 
     def _decide(self, cmd: Command) -> Decision:
-        """``decide`` on what the slots say; only when that means waiting for a peer, check (reading /proc)
-        that the peers are alive, and decide again if one is not: liveness costs nothing on the fast path."""
-        d = decide(self._view(cmd))
-        if d.action == Act.WAIT and d.waiting_for:
-            d = decide(self._view(cmd, check_alive=True))
-        return d
+        """``decide`` on what the slots say. Whether the peers are alive (reading /proc) is checked only when a
+        wait for them slept out its slice or a heartbeat came due (``_check_peers``): a peer that died without a
+        word is found within that slice, and liveness costs nothing on the fast path."""
+        check, self._check_peers = self._check_peers, False
+        return decide(self._view(cmd, check_alive=check))
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -231,8 +279,11 @@ class Actor:
                 cmd = self._command()
                 d = self._decide(cmd)
                 if d.action != Act.WAIT:
-                    waiting_since, idle_on = None, None
+                    waiting_since = None
                     self._act(d, cmd)
+                    # Acknowledged: ``decide`` answers IDLE until the command word changes, so do not ask it again.
+                    done = self.status.epoch == cmd.epoch and self.status.state >= ACK_OF[cmd.kind]
+                    idle_on = command_word if done else None
                     continue
                 idle_on = None if d.waiting_for else command_word
             if self.status.state == S.STOPPED:
@@ -250,6 +301,7 @@ class Actor:
                 waiting_since = None
             if self.heartbeat():
                 self.poll(check_alive=True)
+                self._check_peers = True
             if d.waiting_for:
                 self._note_wait(WaitKind.PEERS, pack_slots([self._wait_code(i) for i in d.waiting_for[:4]]))
             else:
@@ -260,7 +312,7 @@ class Actor:
         """Publish what we wait for (invariant I2), only when it changes: the record's epoch is the wait's start."""
         if (kind, on) != self._waiting:
             self._waiting = (kind, on)
-            self._wait_w.write(kind, time.monotonic_ns(), on)
+            self._wait_w.write(kind, time.monotonic_ns(), on, wake=False)  # read by people, slept on by nobody
 
     def _wait_code(self, i: int) -> int:
         """How a wait record names peer i: its status slot, or LINK_WAIT_BASE + its link slot."""
@@ -276,23 +328,34 @@ class Actor:
         return "; ".join(out)
 
     def _wake_set(self) -> WakeSet:
-        """The futex words that can change our decision, by index: [command, peers..., extra words..., tasks]."""
+        """The futex words that can change our decision, by index: [command, peers..., extra words..., tasks].
+        Made once while there are no extra words; a messager's links come and go, and a cached set would keep a
+        link's memory referenced after ``reap`` let it go, so with extra words it is made anew each pass."""
+        extra = self.extra_words()
+        if self._wake is not None and not extra:
+            return self._wake
         wake = WakeSet()
         wake.add(self.inst.control.word(CONTROL_COMMAND))
         for array, slot in self.peers:
             wake.add(array.word(slot))
-        for word in self.extra_words():
+        for word in extra:
             wake.add(word)
         if self.tasks is not None:
             wake.add(self.tasks.wake_word())
+        self._wake = None if extra else wake
+        self._among.clear()
         return wake
 
     def _sleep(self, wake: WakeSet, d: Decision, timeout_s: float) -> None:
         """Sleep until the command, a waited-for peer, an extra word or the task ring changes from the snapshot
-        (or timeout_s). Peers we do not wait for are left out: their heartbeats would only wake us."""
-        npeers = len(self.peers)
-        among = [0, *(1 + i for i in d.waiting_for), *range(1 + npeers, len(wake))]
-        wake.sleep(timeout_s, among)
+        (or timeout_s). Peers we do not wait for are left out: their heartbeats would only wake us. A wait for
+        peers that sleeps out its slice checks their liveness on the next pass."""
+        among = self._among.get(d.waiting_for)
+        if among is None:
+            npeers = len(self.peers)
+            among = self._among[d.waiting_for] = [0, *(1 + i for i in d.waiting_for), *range(1 + npeers, len(wake))]
+        if wake.sleep(timeout_s, among) == TIMED_OUT and d.waiting_for:
+            self._check_peers = True
 
     def _act(self, d: Decision, cmd: Command) -> None:
         self._note_wait(WaitKind.NONE, 0)
@@ -328,7 +391,7 @@ class Actor:
         elif d.action == Act.RELEASE_HOST:
             self.released_bytes += self.release_host()
         elif d.action == Act.RESTORE_HOST:
-            self.restore_host(cmd.epoch)
+            self.restore_host(cmd.epoch, cmd.aux if cmd.kind == Cmd.RESTORE else self.weight_version)
         elif d.action == Act.RELEASE_WEIGHTS:
             self.released_bytes += self.release_weights()
         elif d.action == Act.LOAD_WEIGHTS:
@@ -339,8 +402,9 @@ class Actor:
         if d.publish != self.status:  # an unchanged status would only wake its waiters for nothing
             self._publish(d.publish)
         # Logged once done (mpkv-top shows the last few): a step that hangs or fails half-way never shows here.
+        log = logger.info if d.action in _LOGGED else logger.debug
         to = f"{d.publish.state.name}@{d.publish.epoch}"
-        logger.info("transition {} {}@{}: {} -> {}", self.name, cmd.kind.name, cmd.epoch, d.action.name, to)
+        log("transition {} {}@{}: {} -> {}", self.name, cmd.kind.name, cmd.epoch, d.action.name, to)
 
     def _drain(self, cmd: Command) -> None:
         """Serve every task of the ring below the command's drain fence, and none beyond: every reader of the ring

@@ -39,8 +39,8 @@ class TransferManager(Actor):
     def host_live(self) -> bool:
         return self.host is not None
 
-    def restore_host(self, epoch: int) -> None:
-        self.host = allocate_host_pool(self.inst.registry, self.cfg, self.rank, epoch, self.weight_version)
+    def restore_host(self, epoch: int, weight_version: int) -> None:
+        self.host = allocate_host_pool(self.inst.registry, self.cfg, self.rank, epoch, weight_version)
         self.slot_version[:] = FREE
         self.on_task_end(None)
 

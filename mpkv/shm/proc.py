@@ -9,7 +9,9 @@ the CPU accounting, goes through psutil.
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 from dataclasses import dataclass
 
 import psutil
@@ -62,7 +64,11 @@ class ProcId:
 
     @classmethod
     def me(cls) -> ProcId:
-        return _ME if _ME.pid == os.getpid() else cls.of(os.getpid())
+        """This process (read from /proc once per process: a forked or forkserver child reads its own)."""
+        global _ME
+        if _ME.pid != os.getpid():
+            _ME = cls.of(os.getpid())
+        return _ME
 
     @classmethod
     def of(cls, pid: int) -> ProcId:
@@ -90,3 +96,37 @@ class ProcId:
 
 
 _ME = ProcId.of(os.getpid())
+
+
+class Watch:
+    """Whether processes live, for a caller that asks about the same few again and again (the controller, at
+    every step, about every actor). The first look reads /proc (tying the pid to its start time) and opens a
+    pidfd; from then on the answer is one poll of that pidfd, which becomes readable when that very process
+    exits (a zombie included), whoever gets its pid later. Where pidfds are refused, every look reads /proc."""
+
+    def __init__(self) -> None:
+        self._fds: dict[ProcId, int] = {}
+        self._refused = False
+
+    def alive(self, proc: ProcId) -> bool:
+        fd = self._fds.get(proc)
+        if fd is None:
+            if self._refused or not proc.alive():
+                return proc.alive() if self._refused else False
+            try:
+                fd = os.pidfd_open(proc.pid)
+            except OSError as e:
+                if e.errno == errno.ESRCH:
+                    return False
+                self._refused = True  # a sandbox without pidfd_open: the /proc reads it is
+                return proc.alive()
+            if not proc.alive():  # the pid was reused between the two looks: the pidfd names another process
+                os.close(fd)
+                return False
+            self._fds[proc] = fd
+        return not select.select([fd], [], [], 0)[0]
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)

@@ -103,6 +103,11 @@ class SignalArray(Generic[E]):
             ) from None
         return Signal(typed, epoch, ProcId(pid, start), ts, aux, seq)
 
+    def raw(self, slot: int) -> tuple[int, ...]:
+        """The words of one write: (seq, value, epoch, pid, start ticks, timestamp ns, aux), unchecked and untyped,
+        for a hot loop that builds a typed record only when they changed; TornSlot as ``read``."""
+        return self._read_words(slot)
+
     def read_or_dead(self, slot: int) -> Signal[E]:
         """``read``, except that a slot torn by a writer that died mid-write reads as a record of that dead writer
         (the zero member at the epoch found there): for readers that report, rather than act on, the slot."""
@@ -242,15 +247,17 @@ class SignalWriter(Generic[E]):
             value, epoch, aux = repair(epoch, aux)
             self._publish(int(value), epoch, aux)
 
-    def write(self, value: E, epoch: int, aux: int = 0) -> None:
+    def write(self, value: E, epoch: int, aux: int = 0, *, wake: bool = True) -> None:
+        """Publish one record; ``wake=False`` skips the futex wake (a syscall) for slots nobody sleeps on."""
         if not isinstance(value, self.array.values):
             raise ProtocolError(f"{value!r} is not a {self.array.values.__name__}")
-        self._publish(int(value), epoch, aux)
+        self._publish(int(value), epoch, aux, wake)
 
-    def _publish(self, value: int, epoch: int, aux: int) -> None:
+    def _publish(self, value: int, epoch: int, aux: int, wake: bool = True) -> None:
         words = (value & (2**64 - 1), epoch, self._me.pid, self._me.start_ticks, time.monotonic_ns(), aux)
         _native.seq_write(self.array.seg.buf, self._off, words)
-        _native.futex_wake(self.array.seg.buf, self._off)
+        if wake:
+            _native.futex_wake(self.array.seg.buf, self._off)
 
     def release(self) -> None:
         """Give the slot up, so that another process may become its writer, once no other writer of this process
