@@ -10,14 +10,27 @@ after a PD ship), in another CUDA context, told by a ring message that no CUDA s
 the process that copies waits for the copy to end before it says it is done: ``copy_blocks`` synchronizes the
 stream unless the caller passes ``complete=False`` and synchronizes later itself (a PD transport's ``flush``, once
 per batch of layers).
+
+Note [runs on the cpu backend]
+Where the ids run consecutively (a PD ship: a lease's blocks, a prompt's blocks), ``copy_runs`` copies each run
+of each plane as one streamed copy: a layer of a PD ship is then two copies (K and V) rather than two per block,
+and one Python call instead of copy_blocks' per-call set-up, which costs as much as copying a few blocks
+(measured: 1.3x at 2 MiB per layer, 2.7x at 512 KiB). A call costs ~1 us of Python per (plane, run), so ids that
+do not run (a swap of scattered blocks) are better served by copy_blocks' one C loop: ``runs_pay`` says which.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from mpkv import _native
+
+MIN_RUN = 4  # blocks per run, on average, from which a copy per run beats copy_blocks' C loop per block
+_ZERO = np.zeros(1, dtype=np.int64)  # the one block id of a one-block view: copy_runs' calls into copy_blocks
 
 
 def copy_blocks(
@@ -59,3 +72,63 @@ def copy_blocks(
     if complete:  # both GPUs' streams, where two are involved (a PD copy between two devices)
         for gpu in {t.device for t in (dst, src) if t.device.type == "cuda"}:
             torch.cuda.current_stream(gpu).synchronize()
+
+
+def runs_pay(runs: np.ndarray) -> bool:
+    """Whether ``copy_runs`` of ``runs`` (``merge_runs``' rows) beats ``copy_blocks`` of the same ids on the cpu
+    (NOTE [ runs on the cpu backend ]): the runs are long, on average."""
+    return len(runs) * MIN_RUN <= int(runs[:, 2].sum()) if len(runs) else True
+
+
+@dataclass(frozen=True)
+class CpuPool:
+    """A contiguous cpu pool [layers, 2, blocks, ...] as ``copy_runs`` addresses it. It holds the pool's address,
+    not the pool: the caller keeps the tensor alive while it copies."""
+
+    ptr: int
+    planes: int
+    blocks: int
+    block_bytes: int
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> CpuPool:
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dim() < 3:
+            raise ValueError(f"copy_runs copies between contiguous cpu pools, got {t.device} {tuple(t.shape)}")
+        shape = t.shape
+        return cls(t.data_ptr(), shape[0] * shape[1], shape[2], math.prod(shape[3:]) * t.element_size(), t.dtype)
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Runs (dst, src, count) checked against both pools: ``checked_runs`` makes them, ``copy_runs`` copies them."""
+
+    dst: CpuPool
+    src: CpuPool
+    rows: tuple[tuple[int, int, int], ...]
+
+
+def checked_runs(dst: CpuPool, src: CpuPool, runs: np.ndarray) -> Runs:
+    """``merge_runs``' rows, checked once against both pools (a batch copies the same runs layer after layer)."""
+    if (dst.planes, dst.block_bytes, dst.dtype) != (src.planes, src.block_bytes, src.dtype):
+        raise ValueError(f"copy_runs between pools of different geometry: {dst} and {src}")
+    runs = np.asarray(runs, dtype=np.int64).reshape(-1, 3)
+    ends = runs[:, :2] + runs[:, 2:]
+    if len(runs) and (runs.min() < 0 or ends[:, 0].max() > dst.blocks or ends[:, 1].max() > src.blocks):
+        raise ValueError(
+            f"copy_runs: a run is out of range of the pools ({dst.blocks} destination, {src.blocks} source blocks)"
+        )
+    return Runs(dst, src, tuple((d, s, count) for d, s, count in runs.tolist()))
+
+
+def copy_runs(runs: Runs, planes: range) -> None:
+    """Copy ``runs`` of the given planes (layer l's K and V: planes 2l and 2l+1), one streamed copy per (plane,
+    run): blocks src..src+count-1 of a plane to dst..dst+count-1."""
+    dst, src = runs.dst, runs.src
+    if planes.step != 1 or planes.start < 0 or planes.stop > dst.planes:
+        raise ValueError(f"copy_runs: planes {planes} out of the pools' planes range(0, {dst.planes})")
+    bb = dst.block_bytes
+    for p in planes:
+        d0, s0 = dst.ptr + p * dst.blocks * bb, src.ptr + p * src.blocks * bb
+        for d, s, count in runs.rows:
+            _native.copy_blocks(d0 + d * bb, 1, s0 + s * bb, 1, 1, count * bb, _ZERO, _ZERO)
