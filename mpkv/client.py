@@ -75,15 +75,18 @@ SUBMIT_LOCK_S = 120.0  # a put may block 60 s on a full ring: twice that is a su
 
 # NOTE [ a swap's wait spins for its expected time ]
 # A process asleep on a futex costs ~0.1-0.3 ms to wake on this VM (an inter-processor interrupt; an exit to the
-# hypervisor), as much as the copy of a few MiB. So a wait for a swap first spins (yielding the core: 7+ processes
-# share 2 cores) until about when the swap should be done, then sleeps in the ring's bounded wait as any wait does.
-# The expected time is the swap's bytes over this client's swap rate, learned from the swaps it waited for (their
-# latency from submission to completion, so it covers the hand-over too); it starts from MPKV_COPY_GBPS. A spin
-# ends as soon as the completion is there, so a rate too low costs only some yielding; one too high ends the spin
-# early, and the wait sleeps as before. The spin is capped: a long swap pays one wake-up, a small share of it.
+# hypervisor), as much as the copy of a few MiB. So a wait for a swap may first spin (yielding the core) until about
+# when the swap should be done, then sleep in the ring's bounded wait as any wait does. The expected time is the
+# swap's bytes over this client's swap rate, learned from the swaps it waited for (their latency from submission
+# to completion, so it covers the hand-over too); it starts from MPKV_COPY_GBPS. A spin ends as soon as the
+# completion is there; it is capped by MPKV_SWAP_SPIN_US, and off (0) by default: measured on the 2-core VM
+# shared with other work (2026-12-02; 8 runs, each interleaving swaps of 4 or 16 MiB with and without the spin,
+# against a memcpy in the same round), the spinning client took CPU from the transfer manager's copy: swap-in was
+# slower with the spin in 7 runs of 8 (16 MiB: 0.65x memcpy against 0.80x), swap-out no better (0.18-0.81x
+# against 0.38-0.80x). On a machine with a core to spare it may pay: MPKV_SWAP_SPIN_US=10000 turns it on.
 COPY_RATE_DEFAULT = float(os.environ.get("MPKV_COPY_GBPS", "2")) * 1e9  # bytes/s before any swap was measured
 SPIN_MARGIN = 2.0  # spin up to this many expected times: a swap's latency varies with the machine's load
-SPIN_CAP_S = float(os.environ.get("MPKV_SWAP_SPIN_US", "10000")) * 1e-6  # at most; 0: never spin (to compare)
+SPIN_CAP_S = float(os.environ.get("MPKV_SWAP_SPIN_US", "0")) * 1e-6  # at most; 0: never spin
 
 
 @dataclass(frozen=True)
