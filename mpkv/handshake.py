@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from mpkv.protocol import ACK_OF, ActorState, ClearFlags, Cmd
 
@@ -132,30 +132,25 @@ def decide(v: View) -> Decision:
     d = _next(v)
     if d.publish is None or d.action in (Act.ACK, Act.DRAIN, Act.FAIL, Act.WAIT):
         return d
-    after = _after(v, d)
-    then = _next(after)
-    return replace(d, publish=then.publish) if then.action == Act.ACK else d
+    then = _next(_after(v, d.action, d.publish))
+    return Decision(d.action, then.publish) if then.action == Act.ACK else d
 
 
-def _after(v: View, d: Decision) -> View:
-    """The view once ``d`` was carried out (the runtime's effects, as the model check applies them)."""
-    assert d.publish is not None
-    a = d.action
+def _after(v: View, a: Act, me: Status) -> View:
+    """The view once action ``a`` was carried out and ``me`` published (the runtime's effects, as the model check
+    applies them). Built field by field: ``decide`` runs on every actor's hot path."""
+    mapped, version, host, weights = v.mapped, v.pool_version, v.host_live, v.weights_live
     if a in (Act.DETACH, Act.FREE):
-        return replace(v, me=d.publish, mapped=False)
-    if a == Act.RELEASE_HOST:
-        return replace(v, me=d.publish, host_live=False)
-    if a == Act.RESTORE_HOST:
-        return replace(v, me=d.publish, host_live=True)
-    if a == Act.RELEASE_WEIGHTS:
-        return replace(v, me=d.publish, weights_live=False)
-    if a == Act.LOAD_WEIGHTS:
-        return replace(v, me=d.publish, weights_live=True)
-    # ALLOCATE, ATTACH: the pool of the command's weight version is mapped and adopted; a worker whose weights
-    # are of another version holds none for it (LOAD_WEIGHTS comes next).
-    version = v.cmd.aux if v.cmd.kind == Cmd.RESTORE else v.pool_version
-    live = v.weights_live and version == v.pool_version
-    return replace(v, me=d.publish, mapped=True, pool_version=version, weights_live=live)
+        mapped = False
+    elif a in (Act.RELEASE_HOST, Act.RESTORE_HOST):
+        host = a == Act.RESTORE_HOST
+    elif a in (Act.RELEASE_WEIGHTS, Act.LOAD_WEIGHTS):
+        weights = a == Act.LOAD_WEIGHTS
+    else:  # ALLOCATE, ATTACH: the pool of the command's weight version is mapped and adopted; a worker whose
+        # weights are of another version holds none for it (LOAD_WEIGHTS comes next).
+        mapped, version = True, v.cmd.aux if v.cmd.kind == Cmd.RESTORE else v.pool_version
+        weights = v.weights_live and version == v.pool_version
+    return View(me, v.cmd, v.is_owner, mapped, version, v.owns_host, host, v.peers, v.owns_weights, weights)
 
 
 def _next(v: View) -> Decision:

@@ -64,6 +64,8 @@ HEARTBEAT_S = 0.5
 PEER_TIMEOUT_S = float(os.environ.get("MPKV_PEER_TIMEOUT_S", "60"))
 S = ActorState
 _STATE_OF = {int(s): s for s in ActorState}
+# Names by member, one table per enum (IntEnum members of different enums hash alike): .name is a slow property.
+_STATE_NAME, _CMD_NAME, _ACT_NAME = ({m: m.name for m in e} for e in (ActorState, Cmd, Act))
 # Transitions that take or give back memory are logged at INFO (an actor's log file always records them); the
 # others (acknowledgements, drains, mappings) at DEBUG: a loguru line costs ~30-50 us of CPU, several per cycle.
 _LOGGED = frozenset({Act.ALLOCATE, Act.FREE, Act.RESTORE_HOST, Act.RELEASE_HOST, Act.LOAD_WEIGHTS, Act.RELEASE_WEIGHTS})
@@ -359,7 +361,7 @@ class Actor:
 
     def _act(self, d: Decision, cmd: Command) -> None:
         self._note_wait(WaitKind.NONE, 0)
-        fault_point(self.role, self.rank, cmd.kind.name)
+        fault_point(self.role, self.rank, _CMD_NAME[cmd.kind])
         if d.action == Act.FAIL:
             raise MpkvError(f"{self.name} in {cmd.kind.name}@{cmd.epoch}: {d.reason}")
         if cmd.kind == Cmd.CLEAR and self.status.epoch != cmd.epoch:
@@ -403,8 +405,8 @@ class Actor:
             self._publish(d.publish)
         # Logged once done (mpkv-top shows the last few): a step that hangs or fails half-way never shows here.
         log = logger.info if d.action in _LOGGED else logger.debug
-        to = f"{d.publish.state.name}@{d.publish.epoch}"
-        log("transition {} {}@{}: {} -> {}", self.name, cmd.kind.name, cmd.epoch, d.action.name, to)
+        to = f"{_STATE_NAME[d.publish.state]}@{d.publish.epoch}"
+        log("transition {} {}@{}: {} -> {}", self.name, _CMD_NAME[cmd.kind], cmd.epoch, _ACT_NAME[d.action], to)
 
     def _drain(self, cmd: Command) -> None:
         """Serve every task of the ring below the command's drain fence, and none beyond: every reader of the ring
