@@ -434,8 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "what",
         choices=["ipc", "rl", "swap", "pd", "model", "weights", "gpu"],
-        help="ipc: ring latency/throughput vs mp.Queue, Pipe, faster-fifo, ZeroMQ; rl: clear/restore cycle vs its "
-        "floor at TP=1/2/4; swap: swap bytes/s vs memcpy; pd: prefill->decode time to KV-ready, layer-wise vs "
+        help="ipc: ring latency/throughput vs mp.Queue, Pipe, faster-fifo, ZeroMQ; rl: the handshake cycle vs its "
+        "floor at TP=1-8, restore and clear vs the allocation floor by pool size; swap: swap bytes/s vs memcpy; "
+        "pd: prefill->decode time to KV-ready, layer-wise vs "
         "prefill alone vs send-after-prefill; model: a Llama checkpoint's prefill and decode tokens/s through "
         "instances at TP=1/2 and prefill->decode vs transformers' generate; weights: publish and load of 50M/200M "
         "bf16 weights vs memcpy, and an RL step split into its parts; gpu: the cuda path on a real GPU as one table "
