@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from instances import shared_instance
 
+import mpkv.client
 from mpkv.client import BadTicket, Client, Ticket
 from mpkv.errors import WaitTimeout
 from mpkv.protocol import Role, actor_slot
+from mpkv.shm.ring import RingReader
 
 # Its tests share one launched instance (a module fixture): under -n they run on one worker.
 pytestmark = pytest.mark.xdist_group("client_wait")
@@ -108,3 +110,38 @@ def test_wait_refuses_what_is_not_its_ticket(served: str) -> None:
             with pytest.raises(ValueError, match="timeout_s must be a positive, finite number"):
                 client.wait(ticket, timeout_s=timeout)  # type: ignore[arg-type]
         assert [d.rank for d in client.wait(ticket)] == [0, 1]  # none of the refusals read or lost anything
+
+
+def test_a_spinning_swap_wait_keeps_its_deadline_and_loses_nothing(
+    served: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the swap wait's spin on (NOTE [ a swap's wait spins for its expected time ]) and sized far past the
+    wait's deadline, the wait spins no longer than its deadline, names the rank it waited for, and keeps what it
+    read."""
+    monkeypatch.setattr(mpkv.client, "SPIN_CAP_S", 1e6)
+    timeout_s = 0.5
+    with Client(served) as client:
+        client._swap_rate = 1.0  # bytes/s: the expected time is far past any deadline
+        spins: list[float] = []
+        for ring in client._done.values():
+
+            def spin_for(spin_s: float, ring: RingReader = ring) -> bool:
+                spins.append(spin_s)
+                assert spin_s <= timeout_s, f"a spin of {spin_s:g} s in a wait of {timeout_s:g} s"
+                return RingReader.spin_for(ring, spin_s)
+
+            monkeypatch.setattr(ring, "spin_for", spin_for)
+        stopped = client.inst.status.read(actor_slot(Role.TRANSFER, 1)).writer.pid
+        os.kill(stopped, signal.SIGSTOP)
+        try:
+            ticket = client.swap_out(np.array([5, 6]))
+            with pytest.raises(WaitTimeout, match=r"no completion from transfer r[01]"):
+                client.wait(ticket, timeout_s=timeout_s)
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        assert spins, "the wait never spun"
+        monkeypatch.setattr(mpkv.client, "SPIN_CAP_S", 0.0)  # the waits below sleep as by default
+        dones = client.wait(ticket, timeout_s=60)
+        slots = dones[0].slots
+        assert [d.rank for d in dones] == [0, 1] and slots is not None and len(slots) == 2
+        client.wait(client.swap_in(slots, np.array([5, 6])), timeout_s=60)  # the slots are free again
