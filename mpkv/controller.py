@@ -467,7 +467,11 @@ class Controller:
         return self._step(Cmd.RESUME, 0, timeout_s)
 
     def shutdown(self, timeout_s: float | None = None) -> StepResult:
-        return self._step(Cmd.SHUTDOWN, 0, timeout_s)
+        res = self._step(Cmd.SHUTDOWN, 0, timeout_s)
+        rings, self._rings = self._rings, {}  # their names are gone with the instance: let the memory go too
+        for seg in rings.values():
+            seg.close()
+        return res
 
     # -- state ----------------------------------------------------------------------------------------------
     @property

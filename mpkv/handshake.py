@@ -146,10 +146,11 @@ def _after(v: View, a: Act, me: Status) -> View:
         host = a == Act.RESTORE_HOST
     elif a in (Act.RELEASE_WEIGHTS, Act.LOAD_WEIGHTS):
         weights = a == Act.LOAD_WEIGHTS
-    else:  # ALLOCATE, ATTACH: the pool of the command's weight version is mapped and adopted; a worker whose
-        # weights are of another version holds none for it (LOAD_WEIGHTS comes next).
+    else:  # ALLOCATE, ATTACH: the pool of the command's weight version is mapped and adopted. Whether a worker
+        # still holds the right weights then is known only after it adopted the pool: it compares publications, not
+        # versions (a version may be published again after a restore that timed out). So it decides again.
         mapped, version = True, v.cmd.aux if v.cmd.kind == Cmd.RESTORE else v.pool_version
-        weights = v.weights_live and version == v.pool_version
+        weights = False
     return View(me, v.cmd, v.is_owner, mapped, version, v.owns_host, host, v.peers, v.owns_weights, weights)
 
 

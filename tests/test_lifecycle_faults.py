@@ -184,7 +184,9 @@ def test_waits_are_published_for_the_wait_for_graph(instance: str) -> None:
         watcher.join()
         owner, controller = seen["owner"], seen["controller"]  # report.Wait records
         assert (owner.kind, owner.on) == ("PEERS", ("messager r0",)), seen  # type: ignore[attr-defined]
-        # The controller waits for every actor not done yet at once: the owner, and the attacher the owner waits for.
-        assert (controller.kind, controller.on) == ("ACKS", ("worker r0", "messager r0")), seen  # type: ignore[attr-defined]
+        # The controller names the actors not done yet, the owner first (the transfer manager may or may not have
+        # acknowledged when the record was read; the hung messager has not).
+        assert controller.kind == "ACKS" and controller.on[0] == "worker r0", seen  # type: ignore[attr-defined]
+        assert "messager r0" in controller.on, seen  # type: ignore[attr-defined]
         os.kill(ctl.inst.status.read(actor_slot(Role.MESSAGER, 0)).writer.pid, signal.SIGKILL)
         assert inst.exit_code() == 1

@@ -299,3 +299,49 @@ def test_a_worker_never_serves_published_weights_under_another_version(models: d
     gone = Publication(4, "another-id", "0a1b2c3d", complete=False)
     with pytest.raises(ModelError, match="publication of weight version 4 is incomplete"):
         runner.load(4, gone)
+
+
+@pytest.mark.slow  # ~25 s: two launches' worth of loads and a restore that times out on purpose
+def test_a_version_published_again_after_a_timed_out_restore_is_loaded_before_it_is_served(
+    instance: str, models: dict[str, Path], tmp_path: Path
+) -> None:
+    """A restore of version 2 times out after the worker loaded publication A of it; after a full clear, version 2
+    is published again (B) and restored. The worker must load B before it acknowledges: it holds version 2, but of
+    another publication. (A handshake that let the worker acknowledge together with its pool, on the strength of
+    the version alone, served A here.)"""
+    from mpkv.instance import CONTROL_COMMAND
+    from mpkv.protocol import ActorState, Cmd, Role, actor_slot
+
+    prompts = prompts_for(int(SMALL["vocab_size"]))
+    a_dir = perturbed_copy(models["llama"], tmp_path / "A", 5)
+    b_dir = perturbed_copy(models["llama"], tmp_path / "B", 7)
+    ref_a, ref_b = reference(a_dir, prompts, NEW_TOKENS)[0], reference(b_dir, prompts, NEW_TOKENS)[0]
+    assert ref_a != ref_b
+    pool = {"block_size": BLOCK, "device_blocks": 32, "host_blocks": 16}
+    with mpkv.launch(instance, tp=1, model=str(models["llama"]), **pool), Controller(instance) as ctl:
+        ctl.pause()
+        ctl.clear()
+        ctl.update_weights(str(a_dir), 2)
+        messager = ctl.inst.status.read(actor_slot(Role.MESSAGER, 0)).writer.pid
+        os.kill(messager, signal.SIGSTOP)  # a slow actor: the restore cannot complete
+        try:
+            with pytest.raises(mpkv.errors.StepFailed, match="RESTORE@3 failed: messager r0 did not acknowledge"):
+                ctl.restore(2, timeout_s=3)
+            assert ctl.inst.status.read(actor_slot(Role.WORKER, 0)).value == ActorState.RESTORED  # it loaded A
+
+            def resume_messager() -> None:  # once the clear is issued: the messager then detaches and acknowledges
+                ctl.inst.control.wait(CONTROL_COMMAND, lambda s: s.value == Cmd.CLEAR, what="CLEAR", timeout_s=60)
+                os.kill(messager, signal.SIGCONT)
+
+            waker = threading.Thread(target=resume_messager)
+            waker.start()
+            ctl.clear(timeout_s=60)  # both tiers: the way out of an unfinished restore
+            waker.join()
+        finally:
+            os.kill(messager, signal.SIGCONT)
+        ctl.update_weights(str(b_dir), 2)
+        ctl.restore(2)
+        ctl.resume()
+        with Client(instance) as client:
+            out = _lists(client.generate(prompts, NEW_TOKENS))
+        assert out == ref_b and out != ref_a

@@ -16,7 +16,7 @@ an actor spent ~2-3 ms of CPU per pause/clear/restore/resume cycle, 80 % of it i
 calls per cycle, a quarter of them loguru's). So a pass does no work it can skip, and ``decide`` stays the one
 pure function the model check drives:
   - ``decide`` is asked once per command: after acting on a command and reaching its acknowledgement, the loop
-    idles until the command word changes (what ``decide`` would answer anyway);
+    idles until the command word changes (what ``decide`` would answer anyway), in the same pass;
   - the command and the peers' statuses are read as raw words; typed records are made only when they changed;
   - liveness (/proc) is read only when a wait for a peer slept out its slice or a heartbeat came due, not on
     every pass that waits: a peer that died without a word is found within that slice;
@@ -224,12 +224,14 @@ class Actor:
                 seq, value, epoch = array.raw(slot)[:3]
             except TornSlot:
                 seq = value = epoch = 0
-            key = (value, epoch)
-            if seq and key == self._peer_keys[i]:
+            if seq and (value, epoch) == self._peer_keys[i]:
                 out.append(self._peer_typed[i])
                 continue
-            st = self._peer_status(i, False)[0]  # the typed, checked read: a slot never written, torn or new
-            self._peer_keys[i], self._peer_typed[i] = (key if seq and value in _STATE_OF else None), st
+            # The typed, checked read (a slot never written, torn or new), and the key of that very read: a link's
+            # state is not monotone, so a key from the raw read above could name another write than the status.
+            st, sig = self._peer_status(i, False)
+            self._peer_keys[i] = (int(sig.value), sig.epoch) if sig.seq and sig.value != 0 else None
+            self._peer_typed[i] = st
             out.append(st)
         return tuple(out)
 
@@ -283,10 +285,12 @@ class Actor:
                 if d.action != Act.WAIT:
                     waiting_since = None
                     self._act(d, cmd)
-                    # Acknowledged: ``decide`` answers IDLE until the command word changes, so do not ask it again.
-                    done = self.status.epoch == cmd.epoch and self.status.state >= ACK_OF[cmd.kind]
-                    idle_on = command_word if done else None
-                    continue
+                    if not (self.status.epoch == cmd.epoch and self.status.state >= ACK_OF[cmd.kind]):
+                        idle_on = None
+                        continue  # more to do for this command: decide again at once
+                    # Acknowledged: ``decide`` answers IDLE until the command word changes, so it is not asked again,
+                    # and this pass goes on to tasks and sleep (its snapshot predates the command it just read).
+                    d, idle_on = IDLE, command_word
                 idle_on = None if d.waiting_for else command_word
             if self.status.state == S.STOPPED:
                 return
@@ -294,6 +298,8 @@ class Actor:
                 continue
             if d.waiting_for:
                 waiting_since = waiting_since or time.monotonic()
+                if time.monotonic() - waiting_since > 0.05:
+                    self._check_peers = True  # a wait that lasts: look at the peers' liveness (tasks may keep coming)
                 if time.monotonic() - waiting_since > PEER_TIMEOUT_S:
                     raise MpkvError(
                         f"{self.name} waited {PEER_TIMEOUT_S:g} s in {self.status.state.name}@{self.status.epoch} "

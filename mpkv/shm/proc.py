@@ -118,13 +118,16 @@ class Watch:
             except OSError as e:
                 if e.errno == errno.ESRCH:
                     return False
-                self._refused = True  # a sandbox without pidfd_open: the /proc reads it is
+                # A sandbox without pidfd_open, or no fd left (EMFILE): the /proc reads it is, from now on.
+                self._refused = True
                 return proc.alive()
             if not proc.alive():  # the pid was reused between the two looks: the pidfd names another process
                 os.close(fd)
                 return False
             self._fds[proc] = fd
-        return not select.select([fd], [], [], 0)[0]
+        poll = select.poll()  # not select(): a controller in a trainer may hold fds beyond 1024
+        poll.register(fd, select.POLLIN)
+        return not poll.poll(0)
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}
