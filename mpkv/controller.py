@@ -562,8 +562,9 @@ class Controller:
         checked = time.monotonic()
         try:
             while True:
+                watched = pending[0]
                 wake = WakeSet()
-                wake.add(words[pending[0]])
+                wake.add(words[watched])
                 wake.snapshot()  # before reading the slots: a write after it ends the sleep below at once
                 still = []
                 for slot in pending:
@@ -582,6 +583,8 @@ class Controller:
                 pending = still
                 if not pending:
                     return acks
+                if pending[0] != watched:
+                    continue  # the one watched is done: watch the next one, from a new snapshot, before sleeping
                 if pending[:4] != shown:  # what the controller waits for, for mpkv-top and `ctl status`
                     shown = pending[:4]
                     wait_w.write(WaitKind.ACKS, time.monotonic_ns(), pack_slots(shown), wake=False)
