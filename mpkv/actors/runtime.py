@@ -63,7 +63,6 @@ from mpkv.shm.waiting import SPIN_S, TIMED_OUT, WakeSet, Word
 HEARTBEAT_S = 0.5
 PEER_TIMEOUT_S = float(os.environ.get("MPKV_PEER_TIMEOUT_S", "60"))
 S = ActorState
-_STATE_OF = {int(s): s for s in ActorState}
 # Names by member, one table per enum (IntEnum members of different enums hash alike): .name is a slow property.
 _STATE_NAME, _CMD_NAME, _ACT_NAME = ({m: m.name for m in e} for e in (ActorState, Cmd, Act))
 # Transitions that take or give back memory are logged at INFO (an actor's log file always records them); the
