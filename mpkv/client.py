@@ -73,6 +73,7 @@ from mpkv.shm.ring import RingReader, RingWriter
 
 SUBMIT_LOCK_S = 120.0  # a put may block 60 s on a full ring: twice that is a submission that hangs
 
+
 # NOTE [ a swap's wait spins for its expected time ]
 # A process asleep on a futex costs ~0.1-0.3 ms to wake on this VM (an inter-processor interrupt; an exit to the
 # hypervisor), as much as the copy of a few MiB. So a wait for a swap may first spin (yielding the core) until about
@@ -84,9 +85,23 @@ SUBMIT_LOCK_S = 120.0  # a put may block 60 s on a full ring: twice that is a su
 # against a memcpy in the same round), the spinning client took CPU from the transfer manager's copy: swap-in was
 # slower with the spin in 7 runs of 8 (16 MiB: 0.65x memcpy against 0.80x), swap-out no better (0.18-0.81x
 # against 0.38-0.80x). On a machine with a core to spare it may pay: MPKV_SWAP_SPIN_US=10000 turns it on.
-COPY_RATE_DEFAULT = float(os.environ.get("MPKV_COPY_GBPS", "2")) * 1e9  # bytes/s before any swap was measured
+def _knob(name: str, default: str, low: float, high: float, unit: str) -> float:
+    """An environment knob: a finite number in [low, high], or an error that says which and why."""
+    raw = os.environ.get(name, default)
+    try:
+        x = float(raw)
+    except ValueError:
+        x = math.nan
+    if not (math.isfinite(x) and low <= x <= high):
+        raise ValueError(f"{name}={raw!r}: expected a number of {unit} from {low:g} to {high:g}")
+    return x
+
+
+COPY_RATE_DEFAULT = _knob("MPKV_COPY_GBPS", "2", 0.01, 1000, "GB/s") * 1e9  # bytes/s before any swap was measured
 SPIN_MARGIN = 2.0  # spin up to this many expected times: a swap's latency varies with the machine's load
-SPIN_CAP_S = float(os.environ.get("MPKV_SWAP_SPIN_US", "0")) * 1e-6  # at most; 0: never spin
+# At most this long (0: never spin). Capped at 0.1 s: a spin checks nobody's liveness, so it never outlasts
+# the slice after which every other wait looks (LIVENESS_SLICE_S).
+SPIN_CAP_S = _knob("MPKV_SWAP_SPIN_US", "0", 0, 100_000, "microseconds") * 1e-6
 
 
 @dataclass(frozen=True)
@@ -277,10 +292,24 @@ class Client:
     def slots_of(ticket: Ticket, dones: list[Done]) -> list[np.ndarray]:
         """Each request's host slots from the completions of ``swap_out_batch``'s ``ticket``, in order. Every rank
         allocated the same slots (the same task stream), or something broke rank uniformity and this says so."""
-        first = dones[0].slots
-        if not ticket.parts or first is None:
+        if not ticket.parts:
+            raise BadTicket(f"{ticket.what} (task {ticket.seq}) is not a swap-out batch")
+        if not (isinstance(dones, list) and dones and all(isinstance(d, Done) for d in dones)):
             raise BadTicket(
-                f"{ticket.what} (task {ticket.seq}) is not a swap-out batch, or these are not its completions"
+                f"{ticket.what} (task {ticket.seq}): slots_of takes the list of completions wait() returned"
+            )
+        if sorted(d.rank for d in dones) != list(range(len(dones))) or any(d.seq != ticket.seq for d in dones):
+            got = sorted((d.seq, d.rank) for d in dones)
+            raise BadTicket(
+                f"{ticket.what} (task {ticket.seq}): slots_of takes this ticket's completions, one per rank; got "
+                f"(task, rank) {got}"
+            )
+        first = dones[0].slots
+        if first is None or len(first) != sum(ticket.parts):
+            carried = "no" if first is None else len(first)
+            raise BadTicket(
+                f"{ticket.what} (task {ticket.seq}): its completion carries {carried} host slots, the batch asked for "
+                f"{sum(ticket.parts)}"
             )
         for d in dones[1:]:
             if d.slots is None or not np.array_equal(d.slots, first):
@@ -516,7 +545,7 @@ class Client:
     def _spin_until(self, ticket: Ticket) -> float:
         """When a wait for ``ticket`` stops spinning and may sleep (NOTE [ a swap's wait spins for its expected
         time ]); 0 for a task that is no swap."""
-        if not ticket.moved:
+        if not ticket.moved or not SPIN_CAP_S:
             return 0.0
         return ticket.submitted + min(SPIN_MARGIN * ticket.moved / self._swap_rate, SPIN_CAP_S)
 

@@ -145,3 +145,36 @@ def test_a_spinning_swap_wait_keeps_its_deadline_and_loses_nothing(
         slots = dones[0].slots
         assert [d.rank for d in dones] == [0, 1] and slots is not None and len(slots) == 2
         client.wait(client.swap_in(slots, np.array([5, 6])), timeout_s=60)  # the slots are free again
+
+
+def test_slots_of_takes_only_its_tickets_completions() -> None:
+    """slots_of splits a swap-out batch's slots per request only from that ticket's completions, one per rank and
+    as many slots as the batch asked for; anything else is a BadTicket that says what it got."""
+    from mpkv.protocol import Done
+
+    ticket = Ticket(Role.TRANSFER, 7, "swap_out batch", parts=(2, 3))
+    slots = np.arange(5)
+    good = [Done(7, 0, slots=slots), Done(7, 1, slots=slots.copy())]
+    assert [s.tolist() for s in Client.slots_of(ticket, good)] == [[0, 1], [2, 3, 4]]
+    with pytest.raises(BadTicket, match=r"this ticket's completions, one per rank; got \(task, rank\) \[\(9, 0\)"):
+        Client.slots_of(ticket, [Done(9, 0, slots=slots), Done(9, 1, slots=slots)])  # another task's
+    with pytest.raises(BadTicket, match="one per rank"):
+        Client.slots_of(ticket, [good[0], good[0]])  # rank 0 twice
+    with pytest.raises(BadTicket, match="carries 7 host slots, the batch asked for 5"):
+        Client.slots_of(ticket, [Done(7, 0, slots=np.arange(7))])
+    with pytest.raises(BadTicket, match="the list of completions wait"):
+        Client.slots_of(ticket, [])
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("MPKV_SWAP_SPIN_US", "nan"), ("MPKV_SWAP_SPIN_US", "1e9"), ("MPKV_COPY_GBPS", "0")]
+)
+def test_a_bad_swap_knob_is_refused_by_name(name: str, value: str) -> None:
+    """The swap wait's knobs are checked when mpkv.client is imported: a spin without a bound, or a copy rate of
+    zero, is a sentence naming the variable, not a spin of half an hour or a ZeroDivisionError at the first swap."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, **{name: value})
+    out = subprocess.run([sys.executable, "-c", "import mpkv.client"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and f"{name}={value!r}: expected a number of" in out.stderr, out.stderr[-500:]

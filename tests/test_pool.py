@@ -55,6 +55,9 @@ def test_copy_runs_matches_indexing_and_refuses_a_run_out_of_range(rng: random.R
         checked_runs(*pools, np.array([[0, 0, 2], [11, 14, 2]]))  # the first run fits; nothing is copied
     with pytest.raises(ValueError, match="out of range of the pools"):
         checked_runs(*pools, np.array([[10, 0, 3]]))
+    for bad in ([2**63 - 1, 0, 1], [0, 2**63 - 1, 1], [0, 0, 0]):  # start + count would wrap around; an empty run
+        with pytest.raises(ValueError, match="out of range of the pools"):
+            checked_runs(*pools, np.array([bad]))
     with pytest.raises(ValueError, match="planes range"):
         copy_runs(checked_runs(*pools, runs), range(2, 6))  # a layer the pools do not have
     assert torch.equal(dst, before)

@@ -113,8 +113,14 @@ def checked_runs(dst: CpuPool, src: CpuPool, runs: np.ndarray) -> Runs:
     if (dst.planes, dst.block_bytes, dst.dtype) != (src.planes, src.block_bytes, src.dtype):
         raise ValueError(f"copy_runs between pools of different geometry: {dst} and {src}")
     runs = np.asarray(runs, dtype=np.int64).reshape(-1, 3)
-    ends = runs[:, :2] + runs[:, 2:]
-    if len(runs) and (runs.min() < 0 or ends[:, 0].max() > dst.blocks or ends[:, 1].max() > src.blocks):
+    # Compared without adding: start + count could wrap around int64 and pass, then be written out of the pool.
+    count = runs[:, 2]
+    if len(runs) and (
+        runs.min() < 0
+        or count.min() < 1
+        or (runs[:, 0] > dst.blocks - count).any()
+        or (runs[:, 1] > src.blocks - count).any()
+    ):
         raise ValueError(
             f"copy_runs: a run is out of range of the pools ({dst.blocks} destination, {src.blocks} source blocks)"
         )
