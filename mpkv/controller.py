@@ -53,6 +53,7 @@ from mpkv.protocol import (
     actor_name,
     actor_slot,
     pack_slots,
+    slot_actor,
 )
 from mpkv.publication import Publication, Publications
 from mpkv.report import InstanceStatus
@@ -577,7 +578,7 @@ class Controller:
                     if sig.value in (S.FAILED, S.STOPPED) or sig.at_least(target, epoch):
                         if sig.value == S.FAILED or (sig.value == S.STOPPED and kind != Cmd.SHUTDOWN):
                             raise StepFailed(f"{step} failed: {self.inst.culprits()}")
-                        acks[actor_name(ROLES[slot % len(ROLES)], slot // len(ROLES))] = sig
+                        acks[actor_name(*slot_actor(slot))] = sig
                     else:
                         still.append(slot)
                 pending = still
@@ -590,7 +591,7 @@ class Controller:
                     wait_w.write(WaitKind.ACKS, time.monotonic_ns(), pack_slots(shown), wake=False)
                 now = time.monotonic()
                 if now >= deadline:
-                    who = actor_name(ROLES[pending[0] % len(ROLES)], pending[0] // len(ROLES))
+                    who = actor_name(*slot_actor(pending[0]))
                     chain = self.inst.wait_chain(pending[0])
                     raise StepFailed(f"{step} failed: {who} did not acknowledge within {timeout_s:g} s: {chain}")
                 if now - checked >= LIVENESS_SLICE_S:

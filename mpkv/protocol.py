@@ -148,6 +148,11 @@ def actor_slot(role: Role, rank: int) -> int:
     return rank * len(ROLES) + (int(role) - 1)
 
 
+def slot_actor(slot: int) -> tuple[Role, int]:
+    """The (role, rank) of a status slot: ``actor_slot``'s inverse."""
+    return ROLES[slot % len(ROLES)], slot // len(ROLES)
+
+
 def actor_name(role: Role, rank: int) -> str:
     return f"{role.name.lower()} r{rank}"
 

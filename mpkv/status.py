@@ -15,7 +15,7 @@ from mpkv.config import CacheConfig
 from mpkv.gpumem import DeviceMemory, GpuMemory
 from mpkv.handshake import Command, Status, acknowledged, link_must_unmap, settled_ledger, step_done
 from mpkv.instance import CONTROL_COMMAND, CONTROL_LEDGER, Instance, controller_wait_slot, launcher_slot
-from mpkv.protocol import ROLES, ActorState, ClearFlags, Cmd, actor_name, actor_slot
+from mpkv.protocol import ROLES, ActorState, ClearFlags, Cmd, actor_name, actor_slot, slot_actor
 from mpkv.report import NO_WAIT, ActorStatus, CommandStatus, InstanceStatus, StepStatus
 from mpkv.shm.proc import ProcId
 from mpkv.shm.signals import Signal
@@ -92,7 +92,11 @@ def actor_status(inst: Instance, slot: int, now_ns: int) -> ActorStatus:
     it waits for (the launcher publishes no waits: its ``waits`` slot is the controller's)."""
     sig: Signal[ActorState] = inst.status.read_or_dead(slot)
     launcher = slot == launcher_slot(inst.cfg.tp)
-    role, rank = ("launcher", -1) if launcher else (ROLES[slot % len(ROLES)].name.lower(), slot // len(ROLES))
+    if launcher:
+        role, rank = "launcher", -1
+    else:
+        kind, rank = slot_actor(slot)
+        role = kind.name.lower()
     error = ([] if launcher else inst.read_error(slot).strip().splitlines()) or [""]
     return ActorStatus(
         role=role,
